@@ -1,0 +1,1 @@
+"""Plan, encode, write and gate ComfyUI-native NVFP4 mixed checkpoints."""

@@ -1,0 +1,1 @@
+"""Reading checkpoints into Layers and the commands that examine them (inspect, diff, lint, roundtrip)."""

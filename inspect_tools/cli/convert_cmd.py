@@ -1,0 +1,1 @@
+"""`nvdiag convert` (not yet implemented)."""

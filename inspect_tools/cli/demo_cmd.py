@@ -1,0 +1,1 @@
+"""`nvdiag demo` (not yet implemented)."""

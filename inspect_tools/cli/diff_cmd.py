@@ -1,0 +1,1 @@
+"""`nvdiag diff` (not yet implemented)."""

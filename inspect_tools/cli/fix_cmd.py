@@ -1,0 +1,1 @@
+"""`nvdiag fix` (not yet implemented)."""

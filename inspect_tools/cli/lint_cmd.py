@@ -1,0 +1,1 @@
+"""`nvdiag lint` (not yet implemented)."""

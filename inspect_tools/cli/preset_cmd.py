@@ -1,0 +1,1 @@
+"""`nvdiag preset` (not yet implemented)."""

@@ -1,0 +1,1 @@
+"""`nvdiag roundtrip` (not yet implemented)."""

@@ -1,0 +1,161 @@
+"""Turn an opened checkpoint into Layers: group tensors by base name and role, read markers, classify formats."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inspect_tools.readers import CheckpointReader, open_checkpoint
+from reference_specs import formats, models
+from reference_specs.layer import FILE_MARKER_KEYS, Layer, split_key
+from reference_specs.models import Detection
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+# comfy_quant markers are tiny JSON; a bigger one is hostile or broken and is not read into memory.
+MAX_MARKER_BYTES = 64 * 1024
+
+
+@dataclass
+class CheckpointModel:
+    """A checkpoint seen as Layers. `file_markers` holds what is not a layer:
+    scaled_fp8 (TensorInfo or None), quantization_metadata (parsed dict or None), quantization_metadata_error,
+    metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool)."""
+
+    path: Path
+    reader: CheckpointReader
+    layers: dict[str, Layer]
+    detection: Detection
+    file_markers: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self.reader.metadata
+
+    @property
+    def kind(self) -> str:
+        return self.reader.kind
+
+    def format_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for layer in self.layers.values():
+            counts[layer.format] = counts.get(layer.format, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> CheckpointModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def decode_marker_bytes(raw: bytes) -> dict[str, Any]:
+    """comfy_quant payload -> conf dict; ValueError with the reason when ComfyUI could not read it either."""
+    try:
+        conf = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not UTF-8 JSON ({exc.__class__.__name__})") from None
+    if not isinstance(conf, dict):
+        raise ValueError("JSON is not an object")
+    return conf
+
+
+def _read_tensor_marker(reader: CheckpointReader, layer: Layer) -> None:
+    info = layer.tensors["comfy_quant"]
+    if info.dtype != "U8":
+        layer.marker_error = f"comfy_quant is {info.dtype}, ComfyUI reads it as U8 JSON bytes"
+        return
+    if info.nbytes > MAX_MARKER_BYTES:
+        layer.marker_error = f"comfy_quant is {info.nbytes} bytes, far larger than any JSON marker"
+        return
+    raw = reader.load(info.name).numpy().tobytes()
+    try:
+        layer.marker = decode_marker_bytes(raw)
+        layer.marker_source = "tensor"
+    except ValueError as exc:
+        layer.marker_error = f"comfy_quant {exc}"
+
+
+def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """The header's `_quantization_metadata` as ComfyUI reads it (json string with a "layers" object)."""
+    raw = metadata.get(QUANT_METADATA_KEY)
+    if raw is None:
+        return None, None
+    try:
+        parsed = json.loads(raw) if isinstance(raw, str) else raw
+    except json.JSONDecodeError as exc:
+        return None, f"{QUANT_METADATA_KEY} is not valid JSON: {exc.msg}"
+    if not isinstance(parsed, dict) or not isinstance(parsed.get("layers"), dict):
+        return None, f'{QUANT_METADATA_KEY} has no "layers" object'
+    return parsed, None
+
+
+def _apply_metadata_markers(layers: dict[str, Layer], parsed: dict[str, Any], prefix: str) -> list[str]:
+    """Attach metadata confs to layers. ComfyUI matches names verbatim, before and after stripping the
+    diffusion-model prefix (comfyui-load-path.md, load sequence steps 1-2), so both spellings count as a match."""
+    unmatched = []
+    for name, conf in parsed["layers"].items():
+        target = layers.get(name) or (layers.get(prefix + name) if prefix else None)
+        if target is None:
+            unmatched.append(name)
+            continue
+        if not isinstance(conf, dict):
+            target.marker_error = target.marker_error or f"{QUANT_METADATA_KEY} entry is not an object"
+            continue
+        if target.marker is None:
+            target.marker, target.marker_source = conf, "metadata"
+        elif target.marker_source == "tensor":
+            target.marker_source = "both"
+            if target.marker.get("format") != conf.get("format"):
+                target.marker_error = (
+                    f"comfy_quant says {target.marker.get('format')!r} but {QUANT_METADATA_KEY} "
+                    f"says {conf.get('format')!r}"
+                )
+    return unmatched
+
+
+def group_layers(reader: CheckpointReader) -> tuple[dict[str, Layer], dict[str, Any]]:
+    layers: dict[str, Layer] = {}
+    file_markers: dict[str, Any] = {"scaled_fp8": None, "index_timestep_zero": False}
+    for info in reader:
+        bare = info.name.rsplit(".", 1)[-1]  # markers may sit behind a prefix such as model.diffusion_model.
+        if bare == "scaled_fp8":
+            file_markers["scaled_fp8"] = info
+            continue
+        if bare in FILE_MARKER_KEYS:
+            file_markers["index_timestep_zero"] = True
+            continue
+        base, role = split_key(info.name)
+        layer = layers.setdefault(base, Layer(name=base, loader=reader.load))
+        layer.tensors[role] = info
+    return layers, file_markers
+
+
+def build_model(reader: CheckpointReader) -> CheckpointModel:
+    layers, file_markers = group_layers(reader)
+    shapes = {info.name: info.shape for info in reader}
+    detection = models.detect(shapes)
+    for layer in layers.values():
+        if layer.has("comfy_quant"):
+            _read_tensor_marker(reader, layer)
+    parsed, error = parse_quant_metadata(reader.metadata)
+    file_markers["quantization_metadata"] = parsed
+    file_markers["quantization_metadata_error"] = error
+    file_markers["metadata_unmatched"] = (
+        _apply_metadata_markers(layers, parsed, detection.prefix) if parsed is not None else []
+    )
+    for layer in layers.values():
+        layer.native_name = models.native_name(detection, layer.name)
+        layer.format = formats.classify(layer, file_markers)
+    return CheckpointModel(
+        path=reader.path, reader=reader, layers=layers, detection=detection, file_markers=file_markers
+    )
+
+
+def open_model(path: str | Path) -> CheckpointModel:
+    """Open a checkpoint and build its Layer model (headers and tiny marker tensors only)."""
+    return build_model(open_checkpoint(path))

@@ -1,0 +1,1 @@
+"""The truth about formats, rules, causes and architectures. No I/O lives here."""

@@ -1,0 +1,32 @@
+"""The cause catalogue (shared/DESIGN.md). Slugs are public JSON output: never rename one."""
+
+from __future__ import annotations
+
+CAUSES: dict[str, str] = {
+    "missing-block-scale": "NVFP4 layer without .weight_scale (ComfyUI refuses to load)",
+    "missing-tensor-scale": "NVFP4 layer without .weight_scale_2 (ComfyUI refuses to load)",
+    "missing-quant-marker": "quantized weight with neither .comfy_quant nor a _quantization_metadata entry: "
+    "ComfyUI loads the raw bytes as a plain weight",
+    "invalid-quant-marker": "marker present but unreadable, unknown format, or metadata the loader will not match",
+    "wrong-dtype": "a tensor's dtype is not what its role requires",
+    "wrong-shape": "packed weight, block scale or scalar shapes inconsistent with each other or the architecture",
+    "scale-layout-linear": "block scales stored row-major instead of the swizzled 128x4 tile layout: "
+    "block-pattern noise",
+    "nibble-order": "FP4 codes packed low-nibble-first; ComfyUI expects the even element in the high nibble",
+    "scale2-reciprocal": "weight_scale_2 (or input_scale) stored as 2688/amax instead of amax/2688",
+    "input-scale-implausible": "a static input_scale that is not a calibrated activation scale",
+    "non-finite-scale": "NaN, Inf, zero or negative scales",
+    "stale-scale": "scales that do not belong to the packed data",
+    "transposed-weight": "weight stored [in, out]",
+    "sensitive-layer-quantized": "a layer that should stay high precision was quantized",
+    "diffusers-key-names": "a WAN file written with diffusers names: ComfyUI cannot detect the model",
+    "unknown-architecture": "no supported architecture matches the keys and shapes",
+    "legacy-fp8-format": "legacy scaled_fp8 + scale_weight file (loads, converted on the fly; informational)",
+    "excess-error": "a layer's dequantization error is far above its format's expected error, cause not attributable",
+}
+
+
+def check_cause(slug: str) -> str:
+    if slug not in CAUSES:
+        raise KeyError(f"unknown cause {slug!r}")
+    return slug

@@ -1,0 +1,176 @@
+"""NVFP4 as ComfyUI stores it (comfy_quant format "nvfp4").
+
+Facts (shared/research/comfyui-load-path.md, Q6; comfy-kitchen tensor/nvfp4.py, float_utils.py):
+- `.weight` U8 [ru16(out), ru16(in)/2]: E2M1 codes, the even-indexed element in the HIGH nibble.
+- `.weight_scale` F8_E4M3 [ru128(out), ru4(ru16(in)/16)]: one scale per 16 elements, cuBLAS swizzled 128x4 tiles.
+- `.weight_scale_2` F32 0-d: the per-tensor decode multiplier amax/(448*6).
+- decoded weight = e2m1(code) * weight_scale_2 * fp8(weight_scale).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from reference_specs.formats.base import Format, RoleSpec
+from reference_specs.layer import Layer
+
+F4_E2M1_MAX = 6.0
+F8_E4M3_MAX = 448.0
+BLOCK = 16
+# decode value of each 4-bit code; bit 3 is the sign
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Rounding thresholds between neighbouring magnitudes, round-half-to-even: a tie goes to the even code,
+# so the comparison is strict (>) where the lower neighbour is even and inclusive (>=) where it is odd.
+_E2M1_STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+def roundup(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def packed_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    return roundup(out_features, 16), roundup(in_features, 16) // 2
+
+
+def block_scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
+    return roundup(out_features, 128), roundup(roundup(in_features, 16) // BLOCK, 4)
+
+
+def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
+    """float32 values already scaled into [-6, 6] -> uint8 codes 0..15, round half to even, sign kept for -0."""
+    a = x.abs()
+    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for threshold, inclusive in _E2M1_STEPS:
+        code += (a >= threshold) if inclusive else (a > threshold)
+    return code | (torch.signbit(x).to(torch.uint8) << 3)
+
+
+def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return lut[codes.long()]
+
+
+def pack_nibbles(codes: torch.Tensor, high_first: bool = True) -> torch.Tensor:
+    """[r, c] codes -> [r, c/2] bytes. ComfyUI's convention (high_first) puts element 2k in the high nibble."""
+    even, odd = codes[:, 0::2], codes[:, 1::2]
+    return (even << 4) | odd if high_first else (odd << 4) | even
+
+
+def unpack_nibbles(packed: torch.Tensor, high_first: bool = True) -> torch.Tensor:
+    hi, lo = packed >> 4, packed & 0x0F
+    first, second = (hi, lo) if high_first else (lo, hi)
+    return torch.stack((first, second), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+
+
+def swizzle_index(rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Flat position in the swizzled buffer of every (r, c) of a padded [rows, cols] scale matrix.
+
+    cuBLAS block-scale layout (cuBLAS docs, "1D block scaling factors layout"): 128x4 tiles stored one after the
+    other, row-major over tiles; inside a tile, row r = 32*a + b and column c go to offset b*16 + a*4 + c.
+    """
+    r = torch.arange(rows, device=device).view(-1, 1)
+    c = torch.arange(cols, device=device).view(1, -1)
+    tile = (r // 128) * (cols // 4) + (c // 4)
+    inner = (r % 32) * 16 + ((r % 128) // 32) * 4 + (c % 4)
+    return tile * 512 + inner
+
+
+def swizzle(scales: torch.Tensor) -> torch.Tensor:
+    """Linear [R, C] (already padded to 128 x 4 multiples) -> swizzled [R, C]."""
+    rows, cols = scales.shape
+    out = torch.empty(rows * cols, dtype=scales.dtype, device=scales.device)
+    out[swizzle_index(rows, cols, scales.device).flatten()] = scales.flatten()
+    return out.view(rows, cols)
+
+
+def unswizzle(blocked: torch.Tensor) -> torch.Tensor:
+    """Swizzled [R, C] -> linear [R, C]."""
+    rows, cols = blocked.shape
+    return blocked.flatten()[swizzle_index(rows, cols, blocked.device).flatten()].view(rows, cols)
+
+
+def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    if x.shape == (rows, cols):
+        return x
+    out = torch.zeros((rows, cols), dtype=x.dtype, device=x.device)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The decode multiplier ComfyUI expects in weight_scale_2: amax(|W|) / (448 * 6), float32 0-d."""
+    return (weight.abs().amax().to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)).reshape(())
+
+
+def encode_blocks(x: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded [R, C] weight (C % 16 == 0) -> (codes uint8 [R, C], block scales float8_e4m3fn [R, C/16]), linear.
+
+    The arithmetic follows comfy-kitchen's reference quantizer step by step (all in float32) so the output is
+    bit-identical: block amax/6, divided by the per-tensor scale, clamped to 448, rounded to FP8 E4M3 (RNE);
+    data divided by (per-tensor * fp8 block scale), zero blocks kept zero, clamped to +-6, rounded to E2M1.
+    """
+    rows, cols = x.shape
+    blocks = x.to(torch.float32).reshape(rows, cols // BLOCK, BLOCK)
+    block_scale = blocks.abs().amax(dim=-1) / F4_E2M1_MAX
+    scaled = torch.clamp(block_scale / scale_2, max=F8_E4M3_MAX)
+    scales_fp8 = scaled.to(torch.float8_e4m3fn)
+    total = scale_2 * scales_fp8.to(torch.float32)
+    zero = total == 0
+    data = blocks / torch.where(zero, torch.ones_like(total), total).unsqueeze(-1)
+    data = torch.where(zero.unsqueeze(-1), torch.zeros_like(data), data)
+    data = torch.clamp(data, -F4_E2M1_MAX, F4_E2M1_MAX)
+    return e2m1_encode(data.reshape(rows, cols)), scales_fp8
+
+
+class NVFP4(Format):
+    slug: ClassVar[str] = "nvfp4"
+    comfy_format: ClassVar[str | None] = "nvfp4"
+    typical_rel_error: ClassVar[float] = 0.12
+    signature: ClassVar[dict[str, RoleSpec]] = {
+        "weight": RoleSpec(("U8",), description="E2M1 codes, two per byte, even element in the high nibble"),
+        "weight_scale": RoleSpec(("F8_E4M3", "U8"), description="FP8 E4M3 block scales, swizzled 128x4 tiles"),
+        "weight_scale_2": RoleSpec(("F32",), scalar=True, description="per-tensor decode multiplier amax/2688"),
+        "input_scale": RoleSpec(("F32",), required=False, scalar=True, description="static activation scale"),
+        "bias": RoleSpec(("F32", "BF16", "F16"), required=False),
+        "comfy_quant": RoleSpec(("U8",), required=False, description='UTF-8 JSON {"format": "nvfp4"}'),
+    }
+
+    @classmethod
+    def claims(cls, layer: Layer, file_markers: dict[str, Any]) -> bool:
+        if layer.marker and layer.marker.get("format") == "nvfp4":
+            return True
+        # Unmarked but shaped like NVFP4: a packed byte weight beside a per-tensor scale or block scales.
+        return layer.dtype("weight") in ("U8", "I8") and (layer.has("weight_scale_2") or layer.has("weight_scale"))
+
+    @classmethod
+    def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
+        shape = layer.shape("weight")
+        return (shape[0], shape[1] * 2) if shape is not None and len(shape) == 2 else shape
+
+    def quantize(self, weight: torch.Tensor, scale_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out_f, in_f = weight.shape
+        scale_2 = per_tensor_scale(weight) if scale_2 is None else scale_2.to(torch.float32).reshape(())
+        rows, cols = roundup(out_f, 16), roundup(in_f, 16)
+        codes, scales = encode_blocks(pad_to(weight, rows, cols), scale_2)
+        scale_rows, scale_cols = block_scale_shape(out_f, in_f)
+        return {
+            "weight": pack_nibbles(codes),
+            "weight_scale": swizzle(pad_to(scales, scale_rows, scale_cols)),
+            "weight_scale_2": scale_2,
+        }
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        packed = tensors["weight"].view(torch.uint8) if tensors["weight"].dtype != torch.uint8 else tensors["weight"]
+        codes = unpack_nibbles(packed)
+        scales = tensors["weight_scale"]
+        if scales.dtype == torch.uint8:
+            scales = scales.view(torch.float8_e4m3fn)
+        linear = unswizzle(scales).to(torch.float32)
+        rows, cols = codes.shape
+        scale_2 = tensors["weight_scale_2"].to(torch.float32).reshape(())
+        # per-tensor times block scale first, then the code value: the same float32 rounding as ComfyUI's decoder
+        total = (scale_2 * linear[:rows, : cols // BLOCK]).unsqueeze(-1)
+        weight = (e2m1_decode(codes).reshape(rows, cols // BLOCK, BLOCK) * total).reshape(rows, cols)
+        return weight[: shape[0], : shape[1]]

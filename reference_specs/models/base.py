@@ -1,0 +1,76 @@
+"""What an architecture profile knows: key names, shapes as functions of the dimensions, detection, naming.
+
+One profile per supported model variant, registered in models/__init__.py. Facts: shared/research/architectures.md
+and comfyui-load-path.md (Q5: how ComfyUI detects the model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Detection:
+    """Result of matching a checkpoint's keys and shapes against the profiles.
+
+    naming: "native" (ComfyUI names) or "diffusers"; prefix: the key prefix found ("", "model.diffusion_model.", ...).
+    dims: the dimensions read off the shapes (dim, ffn, blocks, in_dim, out_dim, ...).
+    """
+
+    family: str  # "wan" | "qwen_image" | "flux" | "unknown"
+    variant: str  # e.g. "wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "qwen-image-2512", ...
+    naming: str = "native"
+    prefix: str = ""
+    dims: dict[str, int] = field(default_factory=dict)
+    scaled_down: bool = False  # fewer blocks or narrower than the real model (synthetic fixtures)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "variant": self.variant,
+            "naming": self.naming,
+            "prefix": self.prefix,
+            "dims": dict(self.dims),
+            "scaled_down": self.scaled_down,
+        }
+
+
+UNKNOWN = Detection(family="unknown", variant="unknown")
+
+
+class ArchitectureProfile:
+    """Base class. Subclasses fill in the class attributes and the methods below."""
+
+    family: str
+    variant: str
+    display_name: str
+    # Real dimensions of the published model (used for header-only full-size fixtures and scaled-down checks).
+    full_dims: dict[str, int]
+
+    def detect(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+        """shapes: ComfyUI-native names (prefix already stripped) -> shape. None when this profile does not match."""
+        raise NotImplementedError
+
+    def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
+        """Every tensor of the model (native names) with its shape for the given dims (scaled down or full)."""
+        raise NotImplementedError
+
+    def to_native(self, name: str) -> str:
+        """diffusers (or native) key -> ComfyUI-native key. Identity where the native names are diffusers names."""
+        return name
+
+    def to_diffusers(self, name: str) -> str:
+        return name
+
+    def is_diffusers_name(self, name: str) -> bool:
+        return False
+
+    def sensitive(self, layer_name: str) -> str | None:
+        """Why a layer (native base name) must stay high precision, or None. E.g. 'modulation', 'embedding'."""
+        return None
+
+    def role_of(self, layer_name: str) -> str | None:
+        """Cross-architecture role of a layer: 'attn_q', 'attn_k', 'attn_v', 'attn_out', 'attn_qkv', 'mlp_up',
+        'mlp_down', 'modulation', 'embedding', 'head', 'norm', or None."""
+        return None
