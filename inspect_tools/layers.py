@@ -20,7 +20,8 @@ MAX_MARKER_BYTES = 64 * 1024
 @dataclass
 class CheckpointModel:
     """A checkpoint seen as Layers. `file_markers` holds what is not a layer:
-    scaled_fp8 (TensorInfo or None), quantization_metadata (parsed dict or None), quantization_metadata_error,
+    container (reader kind: "safetensors" | "sharded" | "gguf"), scaled_fp8 (TensorInfo or None),
+    quantization_metadata (parsed dict or None), quantization_metadata_error (str or None),
     metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool)."""
 
     path: Path
@@ -120,7 +121,7 @@ def _apply_metadata_markers(layers: dict[str, Layer], parsed: dict[str, Any], pr
 
 def group_layers(reader: CheckpointReader) -> tuple[dict[str, Layer], dict[str, Any]]:
     layers: dict[str, Layer] = {}
-    file_markers: dict[str, Any] = {"scaled_fp8": None, "index_timestep_zero": False}
+    file_markers: dict[str, Any] = {"container": reader.kind, "scaled_fp8": None, "index_timestep_zero": False}
     for info in reader:
         bare = info.name.rsplit(".", 1)[-1]  # markers may sit behind a prefix such as model.diffusion_model.
         if bare == "scaled_fp8":

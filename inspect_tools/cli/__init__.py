@@ -22,47 +22,45 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """nvdiag: find out why an NVFP4 checkpoint decodes wrongly in ComfyUI, and write ones that do not."""
+
+
 # Importing the command modules registers their commands on `app` (order = order in --help).
 from inspect_tools.cli import (  # noqa: E402,F401
-    inspect_cmd,
-    diff_cmd,
-    lint_cmd,
-    roundtrip_cmd,
-    preset_cmd,
     convert_cmd,
-    fix_cmd,
     demo_cmd,
+    diff_cmd,
+    fix_cmd,
+    inspect_cmd,
+    lint_cmd,
+    preset_cmd,
+    roundtrip_cmd,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point: run the app, map NvdiagError to exit 2 with one line."""
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
     if debug:
+        args.remove("--debug")
         os.environ["NVDIAG_DEBUG"] = "1"
     try:
-        app(args=args, prog_name="nvdiag", standalone_mode=False)
+        app(args=args, prog_name="nvdiag")
+    except SystemExit as exc:  # typer's standalone mode ends every run with SystemExit (usage errors: 2)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except NvdiagError as exc:
         if debug:
             raise
         print(f"nvdiag: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except typer.Exit as exc:
-        return exc.exit_code
     except KeyboardInterrupt:
         print("nvdiag: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Abort):
-            print("nvdiag: aborted", file=sys.stderr)
-            return 130
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            return 2
-        raise
     return 0
 
 
