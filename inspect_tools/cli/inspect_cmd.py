@@ -1,8 +1,97 @@
-"""`nvdiag inspect` (being written)."""
+"""`nvdiag inspect`: what a checkpoint is, layer by layer."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
 from inspect_tools.cli import app
+from inspect_tools.cli.output import OutputFormat, console, print_json
+from inspect_tools.inspect import inspect_document, metadata_summary
+from inspect_tools.layers import open_model
+
+CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
+# Roles shown in the "aux" column: everything but the weight itself.
+MAIN_ROLES = ("weight", "value", "weight_packed")
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _print_text(doc: dict) -> None:
+    out = console()
+    arch = doc["architecture"]
+    summary = doc["summary"]
+    variant = arch["variant"] if arch["family"] != "unknown" else "unknown architecture"
+    extras = [arch["naming"] + " names"]
+    if arch.get("prefix"):
+        extras.append(f"prefix {arch['prefix']!r}")
+    if arch.get("scaled_down"):
+        extras.append("scaled down")
+    out.print(f"[bold]{doc['path']}[/]  ({doc['container']})")
+    out.print(f"architecture: [bold]{variant}[/] ({', '.join(extras)})")
+    out.print(
+        f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
+        + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items())
+    )
+    if summary["quantization_metadata_layers"]:
+        out.print(f"_quantization_metadata names {summary['quantization_metadata_layers']} layers")
+    if summary["scaled_fp8_marker"]:
+        out.print("legacy scaled_fp8 marker present")
+    if doc["metadata"]:
+        meta = Table(title="header metadata", show_header=True)
+        meta.add_column("key", no_wrap=True)
+        meta.add_column("value", overflow="fold")
+        for key, value in metadata_summary(doc["metadata"]).items():
+            meta.add_row(key, value)
+        out.print(meta)
+    table = Table(title="layers", show_header=True)
+    table.add_column("layer", overflow="fold")
+    table.add_column("format", no_wrap=True)
+    table.add_column("dtype", no_wrap=True)
+    table.add_column("shape", no_wrap=True)
+    table.add_column("aux", overflow="fold")
+    for layer in doc["layers"]:
+        tensors = layer["tensors"]
+        main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
+        aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
+        table.add_row(
+            layer["name"],
+            layer["format"],
+            tensors[main]["dtype"],
+            "x".join(str(d) for d in tensors[main]["shape"]) or "scalar",
+            ", ".join(aux) or "-",
+        )
+    out.print(table)
 
 
 @app.command("inspect")
-def inspect_command(path: str) -> None:
-    """Say what a checkpoint is, layer by layer."""
-    raise NotImplementedError
+def inspect_command(
+    path: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
+) -> None:
+    """Say what a checkpoint is, layer by layer: architecture, formats, dtypes, shapes, aux tensors, metadata.
+
+    Examples:
+
+      nvdiag inspect wan2.2_ti2v_5B_nvfp4.safetensors
+
+      nvdiag inspect ./transformer/ --layers 'blocks.0.*'
+
+      nvdiag inspect model.gguf --format json > layers.json
+    """
+    with open_model(path) as model:
+        doc = inspect_document(model, layers)
+    if fmt == OutputFormat.json:
+        print_json(doc)
+    else:
+        _print_text(doc)

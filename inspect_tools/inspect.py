@@ -1,0 +1,72 @@
+"""What a checkpoint is, layer by layer: the data behind `nvdiag inspect` (rendering lives in the CLI)."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Any
+
+from inspect_tools.layers import CheckpointModel
+from reference_specs.layer import Layer
+
+# Long metadata values (configs, quantization metadata) are shortened in the text view only.
+METADATA_PREVIEW_CHARS = 80
+
+
+def select_layers(model: CheckpointModel, pattern: str | None) -> list[Layer]:
+    """Layers whose file name or ComfyUI-native name matches the glob (all when no pattern)."""
+    layers = list(model.layers.values())
+    if not pattern:
+        return layers
+    return [
+        layer
+        for layer in layers
+        if fnmatch.fnmatchcase(layer.name, pattern) or fnmatch.fnmatchcase(layer.native_name or "", pattern)
+    ]
+
+
+def layer_record(layer: Layer) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "name": layer.name,
+        "format": layer.format,
+        "tensors": {role: {"dtype": t.dtype, "shape": list(t.shape)} for role, t in layer.tensors.items()},
+    }
+    if layer.native_name and layer.native_name != layer.name:
+        record["native_name"] = layer.native_name
+    if layer.marker is not None:
+        record["marker"] = {"conf": layer.marker, "source": layer.marker_source}
+    if layer.marker_error:
+        record["marker_error"] = layer.marker_error
+    return record
+
+
+def metadata_summary(metadata: dict[str, Any]) -> dict[str, str]:
+    """Short one-line previews of header metadata values for the text view."""
+    out = {}
+    for key, value in metadata.items():
+        text = value if isinstance(value, str) else repr(value)
+        text = " ".join(text.split())
+        out[key] = text if len(text) <= METADATA_PREVIEW_CHARS else text[: METADATA_PREVIEW_CHARS - 1] + "…"
+    return out
+
+
+def inspect_document(model: CheckpointModel, pattern: str | None = None) -> dict[str, Any]:
+    """The JSON document of `nvdiag inspect --format json` (issue 3 schema, plus container and summary)."""
+    layers = select_layers(model, pattern)
+    det = model.detection
+    quant_meta = model.file_markers.get("quantization_metadata")
+    return {
+        "version": 1,
+        "path": str(model.path),
+        "container": model.kind,
+        "architecture": det.to_json(),
+        "summary": {
+            "tensors": len(model.reader.tensors),
+            "layers": len(model.layers),
+            "bytes": sum(t.nbytes for t in model.reader),
+            "formats": model.format_counts(),
+            "quantization_metadata_layers": len(quant_meta["layers"]) if quant_meta else 0,
+            "scaled_fp8_marker": model.file_markers.get("scaled_fp8") is not None,
+        },
+        "metadata": model.metadata,
+        "layers": [layer_record(layer) for layer in layers],
+    }
