@@ -1,0 +1,332 @@
+"""Presets: which precision each layer of a checkpoint gets in `nvdiag convert`.
+
+A preset is an ordered list of rules plus a default; the first rule that matches a layer decides. Rules match
+ComfyUI-native layer base names (`blocks.3.self_attn.q`, `transformer_blocks.0.img_mlp.net.2`), by shell glob
+(`match`) or regular expression (`regex`, searched), optionally narrowed by structural conditions. On disk a preset
+is TOML (stdlib tomllib):
+
+    name = "my-preset"
+    description = "what it is for"
+    default = "keep"
+    architectures = ["wan2.2-ti2v-5b"]     # optional: what it was written for (checked, warned about)
+
+    [[rules]]
+    match = "*.modulation"
+    format = "f32"
+    reason = "nn.Parameter read by every block"
+
+    [[rules]]
+    regex = '^blocks\\.\\d+\\.'
+    format = "nvfp4"
+    min_dim = 1024
+
+Formats: nvfp4 | fp8 | keep (source precision) | bf16 | fp16 (16-bit; `--dtype-16` may override) | f32.
+A quantizing rule (nvfp4, fp8) only ever matches an eligible layer (a 2-D floating-point `.weight`); on any other
+layer it is skipped and the next rule is tried, so `match = "*"` + `format = "nvfp4"` means "every eligible linear".
+
+Conditions (all optional, all must hold):
+  linear = true|false      the layer has a 2-D floating-point weight
+  in_blocks = true|false   the layer sits inside a repeated block (a `.N.` component in its name)
+  sensitive = true|false   the architecture profile says it must stay high precision (embeddings, modulation, ...)
+  ndim = N                 rank of the main tensor (weight, or the bare parameter)
+  min_dim = N              both weight dims >= min(N, model width): the cap keeps scaled-down test models
+                           (width 128-512) behaving like the real ones (width >= 3072), where it is just N
+  divisible_by = N         both weight dims divisible by N
+  max_numel = N            the main tensor has at most N elements (small tensors)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from inspect_tools.errors import InputError, UsageError
+
+QUANT_FORMATS = ("nvfp4", "fp8")
+FORMATS = ("nvfp4", "fp8", "keep", "bf16", "fp16", "f32")
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+CONDITIONS = ("linear", "in_blocks", "sensitive", "ndim", "min_dim", "divisible_by", "max_numel")
+_BOOL_CONDITIONS = ("linear", "in_blocks", "sensitive")
+_TOP_KEYS = ("name", "description", "default", "architectures", "rules")
+# A `.N.` component: the layer is one of a stack of repeated blocks (blocks.3.ffn.0, transformer_blocks.0.attn.to_q).
+_IN_BLOCKS = re.compile(r"(^|\.)\d+\.")
+DEFAULT_MIN_DIM_WIDTH = 1024
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a rule may look at: the native name, the main tensor's dtype and shape, and the profile's opinion."""
+
+    name: str
+    shape: tuple[int, ...] = ()
+    dtype: str = "F32"
+    has_weight: bool = True
+    sensitive_reason: str | None = None
+
+    @property
+    def linear(self) -> bool:
+        return self.has_weight and len(self.shape) == 2 and self.dtype in FLOAT_DTYPES
+
+    @property
+    def in_blocks(self) -> bool:
+        return bool(_IN_BLOCKS.search(self.name))
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class Rule:
+    format: str
+    match: str | None = None
+    regex: str | None = None
+    conditions: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""
+    index: int = 0  # position in the preset, 1-based, for messages
+
+    @property
+    def pattern(self) -> str:
+        return f"regex {self.regex}" if self.regex is not None else f"match {self.match or '*'}"
+
+    def describe(self) -> str:
+        conds = " ".join(f"{k}={v}" for k, v in self.conditions.items())
+        return f"rule {self.index}: {self.pattern}" + (f" [{conds}]" if conds else "") + f" -> {self.format}"
+
+    def name_matches(self, name: str) -> bool:
+        if self.regex is not None:
+            return re.search(self.regex, name) is not None
+        return fnmatch.fnmatchcase(name, self.match or "*")
+
+    def failed_condition(self, layer: LayerView, model_width: int | None = None) -> str | None:
+        """None when the rule applies to `layer`; otherwise why it does not (for `preset explain`)."""
+        if not self.name_matches(layer.name):
+            return f"name does not match {self.pattern}"
+        if self.format in QUANT_FORMATS and not layer.linear:
+            return f"{self.format} applies only to 2-D floating-point weights"
+        c = self.conditions
+        if "linear" in c and layer.linear != c["linear"]:
+            return f"linear is {layer.linear}"
+        if "in_blocks" in c and layer.in_blocks != c["in_blocks"]:
+            return f"in_blocks is {layer.in_blocks}"
+        if "sensitive" in c and (layer.sensitive_reason is not None) != c["sensitive"]:
+            return f"sensitive is {layer.sensitive_reason is not None}"
+        if "ndim" in c and len(layer.shape) != c["ndim"]:
+            return f"ndim is {len(layer.shape)}"
+        if "max_numel" in c and layer.numel > c["max_numel"]:
+            return f"{layer.numel} elements > {c['max_numel']}"
+        dims = layer.shape if len(layer.shape) == 2 else None
+        if "min_dim" in c:
+            need = effective_min_dim(c["min_dim"], model_width)
+            if dims is None or min(dims) < need:
+                return f"dims {list(layer.shape)} not all >= {need}"
+        if "divisible_by" in c:
+            k = c["divisible_by"]
+            if dims is None or any(d % k for d in dims):
+                return f"dims {list(layer.shape)} not divisible by {k}"
+        return None
+
+    def applies(self, layer: LayerView, model_width: int | None = None) -> bool:
+        return self.failed_condition(layer, model_width) is None
+
+
+def effective_min_dim(min_dim: int, model_width: int | None) -> int:
+    """min_dim capped at the model's own width (see module docstring)."""
+    return min(min_dim, model_width) if model_width else min_dim
+
+
+@dataclass(frozen=True)
+class Decision:
+    format: str
+    rule: Rule | None  # None: the preset's default
+    reason: str
+
+
+@dataclass
+class Preset:
+    name: str
+    rules: list[Rule]
+    default: str = "keep"
+    description: str = ""
+    architectures: tuple[str, ...] = ()
+    source: str = ""  # "builtin" or the file path
+    sha256: str = ""  # of the TOML bytes: provenance in converted files
+
+    def decide(self, layer: LayerView, model_width: int | None = None) -> Decision:
+        for rule in self.rules:
+            if rule.applies(layer, model_width):
+                return Decision(rule.format, rule, rule.reason or rule.describe())
+        return Decision(self.default, None, f"no rule matched: default {self.default}")
+
+    def explain(self, layer: LayerView, model_width: int | None = None) -> list[tuple[Rule, str | None]]:
+        """Every rule up to the deciding one, with why it did not apply (None for the one that decided)."""
+        trace = []
+        for rule in self.rules:
+            why = rule.failed_condition(layer, model_width)
+            trace.append((rule, why))
+            if why is None:
+                break
+        return trace
+
+    def unmatched_rules(self, layers: list[LayerView], model_width: int | None = None) -> list[Rule]:
+        """Rules whose name pattern matches none of `layers` (a typo, or a preset for another architecture)."""
+        return [r for r in self.rules if not any(r.name_matches(v.name) for v in layers)]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+def _check_rule(raw: Any, index: int, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise UsageError(f"rule {index} is not a table", where)
+    unknown = set(raw) - {"match", "regex", "format", "reason", *CONDITIONS}
+    if unknown:
+        raise UsageError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}", where)
+    fmt = raw.get("format")
+    if fmt not in FORMATS:
+        raise UsageError(f"rule {index}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}", where)
+    if "match" in raw and "regex" in raw:
+        raise UsageError(f"rule {index}: give either match (glob) or regex, not both", where)
+    for key in ("match", "regex", "reason"):
+        if key in raw and not isinstance(raw[key], str):
+            raise UsageError(f"rule {index}: {key} must be a string", where)
+    if "regex" in raw:
+        try:
+            re.compile(raw["regex"])
+        except re.error as exc:
+            raise UsageError(f"rule {index}: invalid regex {raw['regex']!r}: {exc}", where) from None
+    conditions = {}
+    for key in CONDITIONS:
+        if key not in raw:
+            continue
+        value = raw[key]
+        if key in _BOOL_CONDITIONS:
+            if not isinstance(value, bool):
+                raise UsageError(f"rule {index}: {key} must be true or false", where)
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UsageError(f"rule {index}: {key} must be a positive integer", where)
+        conditions[key] = value
+    return Rule(
+        format=fmt, match=raw.get("match"), regex=raw.get("regex"), conditions=conditions,
+        reason=raw.get("reason", ""), index=index,
+    )
+
+
+def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> Preset:
+    """A parsed TOML document -> Preset; UsageError (naming `where`) for anything invalid."""
+    unknown = set(data) - set(_TOP_KEYS)
+    if unknown:
+        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(_TOP_KEYS)}", where)
+    default = data.get("default", "keep")
+    if default not in FORMATS or default in QUANT_FORMATS:
+        raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {default!r})", where)
+    rules_raw = data.get("rules", [])
+    if not isinstance(rules_raw, list):
+        raise UsageError("rules must be an array of tables ([[rules]])", where)
+    archs = data.get("architectures", [])
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UsageError("architectures must be a list of variant names", where)
+    return Preset(
+        name=str(data.get("name") or name or Path(where).stem),
+        rules=[_check_rule(r, i, where) for i, r in enumerate(rules_raw, 1)],
+        default=default,
+        description=str(data.get("description", "")),
+        architectures=tuple(archs),
+    )
+
+
+def loads_preset(text: bytes, where: str, name: str | None = None) -> Preset:
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"not a valid TOML preset: {exc}", where) from None
+    preset = parse_preset(data, where, name)
+    preset.sha256 = hashlib.sha256(text).hexdigest()
+    return preset
+
+
+def builtin_names() -> list[str]:
+    folder = resources.files("converter") / "presets"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_builtin(name: str) -> Preset:
+    path = resources.files("converter") / "presets" / f"{name}.toml"
+    if not path.is_file():
+        raise UsageError(f"no built-in preset {name!r}; built-ins: {', '.join(builtin_names())}")
+    preset = loads_preset(path.read_bytes(), f"preset {name}", name)
+    preset.source = "builtin"
+    return preset
+
+
+def looks_like_path(ref: str) -> bool:
+    return ref.endswith(".toml") or "/" in ref or "\\" in ref
+
+
+def load_preset(ref: str | Path) -> Preset:
+    """A built-in preset by name, or a TOML file by path."""
+    ref = str(ref)
+    if not looks_like_path(ref) and ref in builtin_names():
+        return load_builtin(ref)
+    path = Path(ref)
+    if looks_like_path(ref) or path.exists():
+        if not path.is_file():
+            raise InputError("preset file not found", ref)
+        preset = loads_preset(path.read_bytes(), ref)
+        preset.source = str(path)
+        return preset
+    raise UsageError(f"no built-in preset {ref!r} and no such file; built-ins: {', '.join(builtin_names())}")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def _toml_str(s: str) -> str:
+    # TOML literal strings cannot hold a single quote; basic strings need \ and " escaped.
+    return "'" + s + "'" if "'" not in s and "\n" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def dumps_preset(preset: Preset) -> str:
+    """Preset -> TOML text that loads back into an equal preset."""
+    lines = [f"name = {_toml_str(preset.name)}"]
+    if preset.description:
+        lines.append(f"description = {_toml_str(preset.description)}")
+    lines.append(f"default = {_toml_str(preset.default)}")
+    if preset.architectures:
+        lines.append("architectures = [" + ", ".join(_toml_str(a) for a in preset.architectures) + "]")
+    for rule in preset.rules:
+        lines.append("")
+        lines.append("[[rules]]")
+        if rule.regex is not None:
+            lines.append(f"regex = {_toml_str(rule.regex)}")
+        else:
+            lines.append(f"match = {_toml_str(rule.match or '*')}")
+        lines.append(f"format = {_toml_str(rule.format)}")
+        for key, value in rule.conditions.items():
+            lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
+        if rule.reason:
+            lines.append(f"reason = {_toml_str(rule.reason)}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None) -> LayerView:
+    """A reference_specs.layer.Layer -> the LayerView rules see (native name, main tensor)."""
+    name = layer.native_name or layer.name
+    main = layer.tensors.get("weight") or layer.tensors.get("value") or next(iter(layer.tensors.values()))
+    return LayerView(
+        name=name,
+        shape=tuple(main.shape),
+        dtype=main.dtype,
+        has_weight="weight" in layer.tensors,
+        sensitive_reason=sensitive(name) if sensitive else None,
+    )
