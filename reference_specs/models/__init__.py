@@ -2,15 +2,88 @@
 
 from __future__ import annotations
 
-from reference_specs.models.base import UNKNOWN, ArchitectureProfile, Detection
+from dataclasses import replace
 
-PROFILES: list[ArchitectureProfile] = []
+from reference_specs.models.base import UNKNOWN, ArchitectureProfile, Detection
+from reference_specs.models.flux import Flux1Dev
+from reference_specs.models.qwen_image import QwenImage2512, QwenImageEdit2511
+from reference_specs.models.wan import Wan22I2VA14B, Wan22T2VA14B, Wan22TI2V5B
+
+PROFILES: list[ArchitectureProfile] = [
+    Wan22TI2V5B(),
+    Wan22T2VA14B(),
+    Wan22I2VA14B(),
+    QwenImageEdit2511(),  # before 2512: the edit model is the 2512 key set plus a marker key
+    QwenImage2512(),
+    Flux1Dev(),
+]
+
+# ComfyUI's unet_prefix_from_state_dict candidates (comfyui-load-path.md Q5): the first three need more than five
+# keys; "model." is its fallback. "diffusion_model." is a prefix some exporters write; tried like the others.
+_COUNTED_PREFIXES = ("model.diffusion_model.", "model.model.", "net.", "diffusion_model.")
+_FALLBACK_PREFIX = "model."
+_MIN_PREFIXED_KEYS = 5
+
+
+def find_prefix(keys: list[str]) -> str:
+    """The diffusion-model key prefix of a checkpoint, "" when its keys are bare."""
+    counts = dict.fromkeys(_COUNTED_PREFIXES, 0)
+    fallback = 0
+    for key in keys:
+        for prefix in _COUNTED_PREFIXES:
+            if key.startswith(prefix):
+                counts[prefix] += 1
+                break
+        else:
+            fallback += key.startswith(_FALLBACK_PREFIX)
+    best = max(counts, key=counts.__getitem__)
+    if counts[best] > _MIN_PREFIXED_KEYS or (counts[best] and counts[best] == len(keys)):
+        return best
+    # ComfyUI strips "model." only when it matched something; a bare file keeps its keys
+    return _FALLBACK_PREFIX if fallback and fallback == len(keys) else ""
+
+
+def _strip(shapes: dict[str, tuple[int, ...]], prefix: str) -> dict[str, tuple[int, ...]]:
+    if not prefix:
+        return shapes
+    # like ComfyUI's state_dict_prefix_replace(filter_keys=True): keys outside the prefix are dropped
+    n = len(prefix)
+    return {k[n:]: v for k, v in shapes.items() if k.startswith(prefix)}
+
+
+def _detect_native(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+    for profile in PROFILES:
+        found = profile.detect(shapes)
+        if found is not None:
+            return found
+    return None
+
+
+def _detect_diffusers(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+    mapped_by_map: dict[object, dict[str, tuple[int, ...]]] = {}
+    for profile in PROFILES:
+        key = type(profile).to_native  # profiles of one family share one map: rename once
+        if key is ArchitectureProfile.to_native:
+            continue
+        if key not in mapped_by_map:
+            if not any(profile.is_diffusers_name(k) for k in shapes):
+                mapped_by_map[key] = {}
+            else:
+                mapped_by_map[key] = {profile.to_native(k): v for k, v in shapes.items()}
+        mapped = mapped_by_map[key]
+        found = profile.detect(mapped) if mapped else None
+        if found is not None:
+            return replace(found, naming="diffusers")
+    return None
 
 
 def detect(shapes: dict[str, tuple[int, ...]]) -> Detection:
     """Detect the architecture of a checkpoint from its tensor names and shapes (any prefix, native or diffusers
     names). Returns UNKNOWN when no profile matches."""
-    return UNKNOWN
+    prefix = find_prefix(list(shapes))
+    stripped = _strip(shapes, prefix)
+    found = _detect_native(stripped) or _detect_diffusers(stripped)
+    return replace(found, prefix=prefix) if found is not None else UNKNOWN
 
 
 def get_profile(variant: str) -> ArchitectureProfile | None:
@@ -25,4 +98,13 @@ def native_name(detection: Detection, key: str) -> str:
     return profile.to_native(key) if profile is not None else key
 
 
-__all__ = ["PROFILES", "UNKNOWN", "ArchitectureProfile", "Detection", "detect", "get_profile", "native_name"]
+__all__ = [
+    "PROFILES",
+    "UNKNOWN",
+    "ArchitectureProfile",
+    "Detection",
+    "detect",
+    "find_prefix",
+    "get_profile",
+    "native_name",
+]

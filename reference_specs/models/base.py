@@ -47,6 +47,8 @@ class ArchitectureProfile:
     display_name: str
     # Real dimensions of the published model (used for header-only full-size fixtures and scaled-down checks).
     full_dims: dict[str, int]
+    # Scaled-down dimensions for synthetic fixtures: same in/out dims and head_dim, fewer blocks, narrower.
+    small_dims: dict[str, int]
 
     def detect(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
         """shapes: ComfyUI-native names (prefix already stripped) -> shape. None when this profile does not match."""
