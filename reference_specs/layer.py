@@ -88,7 +88,10 @@ class Layer:
 
     @property
     def is_quantized(self) -> bool:
-        return self.format not in ("f32", "f16", "bf16", "f64", "unknown") and not self.format.startswith("F")
+        """What the format registry says about this layer's format (lossy encodings such as nvfp4, fp8, Q4_0)."""
+        from reference_specs.formats import is_quantized  # lazy: formats imports this module
+
+        return is_quantized(self.format)
 
     @property
     def key_names(self) -> list[str]:
