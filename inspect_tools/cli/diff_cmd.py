@@ -1,1 +1,279 @@
-"""`nvdiag diff` (not yet implemented)."""
+"""`nvdiag diff MINE REF`: two checkpoints side by side, what differs and whether ComfyUI cares."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from inspect_tools.cli import app
+from inspect_tools.cli.output import (
+    OutputFormat,
+    console,
+    exit_code,
+    findings_document,
+    findings_table,
+    print_json,
+)
+from inspect_tools.diff import DiffReport, ScaleStats, diff_paths, logical_shape
+from inspect_tools.errors import UsageError
+from reference_specs.findings import Severity
+from reference_specs.layer import Layer
+
+CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
+# Text tables stop after this many rows; --format json has everything.
+MAX_ROWS = 40
+HISTOGRAM_BARS = " ▁▂▃▄▅▆▇█"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isinf(x)) else f"{x:.3g}"
+
+
+def histogram(stats: ScaleStats, decades: range) -> str:
+    """One character per power of ten, height proportional to the share of values in it."""
+    counts = stats.decades()
+    top = max(counts.values(), default=0)
+    if not top:
+        return ""
+    chars = []
+    for d in decades:
+        c = counts.get(d, 0)
+        chars.append(HISTOGRAM_BARS[0] if c == 0 else HISTOGRAM_BARS[max(1, round(c / top * 8))])
+    return "".join(chars)
+
+
+def _limited(rows: list[Any], out: Console, what: str) -> list[Any]:
+    if len(rows) > MAX_ROWS:
+        out.print(f"[dim]{what}: showing {MAX_ROWS} of {len(rows)} (--layers GLOB to narrow, --format json for all)[/]")
+        return rows[:MAX_ROWS]
+    return rows
+
+
+def _print_findings(report: DiffReport, out: Console) -> None:
+    if not report.findings:
+        out.print("[green]no findings[/]")
+        return
+    for severity, title in ((Severity.ERROR, "errors"), (Severity.WARNING, "warnings"), (Severity.INFO, "info")):
+        group = [f for f in report.findings if f.severity == severity]
+        if group:
+            out.print(findings_table(group, title=title))
+
+
+def _precision_table(report: DiffReport) -> Table:
+    table = Table(title="precision plan (layers)")
+    table.add_column("stored as")
+    table.add_column("MINE", justify="right")
+    table.add_column("REF", justify="right")
+    for cls in sorted(set(report.precision["mine"]) | set(report.precision["ref"])):
+        table.add_row(cls, str(report.precision["mine"].get(cls, 0)), str(report.precision["ref"].get(cls, 0)))
+    return table
+
+
+def _signature_table(report: DiffReport) -> Table:
+    table = Table(title="aux-tensor signatures of quantized layers")
+    table.add_column("side", no_wrap=True)
+    table.add_column("format", no_wrap=True)
+    table.add_column("layers", justify="right")
+    table.add_column("signature", overflow="fold")
+    for side in ("mine", "ref"):
+        for fmt, sigs in report.signatures[side].items():
+            for sig, n in sigs.items():
+                table.add_row(side.upper(), fmt, str(n), sig)
+    return table
+
+
+def _scales_table(report: DiffReport) -> Table | None:
+    kinds = sorted(set(report.scales["mine"]) | set(report.scales["ref"]))
+    if not kinds:
+        return None
+    every = [report.scales[s][k] for s in ("mine", "ref") for k in kinds if k in report.scales[s]]
+    lows = [min(st.decades()) for st in every if st.count]
+    highs = [max(st.decades()) for st in every if st.count]
+    decades = range(min(lows), max(highs) + 1) if lows else range(0)
+    title = "scale distributions" + (f" (histogram 1e{decades.start}..1e{decades.stop - 1})" if lows else "")
+    table = Table(title=title)
+    for name, justify in (("scale", "left"), ("side", "left"), ("n", "right"), ("min", "right"),
+                          ("median", "right"), ("max", "right"), ("histogram", "left")):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for kind in kinds:
+        for side in ("mine", "ref"):
+            st = report.scales[side].get(kind)
+            if st is None:
+                continue
+            table.add_row(kind, side.upper(), str(st.count), _fmt(st.min if st.count else None), _fmt(st.median),
+                          _fmt(st.max if st.count else None), histogram(st, decades))
+    return table
+
+
+def _metadata_table(report: DiffReport) -> Table | None:
+    if not report.metadata:
+        return None
+    table = Table(title="header metadata")
+    table.add_column("key", overflow="fold")
+    table.add_column("MINE", overflow="fold")
+    table.add_column("REF", overflow="fold")
+    for row in report.metadata:
+        style = "" if row["same"] else "[yellow]"
+        table.add_row(f"{style}{row['key']}", row["mine"] or "-", row["ref"] or "-")
+    return table
+
+
+def _roles_table(report: DiffReport) -> Table | None:
+    if report.roles is None:
+        return None
+    table = Table(title="layers by role (different architectures)")
+    table.add_column("role", no_wrap=True)
+    table.add_column("MINE", overflow="fold")
+    table.add_column("REF", overflow="fold")
+
+    def cell(row: dict[str, Any] | None) -> str:
+        if row is None:
+            return "-"
+        return f"{row['layers']}: " + ", ".join(f"{k} {v}" for k, v in sorted(row["formats"].items()))
+
+    for role in sorted(set(report.roles["mine"]) | set(report.roles["ref"])):
+        table.add_row(role, cell(report.roles["mine"].get(role)), cell(report.roles["ref"].get(role)))
+    return table
+
+
+def _layers_table(report: DiffReport, out: Console) -> Table | None:
+    """Layers that differ (present on one side only, another format, other aux tensors or dtypes), rows with the
+    same difference folded into one: "blocks.0.ffn.0 and 19 more"."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for pair in report.pairs:
+        m, r = pair.mine, pair.ref
+        what = _difference(m, r)
+        if what:
+            groups.setdefault((_cell(m), _cell(r), what), []).append(pair.key)
+    if not groups:
+        return None
+    table = Table(title="layers that differ")
+    table.add_column("layer", overflow="fold")
+    table.add_column("MINE", overflow="fold")
+    table.add_column("REF", overflow="fold")
+    table.add_column("difference", overflow="fold")
+    rows = [(names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
+            for key, names in groups.items()]
+    for row in _limited(rows, out, "layer groups"):
+        table.add_row(*row)
+    return table
+
+
+def _cell(layer: Layer | None) -> str:
+    if layer is None:
+        return "[red]absent[/]"
+    shape = logical_shape(layer)
+    return f"{layer.format} " + ("x".join(str(d) for d in shape) if shape else "?")
+
+
+def _difference(mine: Layer | None, ref: Layer | None) -> str:
+    """'' when both sides store the layer the same way; else what differs, in a few words."""
+    if mine is None or ref is None:
+        return "only in " + ("REF" if mine is None else "MINE")
+    parts = []
+    if mine.format != ref.format:
+        parts.append("format")
+    only_m = sorted(set(mine.tensors) - set(ref.tensors))
+    only_r = sorted(set(ref.tensors) - set(mine.tensors))
+    if only_m:
+        parts.append("MINE +" + ",".join(only_m))
+    if only_r:
+        parts.append("REF +" + ",".join(only_r))
+    if mine.format == ref.format:
+        dtypes = [r for r in sorted(set(mine.tensors) & set(ref.tensors)) if mine.dtype(r) != ref.dtype(r)]
+        if dtypes:
+            parts.append("dtype of " + ",".join(dtypes))
+    return "; ".join(parts)
+
+
+def _values_table(report: DiffReport, out: Console) -> Table | None:
+    if not report.values:
+        return None
+    table = Table(title="dequantized values, MINE vs REF")
+    table.add_column("layer", overflow="fold")
+    table.add_column("formats", no_wrap=True)
+    table.add_column("rel err", justify="right")
+    table.add_column("cosine", justify="right")
+    rows = sorted(report.values, key=lambda r: -r.get("rel_error", math.inf))
+    for row in _limited(rows, out, "value rows"):
+        if "error" in row:
+            table.add_row(row["layer"], "-", "[red]unreadable[/]", row["error"])
+            continue
+        table.add_row(row["layer"], f"{row['mine_format']}/{row['ref_format']}", _fmt(row["rel_error"]),
+                      f"{row['cosine']:.4f}")
+    return table
+
+
+def print_report(report: DiffReport, out: Console | None = None) -> None:
+    out = out or console()
+    out.print(report.summary_text(), soft_wrap=True)
+    out.print()
+    _print_findings(report, out)
+    for verdict in report.verdicts:
+        out.print(f"[dim]{verdict['text']}: {verdict['verdict']}[/]", soft_wrap=True)
+    for table in (
+        _precision_table(report),
+        _signature_table(report),
+        _roles_table(report),
+        _scales_table(report),
+        _metadata_table(report),
+        _layers_table(report, out),
+        _values_table(report, out),
+    ):
+        if table is not None and table.row_count:
+            out.print(table)
+    if report.disagreements:
+        out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
+
+
+def diff_document(report: DiffReport) -> dict[str, Any]:
+    """The JSON document: lint finding schema plus the diff's sections and its paired `layers` rows."""
+    data = report.to_json()
+    rows = data.pop("rows")
+    doc = findings_document(report.findings, layers=len(rows), **data)
+    doc["layers"] = rows
+    return doc
+
+
+@app.command("diff")
+def diff_command(
+    mine: Annotated[str, typer.Argument(help="The checkpoint under suspicion. " + CHECKPOINT_HELP)],
+    ref: Annotated[str, typer.Argument(help="A checkpoint that works (any format, naming or architecture)")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
+    values: Annotated[bool, typer.Option("--values", help="Also compare dequantized weights (reads them)")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fail_on: Annotated[str, typer.Option("--fail-on", help="error, warning or info")] = "error",
+) -> None:
+    """Put two checkpoints side by side and say what differs and whether it matters to ComfyUI.
+
+    Compares formats, dtypes and shapes per layer, aux-tensor signatures (input_scale, comfy_quant, scales),
+    the precision plan, scale ranges and header metadata; layers are matched across prefixes and diffusers /
+    ComfyUI names, or by role when the architectures differ. Exit 1 when a difference breaks MINE in ComfyUI.
+
+    Examples:
+
+      nvdiag diff wan22_5b_nvfp4.safetensors flux1-dev-nvfp4.safetensors
+
+      nvdiag diff mine.safetensors wan2.2_ti2v_5B-Q4_0.gguf --layers 'blocks.0.*' --values
+
+      nvdiag diff mine.safetensors ./diffusers/transformer/ --format json > diff.json
+    """
+    if fmt == OutputFormat.github:
+        raise UsageError("diff supports --format text or json")
+    try:
+        threshold = Severity.parse(fail_on)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    report = diff_paths(mine, ref, layers=layers, values=values)
+    if fmt == OutputFormat.json:
+        print_json(diff_document(report))
+    else:
+        print_report(report)
+    raise typer.Exit(exit_code(report.findings, threshold))
+
+
+__all__ = ["diff_command", "diff_document", "print_report"]
