@@ -1,0 +1,104 @@
+"""The building blocks of `nvdiag diff` on hand-made Layers: no files involved."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from inspect_tools.diff import (
+    FindingCollector,
+    ScaleStats,
+    precision_class,
+    role_counts,
+    signatures,
+    tensor_signature,
+    value_metrics,
+)
+from inspect_tools.readers.base import TensorInfo
+from reference_specs.findings import Severity
+from reference_specs.layer import Layer
+
+
+def info(name: str, dtype: str, shape: tuple[int, ...]) -> TensorInfo:
+    return TensorInfo(name=name, dtype=dtype, shape=shape, nbytes=0, file=None, offset=0)  # type: ignore[arg-type]
+
+
+def nvfp4_layer(name: str = "blocks.0.ffn.0", input_scale: tuple[int, ...] | None = None, marker: bool = True) -> Layer:
+    layer = Layer(name=name, format="nvfp4")
+    layer.tensors = {
+        "weight": info(f"{name}.weight", "U8", (64, 32)),
+        "weight_scale": info(f"{name}.weight_scale", "F8_E4M3", (128, 4)),
+        "weight_scale_2": info(f"{name}.weight_scale_2", "F32", ()),
+        "bias": info(f"{name}.bias", "F32", (64,)),
+    }
+    if input_scale is not None:
+        layer.tensors["input_scale"] = info(f"{name}.input_scale", "F32", input_scale)
+    if marker:
+        layer.tensors["comfy_quant"] = info(f"{name}.comfy_quant", "U8", (19,))
+        layer.marker, layer.marker_source = {"format": "nvfp4"}, "tensor"
+    return layer
+
+
+def test_signature_names_every_aux_tensor_in_a_fixed_order_without_bias():
+    assert tensor_signature(nvfp4_layer()) == (
+        "weight U8 + weight_scale F8_E4M3 + weight_scale_2 F32 scalar + comfy_quant"
+    )
+    assert tensor_signature(nvfp4_layer(input_scale=(1,), marker=False)) == (
+        "weight U8 + weight_scale F8_E4M3 + weight_scale_2 F32 scalar + input_scale F32 [1]"
+    )
+
+
+def test_signature_mentions_a_marker_that_comes_from_header_metadata():
+    layer = nvfp4_layer(marker=False)
+    layer.marker, layer.marker_source = {"format": "nvfp4"}, "metadata"
+    assert tensor_signature(layer).endswith("+ metadata marker")
+
+
+def test_signatures_and_counts_per_format():
+    layers = [nvfp4_layer(f"blocks.{i}.ffn.0", input_scale=() if i < 2 else None) for i in range(5)]
+    sigs = signatures(layers)
+    assert sum(sigs["nvfp4"].values()) == 5 and len(sigs["nvfp4"]) == 2
+    counts = role_counts(layers)["nvfp4"]
+    assert counts["layers"] == 5 and counts["input_scale"] == 2 and counts["comfy_quant"] == 5
+    assert counts["marker"] == 5
+
+
+def test_precision_class_groups_storage_coarsely():
+    assert precision_class(nvfp4_layer()) == "quantized"
+    norm = Layer(name="blocks.0.norm3", format="f32", tensors={"weight": info("blocks.0.norm3.weight", "F32", (64,))})
+    half = Layer(name="head.head", format="bf16", tensors={"weight": info("head.head.weight", "BF16", (64, 64))})
+    assert precision_class(norm) == "f32"
+    assert precision_class(half) == "16-bit"
+
+
+def test_scale_stats_keep_exact_scalars_and_binned_block_scales():
+    stats = ScaleStats()
+    for v in (1e-4, 2e-4, 4e-4):
+        stats.add(torch.tensor(v), keep_values=True)
+    assert math.isclose(stats.median, 2e-4, rel_tol=1e-6)
+    blocks = ScaleStats()
+    blocks.add(torch.tensor([0.0, 1.0, 2.0, 3.0, float("nan")]), keep_values=False)
+    assert blocks.count == 3 and blocks.zeros == 1 and blocks.non_finite == 1
+    assert blocks.min == 1.0 and blocks.max == 3.0
+    assert 1.0 <= blocks.median <= 4.0
+    assert blocks.to_json()["decades"] == {"1e0": 3}
+
+
+def test_collector_folds_the_same_difference_over_many_layers_into_one_finding():
+    out = FindingCollector("mine.safetensors")
+    for i in range(3):
+        out.add("D103", "missing-block-scale", Severity.ERROR, "no block scale", f"blocks.{i}.ffn.0")
+    out.add("D120", "input-scale-implausible", Severity.INFO, "absent input_scale", "blocks.0.ffn.2")
+    first, second = out.findings()
+    assert first.cause == "missing-block-scale" and first.evidence["layer_count"] == 3 and first.layer is None
+    assert "(3 layers)" in first.message
+    assert second.severity == Severity.INFO and second.layer == "blocks.0.ffn.2"
+
+
+def test_value_metrics_of_identical_and_opposite_tensors():
+    x = torch.randn(8, 8)
+    same = value_metrics(x, x)
+    assert same["rel_error"] == 0 and math.isclose(same["cosine"], 1.0, rel_tol=1e-6)
+    opposite = value_metrics(-x, x)
+    assert math.isclose(opposite["rel_error"], 2.0, rel_tol=1e-6) and opposite["cosine"] < -0.99
