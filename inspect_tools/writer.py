@@ -1,0 +1,287 @@
+"""Streaming, atomic safetensors output: the header is fixed up front, tensors are written one at a time into a
+temporary file beside the target, and only a committed file is renamed into place.
+
+Layout matches safetensors.torch.save_file byte for byte (checked by tests against safetensors 0.8):
+- tensors are laid out sorted by dtype rank (the safetensors `Dtype` enum) descending, then by name ascending;
+- the header is compact JSON (no spaces, non-ASCII kept as UTF-8) with `__metadata__` first when metadata is given
+  (even when empty), padded with spaces so the data starts at a multiple of 8 bytes.
+save_file writes metadata keys in hash order (it differs run to run); we sort them so output is deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+
+from inspect_tools.errors import OutputError
+from inspect_tools.readers.safetensors_dtypes import DTYPE_NAMES, DTYPES, byte_length
+
+HEADER_ALIGNMENT = 8
+SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+TEMP_SUFFIX = ".nvdiag-tmp"
+
+Entry = tuple[str, str, Sequence[int]]  # (name, safetensors dtype name, shape)
+
+
+def _read_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before any threads write files.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~_read_umask()  # what open() would give a new file; mkstemp's 0o600 is too private
+
+
+def plan_order(entries: Iterable[Entry]) -> list[Entry]:
+    """Entries in the order save_file lays them out: dtype rank descending, then name (code point order, which is
+    UTF-8 byte order, as Rust's String comparison)."""
+    return sorted(entries, key=lambda e: (-DTYPES[e[1]].rank, e[0]))
+
+
+def _check_entries(entries: Sequence[Entry]) -> None:
+    seen: set[str] = set()
+    for name, dtype, shape in entries:
+        if name in seen:
+            raise ValueError(f"tensor {name!r} planned twice")
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is reserved by the safetensors header")
+        if dtype not in DTYPES:
+            raise ValueError(f"tensor {name!r}: unknown safetensors dtype {dtype!r}")
+        if byte_length(DTYPES[dtype], tuple(shape)) is None:
+            raise ValueError(f"tensor {name!r}: {dtype} shape {list(shape)} does not fill whole bytes")
+        seen.add(name)
+
+
+def build_header(entries: Sequence[Entry], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """(8-byte length + padded JSON header, absolute data offset of each tensor) for entries already in plan order."""
+    header: dict[str, Any] = {}
+    if metadata is not None:
+        bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"metadata must map str to str; offending keys: {bad[:5]}")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    relative: dict[str, int] = {}
+    position = 0
+    for name, dtype, shape in entries:
+        nbytes = byte_length(DTYPES[dtype], tuple(shape)) or 0
+        header[name] = {"dtype": dtype, "shape": [int(d) for d in shape], "data_offsets": [position, position + nbytes]}
+        relative[name] = position
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % HEADER_ALIGNMENT)
+    data_start = 8 + len(text)
+    return struct.pack("<Q", len(text)) + text, {name: data_start + off for name, off in relative.items()}
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's little-endian storage bytes without an extra copy when it is already contiguous on CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable; not every platform lets a folder be opened, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class _TerminateRequested(BaseException):
+    """Raised from our SIGTERM handler so the `with` block unwinds and removes the temporary file."""
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor, atomically.
+
+    with SafetensorsWriter(out, [(name, "F32", [4, 8]), ...], {"k": "v"}) as w:
+        for name in w.order:
+            w.write(name, tensor_for(name))
+        w.commit()
+
+    Tensors may be written in any order (each lands at its precomputed offset); `order` is the sequential one.
+    Leaving the block without commit() - by an exception, Ctrl-C, SIGTERM or simply returning - removes the
+    temporary file and leaves an existing `path` untouched.
+    """
+
+    def __init__(self, path: str | Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None = None,
+                 check_space: bool = True) -> None:
+        self.path = Path(path)
+        planned = [(name, dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries]
+        _check_entries(planned)
+        self.entries = plan_order(planned)
+        self._header, self._offsets = build_header(self.entries, metadata)
+        self._specs = {name: (dtype, shape) for name, dtype, shape in self.entries}
+        self.total_bytes = len(self._header) + sum(
+            byte_length(DTYPES[dtype], shape) or 0 for _, dtype, shape in self.entries)
+        self._check_space = check_space
+        self._written: set[str] = set()
+        self._fd: int | None = None
+        self.temp_path: Path | None = None
+        self.committed = False
+        self._old_sigterm: Any = None
+
+    @property
+    def order(self) -> list[str]:
+        return [name for name, _, _ in self.entries]
+
+    def __enter__(self) -> SafetensorsWriter:
+        self.open()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.abort()
+        if isinstance(exc, _TerminateRequested):
+            raise SystemExit(SIGTERM_EXIT_CODE) from None  # temporary file is gone: end quietly, as SIGTERM would
+
+    def open(self) -> None:
+        folder = self.path.parent
+        if not folder.is_dir():
+            raise OutputError("output folder does not exist", str(folder))
+        if self._check_space:
+            ensure_free_space(folder, self.total_bytes)
+        self._install_sigterm()
+        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, dir=folder)
+        self._fd, self.temp_path = fd, Path(name)
+        _pwrite_all(fd, memoryview(self._header), 0)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._fd is None:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        if name not in self._specs:
+            raise ValueError(f"tensor {name!r} is not in the write plan")
+        if name in self._written:
+            raise ValueError(f"tensor {name!r} written twice")
+        dtype, shape = self._specs[name]
+        got_dtype = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+        if got_dtype != dtype:
+            raise ValueError(f"tensor {name!r}: planned {dtype}, got {got_dtype}")
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name!r}: planned shape {list(shape)}, got {list(tensor.shape)}")
+        data = tensor_bytes(tensor)
+        expected = byte_length(DTYPES[dtype], shape)
+        if len(data) != expected:
+            raise ValueError(f"tensor {name!r}: {len(data)} bytes, planned {expected}")
+        _pwrite_all(self._fd, data, self._offsets[name])
+        self._written.add(name)
+
+    def commit(self) -> Path:
+        """fsync, rename into place, fsync the folder. Every planned tensor must have been written."""
+        if self._fd is None or self.temp_path is None:
+            raise RuntimeError("SafetensorsWriter is not open")
+        missing = [name for name in self.order if name not in self._written]
+        if missing:
+            raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})",
+                              str(self.path))
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        os.chmod(self.temp_path, FILE_MODE)
+        os.replace(self.temp_path, self.path)
+        self.temp_path = None
+        self.committed = True
+        _fsync_folder(self.path.parent)
+        self._restore_sigterm()
+        return self.path
+
+    def abort(self) -> None:
+        """Close and delete the temporary file (if any); an existing target is never touched."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self.temp_path is not None:
+            self.temp_path.unlink(missing_ok=True)
+            self.temp_path = None
+        self._restore_sigterm()
+
+    def _install_sigterm(self) -> None:
+        # Signal handlers can only be set from the main thread; elsewhere the caller's own handling applies.
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_sigterm(signum: int, frame: FrameType | None) -> None:
+            raise _TerminateRequested(f"terminated by signal {signum}")
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+
+    def _restore_sigterm(self) -> None:
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+
+
+def check_output_path(out: str | Path, inputs: Iterable[str | Path]) -> Path:
+    """OUT as an absolute path, refusing an OUT that is (or links to, or is a hard link of) one of the inputs,
+    that is a folder, or whose folder does not exist."""
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise OutputError("output folder does not exist", str(out.parent))
+    if out.is_dir():
+        raise OutputError("output path is a folder, a file name is needed", str(out))
+    resolved = out.resolve()
+    for item in inputs:
+        source = Path(item)
+        if resolved == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
+            raise OutputError(f"output would overwrite the input {source}", str(out))
+    return resolved
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB"
+
+
+def ensure_free_space(folder: str | Path, nbytes: int) -> None:
+    """OutputError naming both numbers when `folder`'s file system has less than `nbytes` free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError as exc:
+        raise OutputError(f"cannot check free space: {exc.strerror or exc}", str(folder)) from None
+    if free < nbytes:
+        raise OutputError(f"not enough free space: the output needs {nbytes} bytes ({_gib(nbytes)}), "
+                          f"{free} bytes ({_gib(free)}) are free", str(folder))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write a UTF-8 text file atomically: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError("output folder does not exist", str(path.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(name, FILE_MODE)
+        os.replace(name, path)
+    except BaseException:
+        Path(name).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+    return path
