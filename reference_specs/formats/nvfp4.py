@@ -104,6 +104,24 @@ def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
     return (weight.abs().amax().to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)).reshape(())
 
 
+def encoding_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale nvdiag encodes with: per_tensor_scale, except that an all-zero weight gets 1.0.
+
+    comfy-kitchen's default scale of an all-zero weight is 0, and 0/0 then makes every block scale NaN. 1.0 is
+    finite and positive (no non-finite-scale finding) and, with every block scale 0, still decodes to exact zeros.
+    """
+    scale = per_tensor_scale(weight) if weight.numel() else torch.zeros((), dtype=torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def checked_scale(scale_2: torch.Tensor) -> torch.Tensor:
+    """A caller-supplied per-tensor scale as float32 0-d; zero, negative or non-finite scales cannot encode."""
+    scale = scale_2.to(torch.float32).reshape(())
+    if not bool(torch.isfinite(scale)) or float(scale) <= 0:
+        raise ValueError(f"per-tensor scale must be finite and positive, got {float(scale)}")
+    return scale
+
+
 def encode_blocks(x: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Padded [R, C] weight (C % 16 == 0) -> (codes uint8 [R, C], block scales float8_e4m3fn [R, C/16]), linear.
 
@@ -151,7 +169,7 @@ class NVFP4(Format):
 
     def quantize(self, weight: torch.Tensor, scale_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out_f, in_f = weight.shape
-        scale_2 = per_tensor_scale(weight) if scale_2 is None else scale_2.to(torch.float32).reshape(())
+        scale_2 = encoding_scale(weight) if scale_2 is None else checked_scale(scale_2)
         rows, cols = roundup(out_f, 16), roundup(in_f, 16)
         codes, scales = encode_blocks(pad_to(weight, rows, cols), scale_2)
         scale_rows, scale_cols = block_scale_shape(out_f, in_f)
