@@ -1,0 +1,126 @@
+"""NV103 / NV104: the quantization marker ComfyUI needs to treat a layer as quantized, and whether it can read it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from reference_specs.findings import Finding
+from reference_specs.layer import Layer
+from reference_specs.rules.base import COMFY_QUANT_FORMATS, FP8_DTYPES, ModelView, Rule, RuleContext
+
+# Prefixes ComfyUI strips from diffusion-model keys (model_detection.unet_prefix_from_state_dict) plus the ones
+# exporters commonly add; used only to tell the user which spelling would have matched.
+KNOWN_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "model.", "net.", "transformer.")
+
+
+def _legacy_fp8(model: ModelView, layer: Layer) -> bool:
+    """Legacy scaled_fp8 files mark layers by the file-level `scaled_fp8` key; convert_old_quants adds markers."""
+    return model.file_markers.get("scaled_fp8") is not None and (layer.has("scale_weight") or layer.has("weight_scale"))
+
+
+def _needs_marker(layer: Layer) -> str | None:
+    """Why a layer without a marker is a broken quantized layer, or None when it is a plain weight."""
+    dtype = layer.dtype("weight")
+    if dtype in ("U8", "I8"):
+        return f"packed {dtype} weight"
+    if dtype in FP8_DTYPES and (layer.has("weight_scale") or layer.has("scale_weight")):
+        # An FP8 weight with no scale is a plain fp8 checkpoint (loads by value); with a scale it needs the marker.
+        return f"{dtype} weight with a scale"
+    return None
+
+
+class MissingQuantMarker(Rule):
+    id = "NV103"
+    name = "missing-quant-marker"
+    cause = "missing-quant-marker"
+    summary = "quantized weight with neither .comfy_quant nor a _quantization_metadata entry"
+    explanation = """\
+ComfyUI decides per layer whether a weight is quantized: only a `<layer>.comfy_quant` tensor (uint8 UTF-8 JSON such
+as {"format": "nvfp4"}) or an entry for the layer in the header's `_quantization_metadata` makes it build a
+quantized tensor. Without either, the layer is loaded as a plain weight cast to the compute dtype: packed NVFP4 bytes
+become numbers 0..255 with the wrong shape ("size mismatch" at load) and FP8 weights lose their scale, so the model
+loads but produces noise. The scale tensors end up as "left over keys" in the log.
+
+Fix: `nvdiag fix` adds the markers; `nvdiag convert` writes them (both the per-layer tensor and the metadata)."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        if model.file_markers.get("container") == "gguf":
+            return
+        for layer in model.layers.values():
+            if layer.marker is not None or layer.marker_error is not None or layer.has("comfy_quant"):
+                continue
+            reason = _needs_marker(layer)
+            if reason is None or _legacy_fp8(model, layer):
+                continue
+            yield self.finding(
+                f"{reason} but no comfy_quant marker: ComfyUI loads the raw bytes as a plain weight",
+                layer.name,
+                {"weight_dtype": layer.dtype("weight"), "format": layer.format, "roles": sorted(layer.tensors)},
+            )
+
+
+def _suggest_prefix(name: str, layer_names: set[str]) -> str | None:
+    """The spelling of a metadata name that would match a layer (prefix added or removed), if one does."""
+    for prefix in KNOWN_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in layer_names:
+            return name[len(prefix):]
+        if prefix + name in layer_names:
+            return prefix + name
+    return None
+
+
+class InvalidQuantMarker(Rule):
+    id = "NV104"
+    name = "invalid-quant-marker"
+    cause = "invalid-quant-marker"
+    summary = "quantization marker unreadable, unknown format, or metadata the loader will not match"
+    explanation = f"""\
+ComfyUI reads a layer's marker with `json.loads(tensor.numpy().tobytes())`, so `.comfy_quant` must be a uint8 tensor
+of UTF-8 JSON; its "format" selects an entry of QUANT_ALGOS ({", ".join(sorted(COMFY_QUANT_FORMATS))}). A missing or
+unknown format raises at load ("Unknown quantization format" / KeyError). The header's `_quantization_metadata` must
+be JSON {{"format_version": ..., "layers": {{name: conf}}}}; ComfyUI applies each name verbatim to the file's keys
+(with or without the `model.diffusion_model.` prefix), so a name that matches no layer is silently ignored and that
+layer loads unquantized. A per-layer tensor and a metadata entry that disagree make the result depend on load order.
+
+What you see: a load error, or a model that loads and produces noise for the layers the marker missed.
+
+Fix: `nvdiag fix` rewrites markers and metadata with the file's own key names; `nvdiag convert` writes them right."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        markers = model.file_markers
+        if markers.get("quantization_metadata_error"):
+            yield self.finding(
+                str(markers["quantization_metadata_error"]) + ": ComfyUI cannot read the quantization metadata",
+                None,
+                {"error": markers["quantization_metadata_error"]},
+            )
+        yield from self._unmatched(model)
+        for layer in model.layers.values():
+            if layer.marker_error:
+                yield self.finding(layer.marker_error, layer.name, {"marker_source": layer.marker_source})
+            elif layer.marker is not None:
+                fmt = layer.marker.get("format")
+                if fmt not in COMFY_QUANT_FORMATS:
+                    yield self.finding(
+                        f"marker format {fmt!r} is not one ComfyUI knows: the model fails to load",
+                        layer.name,
+                        {"found": fmt, "expected": sorted(COMFY_QUANT_FORMATS), "marker_source": layer.marker_source},
+                    )
+
+    def _unmatched(self, model: ModelView) -> Iterable[Finding]:
+        unmatched = list(model.file_markers.get("metadata_unmatched") or [])
+        if not unmatched:
+            return
+        names = set(model.layers)
+        suggestions = {n: s for n in unmatched if (s := _suggest_prefix(n, names)) is not None}
+        hint = ""
+        if suggestions:
+            example, fixed = next(iter(suggestions.items()))
+            hint = f" (a prefix mismatch: e.g. {example!r} should be {fixed!r})"
+        yield self.finding(
+            f"_quantization_metadata names {len(unmatched)} layer(s) the file does not contain; ComfyUI ignores "
+            f"those entries and loads the layers unquantized{hint}",
+            None,
+            {"unmatched": unmatched[:20], "count": len(unmatched),
+             "prefix_fixes": dict(list(suggestions.items())[:20])},
+        )

@@ -1,0 +1,184 @@
+"""NV204 / NV205: block scales stored row-major instead of in cuBLAS's swizzled 128x4 tile layout.
+
+NV205 reads only the header: a block-scale tensor shaped [out, in/16] without the 128x4 padding can only come from a
+row-major writer. NV204 is a statistical probe for the case where the padded shapes coincide: it decodes the same
+bytes both ways and asks which reading has the structure real weights give their block scales (scales vary
+strongly per output row and per input channel, so log2(scale) is close to row effect + column effect). The wrong
+reading scatters 4-column groups of 32-row-strided rows and destroys most of that structure.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from reference_specs.findings import Finding
+from reference_specs.formats.nvfp4 import BLOCK, block_scale_shape
+from reference_specs.layer import Layer
+from reference_specs.rules.base import NVFP4, ModelView, Rule, RuleContext
+from reference_specs.rules.scale_data import as_linear, as_swizzled, load_block_scales
+from reference_specs.rules.shapes import linear_scale_shapes, nvfp4_dims
+
+MAX_PROBE_LAYERS = 32  # evenly spaced over the file: enough evidence, megabytes read
+MAX_PROBE_ROWS = 1024  # 8 tile rows; a row band of tiles is contiguous in both layouts, so a prefix is a sample
+MIN_PROBE_VALUES = 64
+LAYER_MARGIN = 0.05  # a layer "favours" a layout when its structure score is this much higher
+VERDICT_MARGIN = 0.10  # median difference needed for a verdict
+VERDICT_SHARE = 2 / 3  # and this share of the informative layers must agree
+
+
+def structure_score(scales: torch.Tensor) -> float | None:
+    """Adjusted R^2 of log2(scale) explained by row means + column means (two-way additive model), over the finite
+    positive entries (zero blocks and padding excluded). ~0 for i.i.d. noise, near 1 for strong row/column structure.
+    None when too few values or no variance."""
+    valid = torch.isfinite(scales) & (scales > 0)
+    n = int(valid.sum())
+    if n < MIN_PROBE_VALUES:
+        return None
+    mask = valid.to(torch.float64)
+    y = torch.where(valid, torch.log2(torch.where(valid, scales, torch.ones_like(scales))), torch.zeros_like(scales))
+    y = y.to(torch.float64)
+    grand = float((y * mask).sum()) / n
+    row_n, col_n = mask.sum(1), mask.sum(0)
+    row_mean = torch.where(row_n > 0, (y * mask).sum(1) / row_n.clamp(min=1), torch.full_like(row_n, grand))
+    col_mean = torch.where(col_n > 0, (y * mask).sum(0) / col_n.clamp(min=1), torch.full_like(col_n, grand))
+    fitted = row_mean[:, None] + col_mean[None, :] - grand
+    ss_total = float((((y - grand) ** 2) * mask).sum())
+    ss_resid = float((((y - fitted) ** 2) * mask).sum())
+    dof = n - int((row_n > 0).sum()) - int((col_n > 0).sum()) + 1
+    if ss_total <= 1e-12 or dof <= 0:
+        return None
+    return 1.0 - (ss_resid / dof) / (ss_total / (n - 1))
+
+
+@dataclass
+class LayerScore:
+    layer: str
+    swizzled: float
+    linear: float
+
+    @property
+    def difference(self) -> float:
+        """Positive: the swizzled reading (what ComfyUI does) has more structure."""
+        return self.swizzled - self.linear
+
+
+def score_layer(layer: Layer, ctx: RuleContext) -> LayerScore | None:
+    """Both readings of one layer's block scales, or None when the layer cannot tell them apart."""
+    stored_shape = layer.shape("weight_scale")
+    dims = nvfp4_dims(layer, ctx)
+    if stored_shape is None or dims is None or stored_shape != block_scale_shape(*dims):
+        return None  # unpadded (NV205) or inconsistent (NV106) shapes: nothing to compare
+    if stored_shape[1] <= 4:
+        return None  # one tile column: the two readings differ by a row permutation only
+    stored = load_block_scales(layer)
+    if stored is None:
+        return None
+    band = min(stored.shape[0], MAX_PROBE_ROWS)
+    rows, cols = min(dims[0], band), -(-dims[1] // BLOCK)
+    swizzled = as_swizzled(stored[:band], rows, cols)
+    linear = as_linear(stored[:band], rows, cols)
+    if swizzled is None or linear is None:
+        return None
+    s, lin = structure_score(swizzled), structure_score(linear)
+    if s is None or lin is None:
+        return None
+    return LayerScore(layer.name, round(s, 4), round(lin, 4))
+
+
+def _sample(layers: list[Layer], limit: int) -> list[Layer]:
+    if len(layers) <= limit:
+        return layers
+    step = len(layers) / limit
+    return [layers[int(i * step)] for i in range(limit)]
+
+
+def probe(model: ModelView, ctx: RuleContext) -> dict[str, object]:
+    """Score a sample of the NVFP4 layers and aggregate: the evidence behind NV204's verdict."""
+    candidates = [layer for layer in ctx.layers_of(NVFP4) if layer.has("weight_scale")]
+    scores = [s for layer in _sample(candidates, MAX_PROBE_LAYERS) if (s := score_layer(layer, ctx)) is not None]
+    diffs = [s.difference for s in scores]
+    favour_linear = sum(d < -LAYER_MARGIN for d in diffs)
+    favour_swizzled = sum(d > LAYER_MARGIN for d in diffs)
+    median = statistics.median(diffs) if diffs else 0.0
+    verdict = "inconclusive"
+    if diffs and median < -VERDICT_MARGIN and favour_linear >= VERDICT_SHARE * len(diffs):
+        verdict = "linear"
+    elif diffs and median > VERDICT_MARGIN and favour_swizzled >= VERDICT_SHARE * len(diffs):
+        verdict = "swizzled"
+    return {
+        "verdict": verdict,
+        "layers_scored": len(scores),
+        "layers_favouring_swizzled": favour_swizzled,
+        "layers_favouring_linear": favour_linear,
+        "median_difference": round(median, 4),
+        "scores": [{"layer": s.layer, "swizzled": s.swizzled, "linear": s.linear} for s in scores[:8]],
+    }
+
+
+_EXPLANATION = """\
+comfy-kitchen and ComfyUI store NVFP4 block scales in the cuBLAS "swizzled" layout: the [out, in/16] scale matrix
+is padded to [roundup(out,128), roundup(in/16,4)] and written as 128x4 tiles, rows interleaved in groups of 32.
+ComfyUI decodes `.weight_scale` that way unconditionally (`from_blocked`); a file written row-major (as torchao,
+ModelOpt exports and many hand-written converters do) loads without any error, but every block of 16 weights gets
+another block's scale.
+
+What you see: the model loads and renders structured noise (blocky patterns, color confetti), while the same
+quantizer's own dequantization looks fine.
+
+Fix: `nvdiag fix` re-swizzles the block scales in place (no requantization needed); `nvdiag convert` writes the
+right layout."""
+
+
+class ScaleLayoutLinear(Rule):
+    id = "NV204"
+    name = "scale-layout-linear"
+    cause = "scale-layout-linear"
+    needs_values = True
+    summary = "block scales stored row-major instead of the swizzled 128x4 layout (statistical probe)"
+    explanation = _EXPLANATION + """
+
+How it is detected: each sampled layer's block scales are read both ways (as swizzled and as row-major) and scored
+by how much of the variance of log2(scale) row means + column means explain (adjusted R^2). Real weights give the
+right reading far more structure. The verdict needs a clear median difference agreed by most layers; random or
+featureless weights give no verdict and no finding. The evidence lists the scores."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        evidence = probe(model, ctx)
+        if evidence["verdict"] != "linear":
+            return
+        yield self.finding(
+            f"block scales read as row-major have far more structure than as swizzled "
+            f"({evidence['layers_favouring_linear']} of {evidence['layers_scored']} layers, median score difference "
+            f"{evidence['median_difference']}): the file uses the linear layout ComfyUI misreads",
+            None,
+            evidence,
+        )
+
+
+class ScaleLayoutUnpadded(Rule):
+    id = "NV205"
+    name = "scale-layout-unpadded"
+    cause = "scale-layout-linear"
+    summary = "block scales shaped [out, in/16] without 128x4 padding: only a row-major writer produces this"
+    explanation = _EXPLANATION + """
+
+How it is detected: from the header alone. The swizzled layout always pads the scale matrix to multiples of 128
+rows and 4 columns; a `.weight_scale` of exactly [out, in/16] that differs from the padded shape was written
+row-major. ComfyUI's unswizzle then either fails with a reshape error or reads the wrong scales."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        for layer in ctx.layers_of(NVFP4):
+            shape = layer.shape("weight_scale")
+            dims = nvfp4_dims(layer, ctx)
+            if shape is None or dims is None or shape not in linear_scale_shapes(layer, ctx):
+                continue
+            yield self.finding(
+                f"block scale {list(shape)} is the unpadded row-major shape; the swizzled layout needs "
+                f"{list(block_scale_shape(*dims))}",
+                layer.name,
+                {"expected": list(block_scale_shape(*dims)), "found": list(shape), "layout": "linear"},
+            )

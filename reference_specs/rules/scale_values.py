@@ -1,0 +1,201 @@
+"""NV201-NV203: scale values that decode to absurd weights, that are not finite or positive, or input scales that
+are not calibrated activation scales. Reads scalars and block scales only."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from reference_specs.findings import Finding, Severity
+from reference_specs.formats.nvfp4 import BLOCK, F4_E2M1_MAX, F8_E4M3_MAX
+from reference_specs.layer import Layer
+from reference_specs.rules.base import FP8_DTYPES, NVFP4, ModelView, Rule, RuleContext
+from reference_specs.rules.scale_data import as_linear, as_swizzled, load_block_scales
+from reference_specs.rules.shapes import linear_scale_shapes, nvfp4_dims
+
+NVFP4_RANGE = F4_E2M1_MAX * F8_E4M3_MAX  # 2688: the largest value an NVFP4 layer can decode to per unit of scale_2
+# A diffusion model's weights have amax of order 0.01..10 (a few reach ~100); a per-tensor scale above 1 means the
+# decoded amax exceeds 2688, which only a reciprocal (2688/amax) produces.
+MAX_WEIGHT_SCALE_2 = 1.0
+# Activation amax of diffusion transformers reaches 1e3..1e5 at most: input_scale = amax/2688 stays below ~40.
+MAX_INPUT_SCALE = 100.0
+MIN_INPUT_SCALE = 1e-5
+CONSTANT_INPUT_SCALE_LAYERS = 4
+COMPRESSED_TENSORS_ROLES = ("weight_global_scale", "input_global_scale")
+
+
+def _fp8_weight_scale(layer: Layer, ctx: RuleContext) -> float | None:
+    if layer.dtype("weight") in FP8_DTYPES:
+        return ctx.scalar(layer, "weight_scale")
+    return None
+
+
+class Scale2Reciprocal(Rule):
+    id = "NV201"
+    name = "scale2-reciprocal"
+    cause = "scale2-reciprocal"
+    needs_values = True
+    summary = "weight_scale_2 / input_scale stored as 2688/amax (the reciprocal) instead of amax/2688"
+    explanation = """\
+ComfyUI multiplies: decoded weight = e2m1(code) * weight_scale_2 * fp8(block scale), so `.weight_scale_2` must be the
+decode multiplier amax(|W|)/(448*6). Tools from the compressed-tensors / ModelOpt family store the *quantize*
+factor 448*6/amax (often named `weight_global_scale`); loaded as-is every weight comes out amax^2/2688^2 times too
+large or too small. The same holds for `.input_scale` (amax of activations / 2688) and an FP8 `.weight_scale`
+(amax/448). This rule flags per-tensor scales whose decoded amax (2688 * weight_scale_2) is absurd for a diffusion
+model (above 2688), and the compressed-tensors names ComfyUI ignores.
+
+What you see: the model loads and produces saturated noise, NaNs or black frames.
+
+Fix: `nvdiag fix` stores 1/x for these scales (and renames weight_global_scale); or re-export with `nvdiag convert`."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        for layer in model.layers.values():
+            for role in COMPRESSED_TENSORS_ROLES:
+                if layer.has(role):
+                    yield self.finding(
+                        f"{role} is the compressed-tensors reciprocal (2688/amax) under a name ComfyUI ignores; "
+                        f"ComfyUI needs weight_scale_2 = amax/2688",
+                        layer.name,
+                        {"role": role, "value": ctx.scalar(layer, role)},
+                    )
+            yield from self._values(layer, ctx)
+
+    def _values(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
+        checks: list[tuple[str, float | None, float, float]] = []
+        if layer.format == NVFP4:
+            checks.append(("weight_scale_2", ctx.scalar(layer, "weight_scale_2"), MAX_WEIGHT_SCALE_2, NVFP4_RANGE))
+            checks.append(("input_scale", ctx.scalar(layer, "input_scale"), MAX_INPUT_SCALE, NVFP4_RANGE))
+        fp8 = _fp8_weight_scale(layer, ctx)
+        if fp8 is not None:
+            checks.append(("weight_scale", fp8, MAX_WEIGHT_SCALE_2, F8_E4M3_MAX))
+        for role, value, limit, span in checks:
+            if value is None or not math.isfinite(value) or value <= limit:
+                continue
+            yield self.finding(
+                f"{role} = {value:.4g} decodes to amax {value * span:.4g}: looks like the reciprocal "
+                f"({span:g}/amax, amax would be {span / value:.4g})",
+                layer.name,
+                {"role": role, "value": value, "decoded_amax": value * span, "amax_if_reciprocal": span / value,
+                 "limit": limit},
+            )
+
+
+def _bad_counts(values: torch.Tensor) -> dict[str, int]:
+    return {
+        "nan": int(torch.isnan(values).sum()),
+        "inf": int(torch.isinf(values).sum()),
+        "negative": int((values < 0).sum()),
+    }
+
+
+class NonFiniteScale(Rule):
+    id = "NV202"
+    name = "non-finite-scale"
+    cause = "non-finite-scale"
+    needs_values = True
+    summary = "NaN, Inf, zero or negative scales"
+    explanation = """\
+Scales multiply every decoded weight. A NaN or Inf scale turns its 16-element block (block scale) or the whole layer
+(weight_scale_2) into NaN, which spreads through attention and gives black or NaN frames; a zero per-tensor scale
+zeroes the layer; negative scales flip signs. FP8 E4M3 has no Inf but encodes NaN as 0x7F/0xFF, which a writer
+produces when it casts an overflowing value without clamping to 448. Zero block scales are legitimate where a block
+of weights is all zero and in the padding of the 128x4 tiles, so only a layer whose real block scales are all zero
+is reported.
+
+Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps the per-tensor scale positive)."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        for layer in model.layers.values():
+            yield from self._scalars(layer, ctx)
+            if layer.format == NVFP4:
+                yield from self._blocks(layer, ctx)
+
+    def _scalars(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
+        roles = ["weight_scale_2", "input_scale"]
+        if layer.dtype("weight") in FP8_DTYPES:
+            roles.append("weight_scale")
+        for role in roles:
+            value = ctx.scalar(layer, role) if layer.has(role) else None
+            if value is None or (math.isfinite(value) and value > 0):
+                continue
+            yield self.finding(f"{role} = {value}: scales must be finite and positive", layer.name,
+                               {"role": role, "value": value})
+
+    def _blocks(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
+        stored = load_block_scales(layer)
+        dims = nvfp4_dims(layer, ctx)
+        if stored is None or dims is None:
+            return
+        counts = _bad_counts(stored)  # padding is zero, so NaN/Inf/negative anywhere is real
+        rows, cols = dims[0], -(-dims[1] // BLOCK)
+        linear = tuple(stored.shape) in linear_scale_shapes(layer, ctx)
+        region = as_linear(stored, rows, cols) if linear else as_swizzled(stored, rows, cols)
+        if region is None:
+            region = stored
+        counts["zero"] = int((region == 0).sum())
+        counts["total"] = region.numel()
+        all_zero = counts["zero"] == counts["total"]
+        if counts["nan"] or counts["inf"] or counts["negative"] or all_zero:
+            what = ", ".join(f"{counts[k]} {k}" for k in ("nan", "inf", "negative") if counts[k])
+            what = what or "all block scales zero"
+            yield self.finding(f"block scales: {what} (of {counts['total']})", layer.name,
+                               {"role": "weight_scale", **counts})
+
+
+class InputScaleImplausible(Rule):
+    id = "NV203"
+    name = "input-scale-implausible"
+    cause = "input-scale-implausible"
+    severity = Severity.WARNING
+    needs_values = True
+    summary = "static input_scale that is not a calibrated activation scale"
+    explanation = """\
+On Blackwell GPUs ComfyUI quantizes each layer's input activations to NVFP4 before the matmul. With
+`<layer>.input_scale` in the file it uses that value as the static per-tensor activation scale (amax of the
+activations / 2688); without it, it computes the scale dynamically on every call. Absent input_scale is therefore
+the safe default. A static scale only helps when it was calibrated on real activations: one copied from the
+weights (equal to weight_scale_2), the same constant for every layer, or a value outside any plausible activation
+range clips the activations (block scales saturate at 448) and the output degrades, while non-Blackwell GPUs
+(which dequantize) show no problem: "works on my 4090, noise on my 5090".
+
+Fix: `nvdiag fix` drops the input_scale tensors (dynamic scaling), or supply calibrated scales to `nvdiag convert`."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        values: dict[str, float] = {}
+        for layer in ctx.layers_of(NVFP4):
+            value = ctx.scalar(layer, "input_scale") if layer.has("input_scale") else None
+            if value is None or not math.isfinite(value) or value <= 0:
+                continue  # absent is right; non-finite is NV202's
+            values[layer.name] = value
+            yield from self._layer(layer, value, ctx)
+        yield from self._constant(values)
+
+    def _layer(self, layer: Layer, value: float, ctx: RuleContext) -> Iterator[Finding]:
+        scale_2 = ctx.scalar(layer, "weight_scale_2")
+        if scale_2 is not None and math.isclose(value, scale_2, rel_tol=1e-6):
+            yield self.finding(
+                f"input_scale = weight_scale_2 = {value:.4g}: derived from the weights, not from activations",
+                layer.name,
+                {"input_scale": value, "weight_scale_2": scale_2, "reason": "equals-weight-scale"},
+            )
+        elif value < MIN_INPUT_SCALE:
+            yield self.finding(
+                f"input_scale = {value:.4g} implies activation amax {value * NVFP4_RANGE:.3g}: implausibly small",
+                layer.name,
+                {"input_scale": value, "plausible": [MIN_INPUT_SCALE, MAX_INPUT_SCALE], "reason": "out-of-range"},
+            )
+
+    def _constant(self, values: dict[str, float]) -> Iterator[Finding]:
+        if len(values) < CONSTANT_INPUT_SCALE_LAYERS:
+            return
+        value, count = Counter(values.values()).most_common(1)[0]
+        if count >= CONSTANT_INPUT_SCALE_LAYERS and count >= 0.9 * len(values):
+            yield self.finding(
+                f"{count} of {len(values)} layers share input_scale = {value:.4g}: a constant, not a calibration",
+                None,
+                {"input_scale": value, "layers_with_value": count, "layers_with_input_scale": len(values),
+                 "reason": "constant"},
+            )
