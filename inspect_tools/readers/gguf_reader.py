@@ -121,8 +121,8 @@ class GGUFFileReader(CheckpointReader):
         except InputError:
             raise
         except Exception as exc:  # gguf-py raises ValueError, KeyError, IndexError... on malformed files
-            raise _fail(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else 'malformed'}"
-                        ) from None
+            detail = str(exc).splitlines()[0][:160] if str(exc) else "no detail"
+            raise _fail(path, f"truncated or corrupt ({type(exc).__name__} from gguf-py: {detail})") from None
         super().__init__(path=path, kind="gguf", metadata=metadata, tensors=tensors)
 
     def _raw(self, name: str) -> np.ndarray:
