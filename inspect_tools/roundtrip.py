@@ -1,0 +1,422 @@
+"""Measure what dequantization really gives, layer by layer, against a reference checkpoint of the same model.
+
+For every quantized layer of PATH paired with a layer of REF (inspect_tools.align): decode both to float32 (PATH
+through its format's reference decoder, REF as plain float, GGUF through its reader, or its own format's
+decoder), measure relative Frobenius error, max abs error, cosine similarity and SNR, and compare with the
+error the format is expected to give.
+
+Expected error (documented decision): the baseline is measured, not assumed: REF's layer is re-encoded with
+PATH's format and decoded again (e_fmt). When REF is itself lossy (GGUF Q4_0, FP8, NVFP4...) the decoded REF
+differs from the unknown original by its own error e_ref, which is independent of PATH's error, so
+expected = sqrt(e_fmt^2 + e_ref^2), with e_ref taken from REF format's `typical_rel_error` (a loose upper
+bound; re-encoding REF with its own format measures nothing, its values already sit on that format's grid).
+A layer beyond attribution.limit(expected) is a finding whose cause attribution.attribute names.
+
+One layer at a time: its tensors are loaded, decoded, measured and dropped before the next.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inspect_tools.align import Alignment, LayerPair, align_layers
+from inspect_tools.attribution import Attribution, attribute, far_above, limit, relative_error
+from inspect_tools.errors import InputError, UsageError
+from inspect_tools.layers import CheckpointModel, open_model
+from reference_specs import formats
+from reference_specs.findings import Finding, Severity
+from reference_specs.formats.base import Format
+from reference_specs.layer import Layer
+
+RULE_DECODES_WRONGLY = "RT101"
+RULE_TRANSPOSED_SHAPE = "RT102"
+RULE_SHAPE_MISMATCH = "RT103"
+# e_ref when REF's format is lossy but unknown to the registry (about Q4_0's error on Gaussian weights)
+DEFAULT_LOSSY_REF_ERROR = 0.1
+# Heatmap crop of |decoded - reference|: the top-left corner at full resolution, where block (16 columns) and
+# swizzle-tile (128 rows x 4 blocks) patterns stay visible; a downsampled whole layer would blur them away.
+HEATMAP_ROWS = 128
+HEATMAP_COLS = 256
+# Roles a decoder never needs; not read from disk.
+UNUSED_ROLES = ("bias", "comfy_quant")
+
+CAUSE_VERDICT: dict[str, tuple[str, str]] = {
+    "scale-layout-linear": ("block scales are stored in linear layout", "re-export with swizzled scales (nvdiag fix)"),
+    "nibble-order": ("FP4 codes are packed low-nibble-first", "re-export with the even element in the high nibble "
+                     "(nvdiag fix)"),
+    "scale2-reciprocal": ("weight_scale_2 holds 2688/amax instead of amax/2688", "store the reciprocal (nvdiag fix)"),
+    "transposed-weight": ("weights are stored transposed [in, out]", "re-quantize from [out, in] (nvdiag convert)"),
+    "stale-scale": ("the scales do not belong to the packed data", "re-quantize these layers from the source "
+                    "(nvdiag convert)"),
+    "excess-error": ("the error is far above what the format gives, cause not attributable",
+                     "re-quantize from the source (nvdiag convert)"),
+}
+
+
+@dataclass(frozen=True)
+class Metrics:
+    rel_error: float
+    max_abs: float
+    cosine: float
+    snr_db: float
+
+    def to_json(self) -> dict[str, float | None]:
+        return {k: _json_float(v) for k, v in self.__dict__.items()}
+
+
+def measure(decoded: torch.Tensor, reference: torch.Tensor) -> Metrics:
+    """Error metrics of `decoded` against `reference` (same shape), accumulated in float64."""
+    diff = decoded.to(torch.float32) - reference.to(torch.float32)
+    ref_norm = torch.linalg.vector_norm(reference, dtype=torch.float64).item()
+    dec_norm = torch.linalg.vector_norm(decoded, dtype=torch.float64).item()
+    err_norm = torch.linalg.vector_norm(diff, dtype=torch.float64).item()
+    dot = torch.sum(decoded.double() * reference.double()).item()
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    cosine = dot / (dec_norm * ref_norm) if dec_norm > 0 and ref_norm > 0 else (1.0 if dec_norm == ref_norm else 0.0)
+    snr = math.inf if err_norm == 0 else (20 * math.log10(ref_norm / err_norm) if ref_norm > 0 else -math.inf)
+    return Metrics(relative_error(decoded, reference), max_abs, cosine, snr)
+
+
+def _json_float(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, digits)
+
+
+@dataclass
+class LayerResult:
+    """What roundtrip measured for one pair. status: ok | far-above | skipped."""
+
+    name: str
+    ref_name: str
+    key: str
+    format: str
+    ref_format: str
+    shape: tuple[int, ...] | None
+    status: str = "ok"
+    metrics: Metrics | None = None
+    baseline: float | None = None
+    ref_error: float = 0.0
+    expected: float | None = None
+    attribution: Attribution | None = None
+    note: str | None = None
+
+    @property
+    def error(self) -> float:
+        """Sort key: the stored relative error, inf when it could not be decoded."""
+        if self.metrics is None:
+            return math.inf if self.status == "far-above" else -1.0
+        return self.metrics.rel_error if math.isfinite(self.metrics.rel_error) else math.inf
+
+    @property
+    def ratio(self) -> float | None:
+        if self.metrics is None or not self.expected:
+            return None
+        return self.metrics.rel_error / self.expected
+
+    @property
+    def cause(self) -> str | None:
+        return self.attribution.cause if self.attribution else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "layer": self.name,
+            "ref_layer": self.ref_name,
+            "key": self.key,
+            "format": self.format,
+            "ref_format": self.ref_format,
+            "shape": list(self.shape) if self.shape else None,
+            "status": self.status,
+            **(self.metrics.to_json() if self.metrics else {"rel_error": None, "max_abs": None, "cosine": None,
+                                                            "snr_db": None}),
+            "baseline": _json_float(self.baseline),
+            "ref_error": _json_float(self.ref_error),
+            "expected": _json_float(self.expected),
+            "ratio": _json_float(self.ratio, 3),
+            "cause": self.cause,
+            "hypotheses": self.attribution.evidence()["hypotheses"] if self.attribution else None,
+            "note": self.note,
+        }
+
+
+@dataclass
+class Heatmap:
+    layer: str
+    cause: str | None
+    values: torch.Tensor  # |decoded - reference|, top-left crop, float32 on CPU
+
+
+@dataclass
+class RoundtripResult:
+    path: Path
+    ref_path: Path
+    alignment: Alignment
+    layers: list[LayerResult] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    heatmaps: list[Heatmap] = field(default_factory=list)
+    quantized_pairs: int = 0  # before --layers / --sample
+
+    @property
+    def checked(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.status != "skipped"]
+
+    @property
+    def wrong(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.status == "far-above"]
+
+    def verdict(self) -> str:
+        checked, wrong = len(self.checked), self.wrong
+        if not checked:
+            return "no quantized layer of PATH could be paired with and compared to REF"
+        if not wrong:
+            return f"all {checked} checked layers decode within their format's expected error"
+        by_cause: dict[str, int] = {}
+        for r in wrong:
+            by_cause[r.cause or "excess-error"] = by_cause.get(r.cause or "excess-error", 0) + 1
+        ordered = sorted(by_cause.items(), key=lambda kv: -kv[1])
+        head = f"{len(wrong)} of {checked} layers decode wrongly: "
+        if len(ordered) == 1:
+            what, remedy = CAUSE_VERDICT[ordered[0][0]]
+            return head + f"{what}; {remedy}"
+        return head + "; ".join(f"{n}: {CAUSE_VERDICT[c][0]} ({CAUSE_VERDICT[c][1]})" for c, n in ordered)
+
+    def summary(self) -> dict[str, Any]:
+        worst = max(self.checked, key=lambda r: r.error, default=None)
+        return {
+            "checked": len(self.checked),
+            "decode_wrongly": len(self.wrong),
+            "skipped": sum(r.status == "skipped" for r in self.layers),
+            "quantized_pairs": self.quantized_pairs,
+            "only_mine": len(self.alignment.only_mine),
+            "only_ref": len(self.alignment.only_ref),
+            "worst_layer": worst.name if worst else None,
+            "worst_rel_error": _json_float(worst.metrics.rel_error) if worst and worst.metrics else None,
+            "verdict": self.verdict(),
+        }
+
+
+# --- decoding ------------------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> torch.device:
+    """'cpu' or 'cuda' (or 'cuda:N'); UsageError when CUDA is asked for but torch has none."""
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch reports no CUDA device here (use --device cpu)")
+        return torch.device(device)
+    if device != "cpu":
+        raise UsageError(f"--device {device!r}: use cpu or cuda")
+    return torch.device("cpu")
+
+
+def decoder(layer: Layer) -> Format | None:
+    """The registered format instance that decodes `layer`, or None for plain floats / unknown formats."""
+    if not layer.is_quantized:
+        return None
+    try:
+        return formats.get(layer.format)()
+    except KeyError:
+        return None
+
+
+def load_roles(layer: Layer, device: torch.device) -> dict[str, torch.Tensor]:
+    return {role: layer.load(role).to(device) for role in layer.tensors if role not in UNUSED_ROLES}
+
+
+def load_reference(layer: Layer, model: CheckpointModel, device: torch.device) -> torch.Tensor:
+    """REF's weight as float32 in its logical shape: GGUF and plain floats through the reader, other quantized
+    formats through their own decoder."""
+    fmt = decoder(layer)
+    if model.kind == "gguf" or fmt is None:
+        return model.reader.load_float(layer.tensors["weight"].name).to(device=device, dtype=torch.float32)
+    shape = type(fmt).logical_shape(layer)
+    return fmt.dequantize(load_roles(layer, device), shape).to(torch.float32)
+
+
+def fits(bound: tuple[int, ...] | None, shape: tuple[int, ...]) -> bool:
+    """A stored logical shape `bound` can hold `shape` with at most 15 padding rows/columns (NVFP4 pads to 16)."""
+    if bound is None or len(bound) != len(shape):
+        return False
+    return all(0 <= b - s < 16 for b, s in zip(bound, shape, strict=True))
+
+
+def reference_error(layer: Layer) -> float:
+    """e_ref: the error REF's own layer carries (0 for F32, a cast's rounding for F16/BF16)."""
+    try:
+        fmt = formats.get(layer.format)
+    except KeyError:
+        return DEFAULT_LOSSY_REF_ERROR if layer.is_quantized else 0.0
+    if fmt.quantized and not fmt.typical_rel_error:
+        return DEFAULT_LOSSY_REF_ERROR
+    return fmt.typical_rel_error
+
+
+def format_baseline(fmt: Format, reference: torch.Tensor) -> float:
+    """e_fmt: the error of re-encoding REF's layer with PATH's format (typical error if it cannot encode)."""
+    try:
+        encoded = fmt.quantize(reference)
+        return relative_error(fmt.dequantize(encoded, tuple(reference.shape)), reference)
+    except NotImplementedError:
+        return type(fmt).typical_rel_error
+
+
+# --- per layer ----------------------------------------------------------------------------------------------
+
+
+def check_pair(
+    pair: LayerPair, ref_model: CheckpointModel, device: torch.device, heatmap: bool = False
+) -> tuple[LayerResult, Heatmap | None]:
+    mine, ref = pair.mine, pair.ref
+    result = LayerResult(
+        name=mine.name, ref_name=ref.name, key=pair.key, format=mine.format, ref_format=ref.format, shape=None
+    )
+    fmt = decoder(mine)
+    if fmt is None:
+        result.status, result.note = "skipped", f"no decoder for format {mine.format!r}"
+        return result, None
+    if not ref.has("weight"):
+        result.status, result.note = "skipped", "reference layer has no weight"
+        return result, None
+    reference = load_reference(ref, ref_model, device)
+    shape = tuple(reference.shape)
+    result.shape = shape
+    stored_shape = type(fmt).logical_shape(mine)
+    if len(shape) != 2 or not fits(stored_shape, shape):
+        result.status = "far-above" if fits(stored_shape, shape[::-1]) else "skipped"
+        result.note = f"stored shape {list(stored_shape or ())} does not hold the reference shape {list(shape)}"
+        if result.status == "far-above":
+            result.attribution = Attribution(cause="transposed-weight")
+        return result, None
+    tensors = load_roles(mine, device)
+    result.baseline = format_baseline(fmt, reference)
+    result.ref_error = reference_error(ref)
+    result.expected = math.sqrt(result.baseline**2 + result.ref_error**2)
+    try:
+        decoded: torch.Tensor | None = fmt.dequantize(tensors, shape).to(torch.float32)
+        result.metrics = measure(decoded, reference)
+    except (RuntimeError, ValueError, IndexError, KeyError) as exc:
+        decoded, result.note = None, f"stored bytes do not decode: {exc}"
+    error = result.metrics.rel_error if result.metrics else None
+    if far_above(error, result.expected):
+        result.status = "far-above"
+        result.attribution = attribute(fmt, tensors, reference, result.expected, decoded)
+    crop = None
+    if heatmap and decoded is not None:
+        values = (decoded - reference).abs()[:HEATMAP_ROWS, :HEATMAP_COLS].float().cpu()
+        crop = Heatmap(layer=mine.name, cause=result.cause, values=values)
+    return result, crop
+
+
+def finding_for(result: LayerResult, path: Path) -> Finding | None:
+    if result.status == "far-above" and result.metrics is None and result.cause == "transposed-weight":
+        return Finding(
+            rule=RULE_TRANSPOSED_SHAPE, cause="transposed-weight", severity=Severity.ERROR, file=str(path),
+            layer=result.name, message=result.note or "weight stored [in, out]",
+            evidence={"ref_layer": result.ref_name, "ref_shape": list(result.shape or ())},
+        )
+    if result.status == "far-above":
+        assert result.attribution is not None and result.expected is not None
+        stored = result.metrics.rel_error if result.metrics else None
+        what = CAUSE_VERDICT[result.cause or "excess-error"][0]
+        shown = f"{stored:.3g}" if stored is not None and math.isfinite(stored) else "undecodable"
+        return Finding(
+            rule=RULE_DECODES_WRONGLY, cause=result.attribution.cause, severity=Severity.ERROR, file=str(path),
+            layer=result.name,
+            message=f"relative error {shown} vs expected {result.expected:.3g} (limit {limit(result.expected):.3g}): "
+            f"{what}",
+            evidence={
+                "ref_layer": result.ref_name,
+                "stored": _json_float(stored),
+                "expected": _json_float(result.expected),
+                "baseline": _json_float(result.baseline),
+                **result.attribution.evidence(),
+            },
+        )
+    if result.status == "skipped" and result.note and "does not hold" in result.note:
+        return Finding(
+            rule=RULE_SHAPE_MISMATCH, cause="wrong-shape", severity=Severity.WARNING, file=str(path),
+            layer=result.name, message=result.note, evidence={"ref_layer": result.ref_name},
+        )
+    return None
+
+
+# --- the whole run ------------------------------------------------------------------------------------------
+
+
+def select_pairs(pairs: list[LayerPair], layers: str | None = None, sample: int | None = None) -> list[LayerPair]:
+    """Quantized pairs matching the glob (on the file name or the matched name), then `sample` of them spread
+    evenly over the model (first and last included)."""
+    chosen = [p for p in pairs if p.mine.is_quantized and p.mine.has("weight")]
+    if layers:
+        chosen = [p for p in chosen if any(fnmatch.fnmatchcase(n, layers) for n in (p.mine.name, p.key))]
+    if sample is not None:
+        if sample < 1:
+            raise UsageError("--sample must be at least 1")
+        if sample < len(chosen):
+            step = (len(chosen) - 1) / max(sample - 1, 1)
+            chosen = [chosen[round(i * step)] for i in range(sample)]
+    return chosen
+
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def roundtrip(
+    mine: CheckpointModel,
+    ref: CheckpointModel,
+    *,
+    layers: str | None = None,
+    sample: int | None = None,
+    device: str = "cpu",
+    heatmaps: int = 0,
+    progress: ProgressFn | None = None,
+) -> RoundtripResult:
+    """Compare every selected quantized layer of `mine` with its partner in `ref`.
+
+    heatmaps: how many of the worst layers keep a |decoded - reference| crop (for the HTML report).
+    progress: called as progress(done, total, layer_name) after each layer.
+    """
+    dev = resolve_device(device)
+    alignment = align_layers(mine, ref)
+    pairs = select_pairs(alignment.pairs, layers, sample)
+    result = RoundtripResult(
+        path=mine.path, ref_path=ref.path, alignment=alignment,
+        quantized_pairs=sum(p.mine.is_quantized and p.mine.has("weight") for p in alignment.pairs),
+    )
+    kept: list[tuple[float, Heatmap]] = []
+    for i, pair in enumerate(pairs):
+        layer_result, crop = _check_one(pair, ref, dev, heatmap=heatmaps > 0)
+        result.layers.append(layer_result)
+        if crop is not None:
+            kept = sorted([*kept, (layer_result.ratio or 0.0, crop)], key=lambda x: -x[0])[:heatmaps]
+        finding = finding_for(layer_result, mine.path)
+        if finding is not None:
+            result.findings.append(finding)
+        if progress is not None:
+            progress(i + 1, len(pairs), pair.mine.name)
+    result.heatmaps = [h for _, h in kept]
+    result.layers.sort(key=lambda r: -r.error)
+    return result
+
+
+def _check_one(
+    pair: LayerPair, ref: CheckpointModel, device: torch.device, heatmap: bool
+) -> tuple[LayerResult, Heatmap | None]:
+    try:
+        return check_pair(pair, ref, device, heatmap)
+    except InputError:
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:  # truncated data, dtype views that do not fit...
+        raise InputError(f"layer {pair.mine.name} (vs {pair.ref.name}) cannot be read: {exc}") from None
+
+
+def run_roundtrip(path: str | Path, against: str | Path, **options: Any) -> RoundtripResult:
+    """Open both checkpoints (header only) and run `roundtrip`; closes them afterwards."""
+    with open_model(path) as mine, open_model(against) as ref:
+        return roundtrip(mine, ref, **options)
+
