@@ -61,8 +61,6 @@ FLOAT32_DTYPES = ("F32", "F64")
 FLOAT16_DTYPES = ("F16", "BF16")
 # comfy-kitchen / ComfyUI view the block scale bytes as float8_e4m3fn: any 1-byte dtype is read correctly.
 BLOCK_SCALE_OK_DTYPES = ("F8_E4M3", "U8")
-# Beyond this the dequantized values disagree more than two lossy formats can explain (relative Frobenius error).
-VALUES_MARGIN = 0.05
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -704,86 +702,30 @@ def _check_roles(mine_roles: dict[str, dict[str, Any]], ref_roles: dict[str, dic
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def dequantize_layer(model: CheckpointModel, layer: Layer, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-    """float32 weight of a layer, through the formats registry; plain/GGUF weights via the reader's load_float."""
-    main = "weight" if layer.has("weight") else "value"
-    try:
-        fmt = formats.get(layer.format)()
-    except KeyError:
-        fmt = None
-    if fmt is not None and layer.is_quantized:
-        tensors = {role: layer.load(role) for role in layer.tensors if role != "comfy_quant"}
-        return fmt.dequantize(tensors, shape or logical_shape(layer) or ())
-    return model.reader.load_float(layer.tensors[main].name).to(torch.float32)
-
-
-def value_metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """rel Frobenius error of a vs b, max abs error, cosine similarity, SNR dB."""
-    a, b = a.to(torch.float32).flatten(), b.to(torch.float32).flatten()
-    diff = a - b
-    ref_norm = float(b.norm())
-    err = float(diff.norm())
-    rel = err / ref_norm if ref_norm else (0.0 if err == 0 else math.inf)
-    denom = float(a.norm()) * ref_norm
-    return {
-        "rel_error": rel,
-        "max_abs_error": float(diff.abs().max()) if diff.numel() else 0.0,
-        "cosine": float(a @ b) / denom if denom else 1.0,
-        "snr_db": 20 * math.log10(ref_norm / err) if err and ref_norm else math.inf,
-    }
-
-
-def _metrics(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Reuse roundtrip's per-layer metrics when that module provides them (one definition of the numbers)."""
-    try:
-        from inspect_tools import roundtrip  # noqa: PLC0415 - optional sibling module
-        metric_fn = getattr(roundtrip, "layer_metrics", None)
-    except ImportError:
-        metric_fn = None
-    if metric_fn is not None:
-        try:
-            result = metric_fn(a, b)
-            return dict(result) if isinstance(result, dict) else dict(vars(result))
-        except Exception:  # noqa: BLE001 - an incompatible signature falls back to our own metrics
-            pass
-    return value_metrics(a, b)
-
-
-def expected_error(layer: Layer) -> float:
-    try:
-        return formats.get(layer.format).typical_rel_error if layer.is_quantized else 0.0
-    except KeyError:
-        return 0.0
-
-
 def compare_values(
     pairs: list[LayerPair], mine: CheckpointModel, ref: CheckpointModel, out: FindingCollector
 ) -> list[dict[str, Any]]:
-    """Dequantize every matched quantized pair (one at a time) and measure how far MINE is from REF."""
+    """Dequantize every matched quantized layer of MINE and its REF partner (one pair at a time) with roundtrip's
+    machinery: the same metrics, expected error and cause attribution as `nvdiag roundtrip`."""
+    from inspect_tools import roundtrip  # noqa: PLC0415 - only --values needs the decoders
+    from inspect_tools.align import LayerPair as AlignedPair  # noqa: PLC0415
+
+    device = torch.device("cpu")
     rows = []
     for pair in pairs:
-        if not pair.matched or "quantized" not in (precision_class(pair.mine), precision_class(pair.ref)):  # type: ignore[arg-type]
+        if pair.mine is None or pair.ref is None or not pair.mine.is_quantized or not pair.mine.has("weight"):
             continue
-        assert pair.mine is not None and pair.ref is not None
         try:
-            b = dequantize_layer(ref, pair.ref)
-            a = dequantize_layer(mine, pair.mine, tuple(b.shape))
-        except Exception as exc:  # noqa: BLE001 - one undecodable layer must not stop the diff
-            rows.append({"layer": pair.key, "error": f"{type(exc).__name__}: {exc}"})
+            result, _ = roundtrip.check_pair(AlignedPair(mine=pair.mine, ref=pair.ref, key=pair.key), ref, device)
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # one undecodable layer must not stop the diff
+            rows.append({"layer": pair.mine.name, "key": pair.key, "status": "unreadable", "note": str(exc)})
             continue
-        if a.shape != b.shape:
-            rows.append({"layer": pair.key, "error": f"shapes differ {tuple(a.shape)} vs {tuple(b.shape)}"})
-            continue
-        m = _metrics(a, b)
-        allowed = math.hypot(expected_error(pair.mine), expected_error(pair.ref)) * 1.5 + VALUES_MARGIN
-        m.update({"layer": pair.key, "mine_format": pair.mine.format, "ref_format": pair.ref.format,
-                  "allowed": allowed})
-        rows.append(m)
-        if m["rel_error"] > allowed:
-            out.add("D170", "excess-error", Severity.WARNING,
-                    f"dequantized MINE differs from REF by more than {pair.mine.format} vs {pair.ref.format} "
-                    "explains (run `nvdiag roundtrip` for the cause)", pair.key, allowed=allowed)
-        del a, b
+        rows.append(result.to_json())
+        finding = roundtrip.finding_for(result, mine.path)
+        if finding is not None:
+            what = roundtrip.CAUSE_VERDICT.get(finding.cause, ("dequantized values differ",))[0]
+            out.add(finding.rule, finding.cause, finding.severity,
+                    f"dequantized MINE is far from REF: {what}", pair.key, **finding.evidence)
     return rows
 
 

@@ -13,7 +13,6 @@ from inspect_tools.diff import (
     role_counts,
     signatures,
     tensor_signature,
-    value_metrics,
 )
 from inspect_tools.readers.base import TensorInfo
 from reference_specs.findings import Severity
@@ -94,11 +93,3 @@ def test_collector_folds_the_same_difference_over_many_layers_into_one_finding()
     assert first.cause == "missing-block-scale" and first.evidence["layer_count"] == 3 and first.layer is None
     assert "(3 layers)" in first.message
     assert second.severity == Severity.INFO and second.layer == "blocks.0.ffn.2"
-
-
-def test_value_metrics_of_identical_and_opposite_tensors():
-    x = torch.randn(8, 8)
-    same = value_metrics(x, x)
-    assert same["rel_error"] == 0 and math.isclose(same["cosine"], 1.0, rel_tol=1e-6)
-    opposite = value_metrics(-x, x)
-    assert math.isclose(opposite["rel_error"], 2.0, rel_tol=1e-6) and opposite["cosine"] < -0.99

@@ -191,20 +191,22 @@ def _difference(mine: Layer | None, ref: Layer | None) -> str:
 
 
 def _values_table(report: DiffReport, out: Console) -> Table | None:
+    """roundtrip's per-layer rows (inspect_tools.roundtrip.LayerResult.to_json), worst first."""
     if not report.values:
         return None
     table = Table(title="dequantized values, MINE vs REF")
     table.add_column("layer", overflow="fold")
     table.add_column("formats", no_wrap=True)
     table.add_column("rel err", justify="right")
-    table.add_column("cosine", justify="right")
-    rows = sorted(report.values, key=lambda r: -r.get("rel_error", math.inf))
+    table.add_column("expected", justify="right")
+    table.add_column("verdict", overflow="fold")
+    rows = sorted(report.values, key=lambda r: -(r.get("rel_error") or 0.0))
     for row in _limited(rows, out, "value rows"):
-        if "error" in row:
-            table.add_row(row["layer"], "-", "[red]unreadable[/]", row["error"])
-            continue
-        table.add_row(row["layer"], f"{row['mine_format']}/{row['ref_format']}", _fmt(row["rel_error"]),
-                      f"{row['cosine']:.4f}")
+        verdict = row.get("cause") or row.get("status", "")
+        if row.get("note") and row.get("status") != "ok":
+            verdict = f"{verdict}: {row['note']}"
+        table.add_row(row.get("key") or row["layer"], f"{row.get('format', '?')}/{row.get('ref_format', '?')}",
+                      _fmt(row.get("rel_error")), _fmt(row.get("expected")), verdict)
     return table
 
 
