@@ -1,1 +1,130 @@
-"""`nvdiag convert` (not yet implemented)."""
+"""`nvdiag convert SRC OUT --preset NAME|PATH`: ComfyUI-native mixed NVFP4, verified before it is published."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from converter.pipeline import ConvertResult, convert
+from inspect_tools.cli import app
+from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
+from inspect_tools.errors import UsageError
+from reference_specs.findings import Finding, Severity
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _plan_rows(result: ConvertResult) -> list[dict]:
+    return [
+        {"layer": lp.name, "decision": lp.action, "format": lp.out_format,
+         "rule": lp.decision.rule.index if lp.decision and lp.decision.rule else None,
+         "reason": lp.decision.reason if lp.decision else "file marker", "bytes": lp.out_bytes,
+         "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in lp.tensors]}
+        for lp in result.plan.layers
+    ]
+
+
+def _findings(result: ConvertResult) -> list[Finding]:
+    findings = list(result.gate.findings) if result.gate else []
+    if result.non_finite:
+        names = ", ".join(f"{n} ({c})" for n, c in sorted(result.non_finite.items()))
+        findings.insert(0, Finding("CONVERT-NONFINITE", "excess-error", Severity.ERROR,
+                                   f"NaN/Inf values in source weights: {names}; nothing was written",
+                                   str(result.out), None, {"layers": dict(result.non_finite)}))
+    return findings
+
+
+def _summary(result: ConvertResult) -> dict:
+    plan = result.plan
+    worst = result.gate.worst if result.gate else None
+    return {
+        "architecture": plan.detection.to_json(),
+        "preset": {"name": plan.preset.name, "sha256": plan.preset.sha256, "source": plan.preset.source},
+        "layers_per_format": plan.counts(),
+        "source_bytes": plan.source_bytes,
+        "output_bytes": plan.output_bytes,
+        "worst_layer": {"layer": worst[0], "rel_error": worst[1]} if worst else None,
+        "written": result.written,
+        "dry_run": result.dry_run,
+        "out": str(result.out),
+        "seconds": round(result.seconds, 3),
+        "warnings": plan.warnings,
+    }
+
+
+def _print_text(result: ConvertResult) -> None:
+    out = console()
+    plan = result.plan
+    for w in plan.warnings:
+        console(stderr=True).print(f"[yellow]warning:[/] {w}")
+    if result.dry_run:
+        table = Table(title=f"plan: {plan.preset.name} on {plan.detection.variant}")
+        for col in ("layer", "decision", "rule", "output", "size"):
+            table.add_column(col, overflow="fold")
+        for lp in plan.layers:
+            rule = lp.decision.rule.index if lp.decision and lp.decision.rule else "default"
+            dtypes = " ".join(sorted({t.dtype for t in lp.tensors}))
+            table.add_row(lp.name, lp.out_format, str(rule), dtypes, _size(lp.out_bytes))
+        out.print(table)
+    findings = _findings(result)
+    if findings:
+        print_findings_text(findings, title="gate" if result.gate else None, out=out)
+    counts = ", ".join(f"{k} {n}" for k, n in plan.counts().items())
+    out.print(f"layers: {counts}")
+    out.print(f"size: {_size(plan.source_bytes)} -> {_size(plan.output_bytes)}")
+    if result.gate and result.gate.worst:
+        name, err = result.gate.worst
+        out.print(f"worst sampled layer: {name} relative error {err:.4f}")
+    if result.dry_run:
+        out.print("dry run: nothing written")
+    elif result.written:
+        out.print(f"[green]wrote {result.out}[/] in {result.seconds:.1f} s")
+    else:
+        out.print(f"[red]refused: {result.out} was not written[/]")
+
+
+@app.command("convert")
+def convert_cmd(
+    src: Path = typer.Argument(..., help="FP32/FP16/BF16 source: .safetensors, index.json, or a sharded folder"),
+    out: Path = typer.Argument(..., help="output .safetensors (ComfyUI-native NVFP4 mixed)"),
+    preset: str = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a .toml"),
+    dtype_16: str | None = typer.Option(None, "--dtype-16", help="bf16 or fp16 for kept 16-bit layers"),
+    input_scales: Path | None = typer.Option(None, "--input-scales",
+                                             help="calibrated input scales: JSON {layer: value} or a checkpoint"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the per-layer plan and output size, write nothing"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (encode on the GPU, same bytes)"),
+    fmt: str = typer.Option("text", "--format", help="text or json"),
+    sample: int = typer.Option(8, "--gate-sample", help="quantized layers the gate roundtrips against the source"),
+) -> None:
+    """Convert a float checkpoint into a ComfyUI-native NVFP4 mixed file; lint + roundtrip it before publishing.
+
+    Examples:
+      nvdiag convert wan_ti2v/ wan_ti2v_nvfp4.safetensors --preset wan2.2-ti2v-5b
+      nvdiag convert model.safetensors out.safetensors --preset smart --dry-run
+      nvdiag preset from-gguf model-Q4_0.gguf -o q4.toml && nvdiag convert src/ out.safetensors --preset q4.toml
+
+    Exit codes: 0 written, 1 refused (NaN/Inf in the source or the gate found an error; nothing published),
+    2 bad input or usage.
+    """
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format must be text or json, not {fmt!r}")
+    result = convert(src, out, preset, dtype_16=dtype_16, input_scales=input_scales, dry_run=dry_run, force=force,
+                     device=device, progress=sys.stderr.isatty() and fmt == "text", gate_sample=sample)
+    if fmt == "json":
+        extra = {"convert": _summary(result)}
+        if dry_run:
+            extra["plan"] = _plan_rows(result)
+        print_json(findings_document(_findings(result), layers=len(result.plan.layers), **extra))
+    else:
+        _print_text(result)
+    raise typer.Exit(1 if result.refused else 0)

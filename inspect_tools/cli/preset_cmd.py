@@ -1,1 +1,205 @@
-"""`nvdiag preset` (not yet implemented)."""
+"""`nvdiag preset list | show | explain | from-gguf`: the layer-selection presets `nvdiag convert` uses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from converter.from_gguf import preset_from_gguf, write_text_atomic
+from converter.plan import model_width
+from converter.preset import LayerView, Preset, builtin_names, dumps_preset, load_builtin, load_preset, view_of
+from inspect_tools.cli import app
+from inspect_tools.cli.output import console, print_json
+from inspect_tools.errors import OutputError, UsageError
+from inspect_tools.layers import open_model
+from reference_specs import models
+
+preset_app = typer.Typer(
+    help="Layer-selection presets for `nvdiag convert`: list, show, explain, or derive one from a GGUF file.",
+    no_args_is_help=True,
+)
+app.add_typer(preset_app, name="preset")
+
+FormatOpt = typer.Option("text", "--format", help="text or json")
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise UsageError(f"--format must be text or json, not {fmt!r}")
+
+
+def _rule_rows(preset: Preset) -> list[dict]:
+    return [
+        {"index": r.index, "pattern": r.pattern, "conditions": dict(r.conditions), "format": r.format,
+         "reason": r.reason}
+        for r in preset.rules
+    ]
+
+
+def _preset_doc(preset: Preset) -> dict:
+    return {"name": preset.name, "description": preset.description, "default": preset.default,
+            "architectures": list(preset.architectures), "source": preset.source, "sha256": preset.sha256,
+            "rules": _rule_rows(preset)}
+
+
+@preset_app.command("list")
+def list_cmd(fmt: str = FormatOpt) -> None:
+    """List the built-in presets.
+
+    Example: nvdiag preset list
+    """
+    _check_format(fmt)
+    presets = [load_builtin(n) for n in builtin_names()]
+    if fmt == "json":
+        print_json({"version": 1, "presets": [_preset_doc(p) for p in presets]})
+        return
+    table = Table(title="built-in presets")
+    for col in ("name", "rules", "for", "description"):
+        table.add_column(col, overflow="fold")
+    for p in presets:
+        table.add_row(p.name, str(len(p.rules)), ", ".join(p.architectures) or "any", p.description)
+    console().print(table)
+
+
+def _file_decisions(preset: Preset, path: str):
+    """[(LayerView, Decision)] for every layer of the checkpoint at `path`, plus its detection."""
+    with open_model(path) as model:
+        profile = models.get_profile(model.detection.variant)
+        sensitive = profile.sensitive if profile is not None else None
+        width = model_width(model.detection)
+        views = sorted((view_of(layer, sensitive) for layer in model.layers.values()), key=lambda v: v.name)
+        return [(v, preset.decide(v, width)) for v in views], model.detection, preset.unmatched_rules(views)
+
+
+@preset_app.command("show")
+def show_cmd(
+    name: str = typer.Argument(..., help="built-in preset name or path to a .toml preset"),
+    on: Path | None = typer.Option(None, "--on", help="a checkpoint: show what the preset selects in it"),
+    fmt: str = FormatOpt,
+) -> None:
+    """Show a preset's rules, and with --on what it decides for every layer of a file.
+
+    Examples:
+      nvdiag preset show smart
+      nvdiag preset show wan2.2-ti2v-5b --on diffusion_pytorch_model.safetensors.index.json
+    """
+    _check_format(fmt)
+    preset = load_preset(name)
+    decisions, detection, unmatched = _file_decisions(preset, str(on)) if on is not None else ([], None, [])
+    counts: dict[str, int] = {}
+    for _, d in decisions:
+        counts[d.format] = counts.get(d.format, 0) + 1
+    warnings = [f"{r.describe()} matches no layer of {on}" for r in unmatched]
+    if fmt == "json":
+        doc = _preset_doc(preset)
+        if on is not None:
+            doc["on"] = {"path": str(on), "architecture": detection.to_json(), "counts": counts,
+                         "warnings": warnings,
+                         "layers": [{"name": v.name, "shape": list(v.shape), "format": d.format,
+                                     "rule": d.rule.index if d.rule else None, "reason": d.reason}
+                                    for v, d in decisions]}
+        print_json({"version": 1, "preset": doc})
+        return
+    out = console()
+    out.print(f"[bold]{preset.name}[/] ({preset.source or 'file'}, sha256 {preset.sha256[:12]}): {preset.description}")
+    table = Table(title="rules (first match wins)")
+    for col in ("#", "pattern", "conditions", "format", "reason"):
+        table.add_column(col, overflow="fold")
+    for r in preset.rules:
+        conds = " ".join(f"{k}={v}" for k, v in r.conditions.items())
+        table.add_row(str(r.index), r.pattern, conds, r.format, r.reason)
+    table.add_row("-", "default", "", preset.default, "no rule matched")
+    out.print(table)
+    if on is None:
+        return
+    out.print(f"on {on}: {detection.variant} ({detection.naming} names)")
+    layers = Table(title="decisions")
+    for col in ("layer", "shape", "format", "rule"):
+        layers.add_column(col, overflow="fold")
+    for v, d in decisions:
+        layers.add_row(v.name, "x".join(map(str, v.shape)), d.format, str(d.rule.index) if d.rule else "default")
+    out.print(layers)
+    out.print(", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
+    for w in warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+
+
+def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, int | None, str]:
+    if on is not None:
+        with open_model(on) as model:
+            profile = models.get_profile(model.detection.variant)
+            sensitive = profile.sensitive if profile is not None else None
+            for candidate in model.layers.values():
+                view = view_of(candidate, sensitive)
+                if layer in (view.name, candidate.name):
+                    return view, model_width(model.detection), f"shape from {on}"
+        raise UsageError(f"no layer {layer!r} in {on}")
+    for variant in preset.architectures:
+        profile = models.get_profile(variant)
+        if profile is None:
+            continue
+        shapes = profile.tensor_shapes(profile.full_dims)
+        for role in ("weight", "value"):
+            key = layer if role == "value" else f"{layer}.{role}"
+            if key in shapes:
+                return (LayerView(layer, tuple(shapes[key]), "F32", role == "weight", profile.sensitive(layer)),
+                        profile.full_dims.get("dim"), f"shape from the {variant} profile")
+    return LayerView(layer, (4096, 4096)), None, "shape unknown: assumed a 2-D 4096x4096 linear (pass --on FILE)"
+
+
+@preset_app.command("explain")
+def explain_cmd(
+    name: str = typer.Argument(..., help="built-in preset name or path to a .toml preset"),
+    layer: str = typer.Argument(..., help="layer base name, e.g. blocks.0.self_attn.q"),
+    on: Path | None = typer.Option(None, "--on", help="a checkpoint to take the layer's real shape from"),
+    fmt: str = FormatOpt,
+) -> None:
+    """Explain which rule of a preset decides a layer, and why the earlier rules did not.
+
+    Example: nvdiag preset explain smart blocks.0.ffn.2
+    """
+    _check_format(fmt)
+    preset = load_preset(name)
+    view, width, origin = _view_for(preset, layer, on)
+    trace = preset.explain(view, width)
+    decision = preset.decide(view, width)
+    if fmt == "json":
+        print_json({"version": 1, "preset": preset.name, "layer": view.name, "shape": list(view.shape),
+                    "shape_origin": origin, "format": decision.format,
+                    "rule": decision.rule.index if decision.rule else None, "reason": decision.reason,
+                    "trace": [{"rule": r.index, "pattern": r.pattern, "skipped_because": why} for r, why in trace]})
+        return
+    out = console()
+    out.print(f"{view.name} [{'x'.join(map(str, view.shape))}] ({origin})")
+    for rule, why in trace:
+        if why is None:
+            out.print(f"  [green]{rule.describe()}[/]: applies")
+        else:
+            out.print(f"  {rule.describe()}: skipped, {why}")
+    by = f"rule {decision.rule.index}" if decision.rule else "the default"
+    out.print(f"=> [bold]{decision.format}[/] by {by}: {decision.reason}")
+
+
+@preset_app.command("from-gguf")
+def from_gguf_cmd(
+    gguf: Path = typer.Argument(..., help="a GGUF file whose per-layer types to reuse"),
+    output: Path = typer.Option(..., "-o", "--output", help="preset TOML to write"),
+    higher: str = typer.Option("fp8", "--higher", help="for layers GGUF gave more than 4 bits: fp8 or keep"),
+    name: str | None = typer.Option(None, "--name", help="preset name (default: FILE stem + -gguf)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUTPUT"),
+) -> None:
+    """Write a preset that reproduces a GGUF file's layer selection (4-bit -> nvfp4, F32 -> f32, ...).
+
+    Example: nvdiag preset from-gguf wan2.2_ti2v_5B-Q4_0.gguf -o wan-q4.toml --higher fp8
+    """
+    if output.exists() and not force:
+        raise OutputError("exists; pass --force to overwrite it", str(output))
+    preset = preset_from_gguf(gguf, higher=higher, name=name)
+    write_text_atomic(output, dumps_preset(preset))
+    counts: dict[str, int] = {}
+    for r in preset.rules:
+        counts[r.format] = counts.get(r.format, 0) + 1
+    console().print(f"wrote {output}: {len(preset.rules)} rules ("
+                    + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ")")

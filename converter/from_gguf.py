@@ -1,0 +1,110 @@
+"""`nvdiag preset from-gguf`: reuse the layer selection of a GGUF file (city96/ComfyUI-GGUF style) as a preset.
+
+Mapping (issue 7): F32 -> f32; F16 / BF16 -> fp16 / bf16; 4-bit and fewer (Q4_0, Q4_1, Q4_K, Q3_K, Q2_K, IQ*) ->
+nvfp4; types that gave the layer more bits (Q5_x, Q6_K, Q8_x: e.g. the v-projections and FFN-down a Q5_K_M file
+raises to Q6_K, peers.md section C) -> `higher` (fp8 or keep). Names are ComfyUI-native; layers that differ only in
+their block number and got the same type share one rule.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from converter.preset import Preset, Rule, dumps_preset, loads_preset
+from inspect_tools.errors import InputError, OutputError, UsageError
+from inspect_tools.layers import open_model
+
+FLOAT_ACTIONS = {"F32": "f32", "F16": "fp16", "BF16": "bf16", "F64": "f32"}
+HIGHER_CHOICES = ("fp8", "keep")
+_BLOCK_INDEX = re.compile(r"\\\.\d+\\\.")
+
+
+def gguf_action(ggml_type: str, higher: str) -> str:
+    """GGML type name of a layer's weight -> preset format."""
+    t = ggml_type.upper()
+    if t in FLOAT_ACTIONS:
+        return FLOAT_ACTIONS[t]
+    if t.startswith("IQ") or t in ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "TQ1_0", "TQ2_0"):
+        return "nvfp4"
+    if t in ("Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0", "Q8_1", "Q8_K"):
+        return higher
+    raise InputError(f"unsupported GGML type {ggml_type}")
+
+
+def _group_pattern(name: str) -> str:
+    """'blocks.12.ffn.2' -> '^blocks\\.\\d+\\.ffn\\.2$' (the same layer in every block)."""
+    return "^" + _BLOCK_INDEX.sub(r"\\.\\d+\\.", re.escape(name)) + "$"
+
+
+def rules_from_decisions(decisions: list[tuple[str, str, str]]) -> list[Rule]:
+    """[(native name, format, ggml type)] in file order -> rules: one per block-generalized name when every
+    layer it covers agrees, else one exact rule per layer."""
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    for item in decisions:
+        groups.setdefault(_group_pattern(item[0]), []).append(item)
+    rules: list[Rule] = []
+    for pattern, items in groups.items():
+        formats_ = {fmt for _, fmt, _ in items}
+        types = sorted({t for _, _, t in items})
+        if len(formats_) == 1 and (len(items) > 1 or pattern != "^" + re.escape(items[0][0]) + "$"):
+            rules.append(Rule(format=items[0][1], regex=pattern, reason=f"GGUF {'/'.join(types)}"))
+        else:
+            for name, fmt, t in items:
+                rules.append(Rule(format=fmt, regex="^" + re.escape(name) + "$", reason=f"GGUF {t}"))
+    return [Rule(format=r.format, regex=r.regex, reason=r.reason, index=i) for i, r in enumerate(rules, 1)]
+
+
+def preset_from_gguf(path: str | Path, higher: str = "fp8", name: str | None = None) -> Preset:
+    if higher not in HIGHER_CHOICES:
+        raise UsageError(f"--higher must be fp8 or keep, not {higher!r}")
+    path = Path(path)
+    with open_model(path) as model:
+        if model.kind != "gguf":
+            raise InputError("not a GGUF file", str(path))
+        decisions = []
+        for layer in model.layers.values():
+            main = layer.tensors.get("weight") or layer.tensors.get("value") or next(iter(layer.tensors.values()))
+            try:
+                fmt = gguf_action(main.dtype, higher)
+            except InputError as exc:
+                raise InputError(f"{main.name}: {exc.message}", str(path)) from None
+            decisions.append((layer.native_name or layer.name, fmt, main.dtype))
+        variant = model.detection.variant
+    preset = Preset(
+        name=name or f"{path.stem}-gguf",
+        rules=rules_from_decisions(decisions),
+        default="keep",
+        description=f"layer selection of {path.name} (higher-bit layers -> {higher})",
+        architectures=(variant,) if variant != "unknown" else (),
+    )
+    text = dumps_preset(preset)
+    loaded = loads_preset(text.encode("utf-8"), str(path))  # what the file will load back as (sha included)
+    loaded.source = str(path)
+    return loaded
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Temp file beside `path`, fsync, rename: an interrupted write leaves the old file or none."""
+    try:
+        from inspect_tools.writer import atomic_write_text
+    except ImportError:
+        atomic_write_text = None
+    if atomic_write_text is not None:
+        atomic_write_text(Path(path), text)
+        return
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OutputError("folder does not exist", str(path.parent))
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,242 @@
+"""The conversion plan: every output tensor (name, dtype, shape) decided before a byte is written.
+
+The streaming writer needs the final header up front, so the plan is complete and exact: per source layer the
+preset's decision, the output format, and the ComfyUI-native names, dtypes and shapes of the tensors it produces
+(shared/DESIGN.md, "Output contract of nvdiag convert").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from converter.preset import Decision, Preset, view_of
+from inspect_tools.errors import InputError
+from reference_specs import models
+from reference_specs.formats.nvfp4 import block_scale_shape, packed_shape
+from reference_specs.layer import Layer
+
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
+SIXTEEN_BIT = ("F16", "BF16")
+ACTION_DTYPE = {"bf16": "BF16", "fp16": "F16", "f32": "F32"}
+DTYPE_16 = {"bf16": "BF16", "fp16": "F16"}
+# comfy_quant "format" of each quantizing action (comfyui-load-path.md: QUANT_ALGOS names)
+COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
+DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
+              "I64": 8, "U32": 4, "I16": 2, "U16": 2, "BOOL": 1, "U64": 8}
+QUANT_METADATA_KEY = "_quantization_metadata"
+PROVENANCE_KEY = "nvdiag"
+# File-level marker tensors carried over verbatim (the Qwen edit 2511 marker is how ComfyUI detects that variant).
+PASSTHROUGH_MARKERS = ("__index_timestep_zero__",)
+
+
+def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
+    n = DTYPE_SIZE[dtype]
+    for d in shape:
+        n *= d
+    return n
+
+
+def comfy_quant_bytes(action: str) -> bytes:
+    """The per-layer marker payload, spelled the way ComfyUI's own writer does (json.dumps of the conf)."""
+    return json.dumps({"format": COMFY_FORMAT[action]}).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str  # output key (ComfyUI-native)
+    role: str  # weight, bias, weight_scale, weight_scale_2, input_scale, comfy_quant, value, marker
+    dtype: str
+    shape: tuple[int, ...]
+    source: str | None = None  # source key this tensor is made from (None: generated)
+
+    @property
+    def nbytes(self) -> int:
+        return nbytes_of(self.dtype, self.shape)
+
+
+@dataclass
+class LayerPlan:
+    name: str  # ComfyUI-native base name
+    source: Layer | None
+    action: str  # nvfp4 | fp8 | keep | bf16 | fp16 | f32 | marker
+    decision: Decision | None
+    tensors: list[PlannedTensor] = field(default_factory=list)
+    input_scale: float | None = None
+
+    @property
+    def quantized(self) -> bool:
+        return self.action in COMFY_FORMAT
+
+    @property
+    def out_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.nbytes for t in self.source.tensors.values()) if self.source is not None else 0
+
+    @property
+    def out_format(self) -> str:
+        """nvfp4 / float8_e4m3fn for quantized layers, else the dtype of the main tensor (f32, bf16, f16)."""
+        if self.quantized:
+            return COMFY_FORMAT[self.action]
+        main = next((t for t in self.tensors if t.role in ("weight", "value", "marker")), self.tensors[0])
+        return main.dtype.lower()
+
+
+@dataclass
+class ConversionPlan:
+    layers: list[LayerPlan]
+    preset: Preset
+    detection: models.Detection
+    metadata: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def tensors(self) -> list[PlannedTensor]:
+        return [t for lp in self.layers for t in lp.tensors]
+
+    @property
+    def entries(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(name, dtype, shape) in write order: what the streaming writer's header is built from."""
+        return [(t.name, t.dtype, t.shape) for t in self.tensors]
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(lp.source_bytes for lp in self.layers)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for lp in self.layers:
+            out[lp.out_format] = out.get(lp.out_format, 0) + 1
+        return dict(sorted(out.items()))
+
+
+def _kept_dtype(src: str, action: str, dtype_16: str | None) -> str:
+    """Output dtype of a non-quantized tensor: floats follow the action, --dtype-16 rewrites any 16-bit result."""
+    if src not in FLOAT_DTYPES:
+        return src
+    dtype = src if action == "keep" else ACTION_DTYPE[action]
+    if dtype_16 is not None and dtype in SIXTEEN_BIT:
+        dtype = DTYPE_16[dtype_16]
+    return dtype
+
+
+def _role_key(native: str, role: str) -> str:
+    return native if role == "value" else f"{native}.{role}"
+
+
+def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | None,
+               input_scale: float | None) -> LayerPlan:
+    action = decision.format
+    lp = LayerPlan(name=native, source=layer, action=action, decision=decision)
+    if action in COMFY_FORMAT:
+        out_f, in_f = layer.tensors["weight"].shape
+        w = layer.tensors["weight"].name
+        if action == "nvfp4":
+            lp.tensors += [
+                PlannedTensor(f"{native}.weight", "weight", "U8", packed_shape(out_f, in_f), w),
+                PlannedTensor(f"{native}.weight_scale", "weight_scale", "F8_E4M3", block_scale_shape(out_f, in_f), w),
+                PlannedTensor(f"{native}.weight_scale_2", "weight_scale_2", "F32", (), w),
+            ]
+        else:
+            lp.tensors += [
+                PlannedTensor(f"{native}.weight", "weight", "F8_E4M3", (out_f, in_f), w),
+                PlannedTensor(f"{native}.weight_scale", "weight_scale", "F32", (), w),
+            ]
+        if input_scale is not None:
+            lp.input_scale = input_scale
+            lp.tensors.append(PlannedTensor(f"{native}.input_scale", "input_scale", "F32", ()))
+        for role, info in sorted(layer.tensors.items()):
+            if role != "weight":  # bias (and any other float companion) at its source dtype
+                key = _role_key(native, role)
+                lp.tensors.append(PlannedTensor(key, role, info.dtype, tuple(info.shape), info.name))
+        marker = comfy_quant_bytes(action)
+        lp.tensors.append(PlannedTensor(f"{native}.comfy_quant", "comfy_quant", "U8", (len(marker),)))
+        return lp
+    for role, info in sorted(layer.tensors.items()):
+        dtype = _kept_dtype(info.dtype, action, dtype_16)
+        lp.tensors.append(PlannedTensor(_role_key(native, role), role, dtype, tuple(info.shape), info.name))
+    return lp
+
+
+def check_source(model: Any) -> None:
+    """convert takes floating-point safetensors sources; anything else is refused with one clear message."""
+    if model.kind == "gguf":
+        raise InputError("convert reads FP32/FP16/BF16 safetensors sources, not GGUF (use `nvdiag preset from-gguf` "
+                         "to reuse a GGUF file's layer selection)", str(model.path))
+    bad = [
+        f"{t.name} ({t.dtype})"
+        for layer in model.layers.values() for role, t in layer.tensors.items()
+        if role not in ("weight", "bias", "value") or t.dtype not in FLOAT_DTYPES
+    ]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InputError(f"not a floating-point source: {shown}; convert takes FP32/FP16/BF16 checkpoints",
+                         str(model.path))
+
+
+def source_metadata(metadata: dict[str, Any]) -> dict[str, str]:
+    """Source header metadata kept in the output, minus what would be wrong there (quantization, shard sizes)."""
+    drop = {QUANT_METADATA_KEY, PROVENANCE_KEY, "total_size"}
+    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items() if k not in drop}
+
+
+def model_width(detection: models.Detection) -> int | None:
+    dims = detection.dims or {}
+    return dims.get("dim") or dims.get("hidden_size") or dims.get("inner_dim")
+
+
+def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
+               input_scales: dict[str, float] | None = None) -> ConversionPlan:
+    """CheckpointModel + preset -> the full output plan. Layers in name order, so output is deterministic."""
+    check_source(model)
+    detection = model.detection
+    profile = models.get_profile(detection.variant)
+    sensitive = profile.sensitive if profile is not None else None
+    width = model_width(detection)
+    input_scales = dict(input_scales or {})
+    plan = ConversionPlan(layers=[], preset=preset, detection=detection, metadata=source_metadata(model.metadata))
+    seen: dict[str, str] = {}
+    views = []
+    for layer in model.layers.values():
+        view = view_of(layer, sensitive)
+        if view.name in seen:
+            raise InputError(f"{layer.name} and {seen[view.name]} both map to the ComfyUI name {view.name}",
+                             str(model.path))
+        seen[view.name] = layer.name
+        views.append((view, layer))
+    for view, layer in sorted(views, key=lambda vl: vl[0].name):
+        decision = preset.decide(view, width)
+        scale = input_scales.pop(view.name, None) if decision.format in COMFY_FORMAT else None
+        plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale))
+    for info in model.reader:
+        bare = info.name.rsplit(".", 1)[-1]
+        if bare in PASSTHROUGH_MARKERS:
+            plan.layers.append(LayerPlan(name=bare, source=None, action="marker", decision=None, tensors=[
+                PlannedTensor(bare, "marker", info.dtype, tuple(info.shape), info.name)]))
+    for name in sorted(input_scales):
+        plan.warnings.append(f"input scale for {name} ignored: the preset does not quantize that layer")
+    plan.warnings += preset_warnings(preset, detection, [v for v, _ in views])
+    return plan
+
+
+def preset_warnings(preset: Preset, detection: models.Detection, views: list) -> list[str]:
+    out = []
+    if preset.architectures and detection.variant not in preset.architectures:
+        out.append(f"preset {preset.name} was written for {', '.join(preset.architectures)}, "
+                   f"this checkpoint is {detection.variant}")
+    for rule in preset.unmatched_rules(views):
+        out.append(f"preset {preset.name} {rule.describe()} matches no layer of this checkpoint")
+    return out
+
+
+def quantization_metadata(plan: ConversionPlan) -> str:
+    layers = {lp.name: {"format": COMFY_FORMAT[lp.action]} for lp in plan.layers if lp.quantized}
+    return json.dumps({"format_version": "1.0", "layers": layers}, sort_keys=False)
