@@ -1,0 +1,78 @@
+"""Float state dicts of every profile, scaled down by default, and the default NVFP4 layer selection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from inspect_tools.synthetic.values import tensor_value
+from reference_specs.models import PROFILES as _PROFILES
+from reference_specs.models import ArchitectureProfile, get_profile
+
+BLOCK_PREFIXES = ("blocks.", "transformer_blocks.", "double_blocks.", "single_blocks.")
+VARIANTS = tuple(p.variant for p in _PROFILES)
+
+
+def profile_for(variant: str) -> ArchitectureProfile:
+    profile = get_profile(variant)
+    if profile is None:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+    return profile
+
+
+def shapes_for(variant: str, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
+    """Native key -> shape; dims default to the profile's scaled-down dims, partial dims override them."""
+    profile = profile_for(variant)
+    return profile.tensor_shapes({**profile.small_dims, **(dims or {})})
+
+
+def rename(profile: ArchitectureProfile, key: str, naming: str) -> str:
+    if naming == "native":
+        return key
+    if naming == "diffusers":
+        return profile.to_diffusers(key)
+    raise ValueError(f"naming must be 'native' or 'diffusers', not {naming!r}")
+
+
+def float_state_dict(
+    variant: str,
+    dims: dict[str, int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    naming: str = "native",
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of `variant` with realistic values; keys in `naming` ("native" or "diffusers")."""
+    profile = profile_for(variant)
+    return {
+        rename(profile, key, naming): tensor_value(key, shape, seed).to(dtype)
+        for key, shape in shapes_for(variant, dims).items()
+    }
+
+
+def is_block_linear(key: str, shape: tuple[int, ...]) -> bool:
+    return key.endswith(".weight") and len(shape) == 2 and key.startswith(BLOCK_PREFIXES)
+
+
+def default_selection(variant: str, dims: dict[str, int] | None = None) -> list[str]:
+    """Native base names a mixed file quantizes: the 2-D linears inside the blocks that GGUF Q4_0 would quantize,
+    minus what the profile calls sensitive (embeddings, head, modulation and norms stay high precision)."""
+    profile = profile_for(variant)
+    return [
+        key[: -len(".weight")]
+        for key, shape in shapes_for(variant, dims).items()
+        if is_block_linear(key, shape) and profile.sensitive(key[: -len(".weight")]) is None
+    ]
+
+
+def selected(
+    variant: str, dims: dict[str, int] | None, selection: Callable[[str], bool] | None
+) -> list[str]:
+    """The layers to quantize: default_selection, or every 2-D linear weight the callable accepts."""
+    if selection is None:
+        return default_selection(variant, dims)
+    return [
+        key[: -len(".weight")]
+        for key, shape in shapes_for(variant, dims).items()
+        if key.endswith(".weight") and len(shape) == 2 and selection(key[: -len(".weight")])
+    ]
