@@ -183,7 +183,9 @@ class RoundtripResult:
         if len(ordered) == 1:
             what, remedy = CAUSE_VERDICT[ordered[0][0]]
             return head + f"{what}; {remedy}"
-        return head + "; ".join(f"{n}: {CAUSE_VERDICT[c][0]} ({CAUSE_VERDICT[c][1]})" for c, n in ordered)
+        return head + "; ".join(
+            f"{n} layer{'s' if n > 1 else ''}: {CAUSE_VERDICT[c][0]}, {CAUSE_VERDICT[c][1]}" for c, n in ordered
+        )
 
     def summary(self) -> dict[str, Any]:
         worst = max(self.checked, key=lambda r: r.error, default=None)

@@ -1,1 +1,147 @@
-"""`nvdiag roundtrip` (not yet implemented)."""
+"""`nvdiag roundtrip`: does each quantized layer decode to the model it was made from?"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from inspect_tools.cli import app
+from inspect_tools.cli.output import (
+    OutputFormat,
+    console,
+    exit_code,
+    findings_document,
+    github_lines,
+    print_json,
+)
+from inspect_tools.errors import UsageError
+from inspect_tools.layers import open_model
+from inspect_tools.roundtrip import RoundtripResult, roundtrip
+from reference_specs.findings import Severity
+
+CHECKPOINT_HELP = "The quantized checkpoint: .safetensors, sharded *.safetensors.index.json (or its folder), .gguf"
+TEXT_ROWS = 30  # the text table shows the worst layers; --format json has all of them
+HEATMAPS = 4
+
+EPILOG = """Examples:
+
+  nvdiag roundtrip wan_nvfp4.safetensors --against wan_fp16.safetensors
+
+  nvdiag roundtrip model.safetensors --against model-Q4_0.gguf --sample 20 --report report.html
+
+  nvdiag roundtrip model.safetensors --against diffusers/transformer/ --layers 'blocks.*.ffn.*' --format json
+"""
+
+
+def document(result: RoundtripResult) -> dict[str, Any]:
+    """lint's findings schema plus "layers" (per-layer metrics, worst first) and "unmatched"."""
+    doc = findings_document(result.findings, len(result.checked), path=str(result.path),
+                            against=str(result.ref_path))
+    doc["summary"].update(result.summary())
+    doc["layers"] = [r.to_json() for r in result.layers]
+    doc["unmatched"] = {
+        "only_mine": [layer.name for layer in result.alignment.only_mine],
+        "only_ref": [layer.name for layer in result.alignment.only_ref],
+    }
+    return doc
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
+def print_text(result: RoundtripResult) -> None:
+    out = console()
+    table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)")
+    for column in ("layer", "format", "rel. error", "expected", "x", "max abs", "cosine", "SNR dB", "status"):
+        table.add_column(column, overflow="fold" if column == "layer" else "ellipsis",
+                         no_wrap=column != "layer")
+    for r in result.layers[:TEXT_ROWS]:
+        m = r.metrics
+        status = f"[bold red]{r.cause}[/]" if r.status == "far-above" else (r.note or r.status)
+        table.add_row(r.name, r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
+                      _num(m.max_abs if m else None), _num(m.cosine if m else None, 6),
+                      _num(m.snr_db if m else None, 3), status)
+    out.print(table)
+    hidden = len(result.layers) - TEXT_ROWS
+    if hidden > 0:
+        out.print(f"... {hidden} more layers within their expected error (--format json lists all)")
+    only_mine, only_ref = result.alignment.only_mine, result.alignment.only_ref
+    if only_mine or only_ref:
+        out.print(f"unmatched: {len(only_mine)} layers of PATH, {len(only_ref)} of REF have no partner "
+                  "(--format json lists them)")
+    style = "bold red" if result.wrong else "green"
+    out.print(f"[{style}]{result.verdict()}[/]")
+
+
+def _progress_bar() -> tuple[Progress | None, Any]:
+    if not sys.stderr.isatty():
+        return None, None
+    bar = Progress(TextColumn("roundtrip"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   TextColumn("{task.description}"), console=console(stderr=True), transient=True)
+    task = bar.add_task("", total=None)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total, description=name)
+
+    return bar, update
+
+
+@app.command("roundtrip", epilog=EPILOG)
+def roundtrip_command(
+    path: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
+    against: Annotated[str, typer.Option("--against", help="Reference: FP32/FP16/BF16 source (single, sharded, "
+                                         "diffusers names), GGUF, or another quantized file of the same model")],
+    layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
+    sample: Annotated[int | None, typer.Option("--sample", help="Check N layers spread over the model")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
+    report: Annotated[Path | None, typer.Option("--report", help="Write a self-contained HTML report here "
+                                                "(needs matplotlib: pip install 'nvdiag[report]')")] = None,
+    fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
+) -> None:
+    """Decode every quantized layer of PATH and measure it against REF; name the cause of layers that are wrong.
+
+    Exit 0 when every layer is within its format's expected error, 1 on findings, 2 on unreadable input.
+    """
+    try:
+        threshold = Severity.parse(fail_on)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if report is not None:
+        from inspect_tools.html_report import require_matplotlib
+
+        require_matplotlib()  # fail before the long part, not after it
+    with open_model(path) as mine, open_model(against) as ref:
+        bar, update = _progress_bar()
+        if bar is not None:
+            bar.start()
+        try:
+            result = roundtrip(mine, ref, layers=layers, sample=sample, device=device,
+                               heatmaps=HEATMAPS if report else 0, progress=update)
+        finally:
+            if bar is not None:
+                bar.stop()
+        inputs = mine.reader.files + ref.reader.files
+    if report is not None:
+        from inspect_tools.html_report import write_report
+
+        write_report(result, report, inputs)
+    if fmt == OutputFormat.json:
+        print_json(document(result))
+    elif fmt == OutputFormat.github:
+        for line in github_lines(result.findings):
+            print(line)
+    else:
+        print_text(result)
+        if report is not None:
+            console().print(f"report: {report}")
+    raise typer.Exit(exit_code(result.findings, threshold))
