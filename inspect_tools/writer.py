@@ -191,6 +191,10 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, data, self._offsets[name])
         self._written.add(name)
 
+    def flush(self) -> None:
+        """Nothing to do: write() hands bytes to the OS with pwrite, so the temporary file can already be read back
+        (e.g. by a verification gate) at `temp_path`. Kept so callers need not know that."""
+
     def commit(self) -> Path:
         """fsync, rename into place, fsync the folder. Every planned tensor must have been written."""
         if self._fd is None or self.temp_path is None:
