@@ -163,6 +163,7 @@ class _Planner:
         self.metadata_added = False
         self.rename: Callable[[str], str] | None = None
         self.done: set[tuple[str, str | None, str | None]] = set()
+        self.per_layer: dict[str, int] = {}  # cause -> number of findings naming a layer
 
     def layer(self, finding: Finding) -> Layer:
         layer = self.model.layers.get(finding.layer or "")
@@ -196,7 +197,28 @@ def _role_of(finding: Finding, default: str) -> str:
 
 
 def _fix_scale_layout(p: _Planner, f: Finding) -> list[Repair]:
-    layer = p.layer(f)
+    if f.layer is None:
+        return _fix_scale_layout_file(p, f)
+    return _reswizzle(p, f, p.layer(f))
+
+
+def _fix_scale_layout_file(p: _Planner, f: Finding) -> list[Repair]:
+    """NV204's verdict is about the file: writers use one layout for every layer. Per-layer findings (a roundtrip
+    against REF measures every layer) are more precise and win; without them every NVFP4 layer is re-swizzled and
+    the gate checks the verdict on the result."""
+    if any(cause == f.cause and layer is not None for cause, layer, _ in p.done) or p.per_layer.get(f.cause):
+        return []
+    layers = [layer for layer in p.model.layers.values() if layer.format == "nvfp4" and layer.has("weight_scale")]
+    if not layers:
+        raise NotFixable("no NVFP4 layer with block scales")
+    repairs = []
+    for layer in layers:
+        repairs += _reswizzle(p, f, layer)
+        p.done.add((f.cause, layer.name, None))
+    return repairs
+
+
+def _reswizzle(p: _Planner, f: Finding, layer: Layer) -> list[Repair]:
     if layer.format != "nvfp4":
         raise NotFixable(f"layer format is {layer.format}, not nvfp4")
     packed = layer.shape("weight")
@@ -275,6 +297,8 @@ def _cast_fp8_checked(t: torch.Tensor) -> torch.Tensor:
 
 def _fix_marker(p: _Planner, f: Finding) -> list[Repair]:
     layer = p.layer(f)
+    if p.quant_layers is not None and p.metadata_added and layer.name in p.quant_layers:
+        return []  # the metadata name rewrite (invalid-quant-marker, planned first) already marks this layer
     scale_shape = layer.shape("weight_scale")
     conf = remedies.marker_for(layer.dtype("weight") or "", set(layer.tensors), layer.shape("weight") or (),
                                scale_shape)
@@ -346,9 +370,13 @@ def plan_fix(model: CheckpointModel, findings: list[Finding], only: set[str] | N
             raise UsageError(f"--only names causes fix cannot repair: {', '.join(unknown)} "
                              f"(fixable: {', '.join(FIXABLE)})")
     p = _Planner(model)
+    for f in findings:
+        if f.layer is not None:
+            p.per_layer[f.cause] = p.per_layer.get(f.cause, 0) + 1
     plan = FixPlan(source=model.path, tensors=[], metadata={})
     # renames last so every other repair still sees the file's own names
-    ordered = sorted(findings, key=lambda f: (f.cause == "diffusers-key-names", f.cause, f.layer or ""))
+    ordered = sorted(findings, key=lambda f: (f.cause == "diffusers-key-names", f.cause, f.layer is None,
+                                              f.layer or ""))
     for f in ordered:
         key = _dedupe_key(f)
         if key in p.done:
