@@ -131,11 +131,16 @@ def same_architecture(mine: CheckpointModel, ref: CheckpointModel) -> bool:
     return a == "unknown" or b == "unknown" or a == b
 
 
+# Separate q/k/v projections (WAN, Qwen) and a fused qkv (Flux) do the same job: compared as one role.
+ROLE_GROUPS = {"attn_q": "attn_qkv", "attn_k": "attn_qkv", "attn_v": "attn_qkv"}
+
+
 def role_of(model: CheckpointModel, layer: Layer) -> str:
-    """Cross-architecture role (attn_q, mlp_up, modulation, embedding, head, ...) or 'other'."""
+    """Cross-architecture role (attn_qkv, attn_out, mlp_up, mlp_down, modulation, embedding, head, norm) or
+    'other'."""
     profile = models.get_profile(model.detection.variant)
     role = profile.role_of(align_key(layer)) if profile is not None else None
-    return role or "other"
+    return ROLE_GROUPS.get(role, role) if role else "other"
 
 
 def sensitive_reason(model: CheckpointModel, layer: Layer) -> str | None:
@@ -498,6 +503,10 @@ def plan_disagreements(pairs: list[LayerPair]) -> list[dict[str, str]]:
     return rows
 
 
+# The value of each of the 256 FP8 E4M3 bytes (0x7F / 0xFF are NaN).
+FP8_VALUES: list[float] = torch.arange(256).to(torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+
+
 @dataclass
 class ScaleStats:
     """Distribution of one kind of scale on one side: exact for per-layer scalars, log2-binned for block scales."""
@@ -512,6 +521,9 @@ class ScaleStats:
     values: list[float] = field(default_factory=list)  # per-layer scalars only
 
     def add(self, t: torch.Tensor, keep_values: bool) -> None:
+        if t.dtype == torch.float8_e4m3fn and not keep_values:
+            self._add_fp8(t)
+            return
         v = t.detach().to(torch.float32).flatten()
         finite = torch.isfinite(v)
         self.non_finite += int((~finite).sum())
@@ -529,6 +541,24 @@ class ScaleStats:
             self.log2_bins[b] += c
         if keep_values:
             self.values.extend(v.tolist())
+
+    def _add_fp8(self, t: torch.Tensor) -> None:
+        """FP8 block scales have 256 possible values: count the bytes, then account each value once (millions of
+        block scales per layer cost one bincount)."""
+        counts = torch.bincount(t.contiguous().view(torch.uint8).flatten().to(torch.int64), minlength=256).tolist()
+        for value, n in zip(FP8_VALUES, counts, strict=True):
+            if not n:
+                continue
+            if not math.isfinite(value):
+                self.non_finite += n
+            elif value == 0:
+                self.zeros += n
+            elif value < 0:
+                self.negative += n
+            else:
+                self.count += n
+                self.min, self.max = min(self.min, value), max(self.max, value)
+                self.log2_bins[math.floor(math.log2(value))] += n
 
     @property
     def median(self) -> float | None:
