@@ -104,12 +104,14 @@ def _encode_chunk(
     torch.div(a_blocks, torch.where(zero, torch.ones_like(total), total).unsqueeze(-1), out=a_blocks)
 
     codes, mask = work.codes[:rows], work.mask[:rows]
-    codes.zero_()
-    for threshold, inclusive in _STEPS:
+    bits = mask.view(torch.uint8)  # a bool is one byte holding 0 or 1: adding its uint8 view avoids a cast copy
+    torch.gt(a, _STEPS[0][0], out=mask)
+    codes.copy_(bits)
+    for threshold, inclusive in _STEPS[1:]:
         (torch.ge if inclusive else torch.gt)(a, threshold, out=mask)
-        codes.add_(mask)
+        codes.add_(bits)
     torch.signbit(x, out=mask)
-    codes.add_(mask, alpha=8)
+    codes.add_(bits << 3)
     if bool(zero.any()):  # the reference writes +0 codes for blocks whose scale rounds to zero
         codes.view(rows, blocks, BLOCK)[zero] = 0
 
