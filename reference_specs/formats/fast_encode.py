@@ -2,8 +2,8 @@
 
 Bit-identical to NVFP4.quantize / FP8E4M3.quantize (and so to comfy-kitchen's quantize_nvfp4 + to_blocked and
 quantize_per_tensor_fp8) for the same per-tensor scale. What makes them fast:
-- the weight is processed in row chunks of about a quarter of a MiB of float32, so every pass over a chunk hits the
-  cache, and all work buffers are allocated once and reused (no full-size temporaries);
+- the weight is processed in row chunks of about 2 MiB of float32, so every pass over a chunk stays in cache, and
+  all work buffers are allocated once and reused (no full-size temporaries);
 - one |x| buffer serves the block maxima, the division and the rounding; the sign comes from the input's sign bit
   (x / t keeps the sign of x for t > 0, -0.0 included), so no signed copy is needed;
 - E2M1 rounding is seven in-place compare-and-add passes on uint8 (measured faster on CPU than bucketize, whose
@@ -29,9 +29,10 @@ from reference_specs.formats.nvfp4 import (
 
 # E2M1 rounding thresholds (round half to even), see nvfp4._E2M1_STEPS: inclusive where the lower code is odd.
 _STEPS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
-# Elements per CPU chunk: 64K float32 = 256 KiB per buffer, a few buffers fit the 1-2 MiB L2 of one core, and it is
-# still twice torch's intra-op grain size (32768), so both cores share every pass.
-CPU_CHUNK_ELEMENTS = 1 << 16
+# Elements per CPU chunk: 512K float32 = 2 MiB per buffer, in the L2/L3 of 2-core machines, far above torch's intra-op
+# grain size (32768) so both cores share every pass, and large enough that per-op dispatch costs vanish. Measured on
+# a 5120x13824 weight with 2 threads: 118 M elements/s at 55K elements per chunk, 177 at 442K, 190 at 885K.
+CPU_CHUNK_ELEMENTS = 1 << 19
 GPU_CHUNK_ELEMENTS = 1 << 26
 
 
