@@ -9,7 +9,7 @@ import pytest
 
 from inspect_tools.cli import main
 from inspect_tools.diff import DiffReport, diff_paths
-from inspect_tools.synthetic import write_float, write_nvfp4_mixed, write_scaled_fp8_legacy
+from inspect_tools.synthetic import write_float, write_gguf, write_nvfp4_mixed, write_scaled_fp8_legacy
 from reference_specs.findings import Severity
 
 WAN = "wan2.2-ti2v-5b"
@@ -26,6 +26,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "nvfp4_input_scale": write_nvfp4_mixed(root / "wan_nvfp4_is.safetensors", WAN, dims=DIMS, input_scale=1e-3),
         "f32": write_float(root / "wan_f32.safetensors", WAN, dims=DIMS),
         "diffusers_sharded": write_float(root / "diffusers", WAN, dims=DIMS, naming="diffusers", sharded=2),
+        "gguf_q4_0": write_gguf(root / "wan_q4_0.gguf", WAN, "Q4_0", dims=DIMS),
         "scaled_fp8": write_scaled_fp8_legacy(root / "wan_scaled_fp8.safetensors", WAN, dims=DIMS),
         "flux_nvfp4": write_nvfp4_mixed(root / "flux_nvfp4.safetensors", "flux1-dev"),
     }
@@ -67,6 +68,24 @@ def test_sharded_diffusers_source_pairs_every_layer_by_native_name(files):
     assert report.ref.detection.naming == "diffusers"
     assert errors(report) == []
     assert "diffusers-key-names" not in causes(report)  # REF's naming is no fault of MINE
+
+
+def test_gguf_q4_0_of_the_same_model_is_paired_and_clean(files):
+    report = diff_paths(files["nvfp4"], files["gguf_q4_0"])
+    assert errors(report) == []
+    assert report.only_ref == [] and report.only_mine == []
+    patch = next(p for p in report.pairs if p.key == "patch_embedding")
+    assert patch.mine.has("weight") and not patch.ref.has("weight")  # city96 leaves the 5-D conv out of the GGUF
+    assert {"Q4_0", "Q4_1"} <= set(report.signatures["ref"])  # ffn.2 is Q4_1 in a city96 Q4_0 file
+    # the same layers are quantized on both sides; GGUF keeps the others at F16 where MINE keeps F32
+    assert report.disagreements
+    assert all(row["mine"].startswith("f32") and row["ref"].startswith("16-bit") for row in report.disagreements)
+
+
+def test_values_against_a_gguf_reference_stay_within_both_formats_error(files):
+    report = diff_paths(files["nvfp4"], files["gguf_q4_0"], layers="blocks.1.*", values=True)
+    assert report.values and all(row["status"] == "ok" for row in report.values)
+    assert errors(report) == []
 
 
 def test_legacy_fp8_reference_is_compared_and_flagged_as_legacy(files):
@@ -136,10 +155,14 @@ def test_markers_in_header_metadata_only_are_equivalent_to_marker_tensors(files,
     assert row["ref"] is None and "layers" in row["mine"]
 
 
-def test_values_attribute_a_linear_block_scale_layout(files, tmp_path):
-    report = diff_paths(faulty(tmp_path, "scale-layout-linear"), files["f32"], layers="blocks.0.*", values=True)
+@pytest.mark.parametrize("fault", ["scale-layout-linear", "nibble-order", "transposed-weight", "stale-scale"])
+def test_values_attribute_what_headers_cannot_show(files, tmp_path, fault):
+    """Same header, wrong bytes: only --values (roundtrip's decoders and attribution) sees these."""
+    mine = faulty(tmp_path, fault)
+    assert fault not in causes(diff_paths(mine, files["f32"]))
+    report = diff_paths(mine, files["f32"], layers="blocks.0.*", values=True)
     assert report.values and all(row["layer"].startswith("blocks.0.") for row in report.values)
-    assert "scale-layout-linear" in causes(report, Severity.ERROR)
+    assert fault in causes(report, Severity.ERROR)
 
 
 # --- the command ----------------------------------------------------------------------------------------------
