@@ -163,11 +163,13 @@ def attribute(
     reference: torch.Tensor,
     expected: float,
     decoded: torch.Tensor | None = None,
+    ref_error: float = 0.0,
 ) -> Attribution:
     """Name the cause of a layer whose stored decode is far from `reference` (float32, logical shape).
 
     tensors: the layer's stored tensors by role (on the compute device); expected: the error its format should
-    give; decoded: the stored decode if it could be made (None when the stored bytes do not even decode).
+    give; decoded: the stored decode if it could be made (None when the stored bytes do not even decode);
+    ref_error: the share of `expected` that REF itself carries (lossy references).
     """
     shape = tuple(reference.shape)
     errors: dict[str, float | None] = {}
@@ -178,7 +180,12 @@ def attribute(
     errors["transposed-weight"] = (
         _try(lambda: decoded.transpose(0, 1), reference) if decoded is not None and square else None
     )
-    specific = {c: e for c, e in errors.items() if e is not None and not far_above(e, expected)}
+    # W.T blocks group other elements than W's, so its own encoding error is the yardstick for that re-reading
+    expected_for = {"transposed-weight": max(expected, _transposed_expected(fmt, reference, ref_error))} \
+        if errors["transposed-weight"] is not None else {}
+    specific = {
+        c: e for c, e in errors.items() if e is not None and not far_above(e, expected_for.get(c, expected))
+    }
     if isinstance(fmt, NVFP4):
         errors["stale-scale"] = _try(lambda: nvfp4_block_refit(tensors, reference), reference)
         signs = _safe(lambda: nvfp4_sign_agreement(tensors, reference))
@@ -193,6 +200,16 @@ def attribute(
     else:
         cause = "excess-error"
     return Attribution(cause=cause, errors=errors, sign_agreement=signs)
+
+
+def _transposed_expected(fmt: Format, reference: torch.Tensor, ref_error: float) -> float:
+    """Expected error of a file that encoded REF's transpose: the format's error on W.T, plus REF's own."""
+    flipped = reference.transpose(0, 1).contiguous()
+    try:
+        own = relative_error(fmt.dequantize(fmt.quantize(flipped), tuple(flipped.shape)), flipped)
+    except (NotImplementedError, RuntimeError, ValueError):
+        return 0.0
+    return math.sqrt(own**2 + ref_error**2)
 
 
 def _decode(fmt: Format, tensors: Tensors | None, shape: tuple[int, ...]) -> torch.Tensor | None:

@@ -306,7 +306,7 @@ def check_pair(
     error = result.metrics.rel_error if result.metrics else None
     if far_above(error, result.expected):
         result.status = "far-above"
-        result.attribution = attribute(fmt, tensors, reference, result.expected, decoded)
+        result.attribution = attribute(fmt, tensors, reference, result.expected, decoded, result.ref_error)
     crop = None
     if heatmap and decoded is not None:
         values = (decoded - reference).abs()[:HEATMAP_ROWS, :HEATMAP_COLS].float().cpu()
