@@ -314,7 +314,7 @@ def _fix_marker(p: _Planner, f: Finding) -> list[Repair]:
 
 def _fix_metadata_names(p: _Planner, f: Finding) -> list[Repair]:
     unmatched = list(p.model.file_markers.get("metadata_unmatched") or [])
-    if not unmatched or p.quant_layers is None:
+    if f.layer is not None or not unmatched or p.quant_layers is None:
         raise NotFixable("the marker itself is unreadable or wrong, not its layer names",
                          "re-convert from the source with nvdiag convert")
     mapping = remedies.strip_or_add_prefix(unmatched, set(p.model.layers))

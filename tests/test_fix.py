@@ -16,7 +16,7 @@ from inspect_tools.cli import main
 from inspect_tools.layers import open_model
 from inspect_tools.lint import lint_model
 from inspect_tools.roundtrip import run_roundtrip
-from inspect_tools.synthetic.writers import write_float, write_nvfp4_mixed
+from inspect_tools.synthetic.writers import write_float, write_fp8_comfy, write_nvfp4_mixed
 from reference_specs.findings import Severity
 
 VARIANT = "wan2.2-ti2v-5b"
@@ -170,3 +170,17 @@ def test_cli_dry_run_text_names_causes_and_layers(tmp_path: Path, capsys: pytest
     text = capsys.readouterr().out
     assert "input-scale-implausible" in text and "blocks.0" in text and "would repair" in text
     assert not (tmp_path / "fixed.safetensors").exists()
+
+
+def test_missing_fp8_markers_are_added_from_the_tensors(tmp_path: Path, files: dict[str, Path]) -> None:
+    good = write_fp8_comfy(tmp_path / "good.safetensors", VARIANT)
+    broken = write_fp8_comfy(tmp_path / "broken.safetensors", VARIANT, markers="none")
+    out = tmp_path / "fixed.safetensors"
+    result = fix_checkpoint(broken, out)
+    assert result.exit_code == 0 and result.written, result.verdict()
+    assert_clean(out, files["ref"])
+    expected, _ = read(good)
+    fixed, meta = read(out)
+    assert set(fixed) == set(expected)
+    assert all(raw(fixed[k]) == raw(expected[k]) for k in expected)
+    assert set(quant_layers(meta).values().__iter__().__next__().values()) == {"float8_e4m3fn"}
