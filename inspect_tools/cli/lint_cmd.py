@@ -1,1 +1,120 @@
-"""`nvdiag lint` (not yet implemented)."""
+"""`nvdiag lint PATH...`: check checkpoints against what ComfyUI requires and name the cause of every problem."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from inspect_tools.cli import app
+from inspect_tools.cli.output import (
+    OutputFormat,
+    compact_findings_table,
+    console,
+    findings_document,
+    github_lines,
+    print_json,
+    verdict,
+)
+from inspect_tools.errors import UsageError
+from inspect_tools.lint import LintConfig, explain, lint_paths, resolve_config
+from reference_specs.causes import CAUSES
+from reference_specs.rules import RULES, Rule
+
+
+def rules_table(rules: list[Rule], config: LintConfig | None = None) -> Table:
+    enabled = {r.id for r in config.rules()} if config is not None else {r.id for r in rules}
+    table = Table(title="nvdiag lint rules", show_lines=False, expand=False, pad_edge=False)
+    table.add_column("id", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("sev", no_wrap=True)
+    table.add_column("reads", no_wrap=True)
+    table.add_column("summary", overflow="fold", ratio=1)
+    for rule in rules:
+        style = "" if rule.id in enabled else "[dim]"
+        table.add_row(f"{style}{rule.id}", f"{style}{rule.name}", str(rule.severity),
+                      "values" if rule.needs_values else "header", escape(rule.summary))
+    return table
+
+
+def explanation_text(rule: Rule) -> str:
+    return (
+        f"[bold]{rule.id} {rule.name}[/] ({rule.severity}; cause [bold]{rule.cause}[/]: {escape(CAUSES[rule.cause])})\n"
+        f"{'reads scale values' if rule.needs_values else 'header only'}\n\n{escape(rule.summary)}\n\n"
+        f"{escape(rule.explanation)}\n"
+    )
+
+
+@app.command("lint")
+def lint_command(
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="Checkpoints: .safetensors, *.safetensors.index.json (or its folder), .gguf"),
+    ] = None,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github (workflow annotations)")] = (
+        OutputFormat.text
+    ),
+    select: Annotated[
+        list[str] | None,
+        typer.Option("--select", help="Only these rules: ids, id prefixes (NV2), names, causes, ALL; comma-separated"),
+    ] = None,
+    ignore: Annotated[list[str] | None, typer.Option("--ignore", help="Skip these rules (same forms as --select)")] = (
+        None
+    ),
+    fail_on: Annotated[
+        str | None, typer.Option("--fail-on", help="Exit 1 at this severity or above: error (default), warning, info")
+    ] = None,
+    header_only: Annotated[
+        bool, typer.Option("--header-only", help="Run only rules that need no tensor bytes (instant on any size)")
+    ] = False,
+    explain_key: Annotated[
+        str | None, typer.Option("--explain", help="Print the long explanation of a rule id, name or cause")
+    ] = None,
+    list_rules: Annotated[bool, typer.Option("--list", help="List every rule and whether it is enabled")] = False,
+) -> None:
+    """Check checkpoints against the rules ComfyUI actually applies; every finding names its cause.
+
+    Exit 0 when nothing at or above --fail-on was found, 1 otherwise, 2 for unreadable input or bad options.
+    Defaults come from \\[tool.nvdiag] (select, ignore, fail-on) in the nearest
+    pyproject.toml.
+
+    Examples:
+
+      nvdiag lint wan22_5b_nvfp4.safetensors
+
+      nvdiag lint model.safetensors --format json > findings.json
+
+      nvdiag lint *.safetensors --format github --fail-on warning
+
+      nvdiag lint model.safetensors --select NV1,NV204 --ignore NV303
+
+      nvdiag lint --explain NV204
+
+      nvdiag lint --explain input-scale-implausible
+
+      nvdiag lint --list
+    """
+    config = resolve_config(select=select, ignore=ignore, fail_on=fail_on, values=not header_only)
+    out = console()
+    if explain_key is not None:
+        for rule in explain(explain_key):
+            out.print(explanation_text(rule))
+        return
+    if list_rules:
+        out.print(rules_table(RULES, config))
+        return
+    if not paths:
+        raise UsageError("lint needs at least one checkpoint PATH (or --list / --explain)")
+    result = lint_paths(paths, config)
+    if fmt == OutputFormat.json:
+        print_json(findings_document(result.findings, result.layers))
+    elif fmt == OutputFormat.github:
+        for line in github_lines(result.findings):
+            typer.echo(line)
+    else:
+        if result.findings:
+            out.print(compact_findings_table(result.findings))
+        out.print(verdict(result.findings, config.fail_on, result.layers))
+    raise typer.Exit(result.exit_code(config.fail_on))

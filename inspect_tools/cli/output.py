@@ -7,11 +7,14 @@ Exit codes: 0 clean, 1 findings at or above --fail-on, 2 usage or unreadable inp
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Iterable
 from enum import Enum
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from reference_specs.findings import Finding, Severity, summarize
@@ -25,10 +28,12 @@ class OutputFormat(str, Enum):
     github = "github"
 
 
-def console(stderr: bool = False) -> Console:
-    """Colours only on a TTY; wide enough for tables when piped."""
+def console(stderr: bool = False, width: int | None = None) -> Console:
+    """Colours only on a TTY; wide enough for tables when piped (or exactly `width` columns)."""
     stream = sys.stderr if stderr else sys.stdout
-    return Console(file=stream, highlight=False, soft_wrap=False, width=None if stream.isatty() else 120)
+    if width is None and not stream.isatty():
+        width = 120
+    return Console(file=stream, highlight=False, soft_wrap=False, width=width)
 
 
 def findings_document(findings: list[Finding], layers: int | None = None, **extra: Any) -> dict[str, Any]:
@@ -39,8 +44,19 @@ def findings_document(findings: list[Finding], layers: int | None = None, **extr
     return doc
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and Inf are not JSON: write them as the strings "nan", "inf", "-inf" (evidence often holds them)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def print_json(doc: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _github_escape(text: str, prop: bool = False) -> str:
@@ -82,6 +98,46 @@ def findings_table(findings: list[Finding], title: str | None = None) -> Table:
             f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, f.cause, f.layer or "-", f.message
         )
     return table
+
+
+def collapse_per_rule(findings: Iterable[Finding], limit: int) -> tuple[list[Finding], dict[str, int]]:
+    """At most `limit` findings of each rule, in order; and how many of each rule were left out."""
+    kept: list[Finding] = []
+    seen: dict[str, int] = {}
+    for f in findings:
+        seen[f.rule] = seen.get(f.rule, 0) + 1
+        if seen[f.rule] <= limit:
+            kept.append(f)
+    return kept, {rule: n - limit for rule, n in seen.items() if n > limit}
+
+
+def compact_findings_table(findings: list[Finding], limit_per_rule: int = 8) -> Table:
+    """Four columns that stay readable at 80 columns: severity, rule (id + name), layer, message; long runs of one
+    rule are cut to `limit_per_rule` rows with a row saying how many more there are."""
+    table = Table(show_lines=False, expand=False, pad_edge=False)
+    table.add_column("sev", no_wrap=True)
+    table.add_column("rule", overflow="fold", max_width=22)
+    table.add_column("layer", overflow="fold", max_width=24)
+    table.add_column("message", overflow="fold", ratio=1)
+    ordered = sorted(findings, key=lambda f: (-f.severity, f.rule, f.file, f.layer or ""))
+    kept, left_out = collapse_per_rule(ordered, limit_per_rule)
+    for i, f in enumerate(kept):
+        table.add_row(f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f"{f.rule} {f.cause}",
+                      escape(f.layer or "(file)"), escape(f.message))
+        last_of_rule = i + 1 == len(kept) or kept[i + 1].rule != f.rule
+        if last_of_rule and f.rule in left_out:
+            table.add_row("", f.rule, "…", f"[dim]{left_out[f.rule]} more like this (--format json lists all)[/]")
+    return table
+
+
+def verdict(findings: list[Finding], fail_on: Severity = Severity.ERROR, layers: int | None = None) -> str:
+    """One line: PASS / FAIL with the counts, as the last line of text output."""
+    s = summarize(findings, layers)
+    counts = f"{s['errors']} error(s), {s['warnings']} warning(s), {s['infos']} info(s)"
+    where = f" in {layers} layers" if layers is not None else ""
+    if exit_code(findings, fail_on):
+        return f"[bold red]FAIL[/]: {counts}{where} (failing at {fail_on} and above)"
+    return f"[green]PASS[/]: {counts}{where}"
 
 
 def print_findings_text(findings: list[Finding], title: str | None = None, out: Console | None = None) -> None:

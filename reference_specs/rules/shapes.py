@@ -28,8 +28,12 @@ def linear_scale_shapes(layer: Layer, ctx: RuleContext) -> set[tuple[int, int]]:
     shape = layer.shape("weight")
     if dims is None or shape is None or len(shape) != 2:
         return set()
-    candidates = {(dims[0], -(-dims[1] // BLOCK)), (shape[0], shape[1] * 2 // BLOCK)}
-    return {c for c in candidates if c != block_scale_shape(*dims)}
+    out = set()
+    for out_f, in_f in (dims, (shape[0], shape[1] * 2)):  # the architecture's [out, in] and the packed one
+        linear = (out_f, -(-in_f // BLOCK))
+        if linear != block_scale_shape(out_f, in_f):
+            out.add(linear)
+    return out
 
 
 def _transposed_packed(layer: Layer, expected: tuple[int, ...]) -> bool:
