@@ -82,6 +82,6 @@ def cast(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
 
 def non_finite(tensor: torch.Tensor) -> int:
     """Count of NaN/Inf values (0 for non-float tensors)."""
-    if not tensor.is_floating_point():
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
         return 0
     return int((~torch.isfinite(tensor)).sum())
