@@ -232,12 +232,11 @@ def layer_row(layer: Layer | None) -> dict[str, Any] | None:
 
 
 class FindingCollector:
-    """Findings of one diff, aggregated per (rule, cause, severity, message) so that 200 layers with the same
-    difference make one finding listing them, not 200 lines."""
+    """The findings of one diff, one per layer (lint schema: the layer field names it) or per file (layer None)."""
 
     def __init__(self, file: str) -> None:
         self.file = file
-        self._groups: dict[tuple[str, str, Severity, str], dict[str, Any]] = {}
+        self._findings: list[Finding] = []
 
     def add(
         self,
@@ -248,24 +247,12 @@ class FindingCollector:
         layer: str | None = None,
         **evidence: Any,
     ) -> None:
-        group = self._groups.setdefault((rule, cause, severity, message), {"layers": [], "evidence": {}})
-        if layer is not None:
-            group["layers"].append(layer)
-        for key, value in evidence.items():
-            group["evidence"].setdefault(key, value)
+        self._findings.append(Finding(rule, cause, severity, message, file=self.file, layer=layer,
+                                      evidence=evidence))
 
     def findings(self) -> list[Finding]:
-        out = []
-        for (rule, cause, severity, message), group in self._groups.items():
-            layers = group["layers"]
-            evidence = dict(group["evidence"])
-            if layers:
-                evidence["layers"] = layers[:20]
-                evidence["layer_count"] = len(layers)
-            where = layers[0] if len(layers) == 1 else None
-            text = message if len(layers) <= 1 else f"{message} ({len(layers)} layers)"
-            out.append(Finding(rule, cause, severity, text, file=self.file, layer=where, evidence=evidence))
-        return sorted(out, key=lambda f: (-f.severity, f.rule))
+        """Most severe first; within a rule, layers in model order (blocks.2 before blocks.10)."""
+        return sorted(self._findings, key=lambda f: (-f.severity, f.rule, _natural_key(f.layer or "")))
 
 
 def _check_markers(pair: LayerPair, out: FindingCollector) -> None:
@@ -406,7 +393,8 @@ def _check_precision(pair: LayerPair, mine_model: CheckpointModel, out: FindingC
         reason = sensitive_reason(mine_model, mine)
         if reason:
             out.add("D140", "sensitive-layer-quantized", Severity.WARNING,
-                    f"MINE quantizes a layer REF keeps at {precision_class(ref)} ({reason})", pair.key,
+                    f"MINE quantizes a layer REF keeps at {precision_class(ref)}; it should stay high precision: "
+                    f"{reason}", pair.key,
                     reason=reason)
 
 
@@ -813,9 +801,11 @@ class DiffReport:
         warnings = [f for f in self.findings if f.severity == Severity.WARNING]
         if errors:
             causes = sorted({f.cause for f in errors})
-            parts.append(f"{len(errors)} difference(s) break MINE in ComfyUI: {', '.join(causes)}.")
+            parts.append(f"Differences that break MINE in ComfyUI ({len(errors)} error findings): {', '.join(causes)}.")
         elif warnings:
-            parts.append(f"Nothing that stops ComfyUI loading MINE; {len(warnings)} warning(s) to look at.")
+            causes = sorted({f.cause for f in warnings})
+            parts.append(f"Nothing that stops ComfyUI loading MINE; {len(warnings)} warning(s) to look at: "
+                         f"{', '.join(causes)}.")
         else:
             parts.append("No difference that matters to ComfyUI.")
         return " ".join(parts)

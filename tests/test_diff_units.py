@@ -84,12 +84,11 @@ def test_scale_stats_keep_exact_scalars_and_binned_block_scales():
     assert blocks.to_json()["decades"] == {"1e0": 3}
 
 
-def test_collector_folds_the_same_difference_over_many_layers_into_one_finding():
+def test_collector_orders_findings_by_severity_then_rule_then_model_order():
     out = FindingCollector("mine.safetensors")
-    for i in range(3):
-        out.add("D103", "missing-block-scale", Severity.ERROR, "no block scale", f"blocks.{i}.ffn.0")
     out.add("D120", "input-scale-implausible", Severity.INFO, "absent input_scale", "blocks.0.ffn.2")
-    first, second = out.findings()
-    assert first.cause == "missing-block-scale" and first.evidence["layer_count"] == 3 and first.layer is None
-    assert "(3 layers)" in first.message
-    assert second.severity == Severity.INFO and second.layer == "blocks.0.ffn.2"
+    for i in (10, 2, 1):
+        out.add("D103", "missing-block-scale", Severity.ERROR, "no block scale", f"blocks.{i}.ffn.0")
+    found = out.findings()
+    assert [f.layer for f in found] == ["blocks.1.ffn.0", "blocks.2.ffn.0", "blocks.10.ffn.0", "blocks.0.ffn.2"]
+    assert found[0].file == "mine.safetensors" and found[-1].severity == Severity.INFO

@@ -7,16 +7,18 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
 from inspect_tools.cli.output import (
     OutputFormat,
+    compact_findings_table,
     console,
     exit_code,
     findings_document,
-    findings_table,
     print_json,
+    verdict,
 )
 from inspect_tools.diff import DiffReport, ScaleStats, diff_paths, logical_shape
 from inspect_tools.errors import UsageError
@@ -27,6 +29,8 @@ CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or i
 # Text tables stop after this many rows; --format json has everything.
 MAX_ROWS = 40
 HISTOGRAM_BARS = " ▁▂▃▄▅▆▇█"
+# A difference usually repeats over every quantized layer: a few examples per rule, the rest counted.
+FINDINGS_PER_RULE = 3
 
 
 def _fmt(x: float | None) -> str:
@@ -60,7 +64,8 @@ def _print_findings(report: DiffReport, out: Console) -> None:
     for severity, title in ((Severity.ERROR, "errors"), (Severity.WARNING, "warnings"), (Severity.INFO, "info")):
         group = [f for f in report.findings if f.severity == severity]
         if group:
-            out.print(findings_table(group, title=title))
+            out.print(f"[bold]{title}[/]")
+            out.print(compact_findings_table(group, limit_per_rule=FINDINGS_PER_RULE))
 
 
 def _precision_table(report: DiffReport) -> Table:
@@ -118,7 +123,7 @@ def _metadata_table(report: DiffReport) -> Table | None:
     table.add_column("REF", overflow="fold")
     for row in report.metadata:
         style = "" if row["same"] else "[yellow]"
-        table.add_row(f"{style}{row['key']}", row["mine"] or "-", row["ref"] or "-")
+        table.add_row(f"{style}{escape(row['key'])}", escape(row["mine"] or "-"), escape(row["ref"] or "-"))
     return table
 
 
@@ -142,7 +147,9 @@ def _roles_table(report: DiffReport) -> Table | None:
 
 def _layers_table(report: DiffReport, out: Console) -> Table | None:
     """Layers that differ (present on one side only, another format, other aux tensors or dtypes), rows with the
-    same difference folded into one: "blocks.0.ffn.0 and 19 more"."""
+    same difference folded into one: "blocks.0.ffn.0 and 19 more". Not in a role diff (no layer has a partner)."""
+    if report.mode == "role":
+        return None
     groups: dict[tuple[str, str, str], list[str]] = {}
     for pair in report.pairs:
         m, r = pair.mine, pair.ref
@@ -156,7 +163,7 @@ def _layers_table(report: DiffReport, out: Console) -> Table | None:
     table.add_column("MINE", overflow="fold")
     table.add_column("REF", overflow="fold")
     table.add_column("difference", overflow="fold")
-    rows = [(names[0] + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
+    rows = [(escape(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
             for key, names in groups.items()]
     for row in _limited(rows, out, "layer groups"):
         table.add_row(*row)
@@ -175,7 +182,7 @@ def _difference(mine: Layer | None, ref: Layer | None) -> str:
     if mine is None or ref is None:
         return "only in " + ("REF" if mine is None else "MINE")
     parts = []
-    if mine.format != ref.format:
+    if mine.format.lower() != ref.format.lower():  # GGUF's "F32" is safetensors' "f32"
         parts.append("format")
     only_m = sorted(set(mine.tensors) - set(ref.tensors))
     only_r = sorted(set(ref.tensors) - set(mine.tensors))
@@ -183,7 +190,7 @@ def _difference(mine: Layer | None, ref: Layer | None) -> str:
         parts.append("MINE +" + ",".join(only_m))
     if only_r:
         parts.append("REF +" + ",".join(only_r))
-    if mine.format == ref.format:
+    if mine.format.lower() == ref.format.lower():
         dtypes = [r for r in sorted(set(mine.tensors) & set(ref.tensors)) if mine.dtype(r) != ref.dtype(r)]
         if dtypes:
             parts.append("dtype of " + ",".join(dtypes))
@@ -202,21 +209,21 @@ def _values_table(report: DiffReport, out: Console) -> Table | None:
     table.add_column("verdict", overflow="fold")
     rows = sorted(report.values, key=lambda r: -(r.get("rel_error") or 0.0))
     for row in _limited(rows, out, "value rows"):
-        verdict = row.get("cause") or row.get("status", "")
+        said = row.get("cause") or row.get("status", "")
         if row.get("note") and row.get("status") != "ok":
-            verdict = f"{verdict}: {row['note']}"
-        table.add_row(row.get("key") or row["layer"], f"{row.get('format', '?')}/{row.get('ref_format', '?')}",
-                      _fmt(row.get("rel_error")), _fmt(row.get("expected")), verdict)
+            said = f"{said}: {row['note']}"
+        table.add_row(escape(row.get("key") or row["layer"]), f"{row.get('format', '?')}/{row.get('ref_format', '?')}",
+                      _fmt(row.get("rel_error")), _fmt(row.get("expected")), escape(said))
     return table
 
 
-def print_report(report: DiffReport, out: Console | None = None) -> None:
+def print_report(report: DiffReport, out: Console | None = None, fail_on: Severity = Severity.ERROR) -> None:
     out = out or console()
     out.print(report.summary_text(), soft_wrap=True)
     out.print()
     _print_findings(report, out)
-    for verdict in report.verdicts:
-        out.print(f"[dim]{verdict['text']}: {verdict['verdict']}[/]", soft_wrap=True)
+    for role_verdict in report.verdicts:
+        out.print(f"[dim]{role_verdict['text']}: {role_verdict['verdict']}[/]", soft_wrap=True)
     for table in (
         _precision_table(report),
         _signature_table(report),
@@ -230,6 +237,7 @@ def print_report(report: DiffReport, out: Console | None = None) -> None:
             out.print(table)
     if report.disagreements:
         out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
+    out.print(verdict(report.findings, fail_on, layers=len(report.pairs)))
 
 
 def diff_document(report: DiffReport) -> dict[str, Any]:
@@ -274,7 +282,7 @@ def diff_command(
     if fmt == OutputFormat.json:
         print_json(diff_document(report))
     else:
-        print_report(report)
+        print_report(report, fail_on=threshold)
     raise typer.Exit(exit_code(report.findings, threshold))
 
 
