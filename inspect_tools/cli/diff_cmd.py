@@ -260,9 +260,13 @@ def diff_command(
 ) -> None:
     """Put two checkpoints side by side and say what differs and whether it matters to ComfyUI.
 
-    Compares formats, dtypes and shapes per layer, aux-tensor signatures (input_scale, comfy_quant, scales),
-    the precision plan, scale ranges and header metadata; layers are matched across prefixes and diffusers /
-    ComfyUI names, or by role when the architectures differ. Exit 1 when a difference breaks MINE in ComfyUI.
+    Per layer: format, dtypes, shapes, aux tensors (input_scale, comfy_quant, scales), precision plan.
+
+    Per file: signature counts, scale ranges, header metadata, naming scheme.
+
+    Layers are matched across prefixes and diffusers / ComfyUI names, or by role across architectures.
+
+    Exit 0 when nothing breaks MINE in ComfyUI, 1 when something does (--fail-on), 2 on unreadable input.
 
     Examples:
 
