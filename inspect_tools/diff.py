@@ -323,8 +323,8 @@ def _check_input_scale(pair: LayerPair, out: FindingCollector) -> None:
                 "REF carries .input_scale, MINE does not: absent input_scale = dynamic per-call activation scaling "
                 "in ComfyUI, safe", pair.key)
     elif mine.has("input_scale") and not ref_has:
-        value, s2 = _scalar_value(mine, "input_scale"), (
-            _scalar_value(mine, "weight_scale_2") if mine.has("weight_scale_2") else None)
+        value = _scalar_value(mine, "input_scale")
+        s2 = _scalar_value(mine, "weight_scale_2") if mine.has("weight_scale_2") else None
         if value is not None and s2 is not None and math.isclose(value, s2, rel_tol=1e-3):
             out.add("D121", "input-scale-implausible", Severity.WARNING,
                     "MINE's input_scale equals its weight_scale_2 (derived from weights, not calibrated on "
@@ -483,11 +483,12 @@ def precision_plan(layers: Iterable[Layer]) -> dict[str, int]:
 def plan_disagreements(pairs: list[LayerPair]) -> list[dict[str, str]]:
     rows = []
     for pair in pairs:
-        if not pair.matched:
+        mine, ref = pair.mine, pair.ref
+        if mine is None or ref is None:
             continue
-        a, b = precision_class(pair.mine), precision_class(pair.ref)  # type: ignore[arg-type]
+        a, b = precision_class(mine), precision_class(ref)
         if a != b:
-            rows.append({"layer": pair.key, "mine": f"{a} ({pair.mine.format})", "ref": f"{b} ({pair.ref.format})"})  # type: ignore[union-attr]
+            rows.append({"layer": pair.key, "mine": f"{a} ({mine.format})", "ref": f"{b} ({ref.format})"})
     return rows
 
 
