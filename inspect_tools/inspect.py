@@ -6,6 +6,7 @@ import fnmatch
 from typing import Any
 
 from inspect_tools.layers import CheckpointModel
+from reference_specs import formats
 from reference_specs.layer import Layer
 
 # Long metadata values (configs, quantization metadata) are shortened in the text view only.
@@ -30,6 +31,9 @@ def layer_record(layer: Layer) -> dict[str, Any]:
         "format": layer.format,
         "tensors": {role: {"dtype": t.dtype, "shape": list(t.shape)} for role, t in layer.tensors.items()},
     }
+    logical = _logical_shape(layer)
+    if logical is not None:
+        record["logical_shape"] = list(logical)
     if layer.native_name and layer.native_name != layer.name:
         record["native_name"] = layer.native_name
     if layer.marker is not None:
@@ -37,6 +41,16 @@ def layer_record(layer: Layer) -> dict[str, Any]:
     if layer.marker_error:
         record["marker_error"] = layer.marker_error
     return record
+
+
+def _logical_shape(layer: Layer) -> tuple[int, ...] | None:
+    """The unquantized weight shape (packed NVFP4 bytes hold two values each); None where it is the stored one."""
+    if not layer.is_quantized:
+        return None
+    try:
+        return formats.get(layer.format).logical_shape(layer)
+    except (KeyError, TypeError, IndexError):
+        return None
 
 
 def metadata_summary(metadata: dict[str, Any]) -> dict[str, str]:

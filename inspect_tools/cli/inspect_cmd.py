@@ -57,17 +57,18 @@ def _print_text(doc: dict) -> None:
     table.add_column("layer", overflow="fold")
     table.add_column("format", no_wrap=True)
     table.add_column("dtype", no_wrap=True)
-    table.add_column("shape", no_wrap=True)
+    table.add_column("shape", no_wrap=True)  # logical [out, in] for quantized layers
     table.add_column("aux", overflow="fold")
     for layer in doc["layers"]:
         tensors = layer["tensors"]
         main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
         aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
+        shape = layer.get("logical_shape") or tensors[main]["shape"]
         table.add_row(
             layer["name"],
             layer["format"],
             tensors[main]["dtype"],
-            "x".join(str(d) for d in tensors[main]["shape"]) or "scalar",
+            "x".join(str(d) for d in shape) or "scalar",
             ", ".join(aux) or "-",
         )
     out.print(table)
