@@ -55,8 +55,14 @@ def _print_text(result: FixResult) -> None:
         table.add_column("cause", no_wrap=True)
         table.add_column("layer", overflow="fold")
         table.add_column("why / what to do", overflow="fold")
-        for u in plan.unfixable:
-            table.add_row(str(u.finding.severity), u.finding.cause, u.finding.layer or "-", f"{u.reason}; {u.remedy}")
+        groups: dict[tuple, list[str]] = {}
+        for u in plan.unfixable:  # one row per cause and reason: a 400-layer model stays readable
+            key = (str(u.finding.severity), u.finding.cause, f"{u.reason}; {u.remedy}")
+            groups.setdefault(key, []).append(u.finding.layer or "(file)")
+        for (severity, cause, why), names in groups.items():
+            shown = ", ".join(names[:SHOWN_LAYERS]) + (f" ... and {len(names) - SHOWN_LAYERS} more"
+                                                        if len(names) > SHOWN_LAYERS else "")
+            table.add_row(severity, cause, shown, why)
         for f in plan.skipped:
             table.add_row(str(f.severity), f.cause, f.layer or "-", "excluded by --only")
         out.print(table)
