@@ -181,8 +181,10 @@ def attribute(
         _try(lambda: decoded.transpose(0, 1), reference) if decoded is not None and square else None
     )
     # W.T blocks group other elements than W's, so its own encoding error is the yardstick for that re-reading
-    expected_for = {"transposed-weight": max(expected, _transposed_expected(fmt, reference, ref_error))} \
-        if errors["transposed-weight"] is not None else {}
+    transposed = errors["transposed-weight"]
+    expected_for = {}
+    if transposed is not None and far_above(transposed, expected) and transposed < 0.5:  # only when it may help
+        expected_for["transposed-weight"] = max(expected, _transposed_expected(fmt, reference, ref_error))
     specific = {
         c: e for c, e in errors.items() if e is not None and not far_above(e, expected_for.get(c, expected))
     }

@@ -23,6 +23,6 @@ def test_healthy_file_has_no_error_against_any_reference(wan_nvfp4_mixed, refere
 )
 def test_each_factory_fault_is_attributed(make_checkpoint, wan_float, fault):
     faulty = make_checkpoint("nvfp4-mixed", faults=(fault,))
-    result = run_roundtrip(faulty, wan_float)
+    result = run_roundtrip(faulty, wan_float, layers="blocks.0.*")  # every quantized layer is faulty: a few do
     assert result.findings, f"{fault}: no finding"
     assert {f.cause for f in result.findings} == {fault}
