@@ -105,7 +105,7 @@ def roundtrip_command(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
     report: Annotated[Path | None, typer.Option("--report", help="Write a self-contained HTML report here "
-                                                "(needs matplotlib: pip install 'nvdiag[report]')")] = None,
+                                                "(needs matplotlib, the 'report' extra of nvdiag)")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
 ) -> None:
     """Decode every quantized layer of PATH and measure it against REF; name the cause of layers that are wrong.
