@@ -77,12 +77,32 @@ def write_float(
 def _plan(variant: str, dims: dict[str, int] | None, dtype: torch.dtype, seed: int, codec: formats.Format,
           conf: dict, selection: Callable[[str], bool] | None, naming: str, prefix: str, markers: str) -> MixedPlan:
     profile = profile_for(variant)
-    plan = MixedPlan(profile=profile, source=float_state_dict(variant, dims, dtype, "native", seed), codec=codec,
-                     conf=conf, markers=markers, naming=naming, prefix=prefix)
-    for base in selected(variant, dims, selection):
-        plan.quantize(base)
+    chosen = selected(variant, dims, selection)
+    source, quantized = _quantized_model(variant, dims, dtype, seed, codec, tuple(chosen))
+    plan = MixedPlan(profile=profile, source=source, codec=codec, conf=conf, tensors=dict(quantized),
+                     quantized=list(chosen), markers=markers, naming=naming, prefix=prefix)
     plan.targets = list(plan.quantized)
     return plan
+
+
+# Quantizing a fixture costs far more than writing it, and tests build the same model many times (one per fault):
+# the last few quantized models are kept. Safe because plans and faults replace tensors, never modify them in place.
+_CACHE: dict[tuple, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+_CACHE_SIZE = 8
+
+
+def _quantized_model(variant: str, dims: dict[str, int] | None, dtype: torch.dtype, seed: int,
+                     codec: formats.Format, chosen: tuple[str, ...]) -> tuple[dict, dict]:
+    key = (variant, tuple(sorted((dims or {}).items())), dtype, seed, type(codec).__name__, chosen)
+    if key not in _CACHE:
+        source = float_state_dict(variant, dims, dtype, "native", seed)
+        plan = MixedPlan(profile=profile_for(variant), source=source, codec=codec, conf={})
+        for base in chosen:
+            plan.quantize(base)
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = (source, plan.tensors)
+    return _CACHE[key]
 
 
 def _add_input_scales(plan: MixedPlan, input_scale: InputScale) -> None:
