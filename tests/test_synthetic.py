@@ -267,3 +267,37 @@ def test_header_only_full_size_file(tmp_path: Path) -> None:
     assert (found.variant, found.scaled_down) == ("wan2.2-t2v-a14b", False)
     bf16 = synthetic.write_header_only(tmp_path / "q.safetensors", "qwen-image-2512", kind="bf16")
     assert bf16.stat().st_size > 40e9
+
+
+@pytest.mark.parametrize(
+    "fixture, variant, naming, quantized_format",
+    [
+        ("wan_nvfp4_mixed", WAN, "native", "nvfp4"),
+        ("wan_fp8_comfy", WAN, "native", "float8_e4m3fn"),
+        ("wan_scaled_fp8", WAN, "native", "scaled_fp8"),
+        ("wan_float_sharded_diffusers", WAN, "diffusers", None),
+        ("qwen_nvfp4_mixed", "qwen-image-2512", "native", "nvfp4"),
+        ("flux_nvfp4_mixed", "flux1-dev", "native", "nvfp4"),
+    ],
+)
+def test_fixtures_open_as_layers_of_the_expected_format(
+    fixture: str, variant: str, naming: str, quantized_format: str | None, request: pytest.FixtureRequest
+) -> None:
+    from inspect_tools.layers import open_model
+
+    with open_model(request.getfixturevalue(fixture)) as model:
+        assert (model.detection.variant, model.detection.naming) == (variant, naming)
+        counts = model.format_counts()
+    if quantized_format is None:
+        assert set(counts) == {"f32"}
+    else:
+        assert counts[quantized_format] == len(default_selection(variant))
+        assert set(counts) == {quantized_format, "f32"}
+
+
+def test_gguf_fixture_opens_with_city96_types(wan_gguf_q4_0: Path) -> None:
+    from inspect_tools.layers import open_model
+
+    with open_model(wan_gguf_q4_0) as model:
+        assert model.detection.variant == WAN
+        assert model.format_counts() == {"F16": 6, "F32": 14, "Q4_0": 18, "Q4_1": 2}
