@@ -29,6 +29,7 @@ class LintConfig:
     ignore: list[str] = field(default_factory=list)
     fail_on: Severity = Severity.ERROR
     values: bool = True
+    block_scale_budget: int | None = 256 * 2**20  # None: value rules read every layer's block scales
     source: Path | None = None  # the pyproject.toml it came from, if any
 
     def rules(self) -> list[Rule]:
@@ -117,6 +118,7 @@ def resolve_config(
     ignore: Sequence[str] | None = None,
     fail_on: str | None = None,
     values: bool = True,
+    all_scales: bool = False,
     start: Path | None = None,
 ) -> LintConfig:
     """File configuration overridden by command-line options: --select replaces, --ignore adds."""
@@ -130,6 +132,8 @@ def resolve_config(
         except ValueError as exc:
             raise UsageError(str(exc)) from None
     config.values = values
+    if all_scales:
+        config.block_scale_budget = None
     config.rules()
     return config
 
@@ -148,7 +152,7 @@ def lint_model(model: CheckpointModel, config: LintConfig | None = None) -> list
     """Every selected rule over one opened model; findings carry the model's path and come sorted
     (severity first, then rule id, then layer)."""
     config = config or LintConfig()
-    ctx = RuleContext(model)
+    ctx = RuleContext(model, block_scale_budget=config.block_scale_budget)
     findings: list[Finding] = []
     for rule in config.rules():
         if rule.needs_values and not config.values:

@@ -69,6 +69,9 @@ def lint_command(
     header_only: Annotated[
         bool, typer.Option("--header-only", help="Run only rules that need no tensor bytes (instant on any size)")
     ] = False,
+    all_scales: Annotated[
+        bool, typer.Option("--all-scales", help="Check every layer's block scales even past 256 MB of them")
+    ] = False,
     explain_key: Annotated[
         str | None, typer.Option("--explain", help="Print the long explanation of a rule id, name or cause")
     ] = None,
@@ -96,7 +99,8 @@ def lint_command(
 
       nvdiag lint --list
     """
-    config = resolve_config(select=select, ignore=ignore, fail_on=fail_on, values=not header_only)
+    config = resolve_config(select=select, ignore=ignore, fail_on=fail_on, values=not header_only,
+                            all_scales=all_scales)
     out = console()
     if explain_key is not None:
         for rule in explain(explain_key):

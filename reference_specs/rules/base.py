@@ -55,6 +55,8 @@ class RuleContext:
     """
 
     model: ModelView
+    # Bytes of block scales a rule reading every layer's may read (a 14B model has ~900 MB); None = no limit.
+    block_scale_budget: int | None = 256 * 2**20
     _profile: ArchitectureProfile | None = field(default=None, init=False)
     _profile_done: bool = field(default=False, init=False)
     _expected: dict[str, tuple[int, ...]] | None = field(default=None, init=False)
@@ -93,6 +95,18 @@ class RuleContext:
                 value = float(layer.load(role).reshape(-1)[0].to(torch.float64).item())
             self._scalars[key] = value
         return self._scalars[key]
+
+    def within_budget(self, layers: list[Layer], role: str = "weight_scale") -> list[Layer]:
+        """All of `layers` when their `role` tensors fit the block-scale budget, else an evenly spread subset
+        that does (first and last layers included), so big files stay fast and small ones are read entirely."""
+        sizes = [layer.tensors[role].nbytes if role in layer.tensors else 0 for layer in layers]
+        if self.block_scale_budget is None or sum(sizes) <= self.block_scale_budget:
+            return layers
+        per_layer = max(sizes) or 1
+        count = max(1, self.block_scale_budget // per_layer)
+        step = (len(layers) - 1) / max(1, count - 1)
+        picked = sorted({round(i * step) for i in range(count)})
+        return [layers[i] for i in picked]
 
     def layers_of(self, *fmts: str) -> Iterator[Layer]:
         for layer in self.model.layers.values():
