@@ -16,6 +16,7 @@ from inspect_tools.cli.output import (
     findings_document,
     github_lines,
     print_json,
+    rule_legend,
     verdict,
 )
 from inspect_tools.errors import UsageError
@@ -118,7 +119,14 @@ def lint_command(
         for line in github_lines(result.findings):
             typer.echo(line)
     else:
+        files = list(dict.fromkeys(f.file for f in result.findings))
+        for file in files:
+            if len(files) > 1:
+                out.print(f"[bold]{escape(file)}[/]")
+            out.print(compact_findings_table([f for f in result.findings if f.file == file]))
         if result.findings:
-            out.print(compact_findings_table(result.findings))
+            for line in rule_legend(result.findings, {r.id: r.name for r in RULES}):
+                out.print(line)
+            out.print("[dim]nvdiag lint --explain ID: what ComfyUI does with it and how to fix it[/]")
         out.print(verdict(result.findings, config.fail_on, result.layers))
     raise typer.Exit(result.exit_code(config.fail_on))

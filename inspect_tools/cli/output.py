@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from collections.abc import Iterable
 from enum import Enum
@@ -17,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from reference_specs.causes import CAUSES
 from reference_specs.findings import Finding, Severity, summarize
 
 JSON_VERSION = 1
@@ -32,7 +34,8 @@ def console(stderr: bool = False, width: int | None = None) -> Console:
     """Colours only on a TTY; wide enough for tables when piped (or exactly `width` columns)."""
     stream = sys.stderr if stderr else sys.stdout
     if width is None and not stream.isatty():
-        width = 120
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isdigit() and int(columns) >= 40 else 120
     return Console(file=stream, highlight=False, soft_wrap=False, width=width)
 
 
@@ -112,22 +115,35 @@ def collapse_per_rule(findings: Iterable[Finding], limit: int) -> tuple[list[Fin
 
 
 def compact_findings_table(findings: list[Finding], limit_per_rule: int = 8) -> Table:
-    """Four columns that stay readable at 80 columns: severity, rule (id + name), layer, message; long runs of one
-    rule are cut to `limit_per_rule` rows with a row saying how many more there are."""
+    """Four columns that stay readable at 80 columns: severity, rule id, layer, message (print `rule_legend` below
+    it for what the ids mean); long runs of one rule are cut to `limit_per_rule` rows plus a row saying how many
+    more there are."""
     table = Table(show_lines=False, expand=False, pad_edge=False)
     table.add_column("sev", no_wrap=True)
-    table.add_column("rule", overflow="fold", max_width=22)
-    table.add_column("layer", overflow="fold", max_width=24)
+    table.add_column("rule", no_wrap=True)
+    table.add_column("layer", overflow="fold", max_width=26)
     table.add_column("message", overflow="fold", ratio=1)
     ordered = sorted(findings, key=lambda f: (-f.severity, f.rule, f.file, f.layer or ""))
     kept, left_out = collapse_per_rule(ordered, limit_per_rule)
     for i, f in enumerate(kept):
-        table.add_row(f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f"{f.rule} {f.cause}",
-                      escape(f.layer or "(file)"), escape(f.message))
+        table.add_row(f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, escape(f.layer or "(file)"),
+                      escape(f.message))
         last_of_rule = i + 1 == len(kept) or kept[i + 1].rule != f.rule
         if last_of_rule and f.rule in left_out:
             table.add_row("", f.rule, "…", f"[dim]{left_out[f.rule]} more like this (--format json lists all)[/]")
     return table
+
+
+def rule_legend(findings: list[Finding], names: dict[str, str] | None = None) -> list[str]:
+    """'NV101 missing-block-scale: <cause meaning>' once per rule that fired, in table order."""
+    lines, seen = [], set()
+    for f in sorted(findings, key=lambda f: (-f.severity, f.rule)):
+        if f.rule in seen:
+            continue
+        seen.add(f.rule)
+        name = (names or {}).get(f.rule, f.cause)
+        lines.append(f"[bold]{f.rule}[/] {name}: {escape(CAUSES.get(f.cause, ''))}")
+    return lines
 
 
 def verdict(findings: list[Finding], fail_on: Severity = Severity.ERROR, layers: int | None = None) -> str:
@@ -136,7 +152,7 @@ def verdict(findings: list[Finding], fail_on: Severity = Severity.ERROR, layers:
     counts = f"{s['errors']} error(s), {s['warnings']} warning(s), {s['infos']} info(s)"
     where = f" in {layers} layers" if layers is not None else ""
     if exit_code(findings, fail_on):
-        return f"[bold red]FAIL[/]: {counts}{where} (failing at {fail_on} and above)"
+        return f"[bold red]FAIL[/]: {counts}{where} (--fail-on {fail_on})"
     return f"[green]PASS[/]: {counts}{where}"
 
 
