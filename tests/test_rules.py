@@ -301,3 +301,39 @@ def test_rules_for_accepts_ids_prefixes_names_and_causes() -> None:
     assert [r.id for r in rules_for("nv203")] == ["NV203"]
     assert get_rule("wrong-dtype").id == "NV105"
     assert len(rules_for("ALL")) == len(RULES)
+
+
+# ---- other formats and containers ---------------------------------------------------------------------------
+
+def test_more_good_files_lint_clean(make_checkpoint) -> None:
+    assert lint(make_checkpoint("float", dtype=torch.bfloat16, name="lint_bf16")) == []
+    assert lint(make_checkpoint("float", dtype=torch.float16, prefix="model.diffusion_model.", name="lint_f16")) == []
+    assert lint(make_checkpoint("gguf", qtype="Q5_K_M", name="lint_q5km")) == []
+    assert lint(make_checkpoint("nvfp4-mixed", prefix="model.diffusion_model.", markers="metadata",
+                                name="lint_prefixed")) == []
+
+
+def test_diffusers_named_wan_float_checkpoint(wan_float_sharded_diffusers: Path) -> None:
+    (finding,) = lint(wan_float_sharded_diffusers)
+    assert finding.rule == "NV302" and "Could not detect model type" in finding.message
+
+
+def test_fp8_without_markers_needs_them(make_checkpoint) -> None:
+    findings = lint(make_checkpoint("fp8-comfy", markers="none", name="lint_fp8_unmarked"))
+    assert rules_at(findings) == {"NV103"} and "F8_E4M3 weight with a scale" in findings[0].message
+
+
+def test_compressed_tensors_layer_is_named_twice(tmp_path: Path) -> None:
+    from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
+
+    stored = NVFP4CompressedTensors().quantize(torch.randn(128, 256))
+    path = save_safetensors({f"lin.{k}": v for k, v in stored.items()}, tmp_path / "ct.safetensors")
+    assert rules_at(lint(path), Severity.ERROR) == {"NV103", "NV201"}
+
+
+def test_static_input_scale_far_too_large_is_a_reciprocal(write_plan: Callable[..., Path]) -> None:
+    def huge(plan: MixedPlan) -> None:
+        plan.tensors[ATTN_Q + ".input_scale"] = torch.tensor(500.0)
+
+    (finding,) = lint(write_plan(edit=huge))
+    assert (finding.rule, finding.evidence["role"]) == ("NV201", "input_scale")

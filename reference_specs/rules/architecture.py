@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
 from reference_specs.rules.base import ModelView, Rule, RuleContext
@@ -36,7 +37,7 @@ Fix: re-export with `nvdiag convert` (its presets keep these layers high precisi
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
-            if not layer.is_quantized:
+            if not formats.is_quantized(layer.format):
                 continue
             reason = sensitive_reason(layer, ctx)
             if reason:
@@ -72,7 +73,7 @@ included, to ComfyUI-native names."""
         if detection.family == "wan":
             yield self.finding("WAN weights under diffusers names: ComfyUI fails with \"Could not detect model "
                                "type\"", None, evidence)
-        elif any(layer.is_quantized for layer in model.layers.values()):
+        elif any(formats.is_quantized(layer.format) for layer in model.layers.values()):
             yield self.finding(f"quantized {detection.family} file with diffusers names: ComfyUI's key conversion "
                                "drops the scale and marker tensors", None, evidence)
 

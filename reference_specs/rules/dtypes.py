@@ -40,7 +40,7 @@ Fix: `nvdiag fix` re-stores tensors whose values are right but whose dtype is wr
         if model.file_markers.get("container") == "gguf":
             return  # GGML types are not safetensors dtypes; GGUF layers are checked by their own format
         for layer in model.layers.values():
-            if not layer.is_quantized:
+            if not formats.is_quantized(layer.format):
                 continue
             try:
                 fmt = formats.get(layer.format)

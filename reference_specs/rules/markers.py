@@ -20,6 +20,8 @@ def _legacy_fp8(model: ModelView, layer: Layer) -> bool:
 
 def _needs_marker(layer: Layer) -> str | None:
     """Why a layer without a marker is a broken quantized layer, or None when it is a plain weight."""
+    if layer.has("weight_packed"):
+        return "compressed-tensors packed weight (.weight_packed, a name ComfyUI never reads)"
     dtype = layer.dtype("weight")
     if dtype in ("U8", "I8"):
         return f"packed {dtype} weight"
