@@ -1,0 +1,122 @@
+"""Every command that reads a checkpoint turns every broken or hostile input into exit 2 and one line on stderr
+that names the file, prints no traceback, never unpickles anything and leaves nothing in the output folder.
+
+Each case builds one entry of inspect_tools.synthetic.bad_inputs.BAD_INPUTS and passes it to one input slot of one
+command (e.g. `diff`'s second path, `convert --input-scales`); the other slots get small valid files.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from inspect_tools.cli import main
+from inspect_tools.synthetic.bad_inputs import BAD_INPUTS, PICKLE_MARKER_NAME, UNSAFE_INPUTS
+
+# argv for one command with the bad path in one slot: (bad, good float source, good NVFP4 file, output folder).
+Slot = Callable[[str, str, str, Path], list[str]]
+
+SLOTS: dict[str, Slot] = {
+    "inspect": lambda bad, f, q, out: ["inspect", bad],
+    "lint": lambda bad, f, q, out: ["lint", bad],
+    "diff-mine": lambda bad, f, q, out: ["diff", bad, q],
+    "diff-ref": lambda bad, f, q, out: ["diff", q, bad],
+    "roundtrip-path": lambda bad, f, q, out: ["roundtrip", bad, "--against", f, "--report", str(out / "r.html")],
+    "roundtrip-against": lambda bad, f, q, out: ["roundtrip", q, "--against", bad, "--report", str(out / "r.html")],
+    "preset-from-gguf": lambda bad, f, q, out: ["preset", "from-gguf", bad, "-o", str(out / "p.toml")],
+    "preset-show-on": lambda bad, f, q, out: ["preset", "show", "smart", "--on", bad],
+    "convert-src": lambda bad, f, q, out: ["convert", bad, str(out / "o.safetensors"), "--preset", "smart"],
+    "convert-input-scales": lambda bad, f, q, out: ["convert", f, str(out / "o.safetensors"), "--preset", "smart",
+                                                    "--input-scales", bad],
+    "fix-broken": lambda bad, f, q, out: ["fix", bad, str(out / "o.safetensors")],
+    "fix-against": lambda bad, f, q, out: ["fix", q, str(out / "o.safetensors"), "--against", bad],
+}
+
+# inspect and lint see every bad input; the other slots a representative subset plus every pickle-based one.
+REPRESENTATIVE = ("truncated", "header_not_json", "offset_past_end", "index_parent_path", "gguf_truncated_data",
+                  "directory_without_checkpoint", "missing_path", "empty_file")
+FULL_SLOTS = ("inspect", "lint")
+
+
+def _cases() -> list[tuple[str, str]]:
+    cases = []
+    for slot in SLOTS:
+        names = sorted(BAD_INPUTS) if slot in FULL_SLOTS else sorted(set(REPRESENTATIVE) | UNSAFE_INPUTS)
+        cases += [(slot, name) for name in names]
+    return cases
+
+
+@pytest.fixture(scope="module")
+def good(make_checkpoint) -> tuple[str, str]:
+    """(float source, NVFP4 mixed file) of the same tiny WAN model."""
+    return str(make_checkpoint("float", name="bad_inputs_float")), str(make_checkpoint("nvfp4-mixed",
+                                                                                       name="bad_inputs_nvfp4"))
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _assert_one_clear_line(err: str, folder: Path) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("nvdiag: error: "), err
+    assert "Traceback" not in err
+    assert str(folder) in lines[0], f"the message does not name the file: {lines[0]}"
+
+
+@pytest.mark.parametrize(("slot", "name"), _cases())
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, good, slot: str, name: str, capsys):
+    folder = tmp_path / name
+    bad = BAD_INPUTS[name](folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    before = sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+    code, _, err = _run(SLOTS[slot](str(bad), *good, out), capsys)
+    assert code == 2, err
+    _assert_one_clear_line(err, folder)
+    if name in UNSAFE_INPUTS:
+        assert "weights_only=True" in err  # the message explains how to convert the file safely
+    assert list(out.iterdir()) == [], "a failed command left a file in the output folder"
+    assert not (folder / PICKLE_MARKER_NAME).exists()
+    after = sorted(p.name for p in folder.rglob("*")) if folder.exists() else []
+    assert after == before, "the input folder changed"
+
+
+def test_every_command_slot_sees_every_pickle_based_input():
+    for slot in SLOTS:
+        assert UNSAFE_INPUTS <= {name for s, name in _cases() if s == slot}
+
+
+# --- through a real process: what reaches the terminal -------------------------------------------------------------
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("nvdiag")
+
+
+def _terminal(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-c",
+                                                                     "from inspect_tools.cli import run; run()"]
+    env = {**os.environ, "COLUMNS": "120"}
+    env.pop("NVDIAG_DEBUG", None)
+    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=120, env=env)
+
+
+@pytest.mark.parametrize(("slot", "name"), [("inspect", "header_length_over_bound"), ("lint", "gguf_impossible_counts"),
+                                            ("convert-src", "pickle_payload"), ("diff-ref", "index_symlink_escape")])
+def test_a_real_process_prints_one_line_and_no_traceback(tmp_path: Path, good, slot: str, name: str):
+    folder = tmp_path / name
+    bad = BAD_INPUTS[name](folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    done = _terminal(SLOTS[slot](str(bad), *good, out))
+    assert done.returncode == 2, done.stderr
+    _assert_one_clear_line(done.stderr, folder)
+    assert list(out.iterdir()) == []
+    assert not (folder / PICKLE_MARKER_NAME).exists()
