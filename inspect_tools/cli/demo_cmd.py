@@ -79,12 +79,14 @@ def run_demo(folder: Path) -> int:
          "Against the FP32 sharded diffusers source: the error per layer, and the cause that explains it."),
         ("5. Repair it losslessly", ["fix", broken, fixed],
          "The cause is certain and has a lossless remedy: re-swizzle the block scales."),
-        ("6. Derive the layer selection from the GGUF file", ["preset", "from-gguf", gguf, "-o", preset],
+        ("6. Check the repaired file", ["roundtrip", fixed, "--against", src],
+         "Same bytes, right layout: every NVFP4 layer back within NVFP4's own error of the source."),
+        ("7. Derive the layer selection from the GGUF file", ["preset", "from-gguf", gguf, "-o", preset, "--force"],
          "F32 stays F32, F16 stays 16-bit, Q4_0/Q4_1 become NVFP4."),
-        ("7. Convert the source the right way", ["convert", src, good, "--preset", preset, "--force"],
+        ("8. Convert the source the right way", ["convert", src, good, "--preset", preset, "--force"],
          "ComfyUI-native names, swizzled scales, markers; gated by lint and a roundtrip before it is published."),
-        ("8. Check the result", ["roundtrip", good, "--against", src],
-         "Every NVFP4 layer within NVFP4's own error of the source."),
+        ("9. Lint the converted file", ["lint", good],
+         "What the gate already checked before publishing, run again as a user would."),
     ]
     codes = [_step(title, argv, why) for title, argv, why in steps]
     out.rule("[bold]summary")
