@@ -15,9 +15,12 @@ import os
 import shutil
 import signal
 import struct
+import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -29,7 +32,21 @@ from inspect_tools.readers.safetensors_dtypes import DTYPE_NAMES, DTYPES, byte_l
 
 HEADER_ALIGNMENT = 8
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+SIGINT_EXIT_CODE = 128 + signal.SIGINT  # ... and by Ctrl-C
+CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 TEMP_SUFFIX = ".nvdiag-tmp"
+
+
+def _read_test_write_delay() -> float:
+    """Seconds to sleep after each tensor write, for tests that signal a real `nvdiag convert` mid-write on files
+    small enough to write in milliseconds. Read once at import; unset (or unparsable) in normal use: no delay."""
+    try:
+        return max(0.0, float(os.environ.get("NVDIAG_TEST_WRITE_DELAY", "0") or 0))
+    except ValueError:
+        return 0.0
+
+
+TEST_WRITE_DELAY = _read_test_write_delay()
 
 Entry = tuple[str, str, Sequence[int]]  # (name, safetensors dtype name, shape)
 
@@ -114,7 +131,12 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 class _TerminateRequested(BaseException):
-    """Raised from our SIGTERM handler so the `with` block unwinds and removes the temporary file."""
+    """Raised from our SIGTERM/SIGINT handler so the `with` block unwinds and removes the temporary file.
+    A BaseException, so no `except Exception` between here and the writer can swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
 
 
 class SafetensorsWriter:
@@ -158,7 +180,11 @@ class SafetensorsWriter:
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.abort()
         if isinstance(exc, _TerminateRequested):
-            raise SystemExit(SIGTERM_EXIT_CODE) from None  # temporary file is gone: end quietly, as SIGTERM would
+            # The temporary file is gone: say so in one line and end with the code a shell expects for the signal.
+            name = signal.Signals(exc.signum).name
+            print(f"nvdiag: interrupted by {name}: {self.path} was not written (temporary file removed)",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + exc.signum) from None
 
     def open(self) -> None:
         folder = self.path.parent
@@ -167,8 +193,11 @@ class SafetensorsWriter:
         if self._check_space:
             ensure_free_space(folder, self.total_bytes)
         self._install_sigterm()
-        fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, dir=folder)
-        self._fd, self.temp_path = fd, Path(name)
+        # A signal between mkstemp and remembering its name would leak the file: hold signals for those two steps
+        # (a held signal is delivered, and our handler runs, right after).
+        with _signals_held():
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, dir=folder)
+            self._fd, self.temp_path = fd, Path(name)
         _pwrite_all(fd, memoryview(self._header), 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -190,6 +219,8 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name!r}: {len(data)} bytes, planned {expected}")
         _pwrite_all(self._fd, data, self._offsets[name])
         self._written.add(name)
+        if TEST_WRITE_DELAY:
+            time.sleep(TEST_WRITE_DELAY)
 
     def flush(self) -> None:
         """Nothing to do: write() hands bytes to the OS with pwrite, so the temporary file can already be read back
@@ -229,15 +260,30 @@ class SafetensorsWriter:
         if threading.current_thread() is not threading.main_thread():
             return
 
-        def on_sigterm(signum: int, frame: FrameType | None) -> None:
-            raise _TerminateRequested(f"terminated by signal {signum}")
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            raise _TerminateRequested(signum)
 
-        self._old_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
+        self._old_sigterm = {sig: signal.signal(sig, on_signal) for sig in CLEANUP_SIGNALS}
 
     def _restore_sigterm(self) -> None:
         if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
+            for sig, handler in self._old_sigterm.items():
+                signal.signal(sig, handler)
             self._old_sigterm = None
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """Block SIGTERM/SIGINT for a few statements (main thread, POSIX); pending ones are delivered on exit."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
 
 
 def check_output_path(out: str | Path, inputs: Iterable[str | Path]) -> Path:
