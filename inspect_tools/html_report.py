@@ -121,12 +121,10 @@ figure {{ display: inline-block; margin: 0 1em 1em 0; }}
 
 def write_report(result: RoundtripResult, target: str | Path, inputs: list[Path] | None = None) -> Path:
     """Render and write atomically: a temporary file beside `target`, then a rename. Never overwrites an input."""
+    from inspect_tools.writer import check_output_path
+
     target = Path(target)
-    resolved = target.resolve()
-    if any(resolved == Path(p).resolve() for p in inputs or []):
-        raise OutputError(f"--report {target} would overwrite an input file")
-    if not target.parent.exists():
-        raise OutputError(f"--report {target}: folder {target.parent} does not exist")
+    check_output_path(target, inputs or [])  # also refuses a symlink or hard link to an input, and a folder
     text = render(result)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
