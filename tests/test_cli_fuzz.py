@@ -1,0 +1,190 @@
+"""Fuzzing at the command line: mutated safetensors headers, index.json files and GGUF headers fed to `nvdiag
+inspect` and `nvdiag lint` end in exit 0, 1 or 2, never in an unhandled exception, and each run stays fast.
+
+The reader-level fuzz tests (test_fuzz_readers.py) prove the readers raise only InputError; these go through the
+layer model, format classification and every lint rule, which see values no valid file has.
+Raise NVDIAG_FUZZ_EXAMPLES for a deeper run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from inspect_tools.cli import main
+from inspect_tools.synthetic.bad_inputs import safetensors_bytes, write_valid_gguf
+
+EXAMPLES = int(os.environ.get("NVDIAG_FUZZ_EXAMPLES", "25"))
+# deadline: per example, both commands; a tiny file must never take seconds however it is broken.
+FUZZ = settings(max_examples=EXAMPLES, deadline=3000, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+COMMANDS = (["inspect"], ["lint", "--format", "json"])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
+    max_leaves=6,
+)
+
+
+def run_all(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for command in COMMANDS:
+        code = main([*command, str(path)])
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2), (command, code, err)
+        assert "Traceback" not in err
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1, err
+
+
+# --- safetensors headers of a real (tiny) NVFP4 mixed checkpoint ----------------------------------------------------
+
+def split_safetensors(path: Path) -> tuple[dict, bytes]:
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+@pytest.fixture(scope="module")
+def nvfp4_parts(make_checkpoint) -> tuple[dict, bytes]:
+    return split_safetensors(make_checkpoint("nvfp4-mixed", name="fuzz_nvfp4"))
+
+
+@st.composite
+def header_mutations(draw, header: dict) -> dict:
+    """Change what a broken converter or a hostile author would: a field of a tensor entry (often a quantized
+    layer's aux tensor), a tensor's name, a dropped tensor, or a metadata value."""
+    header = json.loads(json.dumps(header))
+    names = sorted(k for k in header if k != "__metadata__")
+    aux = [n for n in names if n.rsplit(".", 1)[-1] in ("weight_scale", "weight_scale_2", "comfy_quant",
+                                                         "input_scale")] or names
+    for _ in range(draw(st.integers(1, 3))):
+        action = draw(st.sampled_from(["field", "field", "rename", "drop", "metadata", "dtype"]))
+        name = draw(st.sampled_from(aux if draw(st.booleans()) else names))
+        if name not in header:
+            continue
+        if action == "field":
+            header[name][draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra"]))] = draw(json_values)
+        elif action == "dtype":
+            header[name]["dtype"] = draw(st.sampled_from(["U8", "I8", "F8_E4M3", "F8_E5M2", "BF16", "F16", "F32",
+                                                          "F64", "I64", "BOOL", "F4", "F8_E8M0"]))
+        elif action == "rename":
+            suffix = draw(st.sampled_from(["weight", "weight_scale", "weight_scale_2", "comfy_quant", "input_scale",
+                                           "bias", "scaled_fp8", ""]))
+            new = name.rsplit(".", 1)[0] + ("." + suffix if suffix else "")
+            header[new] = header.pop(name)
+        elif action == "drop":
+            del header[name]
+        else:
+            meta = header.setdefault("__metadata__", {})
+            meta[draw(st.sampled_from(["_quantization_metadata", "format", "nvdiag"]))] = draw(
+                st.text(max_size=12) | json_values.map(json.dumps))
+    return header
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_nvfp4_header(tmp_path: Path, nvfp4_parts, data, capsys):
+    header, body = nvfp4_parts
+    mutated = data.draw(header_mutations(header))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(safetensors_bytes(json.dumps(mutated).encode(), body))
+    run_all(path, capsys)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_safetensors_bytes(tmp_path: Path, nvfp4_parts, data, capsys):
+    """Raw byte damage inside the header (the data section is covered by the readers' own fuzz test)."""
+    header, body = nvfp4_parts
+    raw = bytearray(safetensors_bytes(header, body))
+    (length,) = struct.unpack("<Q", raw[:8])
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, 8 + length - 1))
+        raw[position] = data.draw(st.integers(0, 255))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(bytes(raw))
+    run_all(path, capsys)
+
+
+# --- index.json of a sharded checkpoint -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharded(make_checkpoint, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A private copy of a 2-shard checkpoint (the index is rewritten by every example) and its index document."""
+    index = make_checkpoint("float", sharded=2, name="fuzz_sharded")
+    folder = tmp_path_factory.mktemp("fuzz_sharded")
+    for shard in index.parent.iterdir():
+        shutil.copy(shard, folder / shard.name)
+    return folder / index.name, json.loads(index.read_text())
+
+
+@st.composite
+def index_mutations(draw, document: dict) -> bytes:
+    document = json.loads(json.dumps(document))
+    weight_map = document["weight_map"]
+    names = sorted(weight_map)
+    shards = sorted(set(weight_map.values()))
+    for _ in range(draw(st.integers(1, 3))):
+        action = draw(st.sampled_from(["value", "shard", "path", "drop", "add", "top", "bytes"]))
+        name = draw(st.sampled_from(names))
+        if action == "value" and name in weight_map:
+            weight_map[name] = draw(json_values)
+        elif action == "shard" and name in weight_map:
+            weight_map[name] = draw(st.sampled_from(shards))  # the tensor is in the other shard (or still here)
+        elif action == "path" and name in weight_map:
+            weight_map[name] = draw(st.sampled_from(["../" + shards[0], "/etc/passwd", ".", "", "sub/" + shards[0],
+                                                     shards[0] + "\x00", "C:\\x.safetensors"]))
+        elif action == "drop":
+            weight_map.pop(name, None)
+        elif action == "add":
+            weight_map[draw(st.text(max_size=10))] = draw(st.sampled_from(shards))
+        elif action == "top":
+            document[draw(st.sampled_from(["weight_map", "metadata"]))] = draw(json_values)
+    raw = bytearray(json.dumps(document).encode())
+    if draw(st.booleans()) and raw:
+        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    return bytes(raw)
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_index_json(sharded, data, capsys):
+    index, document = sharded
+    index.write_bytes(data.draw(index_mutations(document)))
+    run_all(index, capsys)
+
+
+# --- GGUF headers ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gguf_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return write_valid_gguf(tmp_path_factory.mktemp("fuzz_gguf") / "base.gguf").read_bytes()
+
+
+# Magic, version, counts, then key-value and tensor-info records: the structure lives in the first few hundred bytes.
+GGUF_HEADER_BYTES = 400
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_gguf_header(tmp_path: Path, gguf_bytes: bytes, data, capsys):
+    raw = bytearray(gguf_bytes)
+    for _ in range(data.draw(st.integers(1, 4))):
+        position = data.draw(st.integers(0, min(GGUF_HEADER_BYTES, len(raw)) - 1))
+        if data.draw(st.booleans()):
+            raw[position] = data.draw(st.integers(0, 255))
+        else:  # a plausible-looking but wrong 64-bit count, length or offset
+            raw[position:position + 8] = struct.pack("<Q", data.draw(st.sampled_from(
+                [0, 1, 2**31, 2**32 + 1, 2**63, 2**64 - 1])))
+    path = tmp_path / "model.gguf"
+    path.write_bytes(bytes(raw))
+    run_all(path, capsys)
