@@ -1,15 +1,21 @@
 """`convert`: plan -> stream-encode into a temporary file -> gate (lint + sampled roundtrip) -> rename into place.
 
-Memory stays bounded by the largest tensor: the header is written from the plan, then each layer is read, encoded
-and written before the next one is touched. A NaN/Inf source weight or a gate finding aborts the writer, which
-removes its temporary file: nothing is published and the inputs are never touched.
+The header is written from the plan, then the layers stream through three overlapping stages (Stages): a reader
+thread preads the next layers' source tensors into reused (on the GPU path pinned) buffers, the calling thread
+checks them for NaN/Inf and encodes (on the CPU or the GPU), a writer thread pwrites the outputs. Bounded queues and
+the buffer pool's byte budget keep the memory in flight at a few of the largest layers whatever the model size. A
+NaN/Inf source weight or a gate finding aborts the writer, which removes its temporary file: nothing is published
+and the inputs are never touched.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import queue
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,8 +36,9 @@ from converter.plan import (
     quantization_metadata,
 )
 from converter.preset import Preset, load_preset
-from inspect_tools.errors import OutputError, UsageError
+from inspect_tools.errors import InputError, OutputError, UsageError
 from inspect_tools.layers import open_model
+from inspect_tools.readers.safetensors_dtypes import DTYPES
 from reference_specs import models
 
 VERSION = getattr(converter, "__version__", None)
@@ -91,13 +98,17 @@ def output_metadata(plan: ConversionPlan, sources: list[Path], dtype_16: str | N
     return meta
 
 
-def load_sources(lp: LayerPlan, load: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The source tensors of one planned layer, by source key (read once, used for the NaN check and encoding)."""
-    return {t.source: load(t.source) for t in lp.tensors if t.source is not None}
+def stage_sources(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The layer's source tensors where they are used: a quantized weight goes to the encoding device (from a pinned
+    buffer the copy is asynchronous), everything else stays on the CPU to be cast and written."""
+    if device == "cpu" or not lp.quantized:
+        return src
+    key = lp.source.tensors["weight"].name
+    return {**src, key: src[key].to(device, non_blocking=True)}
 
 
 def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """The output tensors of one planned layer, by output name, from its loaded source tensors."""
+    """The output tensors of one planned layer (on the CPU), by output name, from its loaded source tensors."""
     out: dict[str, torch.Tensor] = {}
     encoded: dict[str, torch.Tensor] = {}
     if lp.quantized:
@@ -116,6 +127,290 @@ def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> d
 
 def count_non_finite(src: dict[str, torch.Tensor]) -> int:
     return sum(enc.non_finite(t) for t in src.values())
+
+
+# --- streaming: read ahead, encode, write behind ---------------------------------------------------------------
+
+# Tensors below this size are allocated fresh: pooling them saves nothing measurable.
+POOL_MIN_BYTES = 1 << 20
+# Source bytes in flight (read ahead, being encoded, waiting to be written) stay under this many times the largest
+# layer (and a floor for models of tiny layers): enough to read layer i+1 while layer i is encoded and layer i-1
+# written, and the same bound whatever the number of layers.
+POOL_LAYERS = 3
+POOL_FLOOR_BYTES = 64 << 20
+QUEUE_DEPTH = 2  # layers waiting between two stages
+_POLL_S = 0.05  # how often a blocked stage looks whether the run was stopped
+
+
+class _Stopped(Exception):
+    """Another stage failed or the run was interrupted: this one ends quietly."""
+
+
+_END = object()  # the end of a stage's stream
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+class BufferPool:
+    """Host buffers for source tensors. Reused, so a tensor read costs no page faults or zero-filling (bytearray and
+    fresh large allocations pay both); pinned on the GPU path, so host-to-device copies are asynchronous and run at
+    full speed (gpu-notes.md: 54 GB/s pinned vs 8-9 GB/s pageable); and bounded: acquire() waits while `budget`
+    bytes are handed out, which is what bounds peak memory whatever the model size."""
+
+    def __init__(self, budget: int, pinned: bool = False) -> None:
+        self.budget = budget
+        self.pinned = pinned
+        self.in_use = 0
+        self.peak = 0
+        self._free: list[torch.Tensor] = []
+        self._cond = threading.Condition()
+        self._stopped = False
+
+    def _allocate(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def _reuse(self, nbytes: int) -> torch.Tensor | None:
+        """The smallest free buffer that holds nbytes without wasting more than its own size."""
+        fitting = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
+        if not fitting:
+            return None
+        return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))  # by index: == on tensors is elementwise
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        """A 1-D uint8 buffer of at least nbytes; waits while the budget is spent (a single tensor larger than the
+        whole budget still gets one when nothing else is in use)."""
+        with self._cond:
+            while True:
+                if self._stopped:
+                    raise _Stopped()
+                buf = self._reuse(nbytes) if nbytes >= POOL_MIN_BYTES else None
+                if buf is None and (self.in_use + nbytes <= self.budget or self.in_use == 0):
+                    while self._free and self.in_use + nbytes + sum(b.numel() for b in self._free) > self.budget:
+                        self._free.pop(0)
+                    buf = self._allocate(nbytes)
+                if buf is not None:
+                    self.in_use += buf.numel()
+                    self.peak = max(self.peak, self.in_use)
+                    return buf
+                self._cond.wait(_POLL_S)
+
+    def release(self, buf: torch.Tensor) -> None:
+        with self._cond:
+            self.in_use -= buf.numel()
+            if buf.numel() >= POOL_MIN_BYTES:
+                self._free.append(buf)
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._free.clear()
+            self._cond.notify_all()
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise InputError("file is shorter than its header says (changed or truncated while open)", str(path))
+        done += got
+
+
+class SourceStream:
+    """Source tensors read straight into pool buffers with pread (the reader already validated every header and
+    offset). pread releases the GIL, so reading overlaps the encoder. Containers whose bytes are not plain tensors
+    (GGUF, sub-byte dtypes) go through the reader itself."""
+
+    def __init__(self, reader: Any, pool: BufferPool) -> None:
+        self.reader = reader
+        self.pool = pool
+        self._fds: dict[Path, int] = {}
+
+    def _raw(self, info: Any) -> bool:
+        spec = DTYPES.get(info.dtype)
+        return self.reader.kind in ("safetensors", "sharded") and spec is not None and spec.torch_dtype is not None
+
+    def _fd(self, path: Path) -> int:
+        if path not in self._fds:
+            try:
+                self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
+        return self._fds[path]
+
+    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tensor as stored, the pool buffer holding it, to release once it is written; None if not pooled)."""
+        info = self.reader.tensors[key]
+        if not self._raw(info) or info.nbytes == 0:
+            return self.reader.load(key), None
+        buf = self.pool.acquire(info.nbytes)
+        try:
+            data = buf[: info.nbytes]
+            _pread_into(self._fd(info.file), memoryview(data.numpy()), info.offset, info.file)
+        except BaseException:
+            self.pool.release(buf)
+            raise
+        return data.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape), buf
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+@dataclass
+class _Job:
+    plan: LayerPlan
+    src: dict[str, torch.Tensor]
+    buffers: list[torch.Tensor]
+
+
+def read_job(lp: LayerPlan, stream: SourceStream) -> _Job:
+    job = _Job(lp, {}, [])
+    try:
+        for t in lp.tensors:
+            if t.source is not None and t.source not in job.src:
+                job.src[t.source], buf = stream.load(t.source)
+                if buf is not None:
+                    job.buffers.append(buf)
+    except BaseException:
+        for buf in job.buffers:
+            stream.pool.release(buf)
+        raise
+    return job
+
+
+class Stages:
+    """read -> (caller encodes) -> write, as three overlapping stages: a reader thread fills pool buffers with the
+    next layers' sources, the caller's thread checks and encodes, a writer thread pwrites the outputs and returns
+    the buffers. Queues of QUEUE_DEPTH layers and the pool's byte budget bound the memory in flight.
+    threaded=False runs the same steps inline, in order (same bytes; used by tests and for debugging)."""
+
+    def __init__(self, reader: Any, plan: ConversionPlan, writer: Any, pinned: bool = False,
+                 threaded: bool = True) -> None:
+        largest = max((lp.source_bytes for lp in plan.layers), default=0)
+        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES), pinned)
+        self.stream = SourceStream(reader, self.pool)
+        self.plan = plan
+        self.writer = writer
+        self.threaded = threaded
+        self._stop = threading.Event()
+        self._read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self._write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+        self._write_error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+
+    def __enter__(self) -> Stages:
+        if self.threaded:
+            self._threads = [threading.Thread(target=self._read_all, name="nvdiag-read", daemon=True),
+                             threading.Thread(target=self._write_all, name="nvdiag-write", daemon=True)]
+            for thread in self._threads:
+                thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.pool.stop()
+        for thread in self._threads:
+            thread.join()
+        self.stream.close()
+
+    # queues that give up when the run stops, so no stage can wait forever on one that has ended
+    def _put(self, q: queue.Queue, item: object) -> None:
+        while not self._stop.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped()
+
+    def _get(self, q: queue.Queue) -> object:
+        while not self._stop.is_set():
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+        raise _Stopped()
+
+    def _read_all(self) -> None:
+        try:
+            for lp in self.plan.layers:
+                self._put(self._read_q, read_job(lp, self.stream))
+            self._put(self._read_q, _END)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            try:
+                self._put(self._read_q, _Failure(exc))
+            except _Stopped:
+                pass
+
+    def _write_all(self) -> None:
+        try:
+            while (item := self._get(self._write_q)) is not _END:
+                self._write(*item)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread by write()/finish()
+            self._write_error = exc
+            self._stop.set()
+            self.pool.stop()
+
+    def _write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        for name, tensor in outputs.items():
+            self.writer.write(name, tensor)
+        self.release(buffers)
+
+    def jobs(self) -> Iterator[_Job]:
+        """Every planned layer with its source tensors, in plan order."""
+        if not self.threaded:
+            for lp in self.plan.layers:
+                yield read_job(lp, self.stream)
+            return
+        while True:
+            try:
+                item = self._get(self._read_q)
+            except _Stopped:
+                self._raise_write_error()
+                raise
+            if item is _END:
+                return
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+
+    def write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        """Hand a layer's outputs to the writer; its source buffers return to the pool once they are written."""
+        if not self.threaded:
+            self._write(outputs, buffers)
+            return
+        self._raise_write_error()
+        try:
+            self._put(self._write_q, (outputs, buffers))
+        except _Stopped:
+            self._raise_write_error()
+            raise
+
+    def release(self, buffers: list[torch.Tensor]) -> None:
+        for buf in buffers:
+            self.pool.release(buf)
+
+    def finish(self) -> None:
+        """Wait until everything handed to write() is in the file."""
+        if not self.threaded:
+            return
+        self._put(self._write_q, _END)
+        self._threads[-1].join()
+        self._raise_write_error()
+
+    def _raise_write_error(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
 
 
 def _progress(enabled: bool, total_bytes: int):
@@ -170,10 +465,11 @@ def check_device(device: str) -> str:
 
 def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dtype_16: str | None = None,
             input_scales: str | Path | None = None, dry_run: bool = False, force: bool = False,
-            device: str = "cpu", progress: bool = False, gate_sample: int = 8) -> ConvertResult:
+            device: str = "cpu", progress: bool = False, gate_sample: int = 8, threads: bool = True) -> ConvertResult:
     """Convert SRC into a ComfyUI-native mixed NVFP4 file at OUT. Returns what happened; raises NvdiagError for
     bad input or a refused output path (exit 2). `result.refused` (exit 1) when a source weight is not finite
-    or the gate finds an error in what was written; then OUT does not exist (or keeps its old content)."""
+    or the gate finds an error in what was written; then OUT does not exist (or keeps its old content).
+    threads=False reads, encodes and writes one layer after the other (same bytes, no overlap)."""
     from inspect_tools.writer import SafetensorsWriter, check_output_path, ensure_free_space
 
     started = time.monotonic()
@@ -190,29 +486,30 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
             raise OutputError("exists; pass --force to overwrite it", str(out))
         ensure_free_space(out.parent, plan.output_bytes)
         meta = output_metadata(plan, sources, dtype_16, Path(input_scales) if input_scales else None)
-        load = model.reader.load
         bar = _progress(progress, plan.output_bytes)
         try:
-            with SafetensorsWriter(out, plan.entries, meta) as writer:
+            with SafetensorsWriter(out, plan.entries, meta) as writer, \
+                    Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads) as stages:
                 task = bar.add_task("convert", total=len(plan.layers)) if bar else None
                 if bar:
                     bar.start()
-                for lp in plan.layers:
-                    src = load_sources(lp, load)
+                for job in stages.jobs():
+                    lp = job.plan
+                    src = stage_sources(lp, job.src, device)
                     bad = count_non_finite(src)
                     if bad:
                         result.non_finite[lp.source.name if lp.source else lp.name] = bad
                     if result.non_finite:  # refusing: keep reading only to name every bad layer
+                        stages.release(job.buffers)
                         continue
-                    for name, tensor in produce_layer(lp, src, device).items():
-                        writer.write(name, tensor)
-                    del src
+                    stages.write(produce_layer(lp, src, device), job.buffers)
+                    del src, job
                     if bar:
                         bar.advance(task)
                 if result.non_finite:
                     raise _Abort()
-                _flush(writer)
-                result.gate = run_gate(_temp_path(writer), model, plan, sample=gate_sample)
+                stages.finish()
+                result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample)
                 if result.gate.failed:
                     raise _Abort()
                 writer.commit()
@@ -225,16 +522,3 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
     result.seconds = time.monotonic() - started
     return result
 
-
-def _temp_path(writer: Any) -> Path:
-    for attr in ("temp_path", "tmp_path", "tmp", "temp"):
-        value = getattr(writer, attr, None)
-        if value is not None:
-            return Path(value)
-    raise RuntimeError("SafetensorsWriter exposes no temporary path to verify")
-
-
-def _flush(writer: Any) -> None:
-    flush = getattr(writer, "flush", None)
-    if callable(flush):
-        flush()
