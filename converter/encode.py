@@ -52,17 +52,23 @@ def cast(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
     return tensor if tensor.dtype == target else tensor.to(target)
 
 
-def non_finite(tensor: torch.Tensor) -> int:
-    """Count of NaN/Inf values (0 for non-float tensors).
+def finite_check(tensor: torch.Tensor) -> tuple[int, float]:
+    """(count of NaN/Inf values, max |value|) of a tensor; (0, 0.0) for non-float or empty tensors.
 
     The common all-finite case costs one reduction pass: min and max are finite exactly when every value is (NaN
     propagates through aminmax, an Inf is an extreme), measured ~30x cheaper than isfinite().all(), which writes a
-    full-size bool temporary. Only a tensor that fails pays for the exact count."""
+    full-size bool temporary; the same pass gives the amax the gate checks weight_scale_2 against. Only a tensor
+    that fails pays for the exact count."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
-        return 0
+        return 0, 0.0
     if tensor.element_size() == 1:  # float8 has neither aminmax nor isfinite on the CPU; widening is exact
         tensor = tensor.to(torch.float16)
-    lo, hi = torch.aminmax(tensor)
-    if math.isfinite(float(lo)) and math.isfinite(float(hi)):
-        return 0
-    return int((~torch.isfinite(tensor)).sum())
+    lo, hi = (float(v) for v in torch.aminmax(tensor))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return 0, max(-lo, hi)
+    return int((~torch.isfinite(tensor)).sum()), math.nan
+
+
+def non_finite(tensor: torch.Tensor) -> int:
+    """Count of NaN/Inf values (0 for non-float tensors)."""
+    return finite_check(tensor)[0]

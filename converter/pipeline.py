@@ -129,6 +129,19 @@ def count_non_finite(src: dict[str, torch.Tensor]) -> int:
     return sum(enc.non_finite(t) for t in src.values())
 
 
+def check_sources(lp: LayerPlan, src: dict[str, torch.Tensor]) -> tuple[int, float | None]:
+    """(NaN/Inf count over the layer's source tensors, max |w| of its quantized weight or None), in one pass each:
+    the amax is what the gate checks the written per-tensor scale against."""
+    weight_key = lp.source.tensors["weight"].name if lp.quantized else None
+    bad, amax = 0, None
+    for key, tensor in src.items():
+        count, extreme = enc.finite_check(tensor)
+        bad += count
+        if key == weight_key:
+            amax = extreme
+    return bad, amax
+
+
 # --- streaming: read ahead, encode, write behind ---------------------------------------------------------------
 
 # Tensors below this size are allocated fresh: pooling them saves nothing measurable.
@@ -177,7 +190,8 @@ class BufferPool:
         fitting = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
         if not fitting:
             return None
-        return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))  # by index: == on tensors is elementwise
+        # popped by index: list.remove would compare tensors elementwise
+        return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 buffer of at least nbytes; waits while the budget is spent (a single tensor larger than the
@@ -487,6 +501,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         ensure_free_space(out.parent, plan.output_bytes)
         meta = output_metadata(plan, sources, dtype_16, Path(input_scales) if input_scales else None)
         bar = _progress(progress, plan.output_bytes)
+        source_amax: dict[str, float] = {}  # quantized layer -> max |w| of its source weight, for the gate
         try:
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads) as stages:
@@ -496,7 +511,9 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                 for job in stages.jobs():
                     lp = job.plan
                     src = stage_sources(lp, job.src, device)
-                    bad = count_non_finite(src)
+                    bad, amax = check_sources(lp, src)
+                    if amax is not None:
+                        source_amax[lp.name] = amax
                     if bad:
                         result.non_finite[lp.source.name if lp.source else lp.name] = bad
                     if result.non_finite:  # refusing: keep reading only to name every bad layer
@@ -509,7 +526,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                 if result.non_finite:
                     raise _Abort()
                 stages.finish()
-                result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample)
+                result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax)
                 if result.gate.failed:
                     raise _Abort()
                 writer.commit()
