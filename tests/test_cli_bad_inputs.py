@@ -120,3 +120,19 @@ def test_a_real_process_prints_one_line_and_no_traceback(tmp_path: Path, good, s
     _assert_one_clear_line(done.stderr, folder)
     assert list(out.iterdir()) == []
     assert not (folder / PICKLE_MARKER_NAME).exists()
+
+
+# --- --debug ---------------------------------------------------------------------------------------------------------
+
+def test_debug_adds_a_traceback_and_changes_nothing_else(tmp_path: Path, capsys):
+    bad = BAD_INPUTS["truncated"](tmp_path / "truncated")
+    plain_code, plain_out, plain_err = _run(["inspect", str(bad)], capsys)
+    debug_code, debug_out, debug_err = _run(["--debug", "inspect", str(bad)], capsys)
+    assert plain_code == debug_code == 2
+    assert plain_out == debug_out
+    assert "Traceback (most recent call last)" in debug_err and "InputError" in debug_err
+    assert debug_err.strip().splitlines()[-1] == plain_err.strip()  # the same last line scripts can grep for
+    # --debug anywhere on the line, and through a real process: the exit code stays 2
+    done = _terminal(["inspect", str(bad), "--debug"])
+    assert done.returncode == 2 and "Traceback" in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == plain_err.strip()

@@ -223,3 +223,18 @@ def test_signal_mid_write_keeps_old_out_and_leaves_no_temporary(files, tmp_path:
     assert out.read_bytes() == OLD
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
     assert digests([files["float"]]) == before
+
+
+def test_ctrl_c_outside_the_writer_exits_130_with_one_line(files, monkeypatch, capsys):
+    """typer turns KeyboardInterrupt into a silent exit 130; main() still says what happened."""
+    import inspect_tools.cli.inspect_cmd as inspect_cmd
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the handler raises before this ends
+        raise AssertionError("SIGINT was not delivered")
+
+    monkeypatch.setattr(inspect_cmd, "open_model", interrupted)
+    assert main(["inspect", str(files["nvfp4"])]) == 130
+    assert capsys.readouterr().err.strip() == "nvdiag: interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handler back

@@ -7,7 +7,10 @@ NvdiagError becomes one line on stderr and exit code 2 (`--debug` shows the trac
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import traceback
 
 import typer
 
@@ -49,19 +52,38 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         args.remove("--debug")
         os.environ["NVDIAG_DEBUG"] = "1"
+    old_sigint = _catch_sigint()
     try:
         app(args=args, prog_name="nvdiag")
     except SystemExit as exc:  # typer's standalone mode ends every run with SystemExit (usage errors: 2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except NvdiagError as exc:
-        if debug:
-            raise
+        if debug:  # the traceback is extra: the line and the exit code stay what scripts expect
+            traceback.print_exc()
         print(f"nvdiag: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Interrupted):
         print("nvdiag: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
+    finally:
+        if old_sigint is not None:
+            signal.signal(signal.SIGINT, old_sigint)
     return 0
+
+
+class _Interrupted(BaseException):
+    """Ctrl-C. typer turns KeyboardInterrupt into a silent exit 130; this passes through it to main()."""
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise _Interrupted()
+
+
+def _catch_sigint() -> object | None:
+    """Route Ctrl-C to main() for one line on stderr (main thread only; the old handler is returned to restore)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, _raise_interrupted)
 
 
 def run() -> None:
