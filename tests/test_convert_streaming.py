@@ -1,0 +1,163 @@
+"""Streaming conversion: the layers flow through read-ahead / encode / write-behind stages whose memory in flight is
+bounded whatever the model size, give the same bytes as a plain layer-after-layer run, and fail cleanly; the gate
+checks row tiles and the per-tensor scale."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from converter import encode, gate, pipeline
+from converter.pipeline import BufferPool, convert
+from inspect_tools.errors import InputError
+from inspect_tools.synthetic import write_float
+from inspect_tools.writer import SafetensorsWriter
+
+VARIANT = "wan2.2-ti2v-5b"
+TINY = {"dim": 64, "ffn": 128, "text_dim": 64, "freq_dim": 64, "heads": 1}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[int, Path]:
+    """The same tiny WAN layout with 2 and with 8 blocks (sharded, diffusers names, FP32)."""
+    folder = tmp_path_factory.mktemp("streaming")
+    return {n: write_float(folder / f"src{n}", VARIANT, {**TINY, "blocks": n}, naming="diffusers", sharded=2)
+            for n in (2, 8)}
+
+
+def test_threaded_and_sequential_runs_write_the_same_bytes(sources, tmp_path) -> None:
+    threaded, sequential = tmp_path / "threaded.safetensors", tmp_path / "sequential.safetensors"
+    assert convert(sources[8], threaded, VARIANT).written
+    assert convert(sources[8], sequential, VARIANT, threads=False).written
+    assert sha256(threaded) == sha256(sequential)
+
+
+def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypatch) -> None:
+    """Count layers read but not yet written (their source buffers not yet returned), with a slow writer so the
+    reader runs as far ahead as the stages let it."""
+    live, peak, reads = [0], {}, [0]
+    lock = threading.Lock()
+    read_job, release = pipeline.read_job, pipeline.Stages.release
+    write = SafetensorsWriter.write
+
+    def counting_read(lp, stream):
+        job = read_job(lp, stream)
+        with lock:
+            live[0] += 1
+            reads[0] += 1
+            peak[current[0]] = max(peak.get(current[0], 0), live[0])
+        return job
+
+    def counting_release(self, buffers):
+        release(self, buffers)
+        with lock:
+            live[0] -= 1
+
+    def slow_write(self, name, tensor):
+        time.sleep(0.001)
+        write(self, name, tensor)
+
+    monkeypatch.setattr(pipeline, "read_job", counting_read)
+    monkeypatch.setattr(pipeline.Stages, "release", counting_release)
+    monkeypatch.setattr(SafetensorsWriter, "write", slow_write)
+    current = [0]
+    for blocks in (2, 8):
+        current[0], reads[0] = blocks, 0
+        result = convert(sources[blocks], tmp_path / f"out{blocks}.safetensors", VARIANT)
+        assert result.written and reads[0] == len(result.plan.layers) and live[0] == 0
+    # one being read, QUEUE_DEPTH waiting, one encoding, QUEUE_DEPTH waiting, one being written
+    bound = 2 * pipeline.QUEUE_DEPTH + 3
+    assert 1 < peak[8] <= bound and peak[2] <= bound, peak
+
+
+def test_buffer_pool_waits_for_its_budget_and_reuses_buffers() -> None:
+    size = 2 * pipeline.POOL_MIN_BYTES
+    pool = BufferPool(budget=2 * size)
+    a, b = pool.acquire(size), pool.acquire(size)
+    got: list[torch.Tensor] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.acquire(size)))
+    waiter.start()
+    time.sleep(0.2)
+    assert not got  # the budget is spent: the third acquire waits
+    pool.release(a)
+    waiter.join(timeout=5)
+    assert got and got[0].data_ptr() == a.data_ptr()  # and gets the released buffer back, not a new one
+    assert pool.peak == 2 * size
+    pool.release(b)
+    pool.release(got[0])
+    assert pool.in_use == 0
+
+
+def test_a_tensor_larger_than_the_budget_still_gets_a_buffer_when_nothing_else_is_in_use() -> None:
+    pool = BufferPool(budget=pipeline.POOL_MIN_BYTES)
+    assert pool.acquire(4 * pipeline.POOL_MIN_BYTES).numel() == 4 * pipeline.POOL_MIN_BYTES
+
+
+def test_a_read_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatch) -> None:
+    load = pipeline.SourceStream.load
+    calls = [0]
+
+    def failing_load(self, key):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise InputError("cannot read: simulated", "shard")
+        return load(self, key)
+
+    monkeypatch.setattr(pipeline.SourceStream, "load", failing_load)
+    with pytest.raises(InputError, match="simulated"):
+        convert(sources[8], tmp_path / "out.safetensors", VARIANT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_write_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatch) -> None:
+    def failing_write(self, name, tensor):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SafetensorsWriter, "write", failing_write)
+    with pytest.raises(OSError, match="No space"):
+        convert(sources[8], tmp_path / "out.safetensors", VARIANT)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_non_finite_check_counts_nan_and_inf_and_gives_the_amax() -> None:
+    assert encode.finite_check(torch.tensor([1.0, -3.0, 2.0])) == (0, 3.0)
+    assert encode.finite_check(torch.tensor([1.0, float("nan"), float("inf")]))[0] == 2
+    assert encode.finite_check(torch.arange(4, dtype=torch.int32)) == (0, 0.0)
+    assert encode.finite_check(torch.tensor([0.5, -1.0]).to(torch.float8_e4m3fn)) == (0, 1.0)
+
+
+def test_gate_tiles_cover_start_middle_and_end_within_the_budget() -> None:
+    assert gate.row_tiles(100, 64) == [(0, 100)]
+    assert gate.row_tiles(1000, 64) == [(0, 128), (512, 640), (896, 1000)]
+    assert gate.row_tiles(1000, 30000) == [(0, 128), (896, 1000)]  # 3 tiles would pass the element budget
+    assert gate.row_tiles(1000, 10**6) == [(384, 512)]  # at least one tile, from the middle
+
+
+def test_gate_measures_exactly_the_reference_error_on_a_correct_file(sources, tmp_path) -> None:
+    result = convert(sources[2], tmp_path / "out.safetensors", VARIANT)
+    assert result.written and result.gate.layer_errors
+    assert all(e["rel_error"] == e["baseline"] for e in result.gate.layer_errors.values())
+
+
+def test_gate_refuses_a_per_tensor_scale_that_is_not_the_sources(sources, tmp_path, monkeypatch) -> None:
+    """A self-consistent encoding with 4x the scale decodes fine, but it is not what the plan promised."""
+    from reference_specs.formats import fast_encode
+
+    def scaled_encoder(weight, device="cpu"):
+        scale = fast_encode.nvfp4_scale(weight) * 4
+        return fast_encode.encode_nvfp4(weight, scale, device=device)
+
+    monkeypatch.setitem(encode.ENCODERS, "nvfp4", scaled_encoder)
+    out = tmp_path / "out.safetensors"
+    result = convert(sources[2], out, VARIANT)
+    assert result.refused and not out.exists()
+    assert any("does not belong to this weight" in f.message for f in result.gate.findings)
