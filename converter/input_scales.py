@@ -58,9 +58,11 @@ def load_input_scales(path: str | Path, known_layers: set[str], to_native=None) 
     diffusers-named or prefixed) to the native name.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError("input scales file not found", str(path))
-    raw = _from_json(path) if path.suffix.lower() == ".json" else _from_checkpoint(path)
+    # A sharded checkpoint (its *.index.json or its folder) is a checkpoint, not a {layer: value} JSON file.
+    plain_json = path.is_file() and path.suffix.lower() == ".json" and not path.name.lower().endswith(".index.json")
+    raw = _from_json(path) if plain_json else _from_checkpoint(path)
     scales: dict[str, float] = {}
     problems = []
     for name, value in raw.items():

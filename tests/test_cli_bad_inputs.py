@@ -136,3 +136,22 @@ def test_debug_adds_a_traceback_and_changes_nothing_else(tmp_path: Path, capsys)
     done = _terminal(["inspect", str(bad), "--debug"])
     assert done.returncode == 2 and "Traceback" in done.stderr
     assert done.stderr.strip().splitlines()[-1] == plain_err.strip()
+
+
+# --- a valid input of another kind is not mistaken for a bad one ------------------------------------------------
+
+def test_input_scales_from_a_sharded_checkpoint_are_read_as_a_checkpoint(good, tmp_path: Path):
+    """An index.json is a checkpoint, not a {layer: value} JSON file (it used to be parsed as the latter)."""
+    import torch
+    from safetensors import safe_open
+
+    from converter.pipeline import convert
+    from inspect_tools.synthetic.writers import write_sharded
+
+    scales = {"blocks.0.self_attn.q.input_scale": torch.tensor(0.05), "blocks.1.ffn.0.input_scale": torch.tensor(0.25)}
+    index = write_sharded(scales, tmp_path / "scales", 2)
+    out = tmp_path / "out.safetensors"
+    assert convert(good[0], out, "wan2.2-ti2v-5b", input_scales=index).written
+    with safe_open(str(out), "pt") as f:
+        assert float(f.get_tensor("blocks.0.self_attn.q.input_scale")) == pytest.approx(0.05)
+        assert float(f.get_tensor("blocks.1.ffn.0.input_scale")) == 0.25

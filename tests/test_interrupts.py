@@ -238,3 +238,4 @@ def test_ctrl_c_outside_the_writer_exits_130_with_one_line(files, monkeypatch, c
     assert main(["inspect", str(files["nvfp4"])]) == 130
     assert capsys.readouterr().err.strip() == "nvdiag: interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handler back
+

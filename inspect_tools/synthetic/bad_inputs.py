@@ -144,6 +144,32 @@ def overlapping_offsets(folder: Path) -> Path:
     return _write_header(folder, header, data=bytes(32))
 
 
+def offsets_with_gap(folder: Path) -> Path:
+    """Unused bytes between two tensors: safetensors requires the data section to be packed."""
+    header = _mutated_header(a__bias={"dtype": "F32", "shape": [4], "data_offsets": [40, 56]})
+    return _write_header(folder, header, data=bytes(56))
+
+
+def offsets_reversed(folder: Path) -> Path:
+    header = _mutated_header(a__bias={"dtype": "F32", "shape": [4], "data_offsets": [48, 32]})
+    return _write_header(folder, header)
+
+
+def negative_shape(folder: Path) -> Path:
+    return _write_header(folder, _mutated_header(a__bias={"dtype": "F32", "shape": [-4], "data_offsets": [32, 48]}))
+
+
+def duplicate_tensor_name(folder: Path) -> Path:
+    """The same name twice in the header JSON: json.loads would silently keep the last one."""
+    raw = (b'{"a.weight":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]},'
+           b'"a.weight":{"dtype":"F32","shape":[4],"data_offsets":[32,48]}}')
+    return _write_header(folder, raw)
+
+
+def header_not_utf8(folder: Path) -> Path:
+    return _write_header(folder, b'{"a.w\xff\xfe":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', data=bytes(4))
+
+
 def metadata_not_strings(folder: Path) -> Path:
     header = two_tensor_header()
     header["__metadata__"] = {"format": 1}
@@ -182,6 +208,25 @@ def index_absolute_path(folder: Path) -> Path:
     return _write_index(folder / "ckpt", {"a": str(outside.resolve())})
 
 
+def index_pickle_shard(folder: Path) -> Path:
+    """An index whose shard is a pickle (a .bin, as transformers' pytorch_model.bin.index.json has): refused before
+    it is unpickled, like a pickle named on the command line."""
+    shard = pickle.dumps(_CreatesFileWhenUnpickled(folder / PICKLE_MARKER_NAME), protocol=2)
+    return _write_index(folder, {"a": "pytorch_model-00001-of-00001.bin"},
+                        {"pytorch_model-00001-of-00001.bin": shard})
+
+
+def index_shard_truncated(folder: Path) -> Path:
+    shard = _shard(["a", "b"])
+    return _write_index(folder, {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"},
+                        {"model-00001-of-00001.safetensors": shard[:-5]})
+
+
+def index_weight_map_not_object(folder: Path) -> Path:
+    return _write_index(folder, ["model-00001-of-00001.safetensors"],
+                        {"model-00001-of-00001.safetensors": _shard(["a"])})
+
+
 def index_symlink_escape(folder: Path) -> Path:
     outside = _write(folder / "outside.safetensors", _shard(["a"]))
     index = _write_index(folder / "ckpt", {"a": "model.safetensors"})
@@ -210,6 +255,15 @@ def gguf_impossible_counts(folder: Path) -> Path:
     return _patched_gguf(folder, 8, struct.pack("<Q", 2**40))
 
 
+def gguf_only_magic(folder: Path) -> Path:
+    return _write(folder / "model.gguf", b"GGUF")
+
+
+def gguf_huge_string_length(folder: Path) -> Path:
+    """The first key's name length (right after magic, version and the two counts) claims 2**62 bytes."""
+    return _patched_gguf(folder, 24, struct.pack("<Q", 2**62))
+
+
 def gguf_truncated_data(folder: Path) -> Path:
     path = write_valid_gguf(folder / "model.gguf")
     data = path.read_bytes()
@@ -227,6 +281,21 @@ def directory_without_checkpoint(folder: Path) -> Path:
 def missing_path(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     return folder / "does-not-exist.safetensors"
+
+
+def broken_symlink(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    link = folder / "model.safetensors"
+    os.symlink(folder / "gone.safetensors", link)
+    return link
+
+
+def named_pipe(folder: Path) -> Path:
+    """A FIFO named like a checkpoint: opening it for reading would block forever, so it must be refused unread."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.safetensors"
+    os.mkfifo(path)
+    return path
 
 
 class _CreatesFileWhenUnpickled:
@@ -277,6 +346,11 @@ BAD_INPUTS: dict[str, Builder] = {
     "offset_past_end": offset_past_end,
     "overlapping_offsets": overlapping_offsets,
     "metadata_not_strings": metadata_not_strings,
+    "offsets_with_gap": offsets_with_gap,
+    "offsets_reversed": offsets_reversed,
+    "negative_shape": negative_shape,
+    "duplicate_tensor_name": duplicate_tensor_name,
+    "header_not_utf8": header_not_utf8,
     "duplicate_across_shards": duplicate_across_shards,
     "index_not_json": index_not_json,
     "index_without_weight_map": index_without_weight_map,
@@ -284,12 +358,19 @@ BAD_INPUTS: dict[str, Builder] = {
     "index_parent_path": index_parent_path,
     "index_absolute_path": index_absolute_path,
     "index_symlink_escape": index_symlink_escape,
+    "index_pickle_shard": index_pickle_shard,
+    "index_shard_truncated": index_shard_truncated,
+    "index_weight_map_not_object": index_weight_map_not_object,
     "gguf_bad_magic": gguf_bad_magic,
     "gguf_unsupported_version": gguf_unsupported_version,
     "gguf_impossible_counts": gguf_impossible_counts,
     "gguf_truncated_data": gguf_truncated_data,
+    "gguf_only_magic": gguf_only_magic,
+    "gguf_huge_string_length": gguf_huge_string_length,
     "directory_without_checkpoint": directory_without_checkpoint,
     "missing_path": missing_path,
+    "broken_symlink": broken_symlink,
+    "named_pipe": named_pipe,
     "pickle_payload": pickle_payload,
     "pickle_ckpt": pickle_ckpt,
     "torch_zip_pt": torch_zip_pt,
@@ -297,4 +378,5 @@ BAD_INPUTS: dict[str, Builder] = {
 }
 
 # Refused as pickles (UnsafeFormatError, a subclass of InputError); every other entry gives a plain InputError.
-UNSAFE_INPUTS: frozenset[str] = frozenset({"pickle_payload", "pickle_ckpt", "torch_zip_pt", "torch_zip_renamed"})
+UNSAFE_INPUTS: frozenset[str] = frozenset({"pickle_payload", "pickle_ckpt", "torch_zip_pt", "torch_zip_renamed",
+                                           "index_pickle_shard"})
