@@ -71,10 +71,10 @@ def generate(folder: Path, size_gb: float) -> Path:
 
 # ------------------------------------------------------------------------------------------------ children
 
-def run_nvdiag(src: Path, out: Path) -> None:
+def run_nvdiag(src: Path, out: Path, device: str = "cpu") -> None:
     from converter.pipeline import convert
 
-    result = convert(src, out, VARIANT, force=True)
+    result = convert(src, out, VARIANT, force=True, device=device)
     if not result.written:
         raise SystemExit(f"nvdiag convert refused: {[f.message for f in result.gate.findings]}")
 
@@ -116,7 +116,8 @@ def run_ck(src: Path, out: Path) -> None:
     save_file(result, str(out))
 
 
-CHILDREN = {"nvdiag": run_nvdiag, "copy": run_copy, "ck": run_ck}
+CHILDREN = {"nvdiag": run_nvdiag, "nvdiag-cuda": lambda s, o: run_nvdiag(s, o, "cuda"), "copy": run_copy,
+            "ck": run_ck}
 
 
 def child_main(kind: str, src: Path, out: Path) -> None:
@@ -127,12 +128,13 @@ def child_main(kind: str, src: Path, out: Path) -> None:
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "out_bytes": out.stat().st_size}))
 
 
-def measure(kind: str, src: Path, out: Path) -> dict:
+def measure(kind: str, src: Path, out: Path, keep: bool = False) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.convert", "--child", kind, str(src), str(out)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{proc.stderr[-2000:]}")
-    out.unlink(missing_ok=True)
+    if not keep:
+        out.unlink(missing_ok=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,11 @@ POOL_MIN_BYTES = 1 << 20
 POOL_LAYERS = 3
 POOL_FLOOR_BYTES = 64 << 20
 QUEUE_DEPTH = 2  # layers waiting between two stages
+# GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
+# cores are busy encoding).
+PARALLEL_READ_BYTES = 16 << 20
+GPU_READ_THREADS = 4
+WRITEBACK_BYTES = 64 << 20  # output written between two background write-back requests
 _POLL_S = 0.05  # how often a blocked stage looks whether the run was stopped
 
 
@@ -239,10 +245,12 @@ class SourceStream:
     offset). pread releases the GIL, so reading overlaps the encoder. Containers whose bytes are not plain tensors
     (GGUF, sub-byte dtypes) go through the reader itself."""
 
-    def __init__(self, reader: Any, pool: BufferPool) -> None:
+    def __init__(self, reader: Any, pool: BufferPool, read_threads: int = 1) -> None:
         self.reader = reader
         self.pool = pool
         self._fds: dict[Path, int] = {}
+        self._executor = ThreadPoolExecutor(read_threads, "nvdiag-pread") if read_threads > 1 else None
+        self.read_threads = read_threads
 
     def _raw(self, info: Any) -> bool:
         spec = DTYPES.get(info.dtype)
@@ -264,13 +272,28 @@ class SourceStream:
         buf = self.pool.acquire(info.nbytes)
         try:
             data = buf[: info.nbytes]
-            _pread_into(self._fd(info.file), memoryview(data.numpy()), info.offset, info.file)
+            self._read(info, memoryview(data.numpy()))
         except BaseException:
             self.pool.release(buf)
             raise
         return data.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape), buf
 
+    def _read(self, info: Any, view: memoryview) -> None:
+        """One pread, or on the GPU path (where one thread's copies out of the page cache cannot keep up with the
+        GPU) several concurrent ones over slices of the tensor."""
+        fd = self._fd(info.file)
+        if self._executor is None or len(view) < PARALLEL_READ_BYTES:
+            _pread_into(fd, view, info.offset, info.file)
+            return
+        step = -(-len(view) // self.read_threads)
+        parts = [(start, min(len(view), start + step)) for start in range(0, len(view), step)]
+        futures = [self._executor.submit(_pread_into, fd, view[a:b], info.offset + a, info.file) for a, b in parts]
+        for future in futures:
+            future.result()
+
     def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -308,7 +331,7 @@ class Stages:
                  threaded: bool = True) -> None:
         largest = max((lp.source_bytes for lp in plan.layers), default=0)
         self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES), pinned)
-        self.stream = SourceStream(reader, self.pool)
+        self.stream = SourceStream(reader, self.pool, GPU_READ_THREADS if pinned else 1)
         self.plan = plan
         self.writer = writer
         self.threaded = threaded
@@ -317,6 +340,8 @@ class Stages:
         self._write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
         self._write_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._unflushed = 0
+        self._out_fd: int | None = None
 
     def __enter__(self) -> Stages:
         if self.threaded:
@@ -332,6 +357,9 @@ class Stages:
         for thread in self._threads:
             thread.join()
         self.stream.close()
+        if self._out_fd is not None:
+            os.close(self._out_fd)
+            self._out_fd = None
 
     # queues that give up when the run stops, so no stage can wait forever on one that has ended
     def _put(self, q: queue.Queue, item: object) -> None:
@@ -378,7 +406,25 @@ class Stages:
     def _write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
         for name, tensor in outputs.items():
             self.writer.write(name, tensor)
+            self._unflushed += tensor.numel() * tensor.element_size()
         self.release(buffers)
+        if self._unflushed >= WRITEBACK_BYTES:
+            self._start_writeback()
+
+    def _start_writeback(self) -> None:
+        """Have the kernel start writing the temporary file's dirty pages now, in the background, so the final fsync
+        finds little left to do (a machine with a lot of RAM would otherwise hold the whole output until then).
+        POSIX_FADV_DONTNEED starts that asynchronous writeback on Linux (mm/fadvise.c) and drops pages already
+        written; where it is not available nothing changes but the fsync's length."""
+        self._unflushed = 0
+        if not hasattr(os, "posix_fadvise") or self.writer.temp_path is None:
+            return
+        try:
+            if self._out_fd is None:
+                self._out_fd = os.open(self.writer.temp_path, os.O_RDONLY)
+            os.posix_fadvise(self._out_fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass
 
     def jobs(self) -> Iterator[_Job]:
         """Every planned layer with its source tensors, in plan order."""

@@ -161,3 +161,27 @@ def test_gate_refuses_a_per_tensor_scale_that_is_not_the_sources(sources, tmp_pa
     result = convert(sources[2], out, VARIANT)
     assert result.refused and not out.exists()
     assert any("does not belong to this weight" in f.message for f in result.gate.findings)
+
+
+def test_parallel_reads_give_the_same_tensor(sources, monkeypatch) -> None:
+    from inspect_tools.readers import open_checkpoint
+
+    monkeypatch.setattr(pipeline, "PARALLEL_READ_BYTES", 1024)
+    with open_checkpoint(sources[2]) as reader:
+        pool = BufferPool(budget=1 << 26)
+        stream = pipeline.SourceStream(reader, pool, read_threads=3)
+        try:
+            for info in reader:
+                tensor, _ = stream.load(info.name)
+                assert torch.equal(tensor, reader.load(info.name)), info.name
+        finally:
+            stream.close()
+
+
+def test_write_back_requests_do_not_change_the_bytes(sources, tmp_path, monkeypatch) -> None:
+    reference = tmp_path / "reference.safetensors"
+    assert convert(sources[2], reference, VARIANT).written
+    monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 1)  # a request after every layer
+    out = tmp_path / "out.safetensors"
+    assert convert(sources[2], out, VARIANT).written
+    assert sha256(out) == sha256(reference)
