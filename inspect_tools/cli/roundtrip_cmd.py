@@ -23,6 +23,7 @@ from inspect_tools.cli.output import (
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import open_model
 from inspect_tools.roundtrip import RoundtripResult, roundtrip
+from inspect_tools.writer import check_output_path
 from reference_specs.findings import Severity
 
 CHECKPOINT_HELP = "The quantized checkpoint: .safetensors, sharded *.safetensors.index.json (or its folder), .gguf"
@@ -121,6 +122,9 @@ def roundtrip_command(
 
         require_matplotlib()  # fail before the long part, not after it
     with open_model(path) as mine, open_model(against) as ref:
+        inputs = mine.reader.files + ref.reader.files
+        if report is not None:
+            check_output_path(report, inputs)  # refuse a report over an input now, not after the long part
         bar, update = _progress_bar()
         if bar is not None:
             bar.start()
@@ -130,7 +134,6 @@ def roundtrip_command(
         finally:
             if bar is not None:
                 bar.stop()
-        inputs = mine.reader.files + ref.reader.files
     if report is not None:
         from inspect_tools.html_report import write_report
 
