@@ -71,12 +71,13 @@ def generate(folder: Path, size_gb: float) -> Path:
 
 # ------------------------------------------------------------------------------------------------ children
 
-def run_nvdiag(src: Path, out: Path, device: str = "cpu") -> None:
+def run_nvdiag(src: Path, out: Path, device: str = "cpu") -> dict:
     from converter.pipeline import convert
 
     result = convert(src, out, VARIANT, force=True, device=device)
     if not result.written:
         raise SystemExit(f"nvdiag convert refused: {[f.message for f in result.gate.findings]}")
+    return {"phases": {k: round(v, 3) for k, v in result.timings.items()}}
 
 
 def run_copy(src: Path, out: Path) -> None:
@@ -122,10 +123,10 @@ CHILDREN = {"nvdiag": run_nvdiag, "nvdiag-cuda": lambda s, o: run_nvdiag(s, o, "
 
 def child_main(kind: str, src: Path, out: Path) -> None:
     started = time.perf_counter()
-    CHILDREN[kind](src, out)
+    extra = CHILDREN[kind](src, out) or {}
     seconds = time.perf_counter() - started
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "out_bytes": out.stat().st_size}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "out_bytes": out.stat().st_size, **extra}))
 
 
 def measure(kind: str, src: Path, out: Path, keep: bool = False) -> dict:

@@ -63,6 +63,8 @@ class ConvertResult:
     non_finite: dict[str, int] = field(default_factory=dict)  # source layer -> count of NaN/Inf
     gate: GateReport | None = None
     seconds: float = 0.0
+    # seconds per phase (plan, stream, gate, commit) and spent working in each streaming stage (*_busy)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def refused(self) -> bool:
@@ -342,6 +344,7 @@ class Stages:
         self._threads: list[threading.Thread] = []
         self._unflushed = 0
         self._out_fd: int | None = None
+        self.busy = {"read": 0.0, "write": 0.0}  # seconds each stage spent working (not waiting): finds the bottleneck
 
     def __enter__(self) -> Stages:
         if self.threaded:
@@ -382,7 +385,7 @@ class Stages:
     def _read_all(self) -> None:
         try:
             for lp in self.plan.layers:
-                self._put(self._read_q, read_job(lp, self.stream))
+                self._put(self._read_q, self._timed_read(lp))
             self._put(self._read_q, _END)
         except _Stopped:
             pass
@@ -403,7 +406,18 @@ class Stages:
             self._stop.set()
             self.pool.stop()
 
+    def _timed_read(self, lp: LayerPlan) -> _Job:
+        started = time.perf_counter()
+        job = read_job(lp, self.stream)
+        self.busy["read"] += time.perf_counter() - started
+        return job
+
     def _write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        started = time.perf_counter()
+        self._write_unclocked(outputs, buffers)
+        self.busy["write"] += time.perf_counter() - started
+
+    def _write_unclocked(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
         for name, tensor in outputs.items():
             self.writer.write(name, tensor)
             self._unflushed += tensor.numel() * tensor.element_size()
@@ -430,7 +444,7 @@ class Stages:
         """Every planned layer with its source tensors, in plan order."""
         if not self.threaded:
             for lp in self.plan.layers:
-                yield read_job(lp, self.stream)
+                yield self._timed_read(lp)
             return
         while True:
             try:
@@ -492,6 +506,19 @@ def _progress(enabled: bool, total_bytes: int):
     return progress
 
 
+class PhaseClock:
+    """Seconds spent in each phase of a conversion (reported in ConvertResult.timings, read by the benchmarks)."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        now = time.monotonic()
+        self.timings[phase] = now - self._last
+        self._last = now
+
+
 def resolve_preset(preset: Preset | str | Path) -> Preset:
     return preset if isinstance(preset, Preset) else load_preset(preset)
 
@@ -533,11 +560,14 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
     from inspect_tools.writer import SafetensorsWriter, check_output_path, ensure_free_space
 
     started = time.monotonic()
+    clock = PhaseClock()
+    mark = clock.mark
     check_device(device)
     out = Path(out)
     model, plan = prepare(src, preset, dtype_16, input_scales)
     with model:
-        result = ConvertResult(plan=plan, out=out, dry_run=dry_run)
+        result = ConvertResult(plan=plan, out=out, dry_run=dry_run, timings=clock.timings)
+        mark("plan")
         if dry_run:
             return result
         sources = list(model.reader.files)
@@ -548,6 +578,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         meta = output_metadata(plan, sources, dtype_16, Path(input_scales) if input_scales else None)
         bar = _progress(progress, plan.output_bytes)
         source_amax: dict[str, float] = {}  # quantized layer -> max |w| of its source weight, for the gate
+        encode_busy = 0.0
         try:
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads) as stages:
@@ -555,6 +586,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                 if bar:
                     bar.start()
                 for job in stages.jobs():
+                    encode_started = time.perf_counter()
                     lp = job.plan
                     src = stage_sources(lp, job.src, device)
                     bad, amax = check_sources(lp, src)
@@ -565,17 +597,23 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     if result.non_finite:  # refusing: keep reading only to name every bad layer
                         stages.release(job.buffers)
                         continue
-                    stages.write(produce_layer(lp, src, device), job.buffers)
+                    outputs = produce_layer(lp, src, device)
+                    encode_busy += time.perf_counter() - encode_started
+                    stages.write(outputs, job.buffers)
                     del src, job
                     if bar:
                         bar.advance(task)
                 if result.non_finite:
                     raise _Abort()
                 stages.finish()
+                mark("stream")
+                result.timings.update({f"{k}_busy": v for k, v in {**stages.busy, "encode": encode_busy}.items()})
                 result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax)
+                mark("gate")
                 if result.gate.failed:
                     raise _Abort()
                 writer.commit()
+                mark("commit")
                 result.written = True
         except _Abort:
             pass

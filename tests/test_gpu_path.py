@@ -35,16 +35,21 @@ def test_cuda_conversion_writes_the_same_bytes_as_the_cpu(src, tmp_path) -> None
     assert sha256(cpu) == sha256(cuda)
 
 
-def test_fast_encoder_is_byte_identical_on_cuda_for_ties_and_padding() -> None:
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(a[r].view(torch.uint8), b[r].cpu().view(torch.uint8)) for r in a)
+
+
+def test_fast_encoders_are_byte_identical_on_cuda() -> None:
+    """Magnitudes over many decades, ties exactly between E2M1 steps, padding: the per-tensor scale (amax / 2688)
+    and every block scale must round as on the CPU (a division by a Python number on CUDA would not)."""
     g = torch.Generator().manual_seed(0)
     steps = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     ties = steps[torch.randint(len(steps), (300, 200), generator=g)] * torch.sign(torch.randn(300, 200, generator=g))
-    for weight in (torch.randn(257, 13 * 16 + 5, generator=g), ties):
-        cpu = fast_encode.encode_nvfp4(weight)
-        cuda = fast_encode.encode_nvfp4(weight.cuda(), device="cuda")
-        for role in cpu:
-            assert torch.equal(cpu[role].view(torch.uint8) if cpu[role].dtype != torch.float32 else cpu[role],
-                               cuda[role].view(torch.uint8) if cuda[role].dtype != torch.float32 else cuda[role])
+    weights = [ties, torch.randn(257, 13 * 16 + 5, generator=g)]
+    weights += [torch.randn(64, 96, generator=g) * 10.0 ** float(e) for e in range(-6, 5)]
+    for weight in weights:
+        assert _same(fast_encode.encode_nvfp4(weight), fast_encode.encode_nvfp4(weight.cuda(), device="cuda"))
+        assert _same(fast_encode.encode_fp8(weight), fast_encode.encode_fp8(weight.cuda(), device="cuda"))
 
 
 def test_roundtrip_on_cuda_gives_the_cpu_results(src, tmp_path) -> None:

@@ -9,6 +9,9 @@ quantize_per_tensor_fp8) for the same per-tensor scale. What makes them fast:
 - E2M1 rounding is seven in-place compare-and-add passes on uint8 (measured faster on CPU than bucketize, whose
   int32/int64 output costs more than the comparisons), values above 6 fall in the top bucket so no clamp pass;
 - elementwise ops on a chunk run on all torch intra-op threads; device="cuda" runs the same code on the GPU.
+On CUDA, PyTorch divides by a CPU scalar (a Python number) as a multiplication by its float32 reciprocal
+(BinaryDivTrueKernel.cu: "this may lose one bit of precision"), which is not the reference's rounding: every divisor
+here is therefore a tensor on the weight's device, or the division runs on the CPU.
 A float input of any dtype is converted chunk by chunk; FP32 stays FP32 until it is encoded.
 """
 
@@ -65,8 +68,8 @@ def _float_weight(weight: torch.Tensor) -> torch.Tensor:
 def nvfp4_scale(weight: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """The default per-tensor scale amax/2688 (1.0 for an all-zero weight, see nvfp4.encoding_scale), float32 0-d."""
     chunk = _chunk_rows(weight.shape[0], weight.shape[1], weight.device, chunk_rows)
-    scale = _abs_max(weight, chunk) / (F8_E4M3_MAX * F4_E2M1_MAX)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).cpu()
+    scale = _abs_max(weight, chunk).cpu() / (F8_E4M3_MAX * F4_E2M1_MAX)  # on the CPU: see the module docstring
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def swizzle_tiles(scales: torch.Tensor) -> torch.Tensor:
@@ -87,6 +90,8 @@ class _Workspace:
         self.a = torch.empty((rows, cols), dtype=torch.float32, device=device)
         self.codes = torch.empty((rows, cols), dtype=torch.uint8, device=device)
         self.mask = torch.empty((rows, cols), dtype=torch.bool, device=device)
+        # a device tensor, not a Python number: a true division on CUDA too (see the module docstring)
+        self.f4_max = torch.tensor(F4_E2M1_MAX, dtype=torch.float32, device=device)
 
 
 def _encode_chunk(
@@ -98,7 +103,7 @@ def _encode_chunk(
     a = torch.abs(x, out=work.a[:rows])
     a_blocks = a.view(rows, blocks, BLOCK)
     # Block scale arithmetic exactly as the reference (nvfp4.encode_blocks): small, 1/16 of the elements.
-    scaled = torch.clamp(a_blocks.amax(dim=-1) / F4_E2M1_MAX / scale_2, max=F8_E4M3_MAX)
+    scaled = torch.clamp(a_blocks.amax(dim=-1) / work.f4_max / scale_2, max=F8_E4M3_MAX)
     scales_fp8 = scaled.to(torch.float8_e4m3fn)
     total = scale_2 * scales_fp8.to(torch.float32)
     zero = total == 0
@@ -159,8 +164,8 @@ def fp8_scale(
 ) -> torch.Tensor:
     """amax/fp8_max as float32 0-d (1.0 for an all-zero weight, see fp8.fp8_per_tensor_scale)."""
     chunk = _chunk_rows(weight.shape[0], weight.shape[1], weight.device, chunk_rows)
-    scale = _abs_max(weight, chunk) / fp8_max(dtype)
-    return torch.where(scale > 0, scale, torch.ones_like(scale)).cpu()
+    scale = _abs_max(weight, chunk).cpu() / fp8_max(dtype)  # on the CPU: see the module docstring
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def encode_fp8(
