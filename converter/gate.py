@@ -213,33 +213,71 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     return [], {"rel_error": err, "baseline": base}
 
 
+class TileChecker:
+    """The gate's roundtrip, one sampled layer at a time: convert calls check() right after a sampled layer is
+    written (the temporary file's header is final from the start, so its layers can be opened before the data is
+    complete), which hides the checks behind the stream; run_gate then only lints."""
+
+    def __init__(self, path: str | Path, source: Any, plan: Any, sample: int = 8) -> None:
+        self.source = source
+        self.sampled = {lp.name: lp for lp in sample_evenly([lp for lp in plan.layers if lp.quantized], sample)}
+        self.findings: list[Finding] = []
+        self.errors: dict[str, dict[str, float]] = {}
+        self._out = open_model(path)
+        self._by_native = {layer.native_name or layer.name: layer for layer in self._out.layers.values()}
+
+    def wants(self, name: str) -> bool:
+        return name in self.sampled
+
+    def check(self, name: str, amax: float | None = None) -> None:
+        """Check the written layer `name` (a sampled one) against the source; amax: its source weight's max |w|."""
+        lp = self.sampled[name]
+        written = self._by_native.get(name)
+        if written is None or written.format not in SCALE_ROLE:
+            return  # missing or unreadable layers are lint's findings
+        try:
+            found, measured = check_layer(written, self._out, self.source, lp, amax)
+        except Exception as exc:  # noqa: BLE001 - undecodable bytes are a finding, not a crash
+            found, measured = [_finding(self._out.path, name, f"cannot be decoded: {exc}")], None
+        self.findings += found
+        if measured is not None:
+            self.errors[name] = measured
+
+    def check_all(self, amax: Mapping[str, float] | None = None) -> None:
+        for name in self.sampled:
+            if name not in self.errors:
+                self.check(name, (amax or {}).get(name))
+
+    def close(self) -> None:
+        self._out.close()
+
+    def __enter__(self) -> TileChecker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def roundtrip_sample(out_model: Any, source: Any, plan: Any, sample: int,
                      amax: Mapping[str, float] | None = None) -> tuple[list[Finding], dict]:
-    findings: list[Finding] = []
-    errors: dict[str, dict[str, float]] = {}
-    by_native = {layer.native_name or layer.name: layer for layer in out_model.layers.values()}
-    quantized = [lp for lp in plan.layers if lp.quantized]
-    for lp in sample_evenly(quantized, sample):
-        written = by_native.get(lp.name)
-        if written is None or written.format not in SCALE_ROLE:
-            continue  # missing or unreadable layers are lint's findings
-        try:
-            found, measured = check_layer(written, out_model, source, lp, (amax or {}).get(lp.name))
-        except Exception as exc:  # noqa: BLE001 - undecodable bytes are a finding, not a crash
-            found, measured = [_finding(out_model.path, lp.name, f"cannot be decoded: {exc}")], None
-        findings += found
-        if measured is not None:
-            errors[lp.name] = measured
-    return findings, errors
+    """Tile roundtrip of `sample` quantized layers of a complete written file. (findings, per-layer errors)."""
+    with TileChecker(out_model.path, source, plan, sample) as checker:
+        checker.check_all(amax)
+    return checker.findings, checker.errors
 
 
 def run_gate(path: str | Path, source: Any, plan: Any, sample: int = 8,
-             source_amax: Mapping[str, float] | None = None) -> GateReport:
+             source_amax: Mapping[str, float] | None = None, checked: TileChecker | None = None) -> GateReport:
     """Lint + sampled tile roundtrip of the written file at `path` (still the temporary file). source_amax: max |w|
-    of each quantized layer's source weight by native name, as the conversion saw it (read again when absent)."""
+    of each quantized layer's source weight by native name, as the conversion saw it (read again when absent).
+    checked: a TileChecker that already checked layers while they were written (the rest are checked here)."""
     report = GateReport()
     with open_model(path) as out_model:
         lint, report.lint_ran = lint_findings(out_model)
+    if checked is None:
         rt, report.layer_errors = roundtrip_sample(out_model, source, plan, sample, source_amax)
-        report.findings = lint + rt
+    else:
+        checked.check_all(source_amax)
+        rt, report.layer_errors = checked.findings, checked.errors
+    report.findings = lint + rt
     return report

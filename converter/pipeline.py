@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +25,7 @@ import torch
 
 import converter
 from converter import encode as enc
-from converter.gate import GateReport, run_gate
+from converter.gate import GateReport, TileChecker, run_gate
 from converter.input_scales import load_input_scales
 from converter.plan import (
     PROVENANCE_KEY,
@@ -158,7 +158,7 @@ QUEUE_DEPTH = 2  # layers waiting between two stages
 # GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
 # cores are busy encoding).
 PARALLEL_READ_BYTES = 16 << 20
-GPU_READ_THREADS = 4
+GPU_READ_THREADS = 4  # measured on an H200 host (16 cores): see benchmarks/gpu.py
 WRITEBACK_BYTES = 64 << 20  # output written between two background write-back requests
 _POLL_S = 0.05  # how often a blocked stage looks whether the run was stopped
 
@@ -250,7 +250,8 @@ class SourceStream:
     def __init__(self, reader: Any, pool: BufferPool, read_threads: int = 1) -> None:
         self.reader = reader
         self.pool = pool
-        self._fds: dict[Path, int] = {}
+        self._fds: dict[tuple[int, Path], int] = {}
+        self._fds_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(read_threads, "nvdiag-pread") if read_threads > 1 else None
         self.read_threads = read_threads
 
@@ -259,12 +260,19 @@ class SourceStream:
         return self.reader.kind in ("safetensors", "sharded") and spec is not None and spec.torch_dtype is not None
 
     def _fd(self, path: Path) -> int:
-        if path not in self._fds:
-            try:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
-        return self._fds[path]
+        """This thread's descriptor of `path`: the kernel keeps readahead state per open file, so each reading
+        thread, reading its own slices in order, gets its own readahead."""
+        key = (threading.get_ident(), path)
+        with self._fds_lock:
+            if key not in self._fds:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger readahead window
+                self._fds[key] = fd
+            return self._fds[key]
 
     def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(tensor as stored, the pool buffer holding it, to release once it is written; None if not pooled)."""
@@ -280,25 +288,41 @@ class SourceStream:
             raise
         return data.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape), buf
 
+    def will_need(self, lp: LayerPlan) -> None:
+        """Ask the kernel to start reading the next layer's bytes now (POSIX_FADV_WILLNEED): on a cold cache the
+        disk then has that read queued while this one completes, instead of idling between two preads."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for t in lp.tensors:
+            info = self.reader.tensors.get(t.source) if t.source is not None else None
+            if info is not None and self._raw(info) and info.nbytes:
+                try:
+                    os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    return  # only a hint
+
     def _read(self, info: Any, view: memoryview) -> None:
         """One pread, or on the GPU path (where one thread's copies out of the page cache cannot keep up with the
         GPU) several concurrent ones over slices of the tensor."""
-        fd = self._fd(info.file)
         if self._executor is None or len(view) < PARALLEL_READ_BYTES:
-            _pread_into(fd, view, info.offset, info.file)
+            self._read_part(info, view, 0)
             return
         step = -(-len(view) // self.read_threads)
         parts = [(start, min(len(view), start + step)) for start in range(0, len(view), step)]
-        futures = [self._executor.submit(_pread_into, fd, view[a:b], info.offset + a, info.file) for a, b in parts]
+        futures = [self._executor.submit(self._read_part, info, view[a:b], a) for a, b in parts]
         for future in futures:
             future.result()
+
+    def _read_part(self, info: Any, view: memoryview, start: int) -> None:
+        _pread_into(self._fd(info.file), view, info.offset + start, info.file)
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown()
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 @dataclass
@@ -306,6 +330,19 @@ class _Job:
     plan: LayerPlan
     src: dict[str, torch.Tensor]
     buffers: list[torch.Tensor]
+
+
+def read_order(plan: ConversionPlan, reader: Any) -> list[LayerPlan]:
+    """The planned layers in the order their source bytes lie in the files: sequential reads keep the kernel's
+    readahead working on a cold cache. The output does not depend on it: every tensor has its own place."""
+    def position(lp: LayerPlan) -> tuple[str, int]:
+        infos = [reader.tensors[t.source] for t in lp.tensors if t.source is not None and t.source in reader.tensors]
+        if not infos:
+            return "", -1
+        first = min(infos, key=lambda i: (str(i.file), i.offset))
+        return str(first.file), first.offset
+
+    return sorted(plan.layers, key=position)
 
 
 def read_job(lp: LayerPlan, stream: SourceStream) -> _Job:
@@ -330,12 +367,14 @@ class Stages:
     threaded=False runs the same steps inline, in order (same bytes; used by tests and for debugging)."""
 
     def __init__(self, reader: Any, plan: ConversionPlan, writer: Any, pinned: bool = False,
-                 threaded: bool = True) -> None:
+                 threaded: bool = True, after_write: Callable[[str], None] | None = None) -> None:
         largest = max((lp.source_bytes for lp in plan.layers), default=0)
         self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES), pinned)
         self.stream = SourceStream(reader, self.pool, GPU_READ_THREADS if pinned else 1)
         self.plan = plan
+        self.order = read_order(plan, reader)
         self.writer = writer
+        self.after_write = after_write  # called in the writer thread with a layer's name once it is in the file
         self.threaded = threaded
         self._stop = threading.Event()
         self._read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
@@ -344,7 +383,8 @@ class Stages:
         self._threads: list[threading.Thread] = []
         self._unflushed = 0
         self._out_fd: int | None = None
-        self.busy = {"read": 0.0, "write": 0.0}  # seconds each stage spent working (not waiting): finds the bottleneck
+        # seconds each stage spent working (not waiting): what shows the bottleneck
+        self.busy = {"read": 0.0, "write": 0.0, "check": 0.0}
 
     def __enter__(self) -> Stages:
         if self.threaded:
@@ -384,8 +424,8 @@ class Stages:
 
     def _read_all(self) -> None:
         try:
-            for lp in self.plan.layers:
-                self._put(self._read_q, self._timed_read(lp))
+            for i, lp in enumerate(self.order):
+                self._put(self._read_q, self._timed_read(lp, self.order[i + 1: i + 2]))
             self._put(self._read_q, _END)
         except _Stopped:
             pass
@@ -406,16 +446,22 @@ class Stages:
             self._stop.set()
             self.pool.stop()
 
-    def _timed_read(self, lp: LayerPlan) -> _Job:
+    def _timed_read(self, lp: LayerPlan, following: list[LayerPlan]) -> _Job:
         started = time.perf_counter()
+        for nxt in following:
+            self.stream.will_need(nxt)
         job = read_job(lp, self.stream)
         self.busy["read"] += time.perf_counter() - started
         return job
 
-    def _write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
+    def _write(self, name: str, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
         started = time.perf_counter()
         self._write_unclocked(outputs, buffers)
         self.busy["write"] += time.perf_counter() - started
+        if self.after_write is not None:
+            started = time.perf_counter()
+            self.after_write(name)
+            self.busy["check"] += time.perf_counter() - started
 
     def _write_unclocked(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
         for name, tensor in outputs.items():
@@ -443,8 +489,8 @@ class Stages:
     def jobs(self) -> Iterator[_Job]:
         """Every planned layer with its source tensors, in plan order."""
         if not self.threaded:
-            for lp in self.plan.layers:
-                yield self._timed_read(lp)
+            for i, lp in enumerate(self.order):
+                yield self._timed_read(lp, self.order[i + 1: i + 2])
             return
         while True:
             try:
@@ -458,14 +504,14 @@ class Stages:
                 raise item.error
             yield item
 
-    def write(self, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
-        """Hand a layer's outputs to the writer; its source buffers return to the pool once they are written."""
+    def write(self, name: str, outputs: dict[str, torch.Tensor], buffers: list[torch.Tensor]) -> None:
+        """Hand layer `name`'s outputs to the writer; its source buffers return to the pool once they are written."""
         if not self.threaded:
-            self._write(outputs, buffers)
+            self._write(name, outputs, buffers)
             return
         self._raise_write_error()
         try:
-            self._put(self._write_q, (outputs, buffers))
+            self._put(self._write_q, (name, outputs, buffers))
         except _Stopped:
             self._raise_write_error()
             raise
@@ -504,6 +550,20 @@ def _progress(enabled: bool, total_bytes: int):
     progress = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
                         MofNCompleteColumn(), console=console(stderr=True), transient=True)
     return progress
+
+
+def presized(writer: Any) -> Path:
+    """The writer's temporary file at its final length (a sparse hole until written), so that it opens as a complete
+    safetensors file for the gate's per-layer checks before its last tensor is written."""
+    os.truncate(writer.temp_path, writer.total_bytes)
+    return writer.temp_path
+
+
+def check_written(checker: TileChecker, name: str, source_amax: dict[str, float]) -> None:
+    """The gate's roundtrip of a sampled layer, right after it was written (in the writer thread, while the other
+    stages keep the disk and the encoder busy)."""
+    if checker.wants(name):
+        checker.check(name, source_amax.get(name))
 
 
 class PhaseClock:
@@ -581,7 +641,9 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         encode_busy = 0.0
         try:
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
-                    Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads) as stages:
+                    TileChecker(presized(writer), model, plan, gate_sample) as checker, \
+                    Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
+                           after_write=lambda name: check_written(checker, name, source_amax)) as stages:
                 task = bar.add_task("convert", total=len(plan.layers)) if bar else None
                 if bar:
                     bar.start()
@@ -599,16 +661,19 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                         continue
                     outputs = produce_layer(lp, src, device)
                     encode_busy += time.perf_counter() - encode_started
-                    stages.write(outputs, job.buffers)
+                    stages.write(lp.name, outputs, job.buffers)
                     del src, job
                     if bar:
                         bar.advance(task)
                 if result.non_finite:
+                    order = {lp.source.name if lp.source else lp.name: i for i, lp in enumerate(plan.layers)}
+                    result.non_finite = dict(sorted(result.non_finite.items(), key=lambda kv: order.get(kv[0], 0)))
                     raise _Abort()
                 stages.finish()
                 mark("stream")
                 result.timings.update({f"{k}_busy": v for k, v in {**stages.busy, "encode": encode_busy}.items()})
-                result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax)
+                result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax,
+                                       checked=checker)
                 mark("gate")
                 if result.gate.failed:
                     raise _Abort()
