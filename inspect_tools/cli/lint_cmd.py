@@ -40,11 +40,25 @@ def rules_table(rules: list[Rule], config: LintConfig | None = None) -> Table:
     return table
 
 
+def reflow(text: str) -> str:
+    """Join the hard-wrapped lines of each paragraph so the terminal wraps them at its own width; list items and
+    indented lines keep their own line."""
+    out: list[str] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        starts_item = stripped[:2] in ("- ", "* ") or stripped[:1].isdigit() and stripped[1:3] in (". ", ") ")
+        if out and out[-1] and stripped and not starts_item and not line.startswith((" ", "\t")):
+            out[-1] += " " + stripped
+        else:
+            out.append(line.rstrip())
+    return "\n".join(out)
+
+
 def explanation_text(rule: Rule) -> str:
     return (
         f"[bold]{rule.id} {rule.name}[/] ({rule.severity}; cause [bold]{rule.cause}[/]: {escape(CAUSES[rule.cause])})\n"
         f"{'reads scale values' if rule.needs_values else 'header only'}\n\n{escape(rule.summary)}\n\n"
-        f"{escape(rule.explanation)}\n"
+        f"{escape(reflow(rule.explanation))}\n"
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -53,6 +54,9 @@ def document(result: RoundtripResult) -> dict[str, Any]:
     return doc
 
 
+LAYER_MIN_WIDTH = 22
+
+
 def _num(value: float | None, digits: int = 4) -> str:
     if value is None:
         return "-"
@@ -61,15 +65,21 @@ def _num(value: float | None, digits: int = 4) -> str:
 
 def print_text(result: RoundtripResult) -> None:
     out = console()
-    table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)")
-    for column in ("layer", "format", "rel. error", "expected", "x", "max abs", "cosine", "SNR dB", "status"):
-        table.add_column(column, overflow="fold" if column == "layer" else "ellipsis",
-                         no_wrap=column != "layer")
-    for r in result.layers[:TEXT_ROWS]:
+    table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
+    rows = result.layers[:TEXT_ROWS]
+    # Layer names are the point of the table: never squeeze them below a readable width on narrow terminals.
+    name_width = min(max((len(r.name) for r in rows), default=5), LAYER_MIN_WIDTH)
+    # max abs error and cosine are in --format json; the text table keeps what fits an 80-column terminal
+    columns = ("layer", "format", "error", "expected", "x", "SNR dB", "status")
+    for column in columns:
+        wraps = column in ("layer", "status")
+        table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
+                         min_width={"layer": name_width, "status": 12}.get(column))
+    for r in rows:
         m = r.metrics
         status = f"[bold red]{r.cause}[/]" if r.status == "far-above" else (r.note or r.status)
         table.add_row(r.name, r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
-                      _num(m.max_abs if m else None), _num(m.cosine if m else None, 6),
                       _num(m.snr_db if m else None, 3), status)
     out.print(table)
     hidden = len(result.layers) - TEXT_ROWS
