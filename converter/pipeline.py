@@ -583,6 +583,17 @@ def presized(writer: Any) -> Path:
     return writer.temp_path
 
 
+def overlapped_checks(device: str, checker: TileChecker,
+                      source_amax: dict[str, float]) -> Callable[[str], None] | None:
+    """The writer thread's hook that runs the gate's checks as sampled layers land, on the GPU path only. On a CPU
+    conversion the checks' torch ops would run parallel regions beside the encoder's on the same cores, and each
+    region waits for its slowest thread: measured on 2 cores, a 2 GB conversion took 3.3-3.5 s with them overlapped
+    and 2.3 s with them after the stream (where run_gate does them, ~0.1 s)."""
+    if device == "cpu":
+        return None
+    return lambda name: check_written(checker, name, source_amax)
+
+
 def check_written(checker: TileChecker, name: str, source_amax: dict[str, float]) -> None:
     """The gate's roundtrip of a sampled layer, right after it was written (in the writer thread, while the other
     stages keep the disk and the encoder busy)."""
@@ -667,7 +678,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
                     TileChecker(presized(writer), model, plan, gate_sample) as checker, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
-                           after_write=lambda name: check_written(checker, name, source_amax)) as stages:
+                           after_write=overlapped_checks(device, checker, source_amax)) as stages:
                 task = bar.add_task("convert", total=len(plan.layers)) if bar else None
                 if bar:
                     bar.start()
