@@ -125,8 +125,20 @@ def child_main(kind: str, src: Path, out: Path) -> None:
     started = time.perf_counter()
     extra = CHILDREN[kind](src, out) or {}
     seconds = time.perf_counter() - started
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kb / 1024, "out_bytes": out.stat().st_size, **extra}))
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_rss_kb() / 1024, "out_bytes": out.stat().st_size,
+                      **extra}))
+
+
+def peak_rss_kb() -> int:
+    """This process's own peak RSS. VmHWM belongs to the address space exec created; getrusage's ru_maxrss survives
+    fork and exec on Linux, so a child would report its parent's peak (here: the generator's) when that is larger."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # Linux: kilobytes
 
 
 def measure(kind: str, src: Path, out: Path, keep: bool = False) -> dict:
