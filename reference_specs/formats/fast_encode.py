@@ -117,7 +117,7 @@ def _encode_chunk(
         (torch.ge if inclusive else torch.gt)(a, threshold, out=mask)
         codes.add_(bits)
     torch.signbit(x, out=mask)
-    codes.add_(bits << 3)
+    codes.add_(bits, alpha=8)  # the sign bit, without a shifted temporary
     if bool(zero.any()):  # the reference writes +0 codes for blocks whose scale rounds to zero
         codes.view(rows, blocks, BLOCK)[zero] = 0
 
