@@ -150,10 +150,10 @@ def check_sources(lp: LayerPlan, src: dict[str, torch.Tensor]) -> tuple[int, flo
 
 # Tensors below this size are allocated fresh: pooling them saves nothing measurable.
 POOL_MIN_BYTES = 1 << 20
-# Source bytes in flight (read ahead, being encoded, waiting to be written) stay under this many times the largest
-# layer (and a floor for models of tiny layers): enough to read layer i+1 while layer i is encoded and layer i-1
-# written, and the same bound whatever the number of layers.
-POOL_LAYERS = 3
+# Source bytes in flight stay under this many times the largest layer (and a floor for models of tiny layers): one
+# layer read ahead while one is encoded (an encoded layer's buffer returns at once, a kept one's once written), the
+# same bound whatever the number of layers. A 14B model's largest layer is 283 MB of FP32.
+POOL_LAYERS = 2
 POOL_FLOOR_BYTES = 64 << 20
 QUEUE_DEPTH = 2  # layers waiting between two stages
 # GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
@@ -583,6 +583,18 @@ def presized(writer: Any) -> Path:
     return writer.temp_path
 
 
+def split_buffers(outputs: dict[str, torch.Tensor],
+                  buffers: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(source buffers that outputs still view, buffers free now). An encoded layer's outputs are new tensors, so
+    its source buffer goes back to the pool as soon as it is encoded (on the GPU path the encoder's copies back to
+    the CPU have synchronised the device, so the host-to-device copy out of it is complete); a kept tensor written
+    as it was read is a view of its buffer, which returns once written."""
+    viewed = {t.untyped_storage().data_ptr() for t in outputs.values()}
+    held = [b for b in buffers if b.untyped_storage().data_ptr() in viewed]
+    done = [b for b in buffers if b.untyped_storage().data_ptr() not in viewed]
+    return held, done
+
+
 def overlapped_checks(device: str, checker: TileChecker,
                       source_amax: dict[str, float]) -> Callable[[str], None] | None:
     """The writer thread's hook that runs the gate's checks as sampled layers land, on the GPU path only. On a CPU
@@ -696,7 +708,9 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                         continue
                     outputs = produce_layer(lp, src, device)
                     encode_busy += time.perf_counter() - encode_started
-                    stages.write(lp.name, outputs, job.buffers)
+                    held, done = split_buffers(outputs, job.buffers)
+                    stages.release(done)
+                    stages.write(lp.name, outputs, held)
                     del src, job
                     if bar:
                         bar.advance(task)

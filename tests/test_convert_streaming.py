@@ -42,9 +42,10 @@ def test_threaded_and_sequential_runs_write_the_same_bytes(sources, tmp_path) ->
 
 
 def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypatch) -> None:
-    """Count layers read but not yet written (their source buffers not yet returned), with a slow writer so the
-    reader runs as far ahead as the stages let it."""
-    live, peak, reads = [0], {}, [0]
+    """Count layers read whose source buffers have not all gone back to the pool, with a slow writer so the reader
+    runs as far ahead as the stages let it."""
+    pending: dict[int, set[int]] = {}  # job number -> its buffers still out
+    peak, reads = {}, [0]
     lock = threading.Lock()
     read_job, release = pipeline.read_job, pipeline.Stages.release
     write = SafetensorsWriter.write
@@ -52,15 +53,19 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
     def counting_read(lp, stream):
         job = read_job(lp, stream)
         with lock:
-            live[0] += 1
             reads[0] += 1
-            peak[current[0]] = max(peak.get(current[0], 0), live[0])
+            if job.buffers:
+                pending[reads[0]] = {id(b) for b in job.buffers}
+            peak[current[0]] = max(peak.get(current[0], 0), len(pending))
         return job
 
     def counting_release(self, buffers):
         release(self, buffers)
         with lock:
-            live[0] -= 1
+            for job in list(pending):
+                pending[job] -= {id(b) for b in buffers}
+                if not pending[job]:
+                    del pending[job]
 
     def slow_write(self, name, tensor):
         time.sleep(0.001)
@@ -73,7 +78,7 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
     for blocks in (2, 8):
         current[0], reads[0] = blocks, 0
         result = convert(sources[blocks], tmp_path / f"out{blocks}.safetensors", VARIANT)
-        assert result.written and reads[0] == len(result.plan.layers) and live[0] == 0
+        assert result.written and reads[0] == len(result.plan.layers) and not pending
     # one being read, QUEUE_DEPTH waiting, one encoding, QUEUE_DEPTH waiting, one being written
     bound = 2 * pipeline.QUEUE_DEPTH + 3
     assert 1 < peak[8] <= bound and peak[2] <= bound, peak
@@ -185,3 +190,20 @@ def test_write_back_requests_do_not_change_the_bytes(sources, tmp_path, monkeypa
     out = tmp_path / "out.safetensors"
     assert convert(sources[2], out, VARIANT).written
     assert sha256(out) == sha256(reference)
+
+
+def test_the_tightest_budget_holds_and_does_not_deadlock(sources, tmp_path, monkeypatch) -> None:
+    """With no floor the pool may hold only two of the largest layers: the run still completes, within it."""
+    pools: list[BufferPool] = []
+
+    class Recorded(BufferPool):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(pipeline, "POOL_FLOOR_BYTES", 0)
+    monkeypatch.setattr(pipeline, "BufferPool", Recorded)
+    result = convert(sources[8], tmp_path / "out.safetensors", VARIANT)
+    largest = max(lp.source_bytes for lp in result.plan.layers)
+    assert result.written and pools[0].budget == 2 * largest
+    assert 0 < pools[0].peak <= pools[0].budget and pools[0].in_use == 0
