@@ -36,7 +36,7 @@ def test_cuda_conversion_writes_the_same_bytes_as_the_cpu(src, tmp_path) -> None
 
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return all(torch.equal(a[r].view(torch.uint8), b[r].cpu().view(torch.uint8)) for r in a)
+    return all(torch.equal(a[r].reshape(-1).view(torch.uint8), b[r].cpu().reshape(-1).view(torch.uint8)) for r in a)
 
 
 def test_fast_encoders_are_byte_identical_on_cuda() -> None:
