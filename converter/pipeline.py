@@ -649,6 +649,24 @@ def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None =
     return model, plan
 
 
+def warm_up(device: str) -> threading.Thread | None:
+    """Start the CUDA context and the pinned-memory allocator in the background while the source is opened and
+    planned: their first use costs a few hundred milliseconds that would otherwise stall the first layer."""
+    if device != "cuda":
+        return None
+
+    def touch() -> None:
+        try:
+            torch.empty(1, device=device)
+            torch.empty(1, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:
+            pass  # the same call in the stream raises it where it can be reported
+
+    thread = threading.Thread(target=touch, name="nvdiag-cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
 def check_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, not {device!r}")
@@ -670,6 +688,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
     clock = PhaseClock()
     mark = clock.mark
     check_device(device)
+    warming = warm_up(device)
     out = Path(out)
     model, plan = prepare(src, preset, dtype_16, input_scales)
     with model:
@@ -686,6 +705,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         bar = _progress(progress, plan.output_bytes)
         source_amax: dict[str, float] = {}  # quantized layer -> max |w| of its source weight, for the gate
         encode_busy = 0.0
+        if warming is not None:
+            warming.join()
         try:
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
                     TileChecker(presized(writer), model, plan, gate_sample) as checker, \
