@@ -129,10 +129,6 @@ def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> d
     return out
 
 
-def count_non_finite(src: dict[str, torch.Tensor]) -> int:
-    return sum(enc.non_finite(t) for t in src.values())
-
-
 def check_sources(lp: LayerPlan, src: dict[str, torch.Tensor]) -> tuple[int, float | None]:
     """(NaN/Inf count over the layer's source tensors, max |w| of its quantized weight or None), in one pass each:
     the amax is what the gate checks the written per-tensor scale against."""
