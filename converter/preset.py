@@ -111,7 +111,7 @@ class Rule:
     def failed_condition(self, layer: LayerView, model_width: int | None = None) -> str | None:
         """None when the rule applies to `layer`; otherwise why it does not (for `preset explain`)."""
         if not self.name_matches(layer.name):
-            return f"name does not match {self.pattern}"
+            return "name does not match"  # the pattern itself is already in describe()
         if self.format in QUANT_FORMATS and not layer.linear:
             return f"{self.format} applies only to 2-D floating-point weights"
         c = self.conditions
