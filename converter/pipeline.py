@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 import converter
 from converter import encode as enc
 from converter.gate import GateReport, TileChecker, run_gate
+from converter.gpu_io import ChunkedReader
 from converter.input_scales import load_input_scales
 from converter.plan import (
     PROVENANCE_KEY,
@@ -155,9 +156,9 @@ QUEUE_DEPTH = 2  # layers waiting between two stages
 # GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
 # cores are busy encoding).
 PARALLEL_READ_BYTES = 16 << 20
-# Measured on an H200 host (16 cores, virtio disk, 4.3 GB source): 2 threads read 1.39 GB/s cold and 3.29 GB/s warm
-# end to end, 1 thread 1.23 / 2.87, 4 threads 1.33 / 3.25 (.device probe, see the report of issue 8).
-GPU_READ_THREADS = 2
+# GPU path: threads reading chunks (gpu_io.ChunkedReader), each with one request outstanding: the disk's queue depth.
+GPU_READ_THREADS = 4
+GPU_DIRECT_IO = True  # chunks not in the page cache are read with O_DIRECT (gpu_io)
 WRITEBACK_BYTES = 64 << 20  # output written between two background write-back requests
 _POLL_S = 0.05  # how often a blocked stage looks whether the run was stopped
 
@@ -382,6 +383,39 @@ def read_job(lp: LayerPlan, stream: SourceStream) -> _Job:
     return job
 
 
+def submit_job(lp: LayerPlan, stream: SourceStream, chunks: ChunkedReader) -> tuple[_Job, list[Future]]:
+    """GPU path: queue the chunk reads of a layer's source tensors; (the job, its reads) to wait for."""
+    job, futures = _Job(lp, {}, []), []
+    try:
+        for t in lp.tensors:
+            if t.source is None or t.source in job.src:
+                continue
+            info = stream.reader.tensors[t.source]
+            if stream._raw(info) and info.nbytes:
+                job.src[t.source], buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
+                job.buffers.append(buf)
+                futures += reads
+            else:
+                job.src[t.source] = stream.load(t.source)[0]
+    except BaseException:
+        complete_job(job, futures, stream.pool, failed=True)
+        raise
+    return job, futures
+
+
+def complete_job(job: _Job, futures: list[Future], pool: BufferPool, failed: bool = False) -> _Job:
+    """Wait for a submitted layer's reads; on any failure its buffers go back (after every read into them ended)."""
+    wait(futures)
+    error = next((f.exception() for f in futures if f.exception() is not None), None)
+    if failed or error is not None:
+        for buf in job.buffers:
+            pool.release(buf)
+        job.buffers.clear()
+        if error is not None:
+            raise error
+    return job
+
+
 class Stages:
     """read -> (caller encodes) -> write, as three overlapping stages: a reader thread fills pool buffers with the
     next layers' sources, the caller's thread checks and encodes, a writer thread pwrites the outputs and returns
@@ -391,8 +425,12 @@ class Stages:
     def __init__(self, reader: Any, plan: ConversionPlan, writer: Any, pinned: bool = False,
                  threaded: bool = True, after_write: Callable[[str], None] | None = None) -> None:
         largest = max((lp.source_bytes for lp in plan.layers), default=0)
-        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES), pinned)
-        self.stream = SourceStream(reader, self.pool, GPU_READ_THREADS if pinned else 1)
+        # on the GPU path each tensor's buffer has room for alignment (gpu_io.ChunkedReader.slack)
+        slack = (1 << 20) if pinned else 0
+        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES) + slack, pinned)
+        self.stream = SourceStream(reader, self.pool, 1)
+        self.chunks = ChunkedReader(reader, self.pool, GPU_READ_THREADS, GPU_DIRECT_IO) if pinned else None
+        self._pending: queue.Queue = queue.Queue(QUEUE_DEPTH)  # GPU path: layers whose chunks are being read
         self.plan = plan
         self.order = read_order(plan, reader)
         self.writer = writer
@@ -412,6 +450,9 @@ class Stages:
         if self.threaded:
             self._threads = [threading.Thread(target=self._read_all, name="nvdiag-read", daemon=True),
                              threading.Thread(target=self._write_all, name="nvdiag-write", daemon=True)]
+            if self.chunks is not None:
+                self._threads.insert(1, threading.Thread(target=self._complete_all, name="nvdiag-complete",
+                                                         daemon=True))
             for thread in self._threads:
                 thread.start()
         return self
@@ -421,6 +462,8 @@ class Stages:
         self.pool.stop()
         for thread in self._threads:
             thread.join()
+        if self.chunks is not None:
+            self.chunks.close()
         self.stream.close()
         if self._out_fd is not None:
             os.close(self._out_fd)
@@ -445,9 +488,35 @@ class Stages:
         raise _Stopped()
 
     def _read_all(self) -> None:
+        # GPU path: queue each layer's chunk reads and hand them to _complete_all without waiting for them, so
+        # the next layer's requests are already queued when this one's complete (no idle disk between layers)
+        target = self._read_q if self.chunks is None else self._pending
         try:
             for i, lp in enumerate(self.order):
-                self._put(self._read_q, self._timed_read(lp, self.order[i + 1: i + 2]))
+                if self.chunks is None:
+                    self._put(target, self._timed_read(lp, self.order[i + 1: i + 2]))
+                else:
+                    self._put(target, submit_job(lp, self.stream, self.chunks))
+            self._put(target, _END)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            try:
+                self._put(self._read_q, _Failure(exc))
+            except _Stopped:
+                pass
+
+    def _complete_all(self) -> None:
+        """GPU path: wait for each layer's chunks, in order, and pass the layer on to the encoder."""
+        try:
+            while (item := self._get(self._pending)) is not _END:
+                if isinstance(item, _Failure):
+                    self._put(self._read_q, item)
+                    return
+                started = time.perf_counter()
+                job = complete_job(*item, self.pool)
+                self.busy["read"] += time.perf_counter() - started
+                self._put(self._read_q, job)
             self._put(self._read_q, _END)
         except _Stopped:
             pass
@@ -510,7 +579,10 @@ class Stages:
         """Every planned layer with its source tensors, in plan order."""
         if not self.threaded:
             for i, lp in enumerate(self.order):
-                yield self._timed_read(lp, self.order[i + 1: i + 2])
+                if self.chunks is None:
+                    yield self._timed_read(lp, self.order[i + 1: i + 2])
+                else:
+                    yield complete_job(*submit_job(lp, self.stream, self.chunks), self.pool)
             return
         while True:
             try:

@@ -1,19 +1,22 @@
-"""--device cuda: the same bytes as the CPU path (skipped where torch sees no CUDA device)."""
+"""--device cuda: the same bytes as the CPU path (the CUDA tests are skipped where torch sees no CUDA device; the
+GPU path's chunked O_DIRECT reads are tested on the CPU too)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from converter import gpu_io, pipeline
 from converter.pipeline import convert
 from inspect_tools.roundtrip import run_roundtrip
 from inspect_tools.synthetic import write_float
 from reference_specs.formats import fast_encode
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 VARIANT = "wan2.2-ti2v-5b"
 TINY = {"dim": 64, "ffn": 128, "text_dim": 64, "freq_dim": 64, "heads": 1, "blocks": 2}
@@ -28,6 +31,7 @@ def src(tmp_path_factory) -> Path:
     return write_float(tmp_path_factory.mktemp("gpu") / "src", VARIANT, TINY, naming="diffusers", sharded=2)
 
 
+@needs_cuda
 def test_cuda_conversion_writes_the_same_bytes_as_the_cpu(src, tmp_path) -> None:
     cpu, cuda = tmp_path / "cpu.safetensors", tmp_path / "cuda.safetensors"
     assert convert(src, cpu, VARIANT, device="cpu").written
@@ -39,6 +43,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(a[r].reshape(-1).view(torch.uint8), b[r].cpu().reshape(-1).view(torch.uint8)) for r in a)
 
 
+@needs_cuda
 def test_fast_encoders_are_byte_identical_on_cuda() -> None:
     """Magnitudes over many decades, ties exactly between E2M1 steps, padding: the per-tensor scale (amax / 2688)
     and every block scale must round as on the CPU (a division by a Python number on CUDA would not)."""
@@ -52,6 +57,7 @@ def test_fast_encoders_are_byte_identical_on_cuda() -> None:
         assert _same(fast_encode.encode_fp8(weight), fast_encode.encode_fp8(weight.cuda(), device="cuda"))
 
 
+@needs_cuda
 def test_roundtrip_on_cuda_gives_the_cpu_results(src, tmp_path) -> None:
     out = tmp_path / "out.safetensors"
     assert convert(src, out, VARIANT).written
@@ -59,3 +65,78 @@ def test_roundtrip_on_cuda_gives_the_cpu_results(src, tmp_path) -> None:
     on_cuda = {r.name: r.error for r in run_roundtrip(out, src, device="cuda").layers}
     assert on_cpu.keys() == on_cuda.keys() and on_cpu
     assert all(on_cuda[n] == pytest.approx(on_cpu[n], rel=1e-5) for n in on_cpu)
+
+
+def drop_cache(folder: Path) -> None:
+    """Evict the files' pages so that reads of them go to the disk (the O_DIRECT path)."""
+    for p in folder.glob("*.safetensors"):
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages would stay
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("cold", [True, False])
+def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
+    """Chunks far smaller than the tensors, unaligned offsets, a cold (direct) or warm (page cache) file."""
+    from inspect_tools.readers import open_checkpoint
+    from inspect_tools.readers.safetensors_dtypes import DTYPES
+
+    monkeypatch.setattr(gpu_io, "CHUNK_BYTES", 2 * gpu_io.ALIGN)
+    with open_checkpoint(src) as reader:
+        if cold:
+            drop_cache(src.parent)
+        chunks = gpu_io.ChunkedReader(reader, pipeline.BufferPool(1 << 26), threads=3)
+        try:
+            for info in reader:
+                tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
+                assert all(r.result() is None for r in reads)
+                assert torch.equal(tensor, reader.load(info.name)), info.name
+                chunks.pool.release(buf)
+        finally:
+            chunks.close()
+    if cold and hasattr(os, "O_DIRECT"):
+        assert chunks.direct_bytes > 0
+
+
+@pytest.mark.parametrize("threads", [True, False])
+def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
+    """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""
+
+    class Unpinned(pipeline.BufferPool):
+        def _allocate(self, nbytes: int) -> torch.Tensor:
+            return torch.empty(nbytes, dtype=torch.uint8)
+
+    class ChunkedStages(pipeline.Stages):
+        def __init__(self, *args, pinned: bool = False, **kwargs) -> None:
+            super().__init__(*args, pinned=True, **kwargs)
+
+    reference = tmp_path / "reference.safetensors"
+    assert convert(src, reference, VARIANT).written
+    monkeypatch.setattr(pipeline, "BufferPool", Unpinned)
+    monkeypatch.setattr(pipeline, "Stages", ChunkedStages)
+    monkeypatch.setattr(gpu_io, "CHUNK_BYTES", 4 * gpu_io.ALIGN)
+    drop_cache(src.parent)
+    out = tmp_path / "out.safetensors"
+    assert convert(src, out, VARIANT, threads=threads).written
+    assert sha256(out) == sha256(reference)
+
+
+def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> None:
+    from inspect_tools.errors import InputError
+    from inspect_tools.readers import open_checkpoint
+    from inspect_tools.readers.safetensors_dtypes import DTYPES
+
+    one = write_float(tmp_path / "one", VARIANT, TINY, naming="diffusers")
+    with open_checkpoint(one) as reader:
+        last = max(reader, key=lambda i: i.offset)
+        os.truncate(one, last.offset + last.nbytes - 1)
+        chunks = gpu_io.ChunkedReader(reader, pipeline.BufferPool(1 << 26), threads=2)
+        try:
+            _, _, reads = chunks.submit(last, DTYPES[last.dtype].torch_dtype)
+            with pytest.raises(InputError, match="shorter than its header"):
+                [r.result() for r in reads]
+        finally:
+            chunks.close()
