@@ -73,7 +73,7 @@ def _read_tensor_marker(reader: CheckpointReader, layer: Layer) -> None:
     if info.nbytes > MAX_MARKER_BYTES:
         layer.marker_error = f"comfy_quant is {info.nbytes} bytes, far larger than any JSON marker"
         return
-    raw = reader.load(info.name).numpy().tobytes()
+    raw = reader.read_bytes(info.name)  # raw bytes, not a tensor: building a model from headers needs no torch
     try:
         layer.marker = decode_marker_bytes(raw)
         layer.marker_source = "tensor"

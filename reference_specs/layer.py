@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
+if TYPE_CHECKING:  # header-only commands never load tensors: importing torch (~1 s) is left to the code that does
+    import torch
 
 # Suffixes that name a tensor's role inside its layer. Longest first so "weight_scale_2" wins over "weight".
 ROLE_SUFFIXES: tuple[str, ...] = (

@@ -6,9 +6,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,11 @@ class CheckpointReader(ABC):
     def load_float(self, name: str) -> torch.Tensor:
         """The tensor as float32 in its logical shape; GGUF quantized types are dequantized through gguf-py.
         Does not interpret nvdiag formats (NVFP4 etc.): that is reference_specs.formats' job."""
+
+    @abstractmethod
+    def read_bytes(self, name: str) -> bytes:
+        """The tensor's stored bytes, as they are in the file. For tiny tensors read without torch (comfy_quant
+        markers while a model is built from headers)."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import struct
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers.base import CheckpointReader, TensorInfo
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -22,11 +23,22 @@ MIN_KV_BYTES = 13
 # Arrays longer than this (tokenizer vocabularies, merges) are summarized instead of copied into metadata.
 MAX_METADATA_ARRAY = 64
 
-# GGML types that load as plain torch tensors; everything else is returned as raw uint8 blocks.
-PLAIN_TORCH_TYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-    "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+# GGML types that load as plain torch tensors (by torch dtype name: torch is imported only to load values);
+# everything else is returned as raw uint8 blocks.
+PLAIN_TORCH_TYPES: dict[str, str] = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+    "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
 }
+
+
+def plain_torch_dtype(ggml_type: str) -> torch.dtype | None:
+    """The torch dtype a plain GGML type loads as; None for quantized types."""
+    name = PLAIN_TORCH_TYPES.get(ggml_type)
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
 
 
 def _fail(path: Path, message: str) -> InputError:
@@ -126,15 +138,19 @@ class GGUFFileReader(CheckpointReader):
         super().__init__(path=path, kind="gguf", metadata=metadata, tensors=tensors)
 
     def _raw(self, name: str) -> np.ndarray:
+        import numpy as np
+
         if name not in self.tensors:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         info = self.tensors[name]
         return np.array(self._gguf.data[info.offset:info.offset + info.nbytes], dtype=np.uint8, copy=True)
 
     def load(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self.tensors.get(name)
         raw = torch.from_numpy(self._raw(name))
-        plain = PLAIN_TORCH_TYPES.get(info.dtype)
+        plain = plain_torch_dtype(info.dtype)
         if plain is not None:
             return raw.view(plain).reshape(info.shape)
         if not info.shape or info.numel == 0:
@@ -143,12 +159,14 @@ class GGUFFileReader(CheckpointReader):
         return raw.reshape(*info.shape[:-1], info.nbytes // rows)  # one row of quant blocks per last dimension
 
     def load_float(self, name: str) -> torch.Tensor:
+        import numpy as np
+        import torch
         from gguf import GGMLQuantizationType
         from gguf.quants import dequantize
 
         info = self.tensors.get(name)
         raw = self._raw(name)
-        plain = PLAIN_TORCH_TYPES.get(info.dtype)
+        plain = plain_torch_dtype(info.dtype)
         if plain is not None:
             return torch.from_numpy(raw).view(plain).reshape(info.shape).to(torch.float32)
         try:
@@ -156,6 +174,9 @@ class GGUFFileReader(CheckpointReader):
         except NotImplementedError:
             raise InputError(f"tensor {name!r}: gguf-py cannot dequantize {info.dtype}", str(self.path)) from None
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
+
+    def read_bytes(self, name: str) -> bytes:
+        return self._raw(name).tobytes()
 
     def close(self) -> None:
         gguf = getattr(self, "_gguf", None)

@@ -6,13 +6,14 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers.base import CheckpointReader, TensorInfo
 from inspect_tools.readers.safetensors_dtypes import DTYPES, byte_length
+
+if TYPE_CHECKING:
+    import torch
 
 # The safetensors library refuses headers above 100 MB (MAX_HEADER_SIZE in safetensors/src/tensor.rs); so do we,
 # which also bounds the memory a hostile header length can make us allocate.
@@ -145,6 +146,8 @@ def read_exact(fh: Any, path: Path, offset: int, nbytes: int) -> bytearray:
 
 def bytes_to_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Raw little-endian bytes -> tensor of the safetensors dtype; sub-byte and unknown-to-torch dtypes stay uint8."""
+    import torch
+
     target = DTYPES[dtype].torch_dtype
     if not buf:
         return torch.empty(shape if target is not None else (0,), dtype=target or torch.uint8)
@@ -181,7 +184,13 @@ class SafetensorsReader(CheckpointReader):
         buf = read_exact(self._handle(), self.path, info.offset, info.nbytes)
         return bytes_to_tensor(buf, info.dtype, info.shape)
 
+    def read_bytes(self, name: str) -> bytes:
+        info = self._info(name)
+        return bytes(read_exact(self._handle(), self.path, info.offset, info.nbytes))
+
     def load_float(self, name: str) -> torch.Tensor:
+        import torch
+
         info = self._info(name)
         if DTYPES[info.dtype].torch_dtype is None or info.dtype == "C64":
             raise InputError(f"tensor {name!r} is {info.dtype}, which has no float32 form", str(self.path))

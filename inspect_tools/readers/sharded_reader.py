@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers.base import CheckpointReader, TensorInfo
 from inspect_tools.readers.safetensors_reader import SafetensorsReader
 from inspect_tools.safety import check_input_file
+
+if TYPE_CHECKING:
+    import torch
 
 # index.json files list names and shard files only; a few MB is already huge. Bounded so a hostile file cannot
 # make us read gigabytes of JSON.
@@ -121,6 +122,11 @@ class ShardedReader(CheckpointReader):
         if name not in self._owner:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         return self._owner[name].load_float(name)
+
+    def read_bytes(self, name: str) -> bytes:
+        if name not in self._owner:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}")
+        return self._owner[name].read_bytes(name)
 
     def close(self) -> None:
         for reader in self._shards.values():

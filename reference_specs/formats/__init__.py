@@ -5,21 +5,25 @@ Order matters: specific quantized formats first, plain floats last. Register a n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
 from reference_specs.formats.fp8 import FP8E4M3, FP8E5M2
-from reference_specs.formats.gguf_types import GGUF_FORMATS
 from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.formats.plain import PLAIN_FORMATS
 from reference_specs.formats.scaled_fp8 import ScaledFP8
 from reference_specs.layer import Layer
 
+UNKNOWN = "unknown"
+
 # Claim order: GGUF types first (only they claim inside a GGUF file), then the quantized safetensors formats, most
 # specific first (a comfy_quant marker beats a guess from dtypes), plain floats last.
-FORMATS: list[type[Format]] = [
-    *GGUF_FORMATS,
+# The GGUF types are built from gguf-py's type table, whose import (~0.1 s) only GGUF work should pay: they join the
+# front of the registry the first time a GGUF layer is classified or a slug is not found without them.
+# `FORMATS` (module attribute) is always the complete list.
+_formats: list[type[Format]] = [
     NVFP4,
     NVFP4CompressedTensors,
     FP8E4M3,
@@ -27,28 +31,54 @@ FORMATS: list[type[Format]] = [
     ScaledFP8,
     *PLAIN_FORMATS,
 ]
+_gguf_loaded = False
+
+
+def _all_formats() -> list[type[Format]]:
+    global _formats, _gguf_loaded
+    if not _gguf_loaded:
+        from reference_specs.formats.gguf_types import GGUF_FORMATS
+
+        # a new list, not an insertion: a thread iterating the old one is not disturbed
+        _formats = [*GGUF_FORMATS, *(f for f in _formats if f not in GGUF_FORMATS)]
+        _gguf_loaded = True
+    return _formats
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FORMATS":
+        return _all_formats()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _find(match: Callable[[type[Format]], bool]) -> type[Format] | None:
+    """The first registered format that `match`es, looking into the GGUF types only when no other one does."""
+    found = next((f for f in _formats if match(f)), None)
+    if found is None and not _gguf_loaded:
+        found = next((f for f in _all_formats() if match(f)), None)
+    return found
 
 
 def register(fmt: type[Format]) -> type[Format]:
-    if fmt not in FORMATS:
-        FORMATS.append(fmt)
+    if fmt not in _formats:
+        _formats.append(fmt)
     return fmt
 
 
 def get(slug: str) -> type[Format]:
-    for fmt in FORMATS:
-        if fmt.slug == slug:
-            return fmt
-    raise KeyError(f"unknown format {slug!r}; known: {', '.join(f.slug for f in FORMATS)}")
+    fmt = _find(lambda f: f.slug == slug)
+    if fmt is None:
+        raise KeyError(f"unknown format {slug!r}; known: {', '.join(f.slug for f in _all_formats())}")
+    return fmt
 
 
 def by_comfy_format(name: str) -> type[Format] | None:
-    return next((f for f in FORMATS if f.comfy_format == name), None)
+    return _find(lambda f: f.comfy_format == name)
 
 
 def is_quantized(slug: str) -> bool:
     """Whether a format slug stores a lossy encoding; "unknown" and unregistered slugs count as not quantized."""
-    fmt = next((f for f in FORMATS if f.slug == slug), None)
+    fmt = None if slug == UNKNOWN else _find(lambda f: f.slug == slug)
     return fmt is not None and fmt.quantized
 
 
@@ -59,14 +89,15 @@ def classify(layer: Layer, file_markers: dict[str, Any] | None = None) -> str:
     one strange layer never stops the classification of a whole file.
     """
     markers = file_markers or {}
-    for fmt in FORMATS:
+    candidates = _all_formats() if markers.get("container") == "gguf" else _formats
+    for fmt in candidates:
         try:
             claimed = fmt.claims(layer, markers)
         except (TypeError, ValueError, KeyError, AttributeError, IndexError):
             claimed = False
         if claimed:
             return fmt.slug
-    return "unknown"
+    return UNKNOWN
 
 
 __all__ = ["FORMATS", "Format", "RoleSpec", "by_comfy_format", "classify", "get", "is_quantized", "register"]

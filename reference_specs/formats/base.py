@@ -7,11 +7,28 @@ lint, roundtrip, convert, diff) only ever go through the registry, so they never
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TorchDtype:
+    """A class attribute that names a torch dtype and resolves it on access.
+
+    Formats are declared (and layers classified) from headers alone; resolving dtypes only when a codec runs keeps
+    header-only commands from importing torch (about a second of start-up).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> torch.dtype:
+        import torch
+
+        return getattr(torch, self.name)
 
 
 @dataclass(frozen=True)

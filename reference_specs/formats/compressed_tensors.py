@@ -10,9 +10,7 @@ ComfyUI cannot load this layout; nvdiag reads it to diagnose and convert it.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.nvfp4 import (
@@ -28,12 +26,17 @@ from reference_specs.formats.nvfp4 import (
 )
 from reference_specs.layer import Layer
 
+if TYPE_CHECKING:
+    import torch
+
 # ComfyUI's weight_scale_2 = amax / GLOBAL_RANGE; compressed-tensors' weight_global_scale = GLOBAL_RANGE / amax.
 GLOBAL_RANGE = F8_E4M3_MAX * F4_E2M1_MAX
 
 
 def global_scale(weight: torch.Tensor) -> torch.Tensor:
     """448*6 / amax(|W|) as float32 of shape [1]; an all-zero weight gets 1.0 (it decodes to zeros anyway)."""
+    import torch
+
     amax = weight.abs().amax().to(torch.float32) if weight.numel() else torch.zeros((), dtype=torch.float32)
     scale = torch.where(amax > 0, GLOBAL_RANGE / amax, torch.ones_like(amax))
     return scale.reshape(1)
@@ -63,6 +66,8 @@ class NVFP4CompressedTensors(Format):
         self, weight: torch.Tensor, weight_global_scale: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """[out, in] float -> compressed-tensors tensors. Columns are zero-padded to a multiple of 16; rows are not."""
+        import torch
+
         out_f, in_f = weight.shape
         gscale = global_scale(weight) if weight_global_scale is None else weight_global_scale.to(torch.float32)
         # Encode with the decode multiplier a consumer derives from the stored global scale (1 / global), so the
@@ -76,6 +81,8 @@ class NVFP4CompressedTensors(Format):
         }
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         packed = tensors["weight_packed"]
         codes = unpack_nibbles(packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed, high_first=False)
         scales = tensors["weight_scale"]

@@ -11,33 +11,54 @@ Facts (shared/research/comfyui-load-path.md, Q2 and Misc; comfy-kitchen tensor/f
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from reference_specs.formats.base import Format, RoleSpec
+from reference_specs.formats.base import Format, RoleSpec, TorchDtype
 from reference_specs.layer import Layer
 
-F8_DTYPES: dict[str, torch.dtype] = {"F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype name -> torch dtype name; F8_DTYPES (the torch dtypes) is built from it on first use.
+F8_DTYPE_NAMES: dict[str, str] = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: F8_DTYPES holds torch dtypes, so it exists only once someone asks for it (torch is not loaded before)
+    if name == "F8_DTYPES":
+        import torch
+
+        return {stored: getattr(torch, dtype) for stored, dtype in F8_DTYPE_NAMES.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fp8_max(dtype: torch.dtype) -> float:
+    import torch
+
     return float(torch.finfo(dtype).max)
 
 
-def fp8_per_tensor_scale(weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
+def fp8_per_tensor_scale(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """amax(|W|) / fp8_max as a float32 0-d tensor.
 
     An all-zero weight would give 0, and comfy-kitchen's 1/0 then turns every element into NaN; 1.0 is used instead:
     it is finite and positive (no non-finite-scale finding) and the weight still decodes to exact zeros.
+    dtype: the FP8 dtype, float8_e4m3fn when None.
     """
+    import torch
+
+    dtype = torch.float8_e4m3fn if dtype is None else dtype
     amax = weight.abs().amax().to(torch.float32) if weight.numel() else torch.zeros((), dtype=torch.float32)
     scale = (amax / fp8_max(dtype)).reshape(())
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> torch.Tensor:
-    """Per-tensor FP8 encoding, step for step as comfy-kitchen's quantize_per_tensor_fp8 (in the input's dtype)."""
+def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-tensor FP8 encoding, step for step as comfy-kitchen's quantize_per_tensor_fp8 (in the input's dtype);
+    dtype float8_e4m3fn when None."""
+    import torch
+
+    dtype = torch.float8_e4m3fn if dtype is None else dtype
     limit = fp8_max(dtype)
     reciprocal = (1.0 / scale.to(torch.float32)).to(weight.dtype)
     scaled = weight * reciprocal
@@ -45,11 +66,15 @@ def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
 
 
 def dequantize_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    import torch
+
     return weight.to(torch.float32) * scale.to(torch.float32)
 
 
 def as_fp8(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A stored FP8 tensor; raw bytes (uint8) are reinterpreted, the way ComfyUI views them."""
+    import torch
+
     return tensor.view(dtype) if tensor.dtype == torch.uint8 else tensor
 
 
@@ -78,6 +103,8 @@ class _ComfyFP8(Format):
         return layer.dtype("weight") == cls.stored_dtype and is_scalar(layer, "weight_scale")
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        import torch
+
         scale = fp8_per_tensor_scale(weight, self.torch_dtype) if scale is None else scale.to(torch.float32)
         scale = scale.reshape(())
         return {"weight": quantize_fp8(weight, scale, self.torch_dtype), "weight_scale": scale}
@@ -90,7 +117,7 @@ class _ComfyFP8(Format):
 class FP8E4M3(_ComfyFP8):
     slug: ClassVar[str] = "float8_e4m3fn"
     comfy_format: ClassVar[str | None] = "float8_e4m3fn"
-    torch_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
+    torch_dtype = TorchDtype("float8_e4m3fn")
     stored_dtype: ClassVar[str] = "F8_E4M3"
     typical_rel_error: ClassVar[float] = 0.04
     signature: ClassVar[dict[str, RoleSpec]] = {
@@ -105,7 +132,7 @@ class FP8E4M3(_ComfyFP8):
 class FP8E5M2(_ComfyFP8):
     slug: ClassVar[str] = "float8_e5m2"
     comfy_format: ClassVar[str | None] = "float8_e5m2"
-    torch_dtype: ClassVar[torch.dtype] = torch.float8_e5m2
+    torch_dtype = TorchDtype("float8_e5m2")
     stored_dtype: ClassVar[str] = "F8_E5M2"
     typical_rel_error: ClassVar[float] = 0.08
     signature: ClassVar[dict[str, RoleSpec]] = {

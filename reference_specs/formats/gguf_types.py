@@ -10,15 +10,17 @@ Raw data moves as uint8 bytes of shape [rows, bytes_per_row], the way readers re
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
 
 # Types that are plain numbers, handled with a numpy view (gguf-py only handles F32/F16 among them).
 NUMPY_TYPES: dict[str, np.dtype] = {
@@ -39,6 +41,8 @@ TYPICAL_ERRORS = {"Q8_0": 0.008, "Q6_K": 0.015, "Q5_0": 0.05, "Q5_1": 0.045, "Q5
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
     """Any stored tensor -> its raw bytes as a numpy uint8 array (no copy when already contiguous uint8)."""
+    import torch
+
     t = tensor.detach().cpu().contiguous()
     if t.dtype != torch.uint8:
         t = t.reshape(-1).view(torch.uint8)
@@ -77,6 +81,8 @@ class GGUFType(Format):
         return rows_of(tuple(shape)), row // block_size * type_size
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         data = weight.detach().cpu().to(torch.float32).numpy()
         rows, row_bytes = self.byte_shape(tuple(data.shape))
         data = data.reshape(rows, data.shape[-1] if data.ndim else 1)
@@ -91,6 +97,8 @@ class GGUFType(Format):
         return {"weight": torch.from_numpy(raw.reshape(rows, row_bytes).copy())}
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         stored = next((tensors[r] for r in MAIN_ROLES if r in tensors), None)
         if stored is None:
             stored = next(iter(tensors.values()))

@@ -9,12 +9,13 @@ Facts (shared/research/comfyui-load-path.md, Q6; comfy-kitchen tensor/nvfp4.py, 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
 
 F4_E2M1_MAX = 6.0
 F8_E4M3_MAX = 448.0
@@ -40,6 +41,8 @@ def block_scale_shape(out_features: int, in_features: int) -> tuple[int, int]:
 
 def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
     """float32 values already scaled into [-6, 6] -> uint8 codes 0..15, round half to even, sign kept for -0."""
+    import torch
+
     a = x.abs()
     code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
     for threshold, inclusive in _E2M1_STEPS:
@@ -48,6 +51,8 @@ def e2m1_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
+    import torch
+
     lut = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
     return lut[codes.long()]
 
@@ -59,6 +64,8 @@ def pack_nibbles(codes: torch.Tensor, high_first: bool = True) -> torch.Tensor:
 
 
 def unpack_nibbles(packed: torch.Tensor, high_first: bool = True) -> torch.Tensor:
+    import torch
+
     hi, lo = packed >> 4, packed & 0x0F
     first, second = (hi, lo) if high_first else (lo, hi)
     return torch.stack((first, second), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
@@ -70,6 +77,8 @@ def swizzle_index(rows: int, cols: int, device: torch.device | str = "cpu") -> t
     cuBLAS block-scale layout (cuBLAS docs, "1D block scaling factors layout"): 128x4 tiles stored one after the
     other, row-major over tiles; inside a tile, row r = 32*a + b and column c go to offset b*16 + a*4 + c.
     """
+    import torch
+
     r = torch.arange(rows, device=device).view(-1, 1)
     c = torch.arange(cols, device=device).view(1, -1)
     tile = (r // 128) * (cols // 4) + (c // 4)
@@ -79,6 +88,8 @@ def swizzle_index(rows: int, cols: int, device: torch.device | str = "cpu") -> t
 
 def swizzle(scales: torch.Tensor) -> torch.Tensor:
     """Linear [R, C] (already padded to 128 x 4 multiples) -> swizzled [R, C]."""
+    import torch
+
     rows, cols = scales.shape
     out = torch.empty(rows * cols, dtype=scales.dtype, device=scales.device)
     out[swizzle_index(rows, cols, scales.device).flatten()] = scales.flatten()
@@ -92,6 +103,8 @@ def unswizzle(blocked: torch.Tensor) -> torch.Tensor:
 
 
 def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    import torch
+
     if x.shape == (rows, cols):
         return x
     out = torch.zeros((rows, cols), dtype=x.dtype, device=x.device)
@@ -101,6 +114,8 @@ def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
     """The decode multiplier ComfyUI expects in weight_scale_2: amax(|W|) / (448 * 6), float32 0-d."""
+    import torch
+
     return (weight.abs().amax().to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)).reshape(())
 
 
@@ -110,12 +125,16 @@ def encoding_scale(weight: torch.Tensor) -> torch.Tensor:
     comfy-kitchen's default scale of an all-zero weight is 0, and 0/0 then makes every block scale NaN. 1.0 is
     finite and positive (no non-finite-scale finding) and, with every block scale 0, still decodes to exact zeros.
     """
+    import torch
+
     scale = per_tensor_scale(weight) if weight.numel() else torch.zeros((), dtype=torch.float32)
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def checked_scale(scale_2: torch.Tensor) -> torch.Tensor:
     """A caller-supplied per-tensor scale as float32 0-d; zero, negative or non-finite scales cannot encode."""
+    import torch
+
     scale = scale_2.to(torch.float32).reshape(())
     if not bool(torch.isfinite(scale)) or float(scale) <= 0:
         raise ValueError(f"per-tensor scale must be finite and positive, got {float(scale)}")
@@ -129,6 +148,8 @@ def encode_blocks(x: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Tensor,
     bit-identical: block amax/6, divided by the per-tensor scale, clamped to 448, rounded to FP8 E4M3 (RNE);
     data divided by (per-tensor * fp8 block scale), zero blocks kept zero, clamped to +-6, rounded to E2M1.
     """
+    import torch
+
     rows, cols = x.shape
     blocks = x.to(torch.float32).reshape(rows, cols // BLOCK, BLOCK)
     block_scale = blocks.abs().amax(dim=-1) / F4_E2M1_MAX
@@ -180,6 +201,8 @@ class NVFP4(Format):
         }
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         packed = tensors["weight"].view(torch.uint8) if tensors["weight"].dtype != torch.uint8 else tensors["weight"]
         codes = unpack_nibbles(packed)
         scales = tensors["weight_scale"]

@@ -7,12 +7,13 @@ formats/gguf_types.py, whose slugs are the GGML type names.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
-from reference_specs.formats.base import Format, RoleSpec
+from reference_specs.formats.base import Format, RoleSpec, TorchDtype
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
 
 # Roles that make a layer something other than a plain float tensor.
 SCALE_ROLES = (
@@ -53,6 +54,8 @@ class _Plain(Format):
         return {"weight": weight.to(self.torch_dtype)}
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
+        import torch
+
         tensor = tensors.get("weight", tensors.get("value"))
         if tensor is None:
             tensor = next(iter(tensors.values()))
@@ -69,14 +72,14 @@ def _signature(stored: str) -> dict[str, RoleSpec]:
 class F32(_Plain):
     slug: ClassVar[str] = "f32"
     stored_dtype: ClassVar[str] = "F32"
-    torch_dtype: ClassVar[torch.dtype] = torch.float32
+    torch_dtype = TorchDtype("float32")
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F32")
 
 
 class F16(_Plain):
     slug: ClassVar[str] = "f16"
     stored_dtype: ClassVar[str] = "F16"
-    torch_dtype: ClassVar[torch.dtype] = torch.float16
+    torch_dtype = TorchDtype("float16")
     typical_rel_error: ClassVar[float] = 5e-4
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F16")
 
@@ -84,7 +87,7 @@ class F16(_Plain):
 class BF16(_Plain):
     slug: ClassVar[str] = "bf16"
     stored_dtype: ClassVar[str] = "BF16"
-    torch_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    torch_dtype = TorchDtype("bfloat16")
     typical_rel_error: ClassVar[float] = 4e-3
     signature: ClassVar[dict[str, RoleSpec]] = _signature("BF16")
 
@@ -92,7 +95,7 @@ class BF16(_Plain):
 class F64(_Plain):
     slug: ClassVar[str] = "f64"
     stored_dtype: ClassVar[str] = "F64"
-    torch_dtype: ClassVar[torch.dtype] = torch.float64
+    torch_dtype = TorchDtype("float64")
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F64")
 
 
@@ -102,12 +105,14 @@ class F8E4M3Plain(_Plain):
 
     slug: ClassVar[str] = "f8_e4m3"
     stored_dtype: ClassVar[str] = "F8_E4M3"
-    torch_dtype: ClassVar[torch.dtype] = torch.float8_e4m3fn
+    torch_dtype = TorchDtype("float8_e4m3fn")
     quantized: ClassVar[bool] = True
     typical_rel_error: ClassVar[float] = 0.04
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F8_E4M3")
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        import torch
+
         limit = float(torch.finfo(self.torch_dtype).max)  # float8_e4m3fn has no Inf: out-of-range would be NaN
         return {"weight": weight.clamp(-limit, limit).to(self.torch_dtype)}
 
@@ -115,7 +120,7 @@ class F8E4M3Plain(_Plain):
 class F8E5M2Plain(F8E4M3Plain):
     slug: ClassVar[str] = "f8_e5m2"
     stored_dtype: ClassVar[str] = "F8_E5M2"
-    torch_dtype: ClassVar[torch.dtype] = torch.float8_e5m2
+    torch_dtype = TorchDtype("float8_e5m2")
     typical_rel_error: ClassVar[float] = 0.08
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F8_E5M2")
 

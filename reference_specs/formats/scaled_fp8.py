@@ -11,22 +11,26 @@ Facts (shared/research/peers.md, "Kijai / Comfy legacy fp8_scaled" and comfy/uti
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import Format, RoleSpec
-from reference_specs.formats.fp8 import F8_DTYPES, as_fp8, dequantize_fp8, fp8_per_tensor_scale, quantize_fp8
+from reference_specs.formats.fp8 import F8_DTYPE_NAMES, as_fp8, dequantize_fp8, fp8_per_tensor_scale, quantize_fp8
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
 
 MARKER_KEY = "scaled_fp8"
 
 
 def marker_fp8_dtype(file_markers: dict[str, Any]) -> torch.dtype:
     """The FP8 variant a legacy file declares through its marker tensor's dtype (E4M3 unless it says E5M2)."""
+    import torch
+
     marker = file_markers.get(MARKER_KEY)
     dtype = getattr(marker, "dtype", None)
-    return F8_DTYPES.get(dtype, torch.float8_e4m3fn) if isinstance(dtype, str) else torch.float8_e4m3fn
+    name = F8_DTYPE_NAMES.get(dtype, "float8_e4m3fn") if isinstance(dtype, str) else "float8_e4m3fn"
+    return getattr(torch, name)
 
 
 class ScaledFP8(Format):
@@ -40,8 +44,10 @@ class ScaledFP8(Format):
         "bias": RoleSpec(("F32", "BF16", "F16"), required=False),
     }
 
-    def __init__(self, fp8_dtype: torch.dtype = torch.float8_e4m3fn) -> None:
-        self.fp8_dtype = fp8_dtype
+    def __init__(self, fp8_dtype: torch.dtype | None = None) -> None:
+        import torch
+
+        self.fp8_dtype = torch.float8_e4m3fn if fp8_dtype is None else fp8_dtype
 
     @classmethod
     def claims(cls, layer: Layer, file_markers: dict[str, Any]) -> bool:
@@ -49,9 +55,11 @@ class ScaledFP8(Format):
         # survived (some tools drop or rename it; ComfyUI-WanVideoWrapper also keys on scale_weight alone).
         if layer.marker is not None and layer.marker.get("format") not in (None, "float8_e4m3fn", "float8_e5m2"):
             return False
-        return layer.has("scale_weight") and layer.dtype("weight") in F8_DTYPES
+        return layer.has("scale_weight") and layer.dtype("weight") in F8_DTYPE_NAMES
 
     def quantize(self, weight: torch.Tensor, scale: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        import torch
+
         scale = fp8_per_tensor_scale(weight, self.fp8_dtype) if scale is None else scale.to(torch.float32)
         scale = scale.reshape(())
         return {"weight": quantize_fp8(weight, scale, self.fp8_dtype), "scale_weight": scale}

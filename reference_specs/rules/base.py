@@ -12,8 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import torch
-
 from reference_specs.causes import check_cause
 from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
@@ -92,6 +90,8 @@ class RuleContext:
             info = layer.tensors.get(role)
             value = None
             if info is not None and numel(info.shape) == 1:
+                import torch
+
                 value = float(layer.load(role).reshape(-1)[0].to(torch.float64).item())
             self._scalars[key] = value
         return self._scalars[key]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from reference_specs.formats.nvfp4 import unswizzle
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:
+    import torch
 
 BLOCK_SCALE_DTYPES = ("F8_E4M3", "U8")
 
@@ -13,6 +16,8 @@ BLOCK_SCALE_DTYPES = ("F8_E4M3", "U8")
 def load_block_scales(layer: Layer) -> torch.Tensor | None:
     """An NVFP4 layer's `.weight_scale` as float32 in its stored 2-D shape, or None when it cannot be one
     (absent, wrong dtype or rank: other rules report those)."""
+    import torch
+
     if layer.dtype("weight_scale") not in BLOCK_SCALE_DTYPES or len(layer.shape("weight_scale") or ()) != 2:
         return None
     raw = layer.load("weight_scale")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from reference_specs.findings import Finding
 from reference_specs.formats.nvfp4 import BLOCK, block_scale_shape
@@ -21,6 +20,9 @@ from reference_specs.layer import Layer
 from reference_specs.rules.base import NVFP4, ModelView, Rule, RuleContext
 from reference_specs.rules.scale_data import as_linear, as_swizzled, load_block_scales
 from reference_specs.rules.shapes import linear_scale_shapes, nvfp4_dims
+
+if TYPE_CHECKING:
+    import torch
 
 MAX_PROBE_LAYERS = 16  # evenly spaced over the file: enough evidence, a few megabytes read
 MAX_PROBE_ROWS = 512  # 4 tile rows; a row band of tiles is contiguous in both layouts, so a prefix is a sample
@@ -34,6 +36,8 @@ def structure_score(scales: torch.Tensor) -> float | None:
     """Adjusted R^2 of log2(scale) explained by row means + column means (two-way additive model), over the finite
     positive entries (zero blocks and padding excluded). ~0 for i.i.d. noise, near 1 for strong row/column structure.
     None when too few values or no variance."""
+    import torch
+
     valid = torch.isfinite(scales) & (scales > 0)
     n = int(valid.sum())
     if n < MIN_PROBE_VALUES:

@@ -6,14 +6,16 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Iterator
-
-import torch
+from typing import TYPE_CHECKING
 
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX
 from reference_specs.layer import Layer
 from reference_specs.rules.base import FP8_DTYPES, NVFP4, ModelView, Rule, RuleContext
 from reference_specs.rules.scale_data import BLOCK_SCALE_DTYPES
+
+if TYPE_CHECKING:
+    import torch
 
 NVFP4_RANGE = F4_E2M1_MAX * F8_E4M3_MAX  # 2688: the largest value an NVFP4 layer can decode to per unit of scale_2
 # A diffusion model's weights have amax of order 0.01..10 (a few reach ~100); a per-tensor scale above 1 means the
@@ -90,6 +92,8 @@ def block_scale_counts(raw: torch.Tensor) -> dict[str, int] | None:
     healthy layer (a 14B model has ~900 MB of block scales: this has to be one cheap pass).
     Zeros include the 128x4 tile padding, so only "every byte zero" says something about the layer.
     """
+    import torch
+
     flat = raw.view(torch.uint8).reshape(-1)
     if flat.numel() == 0:
         return None
