@@ -18,9 +18,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from converter import remedies
 from inspect_tools.layers import QUANT_METADATA_KEY, CheckpointModel
@@ -28,6 +26,9 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import block_scale_shape
 from reference_specs.layer import Layer, split_key
 from reference_specs.models import get_profile
+
+if TYPE_CHECKING:
+    import torch
 
 PROVENANCE_KEY = "nvdiag_fix"
 
@@ -65,7 +66,7 @@ NOT_FIXABLE: dict[str, tuple[str, str]] = {
                           "re-convert with nvdiag convert for native markers"),
 }
 
-Transform = Callable[[torch.Tensor], torch.Tensor]
+Transform = Callable[["torch.Tensor"], "torch.Tensor"]  # quoted: torch is imported only to repair
 
 
 class NotFixable(Exception):

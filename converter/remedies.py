@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from reference_specs.formats.nvfp4 import block_scale_shape, pad_to, swizzle
+
+if TYPE_CHECKING:
+    import torch
 
 # ComfyUI's comfy_quant "format" values for the formats fix can recognise from tensors alone.
 NVFP4_MARKER: dict[str, Any] = {"format": "nvfp4"}
 FP8_MARKER: dict[str, Any] = {"format": "float8_e4m3fn"}
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
 
 @dataclass(frozen=True)
 class Inverted:
@@ -43,6 +41,8 @@ def reswizzle_block_scales(linear: torch.Tensor, packed_shape: tuple[int, ...]) 
     the swizzled shape first (comfy-kitchen pads with zeros before `to_blocked`, so padding is zero in a good file).
     The dtype (F8_E4M3 or U8) is kept; the bytes are moved as uint8 because indexing float8 is not supported on CPU.
     """
+    import torch
+
     out_features, in_features = logical_dims(packed_shape)
     rows, cols = block_scale_shape(out_features, in_features)
     if linear.dim() != 2 or linear.shape[0] > rows or linear.shape[1] > cols:
@@ -53,6 +53,8 @@ def reswizzle_block_scales(linear: torch.Tensor, packed_shape: tuple[int, ...]) 
 
 def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Low-nibble-first FP4 bytes -> ComfyUI's order (even element in the high nibble); its own inverse."""
+    import torch
+
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed FP4 weight must be uint8, not {packed.dtype}")
     return ((packed & 0x0F) << 4) | (packed >> 4)
@@ -60,6 +62,8 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 def _float32_neighbours(x: torch.Tensor, steps: int = 2) -> list[torch.Tensor]:
     """x and the float32 values up to `steps` ulps either side (positive finite x)."""
+    import torch
+
     bits = x.to(torch.float32).reshape(1).view(torch.int32)
     return [(bits + d).view(torch.float32).reshape(()) for d in range(-steps, steps + 1)]
 
@@ -73,6 +77,8 @@ def invert_reciprocal_scale(stored: torch.Tensor) -> Inverted:
     rounds back to r is a preimage. One preimage: the inversion is exact. Several: the original cannot be told
     apart from its neighbours, the nearest to 1/r is taken and the result is flagged as not exact.
     """
+    import torch
+
     r = stored.to(torch.float32).reshape(())
     if not bool(torch.isfinite(r)) or float(r) <= 0.0:
         raise ValueError(f"reciprocal scale {float(r)!r} is not a positive finite number")
@@ -90,7 +96,9 @@ def invert_reciprocal_scale(stored: torch.Tensor) -> Inverted:
 
 def cast_block_scale_to_fp8(scales: torch.Tensor) -> torch.Tensor | None:
     """F32/F16/BF16 block scales -> F8_E4M3 when every value survives the round trip bit for bit, else None."""
-    if scales.dtype not in FLOAT_DTYPES:
+    import torch
+
+    if scales.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"block scales of dtype {scales.dtype} are not a float type to cast")
     fp8 = scales.to(torch.float8_e4m3fn)
     back = fp8.to(scales.dtype)
@@ -100,12 +108,16 @@ def cast_block_scale_to_fp8(scales: torch.Tensor) -> torch.Tensor | None:
 
 
 def _int_of(dtype: torch.dtype) -> torch.dtype:
+    import torch
+
     return {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
             torch.float64: torch.int64}[dtype]
 
 
 def widen_scale_to_f32(scale: torch.Tensor) -> torch.Tensor:
     """weight_scale_2 stored F16/BF16 -> F32; every F16 and BF16 value is exactly representable in F32."""
+    import torch
+
     if scale.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"scale of dtype {scale.dtype} cannot be widened losslessly to float32")
     return scale.to(torch.float32)
@@ -114,6 +126,8 @@ def widen_scale_to_f32(scale: torch.Tensor) -> torch.Tensor:
 def marker_tensor(conf: dict[str, Any]) -> torch.Tensor:
     """A `.comfy_quant` tensor as ComfyUI writes it: uint8 bytes of the UTF-8 JSON of `conf`
     (comfyui-load-path.md Q1/Q2: json.dumps(conf).encode("utf-8"))."""
+    import torch
+
     return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
 
 

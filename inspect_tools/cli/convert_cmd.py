@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Table
 
-from converter.pipeline import ConvertResult, convert
 from inspect_tools.cli import app
 from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Finding, Severity
+
+if TYPE_CHECKING:  # the engine (and torch) is imported by the command itself: other commands start without it
+    from converter.pipeline import ConvertResult
 
 
 def _size(n: int) -> str:
@@ -116,6 +119,8 @@ def convert_cmd(
     Exit codes: 0 written, 1 refused (NaN/Inf in the source or the gate found an error; nothing published),
     2 bad input or usage.
     """
+    from converter.pipeline import convert
+
     if fmt not in ("text", "json"):
         raise UsageError(f"--format must be text or json, not {fmt!r}")
     result = convert(src, out, preset, dtype_16=dtype_16, input_scales=input_scales, dry_run=dry_run, force=force,

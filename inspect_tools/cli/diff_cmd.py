@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -20,10 +20,12 @@ from inspect_tools.cli.output import (
     print_json,
     verdict,
 )
-from inspect_tools.diff import DiffReport, ScaleStats, diff_paths, logical_shape
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Severity
 from reference_specs.layer import Layer
+
+if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
+    from inspect_tools.diff import DiffReport, ScaleStats
 
 CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
 # Text tables stop after this many rows; --format json has everything.
@@ -173,6 +175,8 @@ def _layers_table(report: DiffReport, out: Console) -> Table | None:
 def _cell(layer: Layer | None) -> str:
     if layer is None:
         return "[red]absent[/]"
+    from inspect_tools.diff import logical_shape
+
     shape = logical_shape(layer)
     return f"{layer.format} " + ("x".join(str(d) for d in shape) if shape else "?")
 
@@ -276,6 +280,8 @@ def diff_command(
 
       nvdiag diff mine.safetensors ./diffusers/transformer/ --format json > diff.json
     """
+    from inspect_tools.diff import diff_paths
+
     if fmt == OutputFormat.github:
         raise UsageError("diff supports --format text or json")
     try:

@@ -14,7 +14,6 @@ from inspect_tools.cli import app
 from inspect_tools.cli.output import console, print_json
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
-from inspect_tools.writer import check_output_path
 from reference_specs import models
 
 preset_app = typer.Typer(
@@ -195,6 +194,8 @@ def from_gguf_cmd(
 
     Example: nvdiag preset from-gguf wan2.2_ti2v_5B-Q4_0.gguf -o wan-q4.toml --higher fp8
     """
+    from inspect_tools.writer import check_output_path  # imports torch: only this subcommand needs it
+
     check_output_path(output, [gguf])  # --force must never turn the GGUF into a TOML
     if output.exists() and not force:
         raise OutputError("exists; pass --force to overwrite it", str(output))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
@@ -23,9 +23,10 @@ from inspect_tools.cli.output import (
 )
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import open_model
-from inspect_tools.roundtrip import RoundtripResult, roundtrip
-from inspect_tools.writer import check_output_path
 from reference_specs.findings import Severity
+
+if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
+    from inspect_tools.roundtrip import RoundtripResult
 
 CHECKPOINT_HELP = "The quantized checkpoint: .safetensors, sharded *.safetensors.index.json (or its folder), .gguf"
 TEXT_ROWS = 30  # the text table shows the worst layers; --format json has all of them
@@ -123,6 +124,9 @@ def roundtrip_command(
 
     Exit 0 when every layer is within its format's expected error, 1 on findings, 2 on unreadable input.
     """
+    from inspect_tools.roundtrip import roundtrip
+    from inspect_tools.writer import check_output_path
+
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:

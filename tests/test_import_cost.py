@@ -1,0 +1,47 @@
+"""Header-only commands start without torch or gguf-py (importing torch alone takes about a second).
+
+Each check runs in a fresh interpreter: this test process has long since imported torch itself.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+# Runs `nvdiag inspect` and `nvdiag lint --header-only` in-process on every path given, then reports their exit
+# codes and which heavy modules got imported along the way.
+HEADER_ONLY_RUN = """
+import json, sys
+from inspect_tools.cli import main
+
+codes = []
+for path in sys.argv[1:]:
+    codes.append(main(["inspect", path, "--format", "json"]))
+    codes.append(main(["lint", "--header-only", path, "--format", "json"]))
+heavy = sorted(m for m in ("torch", "gguf", "numpy") if m in sys.modules)
+print(json.dumps({"codes": codes, "heavy": heavy}), file=sys.stderr)
+"""
+
+
+def run_header_only(*paths: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-c", HEADER_ONLY_RUN, *map(str, paths)],
+                          capture_output=True, text=True, check=True, timeout=120)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def test_importing_the_cli_loads_no_torch() -> None:
+    code = "import sys, inspect_tools.cli; print(sorted(m for m in ('torch', 'gguf') if m in sys.modules))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert proc.stdout.strip() == "[]"
+
+
+def test_inspect_and_header_only_lint_never_import_torch(
+    wan_nvfp4_mixed: Path, wan_float_sharded_diffusers: Path, wan_scaled_fp8: Path
+) -> None:
+    # NVFP4 with comfy_quant marker tensors (read as raw bytes), a sharded diffusers-named float source, legacy FP8
+    result = run_header_only(wan_nvfp4_mixed, wan_float_sharded_diffusers, wan_scaled_fp8)
+    assert all(code in (0, 1) for code in result["codes"]), result  # 1 = findings; 2 would be unreadable input
+    assert "torch" not in result["heavy"]
+    assert "gguf" not in result["heavy"]
