@@ -159,6 +159,7 @@ PARALLEL_READ_BYTES = 16 << 20
 # GPU path: threads reading chunks (gpu_io.ChunkedReader), each with one request outstanding: the disk's queue depth.
 GPU_READ_THREADS = 4
 GPU_DIRECT_IO = True  # chunks not in the page cache are read with O_DIRECT (gpu_io)
+GPU_PIN_BUFFERS = True  # pinned pool buffers (fast asynchronous host-to-device copies) once CUDA is up
 WRITEBACK_BYTES = 64 << 20  # output written between two background write-back requests
 _POLL_S = 0.05  # how often a blocked stage looks whether the run was stopped
 
@@ -204,9 +205,13 @@ class BufferPool:
     full speed (gpu-notes.md: 54 GB/s pinned vs 8-9 GB/s pageable); and bounded: acquire() waits while `budget`
     bytes are handed out, which is what bounds peak memory whatever the model size."""
 
-    def __init__(self, budget: int, pinned: bool = False) -> None:
+    def __init__(self, budget: int, pinned: bool = False, pin_ready: Callable[[], bool] | None = None) -> None:
         self.budget = budget
         self.pinned = pinned
+        # pinned: whether pinning is possible yet (the CUDA context is up); until then buffers are pageable, so
+        # reading starts at once, and they are dropped on release, so the pool becomes pinned
+        self._pin_ready = pin_ready or (lambda: True)
+        self._pageable: set[int] = set()
         self.in_use = 0
         self.peak = 0
         self._free: list[torch.Tensor] = []
@@ -214,7 +219,12 @@ class BufferPool:
         self._stopped = False
 
     def _allocate(self, nbytes: int) -> torch.Tensor:
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        if self.pinned and self._pin_ready():
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if self.pinned:
+            self._pageable.add(buf.data_ptr())
+        return buf
 
     def _reuse(self, nbytes: int) -> torch.Tensor | None:
         """The smallest free buffer that holds nbytes without wasting more than its own size."""
@@ -245,7 +255,10 @@ class BufferPool:
     def release(self, buf: torch.Tensor) -> None:
         with self._cond:
             self.in_use -= buf.numel()
-            if buf.numel() >= POOL_MIN_BYTES:
+            early = buf.data_ptr() in self._pageable and self._pin_ready()
+            if early:
+                self._pageable.discard(buf.data_ptr())
+            if buf.numel() >= POOL_MIN_BYTES and not early:
                 self._free.append(buf)
             self._cond.notify_all()
 
@@ -423,11 +436,13 @@ class Stages:
     threaded=False runs the same steps inline, in order (same bytes; used by tests and for debugging)."""
 
     def __init__(self, reader: Any, plan: ConversionPlan, writer: Any, pinned: bool = False,
-                 threaded: bool = True, after_write: Callable[[str], None] | None = None) -> None:
+                 threaded: bool = True, after_write: Callable[[str], None] | None = None,
+                 pin_ready: Callable[[], bool] | None = None) -> None:
         largest = max((lp.source_bytes for lp in plan.layers), default=0)
         # on the GPU path each tensor's buffer has room for alignment (gpu_io.ChunkedReader.slack)
         slack = (1 << 20) if pinned else 0
-        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES) + slack, pinned)
+        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES) + slack, pinned and GPU_PIN_BUFFERS,
+                               pin_ready)
         self.stream = SourceStream(reader, self.pool, 1)
         self.chunks = ChunkedReader(reader, self.pool, GPU_READ_THREADS, GPU_DIRECT_IO) if pinned else None
         self._pending: queue.Queue = queue.Queue(QUEUE_DEPTH)  # GPU path: layers whose chunks are being read
@@ -773,13 +788,15 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         bar = _progress(progress, plan.output_bytes)
         source_amax: dict[str, float] = {}  # quantized layer -> max |w| of its source weight, for the gate
         encode_busy = 0.0
-        if warming is not None:
-            warming.join()
+        # reading starts while the CUDA context may still be starting (pageable buffers until it is up); the
+        # encoder's first CUDA call waits for it (torch's lazy init is thread-safe)
+        pin_ready = (lambda: not warming.is_alive()) if warming is not None else None
         try:
             with SafetensorsWriter(out, plan.entries, meta) as writer, \
                     TileChecker(presized(writer), model, plan, gate_sample) as checker, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
-                           after_write=overlapped_checks(device, checker, source_amax)) as stages:
+                           after_write=overlapped_checks(device, checker, source_amax),
+                           pin_ready=pin_ready) as stages:
                 task = bar.add_task("convert", total=len(plan.layers)) if bar else None
                 if bar:
                     bar.start()
@@ -810,6 +827,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                 stages.finish()
                 mark("stream")
                 result.timings.update({f"{k}_busy": v for k, v in {**stages.busy, "encode": encode_busy}.items()})
+                if stages.chunks is not None:  # how much came from the disk rather than the page cache
+                    result.timings["direct_read_gb"] = stages.chunks.direct_bytes / 1e9
                 result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax,
                                        checked=checker)
                 mark("gate")
