@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import math
 import re
 import tomllib
 from collections.abc import Callable
@@ -80,10 +81,7 @@ class LayerView:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
