@@ -107,3 +107,4 @@ def test_a_corrupt_file_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Ca
     assert main(["inspect", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(broken) in err
+

@@ -62,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"nvdiag: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # the environment, not a bug: unwritable folder, disk full, permission denied
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"nvdiag: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except (KeyboardInterrupt, _Interrupted):
         print("nvdiag: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
