@@ -8,13 +8,11 @@ their block number and got the same type share one rule.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
 from converter.preset import Preset, Rule, dumps_preset, loads_preset
-from inspect_tools.errors import InputError, OutputError, UsageError
+from inspect_tools.errors import InputError, UsageError
 from inspect_tools.layers import open_model
 
 FLOAT_ACTIONS = {"F32": "f32", "F16": "fp16", "BF16": "bf16", "F64": "f32"}
@@ -88,23 +86,6 @@ def preset_from_gguf(path: str | Path, higher: str = "fp8", name: str | None = N
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     """Temp file beside `path`, fsync, rename: an interrupted write leaves the old file or none."""
-    try:
-        from inspect_tools.writer import atomic_write_text
-    except ImportError:
-        atomic_write_text = None
-    if atomic_write_text is not None:
-        atomic_write_text(Path(path), text)
-        return
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise OutputError("folder does not exist", str(path.parent))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from inspect_tools.writer import atomic_write_text  # the writer imports torch: not at CLI start-up
+
+    atomic_write_text(Path(path), text)

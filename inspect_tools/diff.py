@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from inspect_tools.align import align_layers
 from inspect_tools.inspect import metadata_summary
 from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs import formats, models
@@ -88,35 +89,13 @@ def align_key(layer: Layer) -> str:
     return layer.native_name or layer.name
 
 
-def _align_by_native_name(mine: CheckpointModel, ref: CheckpointModel) -> list[LayerPair]:
-    ref_by_key = {align_key(layer): layer for layer in ref.layers.values()}
-    pairs, seen = [], set()
-    for layer in mine.layers.values():
-        key = align_key(layer)
-        pairs.append(LayerPair(key, layer, ref_by_key.get(key)))
-        seen.add(key)
-    pairs.extend(LayerPair(key, None, layer) for key, layer in ref_by_key.items() if key not in seen)
-    return pairs
-
-
-def _align_with_shared_aligner(mine: CheckpointModel, ref: CheckpointModel) -> list[LayerPair] | None:
-    """inspect_tools.align (the roundtrip engineer's aligner) when it is installed; None otherwise."""
-    try:
-        from inspect_tools.align import align_layers  # noqa: PLC0415 - optional sibling module
-    except ImportError:
-        return None
+def align(mine: CheckpointModel, ref: CheckpointModel) -> list[LayerPair]:
+    """Pair the layers of two checkpoints of the same architecture across prefixes and naming schemes (the same
+    alignment roundtrip uses), in natural order."""
     alignment = align_layers(mine, ref)
     pairs = [LayerPair(align_key(pair.ref), pair.mine, pair.ref) for pair in alignment.pairs]
     pairs.extend(LayerPair(align_key(layer), layer, None) for layer in alignment.only_mine)
     pairs.extend(LayerPair(align_key(layer), None, layer) for layer in alignment.only_ref)
-    return pairs
-
-
-def align(mine: CheckpointModel, ref: CheckpointModel) -> list[LayerPair]:
-    """Pair the layers of two checkpoints of the same architecture across prefixes and naming schemes."""
-    pairs = _align_with_shared_aligner(mine, ref)
-    if pairs is None:
-        pairs = _align_by_native_name(mine, ref)
     return sorted(pairs, key=lambda p: _natural_key(p.key))
 
 
