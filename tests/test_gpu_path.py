@@ -140,3 +140,17 @@ def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> 
                 [r.result() for r in reads]
         finally:
             chunks.close()
+
+
+def test_the_pinned_arena_hands_out_aligned_slices_and_merges_returned_ones() -> None:
+    arena = gpu_io.PinnedArena(torch.empty(8 * gpu_io.ALIGN, dtype=torch.uint8), registered=False)
+    a, b, c = arena.take(1), arena.take(3 * gpu_io.ALIGN), arena.take(2 * gpu_io.ALIGN)
+    assert [t.numel() for t in (a, b, c)] == [gpu_io.ALIGN, 3 * gpu_io.ALIGN, 2 * gpu_io.ALIGN]
+    assert all(arena.owns(t) for t in (a, b, c)) and not arena.owns(torch.empty(1))
+    assert arena.take(3 * gpu_io.ALIGN) is None  # only 2 pages are left
+    arena.give(a)
+    arena.give(c)
+    assert arena.take(5 * gpu_io.ALIGN) is None  # holes of 1 and 4 pages, apart
+    arena.give(b)
+    whole = arena.take(8 * gpu_io.ALIGN)  # all three merged back into one
+    assert whole is not None and whole.data_ptr() == a.data_ptr()
