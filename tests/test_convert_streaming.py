@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import encode, gate, pipeline
-from converter.pipeline import BufferPool, convert
+from converter import encode, gate, stages
+from converter.pipeline import convert
+from converter.stages import BufferPool
 from inspect_tools.errors import InputError
 from inspect_tools.synthetic import write_float
 from inspect_tools.writer import SafetensorsWriter
@@ -47,7 +48,7 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
     pending: dict[int, set[int]] = {}  # job number -> its buffers still out
     peak, reads = {}, [0]
     lock = threading.Lock()
-    read_job, release = pipeline.read_job, pipeline.Stages.release
+    read_job, release = stages.read_job, stages.Stages.release
     write = SafetensorsWriter.write
 
     def counting_read(lp, stream):
@@ -71,8 +72,8 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
         time.sleep(0.001)
         write(self, name, tensor)
 
-    monkeypatch.setattr(pipeline, "read_job", counting_read)
-    monkeypatch.setattr(pipeline.Stages, "release", counting_release)
+    monkeypatch.setattr(stages, "read_job", counting_read)
+    monkeypatch.setattr(stages.Stages, "release", counting_release)
     monkeypatch.setattr(SafetensorsWriter, "write", slow_write)
     current = [0]
     for blocks in (2, 8):
@@ -80,12 +81,12 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
         result = convert(sources[blocks], tmp_path / f"out{blocks}.safetensors", VARIANT)
         assert result.written and reads[0] == len(result.plan.layers) and not pending
     # one being read, QUEUE_DEPTH waiting, one encoding, QUEUE_DEPTH waiting, one being written
-    bound = 2 * pipeline.QUEUE_DEPTH + 3
+    bound = 2 * stages.QUEUE_DEPTH + 3
     assert 1 < peak[8] <= bound and peak[2] <= bound, peak
 
 
 def test_buffer_pool_waits_for_its_budget_and_reuses_buffers() -> None:
-    size = 2 * pipeline.POOL_MIN_BYTES
+    size = 2 * stages.POOL_MIN_BYTES
     pool = BufferPool(budget=2 * size)
     a, b = pool.acquire(size), pool.acquire(size)
     got: list[torch.Tensor] = []
@@ -103,12 +104,12 @@ def test_buffer_pool_waits_for_its_budget_and_reuses_buffers() -> None:
 
 
 def test_a_tensor_larger_than_the_budget_still_gets_a_buffer_when_nothing_else_is_in_use() -> None:
-    pool = BufferPool(budget=pipeline.POOL_MIN_BYTES)
-    assert pool.acquire(4 * pipeline.POOL_MIN_BYTES).numel() == 4 * pipeline.POOL_MIN_BYTES
+    pool = BufferPool(budget=stages.POOL_MIN_BYTES)
+    assert pool.acquire(4 * stages.POOL_MIN_BYTES).numel() == 4 * stages.POOL_MIN_BYTES
 
 
 def test_a_read_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatch) -> None:
-    load = pipeline.SourceStream.load
+    load = stages.SourceStream.load
     calls = [0]
 
     def failing_load(self, key):
@@ -117,7 +118,7 @@ def test_a_read_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatc
             raise InputError("cannot read: simulated", "shard")
         return load(self, key)
 
-    monkeypatch.setattr(pipeline.SourceStream, "load", failing_load)
+    monkeypatch.setattr(stages.SourceStream, "load", failing_load)
     with pytest.raises(InputError, match="simulated"):
         convert(sources[8], tmp_path / "out.safetensors", VARIANT)
     assert list(tmp_path.iterdir()) == []
@@ -171,10 +172,10 @@ def test_gate_refuses_a_per_tensor_scale_that_is_not_the_sources(sources, tmp_pa
 def test_parallel_reads_give_the_same_tensor(sources, monkeypatch) -> None:
     from inspect_tools.readers import open_checkpoint
 
-    monkeypatch.setattr(pipeline, "PARALLEL_READ_BYTES", 1024)
+    monkeypatch.setattr(stages, "PARALLEL_READ_BYTES", 1024)
     with open_checkpoint(sources[2]) as reader:
         pool = BufferPool(budget=1 << 26)
-        stream = pipeline.SourceStream(reader, pool, read_threads=3)
+        stream = stages.SourceStream(reader, pool, read_threads=3)
         try:
             for info in reader:
                 tensor, _ = stream.load(info.name)
@@ -186,7 +187,7 @@ def test_parallel_reads_give_the_same_tensor(sources, monkeypatch) -> None:
 def test_write_back_requests_do_not_change_the_bytes(sources, tmp_path, monkeypatch) -> None:
     reference = tmp_path / "reference.safetensors"
     assert convert(sources[2], reference, VARIANT).written
-    monkeypatch.setattr(pipeline, "WRITEBACK_BYTES", 1)  # a request after every layer
+    monkeypatch.setattr(stages, "WRITEBACK_BYTES", 1)  # a request after every layer
     out = tmp_path / "out.safetensors"
     assert convert(sources[2], out, VARIANT).written
     assert sha256(out) == sha256(reference)
@@ -201,8 +202,8 @@ def test_the_tightest_budget_holds_and_does_not_deadlock(sources, tmp_path, monk
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(pipeline, "POOL_FLOOR_BYTES", 0)
-    monkeypatch.setattr(pipeline, "BufferPool", Recorded)
+    monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
+    monkeypatch.setattr(stages, "BufferPool", Recorded)
     result = convert(sources[8], tmp_path / "out.safetensors", VARIANT)
     largest = max(lp.source_bytes for lp in result.plan.layers)
     assert result.written and pools[0].budget == 2 * largest

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import gpu_io, pipeline
+from converter import gpu_io, pipeline, stages
 from converter.pipeline import convert
 from inspect_tools.roundtrip import run_roundtrip
 from inspect_tools.synthetic import write_float
@@ -88,7 +88,7 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
     with open_checkpoint(src) as reader:
         if cold:
             drop_cache(src.parent)
-        chunks = gpu_io.ChunkedReader(reader, pipeline.BufferPool(1 << 26), threads=3)
+        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=3)
         try:
             for info in reader:
                 tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
@@ -105,17 +105,17 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
 def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
     """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""
 
-    class Unpinned(pipeline.BufferPool):
+    class Unpinned(stages.BufferPool):
         def _allocate(self, nbytes: int) -> torch.Tensor:
             return torch.empty(nbytes, dtype=torch.uint8)
 
-    class ChunkedStages(pipeline.Stages):
+    class ChunkedStages(stages.Stages):
         def __init__(self, *args, pinned: bool = False, **kwargs) -> None:
             super().__init__(*args, pinned=True, **kwargs)
 
     reference = tmp_path / "reference.safetensors"
     assert convert(src, reference, VARIANT).written
-    monkeypatch.setattr(pipeline, "BufferPool", Unpinned)
+    monkeypatch.setattr(stages, "BufferPool", Unpinned)
     monkeypatch.setattr(pipeline, "Stages", ChunkedStages)
     monkeypatch.setattr(gpu_io, "CHUNK_BYTES", 4 * gpu_io.ALIGN)
     drop_cache(src.parent)
@@ -133,7 +133,7 @@ def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> 
     with open_checkpoint(one) as reader:
         last = max(reader, key=lambda i: i.offset)
         os.truncate(one, last.offset + last.nbytes - 1)
-        chunks = gpu_io.ChunkedReader(reader, pipeline.BufferPool(1 << 26), threads=2)
+        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=2)
         try:
             _, _, reads = chunks.submit(last, DTYPES[last.dtype].torch_dtype)
             with pytest.raises(InputError, match="shorter than its header"):
