@@ -46,10 +46,32 @@ def encode(action: str, weight: torch.Tensor, device: str = "cpu") -> dict[str, 
     return ENCODERS[action](weight, device)
 
 
-def cast(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """A kept tensor at its planned dtype (no copy when it already is)."""
+# Elements narrowed per step by narrow_in_place: a 4 MB temporary instead of a second full-size tensor.
+NARROW_CHUNK = 1 << 20
+
+
+def cast(tensor: torch.Tensor, dtype: str, reuse: bool = False) -> torch.Tensor:
+    """A kept tensor at its planned dtype (no copy when it already is). reuse=True: the caller owns `tensor`'s
+    storage (a pool buffer of this layer), so a narrowing cast (FP32 -> BF16/F16) is written into it in place."""
     target = TORCH_DTYPE[dtype]
-    return tensor if tensor.dtype == target else tensor.to(target)
+    if tensor.dtype == target:
+        return tensor
+    if reuse and target.itemsize < tensor.element_size() and tensor.is_contiguous() and tensor.device.type == "cpu":
+        return narrow_in_place(tensor, target)
+    return tensor.to(target)
+
+
+def narrow_in_place(tensor: torch.Tensor, target: torch.dtype) -> torch.Tensor:
+    """Cast to a smaller dtype inside the tensor's own storage, front to back in chunks: chunk k's output lands on
+    bytes of elements before the end of chunk k, all already converted, so nothing unread is overwritten. A kept
+    FP32 layer of a 14B model (time_projection: 629 MB) then needs no second, 315 MB buffer. Same values as .to():
+    each element is rounded the same way."""
+    flat = tensor.reshape(-1)
+    out = flat.view(torch.uint8)[: flat.numel() * target.itemsize].view(target)
+    for start in range(0, flat.numel(), NARROW_CHUNK):
+        piece = flat[start: start + NARROW_CHUNK].to(target)
+        out[start: start + NARROW_CHUNK].copy_(piece)
+    return out.view(tensor.shape)
 
 
 def finite_check(tensor: torch.Tensor) -> tuple[int, float]:

@@ -122,7 +122,7 @@ def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> d
         elif lp.quantized and t.role in encoded:
             out[t.name] = encoded[t.role]
         else:
-            out[t.name] = enc.cast(src[t.source], t.dtype)
+            out[t.name] = enc.cast(src[t.source], t.dtype, reuse=True)  # src holds this layer's own buffers
     return out
 
 

@@ -33,6 +33,10 @@ POOL_MIN_BYTES = 1 << 20
 # same bound whatever the number of layers. A 14B model's largest layer is 283 MB of FP32.
 POOL_LAYERS = 2
 POOL_FLOOR_BYTES = 64 << 20
+# ...but two copies of a very large layer are not worth the overlap: above this cap one such layer is in flight at a
+# time. A 14B WAN's time_projection is 629 MB of FP32; with the cap its conversion stays near 1 GB of RSS, while
+# layers up to half the cap (the 283 MB FFN weights) still read ahead.
+POOL_CAP_BYTES = 640 << 20
 QUEUE_DEPTH = 2  # layers waiting between two stages
 # GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
 # cores are busy encoding).
@@ -363,8 +367,8 @@ class Stages:
         largest = max((lp.source_bytes for lp in plan.layers), default=0)
         # on the GPU path each tensor's buffer has room for alignment (gpu_io.ChunkedReader.slack)
         slack = (1 << 20) if pinned else 0
-        self.pool = BufferPool(max(POOL_LAYERS * largest, POOL_FLOOR_BYTES) + slack, pinned and GPU_PIN_BUFFERS,
-                               pin_ready)
+        budget = max(largest, min(POOL_LAYERS * largest, POOL_CAP_BYTES), POOL_FLOOR_BYTES)
+        self.pool = BufferPool(budget + slack, pinned and GPU_PIN_BUFFERS, pin_ready)
         if self.pool.pinned and GPU_PIN_ARENA and pin_after is not None:
             self.pool.start_arena(pin_after)
         self.stream = SourceStream(reader, self.pool, 1)

@@ -208,3 +208,20 @@ def test_the_tightest_budget_holds_and_does_not_deadlock(sources, tmp_path, monk
     largest = max(lp.source_bytes for lp in result.plan.layers)
     assert result.written and pools[0].budget == 2 * largest
     assert 0 < pools[0].peak <= pools[0].budget and pools[0].in_use == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 999, 1000, 1001, 4321])
+def test_narrowing_in_place_gives_the_same_values_as_a_cast(monkeypatch, dtype: torch.dtype, n: int) -> None:
+    monkeypatch.setattr(encode, "NARROW_CHUNK", 1000)  # several chunks, and a partial last one
+    source = torch.randn(n, dtype=torch.float32) * 1e3
+    expected = source.to(dtype)
+    narrowed = encode.cast(source.clone(), "BF16" if dtype == torch.bfloat16 else "F16", reuse=True)
+    assert torch.equal(narrowed.view(torch.int16), expected.view(torch.int16))
+
+
+def test_a_narrowed_kept_tensor_shares_its_source_buffer() -> None:
+    source = torch.randn(64, 32)
+    narrowed = encode.cast(source, "BF16", reuse=True)
+    assert narrowed.shape == source.shape
+    assert narrowed.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
