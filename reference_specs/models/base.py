@@ -39,6 +39,14 @@ class Detection:
 UNKNOWN = Detection(family="unknown", variant="unknown")
 
 
+def module_name(name: str) -> str:
+    """'x.weight' / 'x.bias' -> 'x': profiles answer questions about modules, callers may pass either."""
+    for suffix in (".weight", ".bias"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 class ArchitectureProfile:
     """Base class. Subclasses fill in the class attributes and the methods below."""
 

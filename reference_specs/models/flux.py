@@ -11,19 +11,12 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-from reference_specs.models.base import ArchitectureProfile, Detection
+from reference_specs.models.base import ArchitectureProfile, Detection, module_name
 
 HEAD_DIM = 128
 _DOUBLE_RE = re.compile(r"^double_blocks\.(\d+)\.(.+)$")
 _SINGLE_RE = re.compile(r"^single_blocks\.(\d+)\.(.+)$")
 _DETECTION_CRITICAL = ("img_in", "txt_in", "vector_in.")
-
-
-def _base(name: str) -> str:
-    for suffix in (".weight", ".bias"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def _is_norm(name: str) -> bool:
@@ -101,7 +94,7 @@ class Flux1Dev(ArchitectureProfile):
         return Detection(family=self.family, variant=self.variant, dims=dims, scaled_down=scaled)
 
     def sensitive(self, layer_name: str) -> str | None:
-        name = _base(layer_name)
+        name = module_name(layer_name)
         if name.startswith(_DETECTION_CRITICAL):
             return "detection-critical embedding (ComfyUI reads its shape to configure the model)"
         if name.startswith(("time_in.", "guidance_in.")):
@@ -117,7 +110,7 @@ class Flux1Dev(ArchitectureProfile):
         return None
 
     def role_of(self, layer_name: str) -> str | None:
-        name = _base(layer_name)
+        name = module_name(layer_name)
         if _is_norm(name):
             return "norm"
         match = _DOUBLE_RE.match(name) or _SINGLE_RE.match(name)

@@ -10,20 +10,13 @@ from __future__ import annotations
 import re
 from typing import ClassVar
 
-from reference_specs.models.base import ArchitectureProfile, Detection
+from reference_specs.models.base import ArchitectureProfile, Detection, module_name
 
 HEAD_DIM = 128
 EDIT_MARKER = "__index_timestep_zero__"
 _BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # convert_to_quant --qwen highprec/exclude lists and city96's QWEN_IMAGE skip list (peers.md A, C)
 _EMBEDDINGS = ("img_in", "txt_in", "time_text_embed.")
-
-
-def _base(name: str) -> str:
-    for suffix in (".weight", ".bias"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 class QwenImageProfile(ArchitectureProfile):
@@ -92,7 +85,7 @@ class QwenImageProfile(ArchitectureProfile):
         return Detection(family=self.family, variant=self.variant, dims=dims, scaled_down=scaled)
 
     def sensitive(self, layer_name: str) -> str | None:
-        name = _base(layer_name)
+        name = module_name(layer_name)
         if name.startswith(_EMBEDDINGS):
             return "embedding (ComfyUI reads in_channels from img_in)" if name == "img_in" else "embedding"
         if name.startswith("norm_out."):
@@ -106,7 +99,7 @@ class QwenImageProfile(ArchitectureProfile):
         return None
 
     def role_of(self, layer_name: str) -> str | None:
-        name = _base(layer_name)
+        name = module_name(layer_name)
         match = _BLOCK_RE.match(name)
         if match:
             rest = match.group(2)
