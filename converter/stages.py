@@ -444,10 +444,14 @@ class Stages:
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
-            try:
-                self._put(self._read_q, _Failure(exc))
-            except _Stopped:
-                pass
+            self._hand_over(exc)
+
+    def _hand_over(self, exc: BaseException) -> None:
+        """Pass a reading thread's failure to the encoding thread, unless the run was stopped meanwhile."""
+        try:
+            self._put(self._read_q, _Failure(exc))
+        except _Stopped:
+            pass
 
     def _complete_all(self) -> None:
         """GPU path: wait for each layer's chunks, in order, and pass the layer on to the encoder."""
@@ -464,10 +468,7 @@ class Stages:
         except _Stopped:
             pass
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread, which raises it
-            try:
-                self._put(self._read_q, _Failure(exc))
-            except _Stopped:
-                pass
+            self._hand_over(exc)
 
     def _write_all(self) -> None:
         try:
