@@ -3,7 +3,8 @@
 The header is written from the plan, then the layers stream through three overlapping stages
 (converter/stages.py): a reader thread preads the next layers' source tensors into reused (on the GPU path pinned)
 buffers, the calling thread checks them for NaN/Inf and encodes (on the CPU or the GPU), a writer thread pwrites the
-outputs, in memory bounded by a few of the largest layers. A NaN/Inf source weight or a gate finding aborts the
+outputs, in memory bounded by a few of the largest quantized layers (large kept tensors are streamed in chunks by
+the encoding thread, Stages.stream_kept). A NaN/Inf source weight or a gate finding aborts the
 writer, which removes its temporary file: nothing is published and the inputs are never touched.
 """
 
@@ -13,7 +14,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,13 +109,17 @@ def stage_sources(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> d
     return {**src, key: src[key].to(device, non_blocking=True)}
 
 
-def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
-    """The output tensors of one planned layer (on the CPU), by output name, from its loaded source tensors."""
+def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str,
+                  streamed: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """The output tensors of one planned layer (on the CPU), by output name, from its loaded source tensors; outputs
+    made from a `streamed` source (written in chunks by Stages.stream_kept) are left out."""
     out: dict[str, torch.Tensor] = {}
     encoded: dict[str, torch.Tensor] = {}
     if lp.quantized:
         encoded = enc.encode(lp.action, src[lp.source.tensors["weight"].name], device)
     for t in lp.tensors:
+        if t.source is not None and t.source in streamed:
+            continue
         if t.role == "comfy_quant":
             out[t.name] = torch.frombuffer(bytearray(comfy_quant_bytes(lp.action)), dtype=torch.uint8)
         elif t.role == "input_scale":
@@ -335,6 +340,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     lp = job.plan
                     src = stage_sources(lp, job.src, device)
                     bad, amax = check_sources(lp, src)
+                    bad += stages.stream_kept(job, write=not (bad or result.non_finite))
                     if amax is not None:
                         source_amax[lp.name] = amax
                     if bad:
@@ -342,7 +348,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     if result.non_finite:  # refusing: keep reading only to name every bad layer
                         stages.release(job.buffers)
                         continue
-                    outputs = produce_layer(lp, src, device)
+                    outputs = produce_layer(lp, src, device, job.streamed)
                     encode_busy += time.perf_counter() - encode_started
                     held, done = split_buffers(outputs, job.buffers)
                     stages.release(done)

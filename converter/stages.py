@@ -15,12 +15,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from converter.encode import TORCH_DTYPE, cast, finite_check
 from converter.gpu_io import ChunkedReader, PinnedArena
 from converter.plan import ConversionPlan, LayerPlan
 from inspect_tools.errors import InputError
@@ -37,7 +38,18 @@ POOL_FLOOR_BYTES = 64 << 20
 # time. A 14B WAN's time_projection is 629 MB of FP32; with the cap its conversion stays near 1 GB of RSS, while
 # layers up to half the cap (the 283 MB FFN weights) still read ahead.
 POOL_CAP_BYTES = 640 << 20
+# A CPU conversion streams its large kept tensors (STREAM_MIN_BYTES), so the pool holds quantized weights only, and
+# its cores, not the reads, are the bottleneck: there one 14B FFN weight (283 MB) is in flight at a time, smaller
+# layers still read ahead. Measured on the 14B-width source (2 cores, warm cache, 3 runs): 640 MB cap 6.1-6.6 s at
+# 1.09-1.11 GB peak RSS, 320 MB cap 5.7-6.4 s at 0.79-0.80 GB. The GPU path, bound by its reads, keeps POOL_CAP_BYTES.
+CPU_POOL_CAP_BYTES = 320 << 20
 QUEUE_DEPTH = 2  # layers waiting between two stages
+# Kept (cast, never quantized) source tensors above this size are not read whole: the encoding thread streams them
+# through one small buffer, STREAM_CHUNK_BYTES at a time (read, NaN/Inf check, cast, write at their place). Only a
+# quantized weight needs its whole tensor (its per-tensor amax), so the pool is sized by those. A 14B WAN's
+# time_projection (629 MB of FP32, kept at 16-bit) then never occupies a whole-tensor buffer.
+STREAM_MIN_BYTES = 32 << 20
+STREAM_CHUNK_BYTES = 8 << 20
 # GPU path: tensors above this size are read by several threads at once (a CPU conversion keeps one reader: its
 # cores are busy encoding).
 PARALLEL_READ_BYTES = 16 << 20
@@ -215,6 +227,7 @@ class SourceStream:
         self._fds_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(read_threads, "nvdiag-pread") if read_threads > 1 else None
         self.read_threads = read_threads
+        self._chunk: torch.Tensor | None = None  # stream_kept's buffer (used by the encoding thread only)
 
     def _raw(self, info: Any) -> bool:
         spec = DTYPES.get(info.dtype)
@@ -248,6 +261,53 @@ class SourceStream:
             self.pool.release(buf)
             raise
         return data.view(DTYPES[info.dtype].torch_dtype).reshape(info.shape), buf
+
+    def streamed(self, lp: LayerPlan) -> dict[str, Any]:
+        """The layer's source tensors to stream in chunks rather than read whole (source key -> its TensorInfo):
+        plain tensors above STREAM_MIN_BYTES that are only cast into one planned output, never a quantized weight."""
+        weight = lp.source.tensors["weight"].name if lp.quantized and lp.source is not None else None
+        uses: dict[str, list[Any]] = {}
+        for t in lp.tensors:
+            if t.source is not None:
+                uses.setdefault(t.source, []).append(t)
+        out: dict[str, Any] = {}
+        for key, planned in uses.items():
+            info = self.reader.tensors.get(key)
+            if (key != weight and len(planned) == 1 and planned[0].dtype in TORCH_DTYPE and info is not None
+                    and self._raw(info) and info.nbytes >= STREAM_MIN_BYTES):
+                out[key] = info
+        return out
+
+    def pooled_bytes(self, lp: LayerPlan) -> int:
+        """Bytes of the layer's source tensors that are read whole into pool buffers."""
+        if lp.source is None:
+            return 0
+        streamed = self.streamed(lp)
+        return sum(t.nbytes for t in lp.source.tensors.values() if t.name not in streamed)
+
+    def stream_kept(self, lp: LayerPlan, key: str, writer: Any, write: bool) -> int:
+        """Stream source tensor `key` of `lp` (one of streamed(lp)) into its planned output, chunk by chunk through
+        one STREAM_CHUNK_BYTES buffer: pread, NaN/Inf check, cast, write_part at its place. Returns the count of
+        NaN/Inf values, all of them: once one is found (or with write=False) chunks are only checked, not written."""
+        info = self.reader.tensors[key]
+        planned = next(t for t in lp.tensors if t.source == key)
+        source_dtype = DTYPES[info.dtype].torch_dtype
+        itemsize = source_dtype.itemsize
+        out_itemsize = TORCH_DTYPE[planned.dtype].itemsize
+        step = max(1, STREAM_CHUNK_BYTES // itemsize)
+        numel = info.nbytes // itemsize
+        if self._chunk is None or self._chunk.numel() < step * itemsize:
+            self._chunk = torch.empty(step * itemsize, dtype=torch.uint8)
+        bad = 0
+        for start in range(0, numel, step):
+            count = min(step, numel - start)
+            raw = self._chunk[: count * itemsize]
+            self._read_part(info, memoryview(raw.numpy()), start * itemsize)
+            values = raw.view(source_dtype)
+            bad += finite_check(values)[0]
+            if write and not bad:  # elementwise cast: each chunk gives exactly the bytes of the whole tensor's cast
+                writer.write_part(planned.name, start * out_itemsize, cast(values, planned.dtype, reuse=True))
+        return bad
 
     def will_need(self, lp: LayerPlan) -> None:
         """Ask the kernel to start reading the next layer's bytes now (POSIX_FADV_WILLNEED): on a cold cache the
@@ -291,6 +351,7 @@ class _Job:
     plan: LayerPlan
     src: dict[str, torch.Tensor]
     buffers: list[torch.Tensor]
+    streamed: dict[str, Any] = field(default_factory=dict)  # source key -> info: for the encoder to stream_kept()
 
 
 def read_order(plan: ConversionPlan, reader: Any) -> list[LayerPlan]:
@@ -307,10 +368,10 @@ def read_order(plan: ConversionPlan, reader: Any) -> list[LayerPlan]:
 
 
 def read_job(lp: LayerPlan, stream: SourceStream) -> _Job:
-    job = _Job(lp, {}, [])
+    job = _Job(lp, {}, [], stream.streamed(lp))
     try:
         for t in lp.tensors:
-            if t.source is not None and t.source not in job.src:
+            if t.source is not None and t.source not in job.src and t.source not in job.streamed:
                 job.src[t.source], buf = stream.load(t.source)
                 if buf is not None:
                     job.buffers.append(buf)
@@ -323,10 +384,10 @@ def read_job(lp: LayerPlan, stream: SourceStream) -> _Job:
 
 def submit_job(lp: LayerPlan, stream: SourceStream, chunks: ChunkedReader) -> tuple[_Job, list[Future]]:
     """GPU path: queue the chunk reads of a layer's source tensors; (the job, its reads) to wait for."""
-    job, futures = _Job(lp, {}, []), []
+    job, futures = _Job(lp, {}, [], stream.streamed(lp)), []
     try:
         for t in lp.tensors:
-            if t.source is None or t.source in job.src:
+            if t.source is None or t.source in job.src or t.source in job.streamed:
                 continue
             info = stream.reader.tensors[t.source]
             if stream._raw(info) and info.nbytes:
@@ -364,14 +425,16 @@ class Stages:
                  threaded: bool = True, after_write: Callable[[str], None] | None = None,
                  pin_ready: Callable[[], bool] | None = None,
                  pin_after: Callable[[], None] | None = None) -> None:
-        largest = max((lp.source_bytes for lp in plan.layers), default=0)
+        self.stream = SourceStream(reader, None, 1)  # its pool is set below, sized by what it reads whole
+        largest = max((self.stream.pooled_bytes(lp) for lp in plan.layers), default=0)
         # on the GPU path each tensor's buffer has room for alignment (gpu_io.ChunkedReader.slack)
         slack = (1 << 20) if pinned else 0
-        budget = max(largest, min(POOL_LAYERS * largest, POOL_CAP_BYTES), POOL_FLOOR_BYTES)
+        cap = POOL_CAP_BYTES if pinned else CPU_POOL_CAP_BYTES
+        budget = max(largest, min(POOL_LAYERS * largest, cap), POOL_FLOOR_BYTES)
         self.pool = BufferPool(budget + slack, pinned and GPU_PIN_BUFFERS, pin_ready)
         if self.pool.pinned and GPU_PIN_ARENA and pin_after is not None:
             self.pool.start_arena(pin_after)
-        self.stream = SourceStream(reader, self.pool, 1)
+        self.stream.pool = self.pool
         self.chunks = ChunkedReader(reader, self.pool, GPU_READ_THREADS, GPU_DIRECT_IO) if pinned else None
         self._pending: queue.Queue = queue.Queue(QUEUE_DEPTH)  # GPU path: layers whose chunks are being read
         self.plan = plan
@@ -551,6 +614,14 @@ class Stages:
         except _Stopped:
             self._raise_write_error()
             raise
+
+    def stream_kept(self, job: _Job, write: bool = True) -> int:
+        """In the encoding thread: stream the job's large kept tensors into the output (see SourceStream.stream_kept)
+        while the writer thread writes earlier layers; the count of NaN/Inf values they hold."""
+        bad = 0
+        for key in job.streamed:
+            bad += self.stream.stream_kept(job.plan, key, self.writer, write and not bad)
+        return bad
 
     def release(self, buffers: list[torch.Tensor]) -> None:
         for buf in buffers:

@@ -164,6 +164,11 @@ class SafetensorsWriter:
             byte_length(DTYPES[dtype], shape) or 0 for _, dtype, shape in self.entries)
         self._check_space = check_space
         self._written: set[str] = set()
+        # tensors written in parts (write_part): name -> byte ranges within it written or being written. The lock
+        # guards this bookkeeping: a converter's encoding thread and its writer thread may both write.
+        self._parts: dict[str, list[tuple[int, int]]] = {}
+        self._part_bytes: dict[str, int] = {}
+        self._lock = threading.Lock()
         self._fd: int | None = None
         self.temp_path: Path | None = None
         self.committed = False
@@ -205,8 +210,9 @@ class SafetensorsWriter:
             raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
         if name not in self._specs:
             raise ValueError(f"tensor {name!r} is not in the write plan")
-        if name in self._written:
-            raise ValueError(f"tensor {name!r} written twice")
+        with self._lock:
+            if name in self._written or name in self._parts:
+                raise ValueError(f"tensor {name!r} written twice")
         dtype, shape = self._specs[name]
         got_dtype = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
         if got_dtype != dtype:
@@ -218,9 +224,41 @@ class SafetensorsWriter:
         if len(data) != expected:
             raise ValueError(f"tensor {name!r}: {len(data)} bytes, planned {expected}")
         _pwrite_all(self._fd, data, self._offsets[name])
-        self._written.add(name)
+        with self._lock:
+            self._written.add(name)
         if TEST_WRITE_DELAY:
             time.sleep(TEST_WRITE_DELAY)
+
+    def write_part(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
+        """Write `data` (of the tensor's planned dtype, any shape) at byte `byte_offset` within tensor `name`, so a
+        tensor too large to hold whole can be written piece by piece. It counts as written once its parts cover all
+        of its bytes; commit() refuses the file while any byte range is unwritten. Parts may not overlap."""
+        if self._fd is None:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        if name not in self._specs:
+            raise ValueError(f"tensor {name!r} is not in the write plan")
+        dtype, shape = self._specs[name]
+        got_dtype = DTYPE_NAMES.get(data.dtype, str(data.dtype))
+        if got_dtype != dtype:
+            raise ValueError(f"tensor {name!r}: planned {dtype}, got {got_dtype}")
+        raw = tensor_bytes(data)
+        expected = byte_length(DTYPES[dtype], shape) or 0
+        end = byte_offset + len(raw)
+        if byte_offset < 0 or end > expected:
+            raise ValueError(f"tensor {name!r}: part [{byte_offset}, {end}) is outside its {expected} bytes")
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"tensor {name!r} written twice")
+            parts = self._parts.setdefault(name, [])
+            if any(start < end and byte_offset < stop for start, stop in parts):
+                raise ValueError(f"tensor {name!r}: part [{byte_offset}, {end}) overlaps one already written")
+            parts.append((byte_offset, end))
+        _pwrite_all(self._fd, raw, self._offsets[name] + byte_offset)
+        with self._lock:  # counted once written: a tensor is complete only when all of its bytes are in the file
+            self._part_bytes[name] = self._part_bytes.get(name, 0) + len(raw)
+            if self._part_bytes[name] == expected:
+                self._written.add(name)
+                del self._parts[name], self._part_bytes[name]
 
     def flush(self) -> None:
         """Nothing to do: write() hands bytes to the OS with pwrite, so the temporary file can already be read back

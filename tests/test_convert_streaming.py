@@ -225,3 +225,53 @@ def test_a_narrowed_kept_tensor_shares_its_source_buffer() -> None:
     narrowed = encode.cast(source, "BF16", reuse=True)
     assert narrowed.shape == source.shape
     assert narrowed.untyped_storage().data_ptr() == source.untyped_storage().data_ptr()
+
+
+def test_streamed_kept_tensors_give_the_same_bytes(sources, tmp_path, monkeypatch) -> None:
+    """Kept tensors streamed in small chunks (a partial last one too) land exactly where a whole-tensor cast would."""
+    reference = tmp_path / "reference.safetensors"
+    assert convert(sources[2], reference, VARIANT).written
+    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)  # every kept tensor is streamed
+    monkeypatch.setattr(stages, "STREAM_CHUNK_BYTES", 100)
+    for threads in (True, False):
+        out = tmp_path / f"streamed-{threads}.safetensors"
+        assert convert(sources[2], out, VARIANT, threads=threads).written
+        assert sha256(out) == sha256(reference)
+
+
+def test_the_pool_is_sized_by_the_tensors_read_whole(sources, tmp_path, monkeypatch) -> None:
+    pools: list[BufferPool] = []
+
+    class Recorded(BufferPool):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            pools.append(self)
+
+    monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
+    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(stages, "BufferPool", Recorded)
+    result = convert(sources[2], tmp_path / "out.safetensors", VARIANT)
+    # only quantized weights are read whole (their biases, too, are kept tensors, streamed)
+    whole = max(lp.source.tensors["weight"].nbytes for lp in result.plan.layers if lp.quantized)
+    assert result.written and pools[0].budget == 2 * whole < 2 * max(lp.source_bytes for lp in result.plan.layers)
+
+
+def test_a_non_finite_streamed_tensor_is_refused_with_every_bad_value_counted(tmp_path, monkeypatch) -> None:
+    from safetensors.torch import save_file
+
+    from inspect_tools.synthetic import float_state_dict
+
+    tensors = float_state_dict(VARIANT)
+    kept = tensors["head.head.weight"]
+    kept.view(-1)[[0, 7, kept.numel() - 1]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    tensors["blocks.0.ffn.0.weight"][3, 5] = float("nan")  # read whole, before the streamed one in the same run
+    src = tmp_path / "nan.safetensors"
+    save_file(tensors, str(src))
+    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(stages, "STREAM_CHUNK_BYTES", 64)
+    out = tmp_path / "out.safetensors"
+    result = convert(src, out, VARIANT)
+    assert result.refused and not out.exists()
+    assert not next(lp for lp in result.plan.layers if lp.source and lp.source.name == "head.head").quantized
+    assert result.non_finite["head.head"] == 3 and result.non_finite["blocks.0.ffn.0"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]

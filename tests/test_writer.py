@@ -220,3 +220,39 @@ def test_output_is_deterministic(tmp_path: Path):
     time.sleep(0.01)
     second = write_all(tmp_path / "two.safetensors", tensors, dict(reversed(metadata.items()))).read_bytes()
     assert first == second
+
+
+def test_a_tensor_written_in_parts_gives_the_same_bytes(tmp_path: Path):
+    tensors = mixed_tensors()
+    reference = write_all(tmp_path / "reference.safetensors", tensors)
+    big = tensors["blocks.0.weight"].reshape(-1)  # 32 F32 values, written as parts of 5 values, last one first
+    with SafetensorsWriter(tmp_path / "parts.safetensors", entries_of(tensors)) as writer:
+        for name in writer.order:
+            if name != "blocks.0.weight":
+                writer.write(name, tensors[name])
+        for start in reversed(range(0, big.numel(), 5)):
+            writer.write_part("blocks.0.weight", start * 4, big[start:start + 5])
+        out = writer.commit()
+    assert out.read_bytes() == reference.read_bytes()
+
+
+def test_commit_refuses_a_tensor_with_an_unwritten_part(tmp_path: Path):
+    with SafetensorsWriter(tmp_path / "out.safetensors", [("w", "F32", [8])]) as writer:
+        writer.write_part("w", 0, torch.ones(4))
+        with pytest.raises(OutputError, match="never written"):
+            writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("offset, part, message", [
+    (8, torch.ones(4), "overlaps"),
+    (16, torch.ones(5), "outside"),
+    (16, torch.ones(4, dtype=torch.float16), "planned F32, got F16"),
+])
+def test_write_part_refuses_overlaps_overruns_and_wrong_dtypes(tmp_path: Path, offset, part, message):
+    with SafetensorsWriter(tmp_path / "out.safetensors", [("w", "F32", [8])]) as writer:
+        writer.write_part("w", 0, torch.ones(4))
+        with pytest.raises(ValueError, match=message):
+            writer.write_part("w", offset, part)
+        with pytest.raises(ValueError, match="written twice"):
+            writer.write("w", torch.ones(8))
