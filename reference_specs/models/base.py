@@ -58,6 +58,14 @@ class ArchitectureProfile:
     # Scaled-down dimensions for synthetic fixtures: same in/out dims and head_dim, fewer blocks, narrower.
     small_dims: dict[str, int]
 
+    # dims that make a model smaller than the real one (width, depth): any of them off full_dims = scaled down
+    _size_dims: tuple[str, ...] = ()
+
+    def detection(self, dims: dict[str, int]) -> Detection:
+        """This profile's Detection for dims read off a file, flagged scaled_down when narrower or shallower."""
+        scaled = any(dims.get(k) is not None and dims[k] != self.full_dims[k] for k in self._size_dims)
+        return Detection(family=self.family, variant=self.variant, dims=dims, scaled_down=scaled)
+
     def detect(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
         """shapes: ComfyUI-native names (prefix already stripped) -> shape. None when this profile does not match."""
         raise NotImplementedError

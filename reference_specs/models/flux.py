@@ -90,8 +90,7 @@ class Flux1Dev(ArchitectureProfile):
         if "double_blocks.0.img_attn.qkv.weight" not in shapes or "guidance_in.in_layer.weight" not in shapes:
             return None
         dims = self.read_dims(shapes)
-        scaled = any(dims.get(k) is not None and dims[k] != self.full_dims[k] for k in self._size_dims)
-        return Detection(family=self.family, variant=self.variant, dims=dims, scaled_down=scaled)
+        return self.detection(dims)
 
     def sensitive(self, layer_name: str) -> str | None:
         name = module_name(layer_name)

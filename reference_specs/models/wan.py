@@ -147,8 +147,7 @@ class WanProfile(ArchitectureProfile):
                 return None
         elif in_dim != self.full_dims["in_dim"]:
             return None
-        scaled = any(dims.get(k) is not None and dims[k] != self.full_dims[k] for k in self._size_dims)
-        return Detection(family=self.family, variant=self.variant, dims=dims, scaled_down=scaled)
+        return self.detection(dims)
 
     def to_native(self, name: str) -> str:
         return _rename(name, _BLOCK_TO_NATIVE, _GLOBAL_TO_NATIVE)
