@@ -85,10 +85,11 @@ def fix_command(
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT")] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
 ) -> None:
-    """Repair a silently broken NVFP4/FP8 file without re-quantizing: re-swizzle block scales, swap nibbles,
-    invert a reciprocal per-tensor scale, rename diffusers keys, add missing markers, fix metadata prefixes, drop
-    weight-derived input scales, re-store scales in their required dtype. Only certain causes with a lossless
-    remedy are repaired; everything else is listed with the reason and what to do instead.
+    """Repair a silently broken NVFP4/FP8 file losslessly, when the cause is certain.
+
+    Remedies: re-swizzle block scales, swap nibbles, invert a reciprocal per-tensor scale, rename diffusers keys,
+    add missing markers, fix metadata prefixes, drop weight-derived input scales, re-store scales in their required
+    dtype. Everything else is listed with the reason and what to do instead.
 
     OUT is written through a temporary file and published only when it lints clean (and roundtrips clean
     against --against). Exit codes: 0 written and clean, or nothing to repair (no file written), or a dry run whose
