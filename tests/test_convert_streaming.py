@@ -193,17 +193,23 @@ def test_write_back_requests_do_not_change_the_bytes(sources, tmp_path, monkeypa
     assert sha256(out) == sha256(reference)
 
 
-def test_the_tightest_budget_holds_and_does_not_deadlock(sources, tmp_path, monkeypatch) -> None:
-    """With no floor the pool may hold only two of the largest layers: the run still completes, within it."""
-    pools: list[BufferPool] = []
+@pytest.fixture
+def pools(monkeypatch) -> list[BufferPool]:
+    """Every BufferPool a conversion creates during the test, for assertions on its budget and peak."""
+    created: list[BufferPool] = []
 
     class Recorded(BufferPool):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            pools.append(self)
+            created.append(self)
 
-    monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
     monkeypatch.setattr(stages, "BufferPool", Recorded)
+    return created
+
+
+def test_the_tightest_budget_holds_and_does_not_deadlock(sources, tmp_path, monkeypatch, pools) -> None:
+    """With no floor the pool may hold only two of the largest layers: the run still completes, within it."""
+    monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
     result = convert(sources[8], tmp_path / "out.safetensors", VARIANT)
     largest = max(lp.source_bytes for lp in result.plan.layers)
     assert result.written and pools[0].budget == 2 * largest
@@ -239,17 +245,9 @@ def test_streamed_kept_tensors_give_the_same_bytes(sources, tmp_path, monkeypatc
         assert sha256(out) == sha256(reference)
 
 
-def test_the_pool_is_sized_by_the_tensors_read_whole(sources, tmp_path, monkeypatch) -> None:
-    pools: list[BufferPool] = []
-
-    class Recorded(BufferPool):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            pools.append(self)
-
+def test_the_pool_is_sized_by_the_tensors_read_whole(sources, tmp_path, monkeypatch, pools) -> None:
     monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
     monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)
-    monkeypatch.setattr(stages, "BufferPool", Recorded)
     result = convert(sources[2], tmp_path / "out.safetensors", VARIANT)
     # only quantized weights are read whole (their biases, too, are kept tensors, streamed)
     whole = max(lp.source.tensors["weight"].nbytes for lp in result.plan.layers if lp.quantized)
