@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-import converter
 from converter import encode as enc
 from converter import stages
 from converter.gate import GateReport, TileChecker, run_gate
@@ -41,8 +40,6 @@ from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
 from reference_specs import models
 
-VERSION = getattr(converter, "__version__", None)
-
 
 def nvdiag_version() -> str:
     try:
@@ -50,7 +47,7 @@ def nvdiag_version() -> str:
 
         return version("nvdiag")
     except Exception:  # noqa: BLE001 - not installed: a source checkout
-        return VERSION or "0+unknown"
+        return "0+unknown"
 
 
 @dataclass
