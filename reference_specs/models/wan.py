@@ -203,7 +203,7 @@ def _is_norm(name: str) -> bool:
     return leaf.startswith("norm") or name.startswith(("img_emb.proj.0", "img_emb.proj.4"))
 
 
-_SCALED_WAN = {"dim": 256, "ffn": 512, "blocks": 2, "text_dim": 256, "freq_dim": 256}
+_SCALED_WAN = {"dim": 256, "ffn": 512, "blocks": 2, "text_dim": 4096, "freq_dim": 256}
 
 
 class Wan22TI2V5B(WanProfile):
