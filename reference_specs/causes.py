@@ -23,6 +23,10 @@ CAUSES: dict[str, str] = {
     "unknown-architecture": "no supported architecture matches the keys and shapes",
     "legacy-fp8-format": "legacy scaled_fp8 + scale_weight file (loads, converted on the fly; informational)",
     "excess-error": "a layer's dequantization error is far above its format's expected error, cause not attributable",
+    "comfyui-refused": "ComfyUI raised an error loading or running the file and no more specific cause explains it",
+    "comfyui-ignored-tensors": "ComfyUI loaded the file but left tensors of it unused (logged as left-over keys)",
+    "activation-sensitive-w4a4": "with activations quantized to 4 bits (W4A4, Blackwell) the output error is far "
+    "above the W4A16 error: layers that need full_precision_matrix_mult, a calibrated input_scale or more bits",
 }
 
 

@@ -1,0 +1,157 @@
+"""Run a ComfyUI-loaded denoiser the way the sampler does, on seeded synthetic inputs, block by block.
+
+`patcher.model.apply_model(x, sigma, c_crossattn=context)` is the call ComfyUI's samplers make at every step
+(shared/comfyui.md). Inputs are seeded: the starting latent of a sampler is plain Gaussian noise, and a latent at
+noise level sigma of a flow model is sigma * noise + (1 - sigma) * x0; the text context is Gaussian too (no text
+encoder is loaded). Every transformer block's output is recorded through forward hooks, so a single wrong block is
+visible even when the final output hides it.
+
+Compute paths:
+- "w4a16": what the CPU and every GPU before Blackwell do: each quantized layer's weight is dequantized by
+  comfy-kitchen and multiplied in the compute dtype (ComfyUI disables NVFP4 compute there, comfy/ops.py).
+- "w4a4": Blackwell emulated: before each NVFP4 (and FP8) layer, the activation is quantized with ComfyUI's own
+  `QuantizedTensor.from_float(x, layout, scale=input_scale)` (input_scale from the file, or the dynamic
+  amax/2688 when absent; FP8 without input_scale uses 1.0) and dequantized again, which is what a native FP4 matmul
+  sees; layers whose marker says `full_precision_matrix_mult` are left in full precision, as on Blackwell.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inspect_tools.comfyui.loading import BLOCK_LISTS
+from inspect_tools.comfyui.runtime import ComfyRuntime
+
+COMPUTE_PATHS = ("w4a16", "w4a4")
+LATENT_FRAMES = 2  # WAN latent frames (2 latent frames = 5 video frames)
+LATENT_SIZE = 16  # latent height and width: 8x8 patches of 2x2
+TEXT_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class StepInput:
+    sigma: float
+    x: torch.Tensor
+    context: torch.Tensor
+    concat: torch.Tensor | None
+
+
+@dataclass
+class StepOutput:
+    sigma: float
+    output: torch.Tensor
+    blocks: list[torch.Tensor]
+
+
+def _text_width(diffusion_model: Any) -> int:
+    for attr in ("text_embedding", "txt_in", "txt_norm"):
+        module = getattr(diffusion_model, attr, None)
+        if module is None:
+            continue
+        first = module[0] if isinstance(module, torch.nn.Sequential) else module
+        width = getattr(first, "in_features", None) or getattr(first, "normalized_shape", [None])[0]
+        if width:
+            return int(width)
+    return 4096
+
+
+def _in_channels(diffusion_model: Any) -> int | None:
+    patch = getattr(diffusion_model, "patch_embedding", None)
+    if patch is not None:
+        return int(patch.weight.shape[1])
+    return None
+
+
+def make_inputs(patcher: Any, steps: int, seed: int) -> list[StepInput]:
+    """Seeded inputs of the shapes this model takes, at `steps` noise levels spread over its schedule."""
+    model = patcher.model
+    net = model.diffusion_model
+    channels = model.latent_format.latent_channels
+    video = _in_channels(net) is not None  # both take [B, C, T, H, W]; Qwen Image is one frame
+    shape = (1, channels, LATENT_FRAMES if video else 1, LATENT_SIZE, LATENT_SIZE)
+    extra = (_in_channels(net) or channels) - channels
+    width = _text_width(net)
+    inputs = []
+    sampling = model.model_sampling
+    for i in range(steps):
+        gen = torch.Generator().manual_seed(seed * 1_000 + i)
+        sigma = float(sampling.percent_to_sigma((i + 0.5) / steps))
+        noise = torch.randn(shape, generator=gen)
+        x0 = torch.randn(shape, generator=gen)
+        x = sigma * noise + (1.0 - sigma) * x0
+        context = torch.randn((1, TEXT_TOKENS, width), generator=gen)
+        concat = torch.randn((shape[0], extra, *shape[2:]), generator=gen) if extra > 0 else None
+        inputs.append(StepInput(sigma=sigma, x=x, context=context, concat=concat))
+    return inputs
+
+
+def block_modules(diffusion_model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """The transformer blocks in the order they run, named as in the checkpoint (e.g. blocks.3)."""
+    found = []
+    for list_name in BLOCK_LISTS:
+        blocks = getattr(diffusion_model, list_name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            found.extend((f"{list_name}.{i}", block) for i, block in enumerate(blocks))
+    return found
+
+
+def _flat_output(output: Any) -> torch.Tensor:
+    tensors = [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+    return torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
+
+
+def _fake_quantize_input(runtime: ComfyRuntime) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
+    quantized_tensor = runtime.quant_ops.QuantizedTensor
+
+    def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        flat = x.reshape(-1, x.shape[-1])
+        q = quantized_tensor.from_float(flat, module.layout_type, scale=getattr(module, "input_scale", None))
+        return (q.dequantize().to(x.dtype).reshape(x.shape), *args[1:])
+
+    return hook
+
+
+def w4a4_layers(diffusion_model: Any) -> list[tuple[str, torch.nn.Module]]:
+    """Quantized Linear layers that Blackwell runs with quantized activations (not marked full precision)."""
+    return [
+        (name, module) for name, module in diffusion_model.named_modules()
+        if getattr(module, "layout_type", None) is not None and not getattr(module, "_full_precision_mm_config", False)
+    ]
+
+
+def run(runtime: ComfyRuntime, patcher: Any, inputs: list[StepInput], compute: str = "w4a16",
+        progress: Callable[[], None] | None = None) -> list[StepOutput]:
+    """apply_model on every input; the final output and every block's output, as float32 on the CPU."""
+    if compute not in COMPUTE_PATHS:
+        raise ValueError(f"compute must be one of {COMPUTE_PATHS}, not {compute!r}")
+    runtime.model_management.load_models_gpu([patcher])
+    model = patcher.model
+    device = runtime.model_management.get_torch_device()
+    recorded: list[torch.Tensor] = []
+    handles = [block.register_forward_hook(lambda _m, _a, out: recorded.append(_flat_output(out)))
+               for _, block in block_modules(model.diffusion_model)]
+    if compute == "w4a4":
+        hook = _fake_quantize_input(runtime)
+        handles += [module.register_forward_pre_hook(hook) for _, module in w4a4_layers(model.diffusion_model)]
+    results = []
+    try:
+        with torch.inference_mode():
+            for step in inputs:
+                recorded.clear()
+                kwargs: dict[str, Any] = {"c_crossattn": step.context.to(device)}
+                if step.concat is not None:
+                    kwargs["c_concat"] = step.concat.to(device)
+                sigma = torch.tensor([step.sigma], device=device)
+                out = model.apply_model(step.x.to(device), sigma, **kwargs)
+                results.append(StepOutput(sigma=step.sigma, output=out.detach().float().cpu(), blocks=list(recorded)))
+                if progress is not None:
+                    progress()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return results

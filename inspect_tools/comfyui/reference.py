@@ -1,0 +1,152 @@
+"""State dicts that nvdiag hands to ComfyUI: a reference ComfyUI core cannot load, and the baseline file.
+
+- A GGUF file or a diffusers-named / sharded source becomes a plain state dict with ComfyUI-native names and float
+  values (GGUF blocks dequantized by gguf-py), which `comfy.sd.load_diffusion_model_state_dict` takes.
+- The baseline is the file as it should be: the reference's values encoded into the file's own per-layer formats by
+  comfy-kitchen (the codec ComfyUI itself uses: NVFP4 with the per-tensor scale amax/2688, FP8 with amax/448) and cast
+  to the file's dtypes elsewhere. What ComfyUI renders from it is the error a correct file of that layer selection
+  gives, so the file's error is judged against an independent implementation, never against nvdiag's own encoder.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from inspect_tools.layers import CheckpointModel
+from reference_specs import models
+
+FLOAT_FORMATS = {"f32", "f16", "bf16", "f64"}
+NVFP4_FORMATS = {"nvfp4"}
+FP8_FORMATS = {"float8_e4m3fn", "scaled_fp8"}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# comfy-kitchen's maxima (comfy_kitchen/float_utils.py): F8_E4M3_MAX 448, F4_E2M1_MAX 6
+F8_E4M3_MAX = 448.0
+F4_E2M1_MAX = 6.0
+
+
+def has_float_values(model: CheckpointModel) -> bool:
+    """True when every tensor can be read as the model's real values (plain floats, or GGUF blocks)."""
+    if model.kind == "gguf":
+        return True
+    return all(layer.format in FLOAT_FORMATS for layer in model.layers.values())
+
+
+def loads_as_is(model: CheckpointModel) -> bool:
+    """A single safetensors file with native names: ComfyUI's loader takes the path itself."""
+    return model.kind == "safetensors" and model.detection.naming == "native"
+
+
+def native_state_dict(model: CheckpointModel) -> dict[str, torch.Tensor]:
+    """Every tensor under its ComfyUI-native name, GGUF blocks dequantized, plain floats at their own dtype."""
+    out: dict[str, torch.Tensor] = {}
+    reader = model.reader
+    for info in reader:
+        key = models.native_name(model.detection, info.name)
+        out[key] = reader.load_float(info.name) if model.kind == "gguf" else reader.load(info.name)
+    return out
+
+
+def fill_from_file(ref: dict[str, torch.Tensor], file_model: CheckpointModel) -> list[str]:
+    """Plain float tensors the file has and the reference lacks, copied into the reference (names returned).
+
+    city96's GGUF files leave the 5-D patch_embedding out (ComfyUI-GGUF carries it another way): without it ComfyUI
+    cannot even detect the model. A tensor the file keeps in full precision is the same in any correct file."""
+    added = []
+    for layer in file_model.layers.values():
+        if layer.format not in FLOAT_FORMATS:
+            continue
+        for info in layer.tensors.values():
+            key = models.native_name(file_model.detection, info.name)
+            if key not in ref:
+                ref[key] = file_model.reader.load(info.name)
+                added.append(key)
+    return added
+
+
+def _marker(conf: dict[str, Any]) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8)
+
+
+def _squared_error(decoded: torch.Tensor, w: torch.Tensor) -> tuple[float, float]:
+    return float((decoded.double() - w.double()).square().sum()), float(w.double().square().sum())
+
+
+def _nvfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    import comfy_kitchen as ck
+
+    w = weight.float()
+    scale = torch.amax(w.abs()).to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)
+    qdata, block_scale = ck.quantize_nvfp4(w, scale, pad_16x=True)
+    decoded = ck.dequantize_nvfp4(qdata, scale, block_scale, output_type=torch.float32)[: w.shape[0], : w.shape[1]]
+    return {"weight": qdata, "weight_scale": block_scale, "weight_scale_2": scale}, _squared_error(decoded, w)
+
+
+def _fp8(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    import comfy_kitchen as ck
+
+    w = weight.float()
+    scale = torch.amax(w.abs()).to(torch.float32) / F8_E4M3_MAX
+    qdata = ck.quantize_per_tensor_fp8(w, scale)
+    decoded = ck.dequantize_per_tensor_fp8(qdata, scale, output_type=torch.float32)
+    return {"weight": qdata, "weight_scale": scale}, _squared_error(decoded, w)
+
+
+@dataclass
+class Baseline:
+    state_dict: dict[str, torch.Tensor] | None
+    note: str  # what it is, or why there is none
+    # A file made from the true weights differs from a lossy reference by its own error and the reference's, which
+    # add in quadrature (independent errors); the baseline, encoded from the reference, carries only the first.
+    # sqrt(1 + sum e_ref^2 / sum e_fmt^2) over the encoded layers scales the baseline's output error to what a
+    # correct file shows against this reference (1.0 for an exact reference).
+    reference_factor: float = 1.0
+
+
+def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor],
+                        ref_errors: dict[str, float] | None = None) -> Baseline:
+    """`ref` re-encoded into the file's per-layer formats by comfy-kitchen; input_scale left out (dynamic).
+
+    ref_errors: native layer name -> the relative error the reference's own layer carries (0 for plain floats)."""
+    out = dict(ref)
+    encoded = 0
+    fmt_err2 = ref_err2 = 0.0
+    for layer in file_model.layers.values():
+        native = layer.native_name or layer.name
+        weight_key = f"{native}.weight" if layer.has("weight") else native
+        if weight_key not in ref:
+            return Baseline(None, f"the reference has no {weight_key}: no baseline")
+        marker = layer.marker or {}
+        if layer.format in NVFP4_FORMATS | FP8_FORMATS:
+            if layer.format in NVFP4_FORMATS:
+                conf: dict[str, Any] = {"format": "nvfp4"}
+                tensors, (err2, norm2) = _nvfp4(ref[weight_key])
+            else:
+                conf = {"format": "float8_e4m3fn"}
+                tensors, (err2, norm2) = _fp8(ref[weight_key])
+            fmt_err2 += err2
+            ref_err2 += (ref_errors or {}).get(native, 0.0) ** 2 * norm2
+            if marker.get("full_precision_matrix_mult") is True:
+                conf["full_precision_matrix_mult"] = True
+            for role, tensor in tensors.items():
+                out[f"{native}.{role}"] = tensor
+            out[f"{native}.comfy_quant"] = _marker(conf)
+            encoded += 1
+            roles = ("bias",)
+        elif layer.format in FLOAT_FORMATS:
+            roles = tuple(layer.tensors)
+        else:
+            return Baseline(None, f"layer {layer.name} is {layer.format}: no comfy-kitchen baseline for it")
+        for role in roles:
+            info = layer.tensors.get(role)
+            key = native if role == "value" else f"{native}.{role}"
+            dtype = TORCH_DTYPES.get(info.dtype) if info is not None else None
+            if key in ref and dtype is not None:
+                out[key] = ref[key].to(dtype)
+    what = f"{encoded} layers encoded by comfy-kitchen" if encoded else "the reference cast to the file's dtypes"
+    factor = (1.0 + ref_err2 / fmt_err2) ** 0.5 if fmt_err2 > 0 else 1.0
+    lossy = f"; the reference is lossy itself: expected error x{factor:.2f}" if factor > 1.001 else ""
+    return Baseline(out, f"the reference in the file's formats ({what}){lossy}", reference_factor=factor)

@@ -1,0 +1,416 @@
+"""`nvdiag verify`: what ComfyUI itself loads and renders from a file, against a reference.
+
+Three models run through ComfyUI's own code, one after the other (only one is in memory at a time):
+REF (the truth), FILE (the user's file) and BASELINE (REF encoded into FILE's per-layer formats by comfy-kitchen: what
+a correct file of the same layer selection renders). FILE's output error is judged against BASELINE's: a correct file
+gives the same error (x1.0 when it was made from REF itself), a broken one a multiple of it. Where FILE renders
+wrongly, nvdiag's per-layer decode (roundtrip) names the cause.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inspect_tools.comfyui import forward, loading, reference
+from inspect_tools.comfyui.runtime import ComfyRuntime
+from inspect_tools.errors import InputError, UsageError
+from inspect_tools.layers import CheckpointModel
+from reference_specs.findings import Finding, Severity
+
+# A correct file renders BASELINE's error: x1.0 when made from REF by comfy-kitchen's rules, within a few percent when
+# made from an equivalent source (FP16 vs FP32), about x1.2-1.6 against a lossy reference (GGUF Q4_0, FP8), whose own
+# error adds in quadrature. Twice the baseline's error is beyond all of these and below every format fault measured.
+FAR = 2.0
+# relative L2 errors below this are float noise (FP32 against itself gives exactly 0 on the CPU)
+FLOOR = 1e-6
+QUANTIZED_FORMATS = reference.NVFP4_FORMATS | reference.FP8_FORMATS
+
+
+@dataclass
+class Comparison:
+    """One model's outputs against REF's, on one compute path."""
+
+    name: str  # "file" or "baseline"
+    compute: str
+    rel_l2: list[float]  # per step, final output
+    cosine: list[float]
+    psnr_db: list[float]
+    blocks: list[float]  # per block, mean over steps of the block output's relative L2
+    finite: bool
+
+    @property
+    def error(self) -> float:
+        return max(self.rel_l2) if self.rel_l2 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "compute": self.compute,
+            "rel_l2": _round(self.error),
+            "rel_l2_per_step": [_round(v) for v in self.rel_l2],
+            "cosine_min": _round(min(self.cosine)) if self.cosine else None,
+            "psnr_db_min": _round(min(self.psnr_db)) if self.psnr_db else None,
+            "blocks": [_round(v) for v in self.blocks],
+            "finite": self.finite,
+        }
+
+
+def _round(value: float, digits: int = 6) -> float | str:
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else str(value)
+
+
+def _metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    diff = (out - ref).double()
+    ref64 = ref.double()
+    norm = float(ref64.norm())
+    rel = float(diff.norm()) / norm if norm > 0 else float(diff.norm())
+    denom = float(out.double().norm()) * norm
+    cosine = float((out.double() * ref64).sum()) / denom if denom > 0 else 1.0
+    mse = float((diff * diff).mean())
+    peak = float(ref64.abs().max()) if ref64.numel() else 0.0
+    psnr = 10 * math.log10(peak * peak / mse) if mse > 0 and peak > 0 else math.inf
+    return rel, cosine, psnr
+
+
+def compare(name: str, compute: str, outputs: list[forward.StepOutput],
+            ref: list[forward.StepOutput]) -> Comparison:
+    rel, cos, psnr = [], [], []
+    finite = True
+    n_blocks = len(ref[0].blocks) if ref else 0
+    block_sums = [0.0] * n_blocks
+    for mine, theirs in zip(outputs, ref, strict=True):
+        finite = finite and bool(torch.isfinite(mine.output).all())
+        r, c, p = _metrics(mine.output, theirs.output)
+        rel.append(r if math.isfinite(r) else math.inf)
+        cos.append(c if math.isfinite(c) else -1.0)
+        psnr.append(p)
+        for i, (b_mine, b_ref) in enumerate(zip(mine.blocks, theirs.blocks, strict=False)):
+            block_sums[i] += _metrics(b_mine, b_ref)[0]
+    blocks = [s / max(len(outputs), 1) for s in block_sums]
+    return Comparison(name=name, compute=compute, rel_l2=rel, cosine=cos, psnr_db=psnr, blocks=blocks, finite=finite)
+
+
+@dataclass
+class PathResult:
+    """FILE and BASELINE on one compute path, and the verdict numbers."""
+
+    compute: str
+    file: Comparison
+    baseline: Comparison | None
+    reference_factor: float = 1.0  # Baseline.reference_factor: a lossy reference's own error, in quadrature
+
+    @property
+    def expected(self) -> float | None:
+        return self.baseline.error * self.reference_factor if self.baseline is not None else None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline is None:
+            return None
+        if not self.file.finite or not math.isfinite(self.file.error):
+            return math.inf
+        return self.file.error / max(self.expected or 0.0, FLOOR)
+
+    @property
+    def far(self) -> bool:
+        ratio = self.ratio
+        return (ratio is not None and ratio > FAR) or not self.file.finite
+
+    def first_wrong_block(self, block_names: list[str]) -> str | None:
+        """The first block whose output error is more than FAR x the baseline's there: where the fault enters."""
+        if self.baseline is None:
+            return None
+        for name, mine, base in zip(block_names, self.file.blocks, self.baseline.blocks, strict=False):
+            if not math.isfinite(mine) or mine > FAR * max(base * self.reference_factor, FLOOR):
+                return name
+        return None
+
+    def to_json(self, block_names: list[str]) -> dict[str, Any]:
+        ratio = self.ratio
+        return {
+            "compute": self.compute,
+            "file": self.file.to_json(),
+            "baseline": self.baseline.to_json() if self.baseline else None,
+            "expected": _round(self.expected) if self.expected is not None else None,
+            "ratio": _round(ratio) if ratio is not None else None,
+            "far_above_baseline": self.far,
+            "first_wrong_block": self.first_wrong_block(block_names),
+        }
+
+
+@dataclass
+class VerifyResult:
+    path: Path
+    ref_path: Path
+    runtime: ComfyRuntime
+    steps: int
+    seed: int
+    file_report: loading.LoadReport
+    ref_report: loading.LoadReport
+    baseline_report: loading.LoadReport | None
+    baseline_note: str
+    paths: list[PathResult] = field(default_factory=list)
+    block_names: list[str] = field(default_factory=list)
+    sigmas: list[float] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    def verdict(self) -> str:
+        if not self.file_report.loaded or any(f.rule == "V102" for f in self.findings):
+            return "ComfyUI refuses this file: it cannot render anything from it"
+        errors = [f for f in self.findings if f.severity == Severity.ERROR]
+        if errors:
+            causes = sorted({f.cause for f in errors})
+            return f"ComfyUI renders this file wrongly: {', '.join(causes)}"
+        if not self.paths or all(p.baseline is None for p in self.paths):
+            return "ComfyUI loads and runs this file (no baseline to judge its error against)"
+        return "ComfyUI renders this file as well as a correct file of the same layer selection"
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "comfyui": str(self.runtime.root),
+            "comfyui_version": self.runtime.version,
+            "device": self.runtime.device,
+            "steps": self.steps,
+            "seed": self.seed,
+            "sigmas": [_round(s) for s in self.sigmas],
+            "baseline": self.baseline_note,
+            "verdict": self.verdict(),
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file_load": self.file_report.to_json(),
+            "ref_load": self.ref_report.to_json(),
+            "baseline_load": self.baseline_report.to_json() if self.baseline_report else None,
+            "compute": [p.to_json(self.block_names) for p in self.paths],
+            "blocks": list(self.block_names),
+        }
+
+
+def _finding(rule: str, cause: str, severity: Severity, path: Path, message: str, layer: str | None = None,
+             **evidence: Any) -> Finding:
+    return Finding(rule=rule, cause=cause, severity=severity, file=str(path), layer=layer, message=message,
+                   evidence=evidence)
+
+
+def refusal_cause(error: str, model: CheckpointModel) -> str:
+    """Which catalogue cause a ComfyUI exception message points to (its wording: comfy/ops.py, comfy/sd.py)."""
+    text = error.lower()
+    if "missing nvfp4 scales" in text:
+        missing_block = any(layer.format == "nvfp4" and not layer.has("weight_scale")
+                            for layer in model.layers.values())
+        return "missing-block-scale" if missing_block else "missing-tensor-scale"
+    if "could not detect model type" in text:
+        return "diffusers-key-names" if model.detection.naming == "diffusers" else "unknown-architecture"
+    if "quantization format" in text or "expecting value" in text or "keyerror" in text:
+        return "invalid-quant-marker"
+    if "size mismatch" in text or "shape" in text or "mat1 and mat2" in text:
+        unmarked = any(layer.tensors.get("weight") is not None and layer.tensors["weight"].dtype == "U8"
+                       and layer.marker is None for layer in model.layers.values())
+        return "missing-quant-marker" if unmarked else "wrong-shape"
+    return "comfyui-refused"
+
+
+def _load_findings(report: loading.LoadReport, model: CheckpointModel, path: Path) -> list[Finding]:
+    findings = []
+    if not report.loaded:
+        cause = refusal_cause(f"{report.error_type} {report.error}", model)
+        findings.append(_finding("V101", cause, Severity.ERROR, path,
+                                 f"ComfyUI refuses to load the file: {report.error_type}: {report.error}",
+                                 comfyui_error=report.error, comfyui_error_type=report.error_type))
+        return findings
+    quantized_here = {layer.native_name or layer.name for layer in model.layers.values()
+                      if layer.format in QUANTIZED_FORMATS}
+    held = set(report.quantized_layers)
+    plain = sorted(quantized_here - held)
+    if plain:
+        findings.append(_finding("V103", "missing-quant-marker", Severity.ERROR, path,
+                                 f"{len(plain)} layers stored quantized were loaded by ComfyUI as plain weights "
+                                 f"(first: {plain[0]})", layers=plain[:50]))
+    if report.left_over:
+        findings.append(_finding("V104", "comfyui-ignored-tensors", Severity.WARNING, path,
+                                 f"ComfyUI left {len(report.left_over)} tensors of the file unused "
+                                 f"(first: {report.left_over[0]})", keys=report.left_over[:50]))
+    return findings
+
+
+def _attribute(file_model: CheckpointModel, ref_model: CheckpointModel) -> tuple[list[str], list[Finding]]:
+    """Causes of the layers nvdiag's per-layer decode finds wrong (roundtrip), and its findings."""
+    from inspect_tools.roundtrip import roundtrip
+
+    result = roundtrip(file_model, ref_model)
+    causes: dict[str, int] = {}
+    for layer in result.wrong:
+        cause = layer.cause or "excess-error"
+        causes[cause] = causes.get(cause, 0) + 1
+    return sorted(causes, key=lambda c: -causes[c]), result.findings
+
+
+def _path_findings(result: VerifyResult, file_model: CheckpointModel, ref_model: CheckpointModel) -> None:
+    path = result.path
+    attributed: tuple[list[str], list[Finding]] | None = None
+    by_compute = {p.compute: p for p in result.paths}
+    for p in result.paths:
+        if not p.far:
+            continue
+        if attributed is None:
+            attributed = _attribute(file_model, ref_model) if reference.has_float_values(ref_model) else ([], [])
+        causes, _ = attributed
+        w4a16 = by_compute.get("w4a16")
+        if p.compute == "w4a4" and w4a16 is not None and not w4a16.far:
+            has_static = any(layer.has("input_scale") for layer in file_model.layers.values())
+            cause = "input-scale-implausible" if has_static else "activation-sensitive-w4a4"
+            message = (f"with activations quantized to NVFP4 (Blackwell, emulated) the output error is "
+                       f"{_fmt_ratio(p.ratio)} a correct file's, while W4A16 is fine"
+                       + ("; the file's static input_scale values are the difference" if has_static else ""))
+        else:
+            if not p.file.finite and _has_non_finite_scales(file_model):
+                causes = ["non-finite-scale", *[c for c in causes if c != "non-finite-scale"]]
+            cause = causes[0] if causes else ("non-finite-scale" if not p.file.finite else "excess-error")
+            where = p.first_wrong_block(result.block_names)
+            message = (f"ComfyUI's output ({p.compute}) is {_fmt_ratio(p.ratio)} the error a correct file gives "
+                       f"(relative L2 {p.file.error:.4g}, expected {p.expected:.4g})"
+                       + (f"; the error enters at {where}" if where else "")
+                       + (f"; per-layer decode: {', '.join(causes)}" if causes else ""))
+        result.findings.append(_finding("V201", cause, Severity.ERROR, path, message, compute=p.compute,
+                                        ratio=p.ratio, error=p.file.error,
+                                        baseline_error=p.baseline.error if p.baseline else None,
+                                        first_wrong_block=p.first_wrong_block(result.block_names),
+                                        causes=causes))
+    # W4A4 itself, on a correct file: how much Blackwell's activation quantization costs this layer selection
+    w4a4, w4a16 = by_compute.get("w4a4"), by_compute.get("w4a16")
+    if w4a4 and w4a16 and w4a4.baseline and w4a16.baseline and not w4a4.far:
+        cost = w4a4.baseline.error / max(w4a16.baseline.error, FLOOR)
+        if cost > FAR:
+            result.findings.append(_finding(
+                "V202", "activation-sensitive-w4a4", Severity.INFO, path,
+                f"on Blackwell (W4A4) this layer selection renders {cost:.2f}x the W4A16 error even from a correct "
+                "file: mark activation-sensitive layers full_precision_matrix_mult or keep them at FP8/16-bit",
+                w4a4_error=w4a4.baseline.error, w4a16_error=w4a16.baseline.error))
+
+
+def _has_non_finite_scales(file_model: CheckpointModel) -> bool:
+    """lint's value rules say whether a scale is NaN, Inf, zero or negative: the usual reason for NaN outputs."""
+    from inspect_tools.lint import lint_model
+
+    return any(f.cause == "non-finite-scale" for f in lint_model(file_model))
+
+
+def _reference_errors(ref_model: CheckpointModel) -> dict[str, float]:
+    """Native layer name -> the typical relative error of the reference's own format (roundtrip's e_ref)."""
+    from inspect_tools.roundtrip import reference_error
+
+    return {layer.native_name or layer.name: reference_error(layer) for layer in ref_model.layers.values()}
+
+
+def _fmt_ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "?"
+    return "infinitely" if not math.isfinite(ratio) else f"{ratio:.2f}x"
+
+
+def verify(
+    runtime: ComfyRuntime,
+    file_model: CheckpointModel,
+    ref_model: CheckpointModel,
+    compute: tuple[str, ...] = ("w4a16",),
+    steps: int = 3,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> VerifyResult:
+    """Load REF, FILE and BASELINE through ComfyUI in turn and compare what they render."""
+    if steps < 1:
+        raise UsageError("--steps must be at least 1")
+    if file_model.kind != "safetensors":
+        raise UsageError(f"{file_model.path}: ComfyUI's Load Diffusion Model node reads one .safetensors file; "
+                         f"this is {file_model.kind} (use it as --against, or `nvdiag roundtrip`)")
+    say = progress or (lambda _msg: None)
+    say("loading the reference")
+    ref_values = reference.native_state_dict(ref_model) if (
+        reference.has_float_values(ref_model) or not reference.loads_as_is(ref_model)) else None
+    filled: list[str] = []
+    if ref_values is not None and not reference.loads_as_is(ref_model):
+        filled = reference.fill_from_file(ref_values, file_model)
+    ref_source: Path | dict[str, Any] = ref_model.path if reference.loads_as_is(ref_model) else dict(ref_values or {})
+    ref_loaded = loading.load(runtime, ref_source, label=str(ref_model.path),
+                              metadata=ref_model.metadata if isinstance(ref_source, dict) else None)
+    if not ref_loaded.report.loaded:
+        raise InputError(f"ComfyUI cannot load the reference: {ref_loaded.report.error_type}: "
+                         f"{ref_loaded.report.error}", str(ref_model.path))
+    ref_quantized = bool(ref_loaded.report.quantized)
+    ref_paths = compute if ref_quantized else ("w4a16",)  # a plain model computes the same on both paths
+    inputs = forward.make_inputs(ref_loaded.patcher, steps, seed)
+    block_names = [name for name, _ in forward.block_modules(ref_loaded.patcher.model.diffusion_model)]
+    ref_out: dict[str, list[forward.StepOutput]] = {}
+    try:
+        for c in ref_paths:
+            say(f"running the reference ({c})")
+            ref_out[c] = forward.run(runtime, ref_loaded.patcher, inputs, c)
+    finally:
+        ref_loaded.release(runtime)
+
+    def reference_for(c: str) -> list[forward.StepOutput]:
+        return ref_out.get(c) or ref_out["w4a16"]
+
+    say("loading the file")
+    file_loaded = loading.load(runtime, file_model.path, label=str(file_model.path))
+    result = VerifyResult(path=file_model.path, ref_path=ref_model.path, runtime=runtime, steps=steps, seed=seed,
+                          file_report=file_loaded.report, ref_report=ref_loaded.report, baseline_report=None,
+                          baseline_note="", block_names=block_names, sigmas=[s.sigma for s in inputs])
+    result.findings.extend(_load_findings(file_loaded.report, file_model, file_model.path))
+    file_out: dict[str, list[forward.StepOutput]] = {}
+    if file_loaded.patcher is not None:
+        try:
+            for c in compute:
+                say(f"running the file ({c})")
+                file_out[c] = forward.run(runtime, file_loaded.patcher, inputs, c)
+        except Exception as exc:  # ComfyUI loaded it but cannot run it: that is a refusal too
+            message = " ".join(str(exc).split())[:500]
+            cause = refusal_cause(f"{exc.__class__.__name__} {message}", file_model)
+            result.findings.append(_finding("V102", cause, Severity.ERROR, file_model.path,
+                                            f"ComfyUI loads the file but fails to run it: "
+                                            f"{exc.__class__.__name__}: {message}",
+                                            comfyui_error=message, comfyui_error_type=exc.__class__.__name__))
+            file_out = {}
+        finally:
+            file_loaded.release(runtime)
+    if not file_out:
+        result.baseline_note = "not built: the file did not run"
+        return result
+
+    base_out: dict[str, list[forward.StepOutput]] = {}
+    factor = 1.0
+    if ref_values is None or not reference.has_float_values(ref_model):
+        result.baseline_note = "none: the reference is itself quantized (its values are not the truth)"
+    else:
+        say("building the baseline")
+        baseline = reference.baseline_state_dict(file_model, ref_values, _reference_errors(ref_model))
+        factor = baseline.reference_factor
+        result.baseline_note = baseline.note + (
+            f"; taken from the file, which the reference lacks: {', '.join(filled)}" if filled else "")
+        if baseline.state_dict is not None:
+            base_loaded = loading.load(runtime, baseline.state_dict, label="baseline (comfy-kitchen)",
+                                       metadata=None)
+            result.baseline_report = base_loaded.report
+            try:
+                if base_loaded.patcher is not None:
+                    for c in compute:
+                        say(f"running the baseline ({c})")
+                        base_out[c] = forward.run(runtime, base_loaded.patcher, inputs, c)
+                else:
+                    result.baseline_note = f"not built: ComfyUI refused it ({base_loaded.report.error})"
+            finally:
+                base_loaded.release(runtime)
+    del ref_values
+    for c in compute:
+        theirs = reference_for(c)
+        file_cmp = compare("file", c, file_out[c], theirs)
+        base_cmp = compare("baseline", c, base_out[c], theirs) if c in base_out else None
+        result.paths.append(PathResult(compute=c, file=file_cmp, baseline=base_cmp, reference_factor=factor))
+    _path_findings(result, file_model, ref_model)
+    return result
