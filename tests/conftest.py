@@ -90,3 +90,25 @@ def qwen_nvfp4_mixed(make_checkpoint: Callable[..., Path]) -> Path:
 @pytest.fixture(scope="session")
 def flux_nvfp4_mixed(make_checkpoint: Callable[..., Path]) -> Path:
     return make_checkpoint("nvfp4-mixed", "flux1-dev", name="flux_nvfp4_mixed")
+
+
+# --- ComfyUI, the real client ---------------------------------------------------------------------------------
+# Found from COMFYUI_PATH, else the shared/comfyui snapshot beside the checkout. In CI (NVDIAG_REQUIRE_COMFYUI=1) a
+# missing or unimportable ComfyUI fails the tests that need it; elsewhere they skip with the reason.
+SHARED_COMFYUI = Path(__file__).resolve().parents[2] / "shared" / "comfyui"
+
+
+@pytest.fixture(scope="session")
+def comfyui():
+    """The ComfyUI runtime (comfy.sd and friends) imported in CPU mode, once per session."""
+    import os
+
+    from inspect_tools.comfyui.runtime import ComfyUIUnavailable, load_runtime
+
+    root = os.environ.get("COMFYUI_PATH") or (str(SHARED_COMFYUI) if SHARED_COMFYUI.is_dir() else None)
+    try:
+        return load_runtime(root, device="cpu")
+    except ComfyUIUnavailable as exc:
+        if os.environ.get("NVDIAG_REQUIRE_COMFYUI") == "1":
+            pytest.fail(f"NVDIAG_REQUIRE_COMFYUI=1 but ComfyUI is unusable: {exc}")
+        pytest.skip(f"no ComfyUI: {exc}")

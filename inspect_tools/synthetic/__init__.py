@@ -5,7 +5,13 @@ from inspect_tools.synthetic.faults import FAULTS, Fault, apply_faults
 from inspect_tools.synthetic.gguf_files import city96_type, write_gguf
 from inspect_tools.synthetic.header_only import write_header_only
 from inspect_tools.synthetic.mixed import MixedPlan, marker_tensor
-from inspect_tools.synthetic.state_dicts import VARIANTS, default_selection, float_state_dict, shapes_for
+from inspect_tools.synthetic.state_dicts import (
+    VARIANTS,
+    comfyui_dims,
+    default_selection,
+    float_state_dict,
+    shapes_for,
+)
 from inspect_tools.synthetic.writers import (
     INDEX_NAME,
     nvfp4_mixed_plan,
@@ -25,6 +31,7 @@ __all__ = [
     "MixedPlan",
     "apply_faults",
     "city96_type",
+    "comfyui_dims",
     "default_selection",
     "float_state_dict",
     "marker_tensor",

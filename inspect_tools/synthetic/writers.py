@@ -134,10 +134,14 @@ def nvfp4_mixed_plan(
     faults: tuple[str, ...] | list[str] = (),
     fault_layers: list[str] | None = None,
     seed: int = 0,
+    full_precision_mm: bool = False,
 ) -> MixedPlan:
-    """The NVFP4 mixed file before writing (see write_nvfp4_mixed); tests read `.quantized` and `.source`."""
-    plan = _plan(variant, dims, dtype, seed, formats.get("nvfp4")(), {"format": "nvfp4"}, selection, naming,
-                 prefix, markers)
+    """The NVFP4 mixed file before writing (see write_nvfp4_mixed); tests read `.quantized` and `.source`.
+    full_precision_mm: every marker says "full_precision_matrix_mult": true (W4A16 on Blackwell)."""
+    conf: dict[str, object] = {"format": "nvfp4"}
+    if full_precision_mm:
+        conf["full_precision_matrix_mult"] = True
+    plan = _plan(variant, dims, dtype, seed, formats.get("nvfp4")(), conf, selection, naming, prefix, markers)
     _add_input_scales(plan, input_scale)
     if fault_layers is not None:
         plan.targets = [b for b in fault_layers if b in plan.quantized]

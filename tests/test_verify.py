@@ -1,0 +1,234 @@
+"""`nvdiag verify` with the real client: files load and run in ComfyUI itself (../shared/comfyui, see comfyui.md).
+
+The expected values do not come from nvdiag: a correct file must render what comfy-kitchen's own encoding of the same
+reference renders (the baseline, ratio 1), FP32 against itself must give exactly 0, and ComfyUI's own exception
+messages are what a refusal must carry.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from inspect_tools.cli import main
+from inspect_tools.comfyui.runtime import ComfyRuntime
+from inspect_tools.comfyui.verify import FAR, VerifyResult, verify
+from inspect_tools.layers import open_model
+from inspect_tools.synthetic import (
+    comfyui_dims,
+    write_float,
+    write_fp8_comfy,
+    write_gguf,
+    write_nvfp4_mixed,
+    write_scaled_fp8_legacy,
+)
+from reference_specs.findings import Severity
+
+WAN_VARIANTS = ("wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b")
+# what ComfyUI's model detection must say for each target (comfy/supported_models.py)
+CONFIG_CLASS = {
+    "wan2.2-ti2v-5b": "WAN22_T2V",
+    "wan2.2-t2v-a14b": "WAN21_T2V",
+    "wan2.2-i2v-a14b": "WAN21_T2V",
+    "qwen-image-2512": "QwenImage",
+    "qwen-image-edit-2511": "QwenImage",
+}
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory: pytest.TempPathFactory):
+    """files(variant, kind, **options) -> path, written once per session at dims ComfyUI builds."""
+    folder = tmp_path_factory.mktemp("verify")
+    cache: dict[str, Path] = {}
+    writers = {"fp32": write_float, "nvfp4": write_nvfp4_mixed, "fp8": write_fp8_comfy,
+               "scaled-fp8": write_scaled_fp8_legacy, "gguf": write_gguf}
+
+    def make(variant: str, kind: str, **options: object) -> Path:
+        key = f"{variant}|{kind}|{sorted(options.items())!r}"
+        if key not in cache:
+            suffix = ".gguf" if kind == "gguf" else ("" if options.get("sharded") else ".safetensors")
+            target = folder / f"{variant}-{kind}-{len(cache)}{suffix}"
+            cache[key] = writers[kind](target, variant, dims=comfyui_dims(variant), **options)
+        return cache[key]
+
+    return make
+
+
+def run(runtime: ComfyRuntime, path: Path, against: Path, compute=("w4a16",), steps: int = 2) -> VerifyResult:
+    with open_model(path) as mine, open_model(against) as ref:
+        return verify(runtime, mine, ref, compute=compute, steps=steps)
+
+
+def causes(result: VerifyResult) -> set[str]:
+    return {f.cause for f in result.findings if f.severity > Severity.INFO}
+
+
+def problems(result: VerifyResult) -> list:
+    """Findings at warning or error: what says the file is wrong (W4A4's own cost is an info)."""
+    return [f for f in result.findings if f.severity > Severity.INFO]
+
+
+@pytest.mark.parametrize("variant", WAN_VARIANTS)
+def test_a_correct_nvfp4_file_renders_what_comfy_kitchens_own_encoding_renders(comfyui, files, variant):
+    result = run(comfyui, files(variant, "nvfp4"), files(variant, "fp32"), compute=("w4a16", "w4a4"))
+    report = result.file_report
+    assert report.loaded and report.config_class == CONFIG_CLASS[variant]
+    assert report.config["in_dim"] == comfyui_dims(variant)["in_dim"]
+    assert report.quantized == {"nvfp4": 20}  # every quantized layer of the file is held quantized
+    assert problems(result) == []
+    for path in result.paths:
+        assert 0 < path.file.error == pytest.approx(path.baseline.error, rel=1e-3)
+        assert path.file.finite and min(path.file.cosine) > 0.99
+
+
+def test_qwen_image_nvfp4_files_render_like_comfy_kitchens(comfyui, files):
+    variant = "qwen-image-2512"  # full width (ComfyUI builds no other), one block
+    result = run(comfyui, files(variant, "nvfp4"), files(variant, "fp32", dtype=torch.bfloat16), steps=1)
+    assert result.file_report.config_class == "QwenImage" and result.file_report.quantized == {"nvfp4": 12}
+    assert "default_ref_method" not in result.file_report.config
+    assert problems(result) == []
+    assert result.paths[0].ratio == pytest.approx(1.0, abs=0.1)
+
+
+def test_qwen_image_edit_2511_reaches_comfyui_as_the_edit_model(comfyui, files):
+    source = files("qwen-image-edit-2511", "fp32", dtype=torch.bfloat16)
+    result = run(comfyui, source, source, steps=1)
+    # the __index_timestep_zero__ marker selects 2511's reference method in ComfyUI's detection
+    assert result.file_report.config["default_ref_method"] == "index_timestep_zero"
+    assert result.paths[0].file.error == 0.0
+
+
+def test_fp32_against_itself_gives_exactly_zero(comfyui, files):
+    source = files("wan2.2-ti2v-5b", "fp32")
+    result = run(comfyui, source, source)
+    assert result.paths[0].file.error == 0.0 and result.findings == []
+
+
+@pytest.mark.parametrize("kind", ["fp8", "scaled-fp8"])
+def test_fp16_and_fp8_files_give_small_errors_within_their_baseline(comfyui, files, kind):
+    variant = "wan2.2-ti2v-5b"
+    for path in (files(variant, "fp32", dtype=torch.float16), files(variant, kind)):
+        result = run(comfyui, path, files(variant, "fp32"))
+        assert result.findings == []
+        assert 0 < result.paths[0].file.error < 0.05
+        assert result.paths[0].ratio == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("reference", ["fp16", "gguf", "diffusers-sharded"])
+def test_any_reference_a_user_has_judges_a_correct_file_correct(comfyui, files, reference):
+    variant = "wan2.2-ti2v-5b"
+    ref = {"fp16": lambda: files(variant, "fp32", dtype=torch.float16),
+           "gguf": lambda: files(variant, "gguf", qtype="Q4_0"),
+           "diffusers-sharded": lambda: files(variant, "fp32", naming="diffusers", sharded=2)}[reference]()
+    result = run(comfyui, files(variant, "nvfp4"), ref)
+    assert result.ref_report.loaded and result.findings == []
+
+
+@pytest.mark.parametrize("fault", ["scale-layout-linear", "nibble-order", "scale2-reciprocal", "non-finite-scale"])
+@pytest.mark.parametrize("variant", ["wan2.2-ti2v-5b", "wan2.2-i2v-a14b"])
+def test_format_faults_are_found_in_the_output_and_named(comfyui, files, variant, fault):
+    result = run(comfyui, files(variant, "nvfp4", faults=(fault,)), files(variant, "fp32"))
+    (finding,) = [f for f in result.findings if f.rule == "V201"]
+    assert finding.cause == fault
+    assert result.paths[0].ratio > FAR
+    assert result.paths[0].first_wrong_block(result.block_names) == "blocks.0"
+
+
+def test_faults_are_found_against_a_lossy_gguf_reference_too(comfyui, files):
+    variant = "wan2.2-ti2v-5b"
+    result = run(comfyui, files(variant, "nvfp4", faults=("scale-layout-linear",)), files(variant, "gguf",
+                                                                                             qtype="Q4_0"))
+    assert causes(result) == {"scale-layout-linear"}
+
+
+@pytest.mark.parametrize(("fault", "cause", "comfyui_says"), [
+    ("missing-block-scale", "missing-block-scale", "Missing NVFP4 scales"),
+    ("missing-tensor-scale", "missing-tensor-scale", "Missing NVFP4 scales"),
+    ("diffusers-key-names", "diffusers-key-names", "Could not detect model type"),
+    ("missing-quant-marker", "missing-quant-marker", "size mismatch"),
+])
+def test_files_comfyui_refuses_are_reported_with_its_own_message(comfyui, files, fault, cause, comfyui_says):
+    result = run(comfyui, files("wan2.2-ti2v-5b", "nvfp4", faults=(fault,)), files("wan2.2-ti2v-5b", "fp32"))
+    (finding,) = result.findings
+    assert (finding.rule, finding.cause) == ("V101", cause)
+    assert comfyui_says in finding.evidence["comfyui_error"]
+    assert not result.file_report.loaded and "refuses" in result.verdict()
+
+
+def test_an_unknown_marker_format_is_a_refusal_with_an_invalid_marker_cause(comfyui, files, tmp_path):
+    good = files("wan2.2-ti2v-5b", "nvfp4")
+    tensors = load_file(str(good))
+    tensors["blocks.0.self_attn.q.comfy_quant"] = torch.tensor(list(b'{"format": "nvfp5"}'), dtype=torch.uint8)
+    bad = tmp_path / "bad_marker.safetensors"
+    save_file(tensors, str(bad))
+    result = run(comfyui, bad, files("wan2.2-ti2v-5b", "fp32"))
+    assert {(f.rule, f.cause) for f in result.findings} == {("V101", "invalid-quant-marker")}
+    assert "nvfp5" in result.findings[0].evidence["comfyui_error"]
+
+
+def test_a_weight_derived_input_scale_is_worse_on_blackwell_than_none(comfyui, files):
+    variant = "wan2.2-ti2v-5b"
+    source = files(variant, "fp32")
+    static = run(comfyui, files(variant, "nvfp4", input_scale="weight-derived"), source, compute=("w4a16", "w4a4"))
+    dynamic = run(comfyui, files(variant, "nvfp4"), source, compute=("w4a16", "w4a4"))
+    w4a16, w4a4 = static.paths
+    assert w4a16.file.error == pytest.approx(dynamic.paths[0].file.error)  # input_scale is unused without W4A4
+    assert w4a4.file.error > 2 * dynamic.paths[1].file.error
+    assert causes(static) == {"input-scale-implausible"} and problems(dynamic) == []
+
+
+def test_full_precision_markers_keep_those_layers_out_of_w4a4(comfyui, files):
+    variant = "wan2.2-ti2v-5b"
+    source = files(variant, "fp32")
+    everything = run(comfyui, files(variant, "nvfp4"), source, compute=("w4a4",))
+    marked = run(comfyui, files(variant, "nvfp4", full_precision_mm=True), source, compute=("w4a16", "w4a4"))
+    assert len(marked.file_report.full_precision_mm) == 20
+    w4a16, w4a4 = marked.paths
+    assert w4a4.file.error == pytest.approx(w4a16.file.error)  # every layer multiplies in full precision
+    assert w4a4.file.error < everything.paths[0].file.error
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+
+def test_verify_command_prints_what_comfyui_made_of_the_file(comfyui, files, capsys):
+    code = main(["verify", str(files("wan2.2-ti2v-5b", "nvfp4")), "--against", str(files("wan2.2-ti2v-5b", "fp32")),
+                 "--comfyui", str(comfyui.root), "--steps", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "WAN22 / WAN22_T2V" in out and "nvfp4 20" in out
+    assert "as well as a correct file" in out
+
+
+def test_verify_command_json_and_exit_code_on_a_broken_file(comfyui, files, capsys):
+    variant = "wan2.2-ti2v-5b"
+    code = main(["verify", str(files(variant, "nvfp4", faults=("nibble-order",))), "--against",
+                 str(files(variant, "fp32")), "--comfyui", str(comfyui.root), "--steps", "1", "--compute", "both",
+                 "--format", "json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 1
+    assert doc["version"] == 1 and doc["file_load"]["config_class"] == "WAN22_T2V"
+    assert [p["compute"] for p in doc["compute"]] == ["w4a16", "w4a4"]
+    assert {f["cause"] for f in doc["findings"]} == {"nibble-order"}
+    assert doc["summary"]["comfyui_version"] == comfyui.version
+
+
+def test_without_comfyui_verify_says_how_to_point_at_it(files, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("COMFYUI_PATH", raising=False)
+    code = main(["verify", str(files("wan2.2-ti2v-5b", "nvfp4")), "--against", str(files("wan2.2-ti2v-5b", "fp32")),
+                 "--comfyui", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "not a ComfyUI folder" in err[0] and "COMFYUI_PATH" in err[0]
+
+
+def test_a_gguf_file_is_not_something_comfyui_core_loads(comfyui, files, capsys):
+    gguf = files("wan2.2-ti2v-5b", "gguf", qtype="Q4_0")
+    code = main(["verify", str(gguf), "--against", str(files("wan2.2-ti2v-5b", "fp32")),
+                 "--comfyui", str(comfyui.root)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--against" in err[0]
