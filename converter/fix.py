@@ -538,7 +538,8 @@ def parse_only(text: str | None) -> set[str] | None:
 
 
 def fix_checkpoint(broken: str | Path, out: str | Path, *, against: str | Path | None = None,
-                   only: set[str] | None = None, dry_run: bool = False, force: bool = False) -> FixResult:
+                   only: set[str] | None = None, dry_run: bool = False, force: bool = False,
+                   extra_gate: Callable[[Path], list[Finding]] | None = None) -> FixResult:
     """Diagnose BROKEN, plan the lossless repairs and (unless dry_run) write OUT through the gate.
 
     Raises NvdiagError for unreadable input or a refused output path (exit 2). BROKEN is only ever read."""
@@ -560,7 +561,12 @@ def fix_checkpoint(broken: str | Path, out: str | Path, *, against: str | Path |
         result = FixResult(plan=plan, out=out, findings=findings, dry_run=dry_run)
         if dry_run or plan.blocking or not plan.repairs:
             return result
-        result.written, result.gate_findings = write_fixed(
-            plan, model, out, nvdiag_version(), lambda path: gate_fixed(path, ref))
+        def gate(path: Path) -> tuple[list[Finding], bool]:
+            findings, ran = gate_fixed(path, ref)
+            if extra_gate is not None and not any(f.severity >= Severity.ERROR for f in findings):
+                findings += extra_gate(path)
+            return findings, ran
+
+        result.written, result.gate_findings = write_fixed(plan, model, out, nvdiag_version(), gate)
         result.gate_ran = True
     return result

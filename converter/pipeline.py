@@ -39,6 +39,7 @@ from converter.stages import Stages
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
 from reference_specs import models
+from reference_specs.findings import Finding
 
 
 def nvdiag_version() -> str:
@@ -291,11 +292,13 @@ def check_device(device: str) -> str:
 
 def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dtype_16: str | None = None,
             input_scales: str | Path | None = None, dry_run: bool = False, force: bool = False,
-            device: str = "cpu", progress: bool = False, gate_sample: int = 8, threads: bool = True) -> ConvertResult:
+            device: str = "cpu", progress: bool = False, gate_sample: int = 8, threads: bool = True,
+            extra_gate: Callable[[Path], list[Finding]] | None = None) -> ConvertResult:
     """Convert SRC into a ComfyUI-native mixed NVFP4 file at OUT. Returns what happened; raises NvdiagError for
     bad input or a refused output path (exit 2). `result.refused` (exit 1) when a source weight is not finite
     or the gate finds an error in what was written; then OUT does not exist (or keeps its old content).
-    threads=False reads, encodes and writes one layer after the other (same bytes, no overlap)."""
+    threads=False reads, encodes and writes one layer after the other (same bytes, no overlap).
+    extra_gate: a further check of the written temporary file (ComfyUI itself, for --verify); its errors refuse."""
     from inspect_tools.writer import SafetensorsWriter, check_output_path, ensure_free_space
 
     started = time.monotonic()
@@ -364,6 +367,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     result.timings["direct_read_gb"] = stages.chunks.direct_bytes / 1e9
                 result.gate = run_gate(writer.temp_path, model, plan, sample=gate_sample, source_amax=source_amax,
                                        checked=checker)
+                if extra_gate is not None and not result.gate.failed:
+                    result.gate.findings += extra_gate(writer.temp_path)
                 mark("gate")
                 if result.gate.failed:
                     raise _Abort()

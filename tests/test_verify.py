@@ -232,3 +232,38 @@ def test_a_gguf_file_is_not_something_comfyui_core_loads(comfyui, files, capsys)
                  "--comfyui", str(comfyui.root)])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "--against" in err[0]
+
+
+# --- ComfyUI in the gate of convert and fix ---------------------------------------------------------------------
+
+
+def test_convert_verify_refuses_a_file_that_only_comfyui_shows_wrong(comfyui, files, tmp_path, monkeypatch, capsys):
+    """An encoder that packs low nibble first fools a gate that re-encodes with that same encoder (see issue 15);
+    ComfyUI, judged against comfy-kitchen's own encoding, does not let the file through."""
+    from reference_specs.formats import fast_encode
+
+    real = fast_encode.encode_nvfp4
+
+    def low_nibble_first(weight, *args, **kwargs):
+        out = real(weight, *args, **kwargs)
+        packed = out["weight"]
+        out["weight"] = ((packed & 0x0F) << 4) | (packed >> 4)
+        return out
+
+    monkeypatch.setattr(fast_encode, "encode_nvfp4", low_nibble_first)
+    variant = "wan2.2-ti2v-5b"
+    out = tmp_path / "converted.safetensors"
+    argv = ["convert", str(files(variant, "fp32")), str(out), "--preset", variant]
+    code = main([*argv, "--verify", "--comfyui", str(comfyui.root)])
+    assert code == 1 and not out.exists()
+    assert "ComfyUI gate" in capsys.readouterr().out
+
+
+def test_fix_verify_publishes_a_repair_that_comfyui_renders_right(comfyui, files, tmp_path, capsys):
+    variant = "wan2.2-ti2v-5b"
+    out = tmp_path / "fixed.safetensors"
+    code = main(["fix", str(files(variant, "nvfp4", faults=("scale-layout-linear",))), str(out), "--against",
+                 str(files(variant, "fp32")), "--verify", "--comfyui", str(comfyui.root)])
+    assert code == 0 and out.exists()
+    result = run(comfyui, out, files(variant, "fp32"))
+    assert problems(result) == [] and result.paths[0].ratio == pytest.approx(1.0, abs=0.01)

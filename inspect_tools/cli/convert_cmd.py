@@ -108,6 +108,11 @@ def convert_cmd(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (encode on the GPU, same bytes)"),
     fmt: str = typer.Option("text", "--format", help="text or json"),
     sample: int = typer.Option(8, "--gate-sample", help="quantized layers the gate roundtrips against the source"),
+    verify: bool = typer.Option(False, "--verify", help="also load and run the written file in ComfyUI against the "
+                                "source before publishing (nvdiag verify); refused if ComfyUI refuses or misrenders "
+                                "it"),
+    comfyui: str | None = typer.Option(None, "--comfyui", help="ComfyUI folder for --verify (default: $COMFYUI_PATH, "
+                                       "else an importable comfy package)"),
 ) -> None:
     """Convert a float checkpoint into a ComfyUI-native NVFP4 mixed file; lint + roundtrip it before publishing.
 
@@ -123,8 +128,15 @@ def convert_cmd(
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format must be text or json, not {fmt!r}")
+    extra_gate = None
+    if verify and not dry_run:
+        from inspect_tools.comfyui.gate import comfyui_gate
+        from inspect_tools.comfyui.runtime import load_runtime
+
+        extra_gate = comfyui_gate(load_runtime(comfyui, device=device), src)  # no ComfyUI: exit 2 before any work
     result = convert(src, out, preset, dtype_16=dtype_16, input_scales=input_scales, dry_run=dry_run, force=force,
-                     device=device, progress=sys.stderr.isatty() and fmt == "text", gate_sample=sample)
+                     device=device, progress=sys.stderr.isatty() and fmt == "text", gate_sample=sample,
+                     extra_gate=extra_gate)
     if fmt == "json":
         extra = {"convert": _summary(result)}
         if dry_run:

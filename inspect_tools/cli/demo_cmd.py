@@ -18,6 +18,7 @@ from inspect_tools.cli import app
 from inspect_tools.cli.output import console
 
 DEMO_VARIANT = "wan2.2-ti2v-5b"
+QWEN_VARIANT = "qwen-image-2512"
 
 
 def _available(command: str) -> bool:
@@ -26,14 +27,28 @@ def _available(command: str) -> bool:
     return command in names
 
 
-def _step(title: str, argv: list[str], why: str) -> int | None:
+def comfyui_unavailable() -> str | None:
+    """Why verify cannot run here (None when ComfyUI is found and imports)."""
+    from inspect_tools.comfyui.runtime import ComfyUIUnavailable, load_runtime
+
+    try:
+        load_runtime(None)
+    except ComfyUIUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def _step(title: str, argv: list[str], why: str, skip: str | None = None) -> int | None:
     """Run one nvdiag subcommand in-process, framed by a heading; returns its exit code (None when skipped)."""
     from inspect_tools.cli import main
 
     out = console()
     out.rule(f"[bold]{title}")
     out.print(f"[dim]{why}[/]")
-    out.print(f"$ nvdiag {' '.join(argv)}", style="bold cyan")
+    out.print(f"$ nvdiag {' '.join(argv)}", style="bold cyan", soft_wrap=True)
+    if skip is not None:
+        out.print(f"[yellow](skipped: {skip})[/]")
+        return None
     if not _available(argv[0]):
         out.print(f"[yellow](skipped: `nvdiag {argv[0]}` is not in this build yet)[/]")
         return None
@@ -55,6 +70,18 @@ def build_demo_files(folder: Path) -> dict[str, Path]:
     factory.write_gguf(paths["gguf"], DEMO_VARIANT, qtype="Q4_0")
     factory.write_nvfp4_mixed(paths["broken"], DEMO_VARIANT, faults=("scale-layout-linear",))
     return paths
+
+
+def build_qwen_files(folder: Path) -> Path:
+    """A Qwen Image 2512 BF16 source at the width ComfyUI builds (3072, text 3584), one block deep."""
+    import torch
+
+    from inspect_tools.synthetic import checkpoints as factory
+    from inspect_tools.synthetic import comfyui_dims
+
+    path = folder / "qwen_image_bf16.safetensors"
+    factory.write_float(path, QWEN_VARIANT, dims=comfyui_dims(QWEN_VARIANT), dtype=torch.bfloat16)
+    return path
 
 
 def run_demo(folder: Path) -> int:
@@ -89,10 +116,37 @@ def run_demo(folder: Path) -> int:
          "What the gate already checked before publishing, run again as a user would."),
     ]
     codes = [_step(title, argv, why) for title, argv, why in steps]
+    codes += _comfyui_steps(folder, src, broken, good)
     out.rule("[bold]summary")
     ran = sum(c is not None for c in codes)
-    out.print(f"{ran} of {len(steps)} steps ran; files kept in {folder}")
+    out.print(f"{ran} of {len(codes)} steps ran; files kept in {folder}")
     return 0
+
+
+def _comfyui_steps(folder: Path, src: str, broken: str, good: str) -> list[int | None]:
+    """The real client last: what ComfyUI itself renders from the user's file and from nvdiag's."""
+    why_not = comfyui_unavailable()
+    skip = f"{why_not}; then run `nvdiag demo` again" if why_not else None
+    steps: list[tuple[str, list[str], str]] = [
+        ("10. What ComfyUI renders from the user's file", ["verify", broken, "--against", src, "--compute", "both"],
+         "ComfyUI's own loader and denoiser, on CPU: the block noise is in the output, and where it enters."),
+        ("11. What ComfyUI renders from nvdiag's file", ["verify", good, "--against", src, "--compute", "both"],
+         "The converted file renders exactly what comfy-kitchen's encoding of the source renders."),
+    ]
+    codes = [_step(title, argv, why, skip) for title, argv, why in steps]
+    qwen_src = str(folder / "qwen_image_bf16.safetensors")
+    qwen_out = str(folder / "qwen_image_nvfp4_nvdiag.safetensors")
+    qwen = [
+        ("12. Qwen Image 2512: convert a BF16 source", ["convert", qwen_src, qwen_out, "--preset", "qwen-image-2512",
+                                                       "--force"],
+         "Full width (ComfyUI builds Qwen Image at 3072 only), one block deep."),
+        ("13. Qwen Image 2512: what ComfyUI renders", ["verify", qwen_out, "--against", qwen_src, "--steps", "1"],
+         "Detected as Qwen Image, rendered as well as comfy-kitchen's own encoding."),
+    ]
+    if skip is None:
+        build_qwen_files(folder)
+    codes += [_step(title, argv, why, skip) for title, argv, why in qwen]
+    return codes
 
 
 @app.command("demo")
@@ -115,7 +169,7 @@ def demo_command(
 
 def _clear_demo_folder(target: Path, is_ours: Callable[[Path], bool] | None = None) -> None:
     """Remove only files the demo itself writes (never a user's unrelated files)."""
-    is_ours = is_ours or (lambda p: p.name.startswith(("wan_ti2v_", "from_gguf")))
+    is_ours = is_ours or (lambda p: p.name.startswith(("wan_ti2v_", "from_gguf", "qwen_image_")))
     for child in target.iterdir():
         if is_ours(child):
             shutil.rmtree(child) if child.is_dir() else child.unlink()

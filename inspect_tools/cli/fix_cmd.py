@@ -84,6 +84,11 @@ def fix_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT")] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    verify: Annotated[bool, typer.Option("--verify", help="Also load and run the repaired file in ComfyUI before "
+                                         "publishing: against --against when given (nvdiag verify), else only that "
+                                         "ComfyUI loads and runs it")] = False,
+    comfyui: Annotated[str | None, typer.Option("--comfyui", help="ComfyUI folder for --verify (default: "
+                                                "$COMFYUI_PATH, else an importable comfy package)")] = None,
 ) -> None:
     """Repair a silently broken NVFP4/FP8 file losslessly, when the cause is certain.
 
@@ -106,7 +111,14 @@ def fix_command(
     """
     if fmt == OutputFormat.github:
         raise UsageError("fix supports --format text or json")
-    result = fix_checkpoint(broken, out, against=against, only=parse_only(only), dry_run=dry_run, force=force)
+    extra_gate = None
+    if verify and not dry_run:
+        from inspect_tools.comfyui.gate import comfyui_gate
+        from inspect_tools.comfyui.runtime import load_runtime
+
+        extra_gate = comfyui_gate(load_runtime(comfyui), against)  # no ComfyUI: exit 2 before any work
+    result = fix_checkpoint(broken, out, against=against, only=parse_only(only), dry_run=dry_run, force=force,
+                            extra_gate=extra_gate)
     if fmt == OutputFormat.json:
         print_json(fix_document(result))
     else:

@@ -148,5 +148,5 @@ def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor
                 out[key] = ref[key].to(dtype)
     what = f"{encoded} layers encoded by comfy-kitchen" if encoded else "the reference cast to the file's dtypes"
     factor = (1.0 + ref_err2 / fmt_err2) ** 0.5 if fmt_err2 > 0 else 1.0
-    lossy = f"; the reference is lossy itself: expected error x{factor:.2f}" if factor > 1.001 else ""
+    lossy = f"; the reference is lossy itself: expected error x{factor:.2f}" if factor > 1.01 else ""
     return Baseline(out, f"the reference in the file's formats ({what}){lossy}", reference_factor=factor)
