@@ -267,3 +267,54 @@ def test_fix_verify_publishes_a_repair_that_comfyui_renders_right(comfyui, files
     assert code == 0 and out.exists()
     result = run(comfyui, out, files(variant, "fp32"))
     assert problems(result) == [] and result.paths[0].ratio == pytest.approx(1.0, abs=0.01)
+
+
+# --- big models: block by block ---------------------------------------------------------------------------------
+
+
+def test_block_by_block_is_the_same_computation_as_the_whole_model(comfyui, files):
+    variant = "wan2.2-i2v-a14b"
+    with open_model(files(variant, "nvfp4")) as mine, open_model(files(variant, "fp32")) as ref:
+        whole = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2)
+        by_block = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2, blocks_at_once=1)
+    assert (whole.pieces, by_block.pieces) == (1, 2)
+    assert by_block.block_names == whole.block_names == ["blocks.0", "blocks.1"]
+    assert by_block.file_report.quantized == whole.file_report.quantized == {"nvfp4": 20}
+    assert by_block.file_report.config["num_layers"] == 2
+    for one, other in zip(whole.paths, by_block.paths, strict=True):
+        # the baseline is a state dict in both runs: piece by piece must give exactly what the whole model gives
+        assert other.baseline.error == pytest.approx(one.baseline.error, rel=1e-9)
+        assert other.baseline.blocks == pytest.approx(one.baseline.blocks, rel=1e-9)
+        # the whole file is read by ComfyUI from a memory map, its pieces from copies: CPU kernels round a little
+        # differently on differently aligned memory (about 1e-6 of the output), nothing more
+        assert other.file.error == pytest.approx(one.file.error, rel=1e-2)
+        assert other.file.blocks == pytest.approx(one.file.blocks, rel=1e-2)
+
+
+def test_block_by_block_finds_a_fault_in_the_last_block_only(comfyui, files):
+    variant = "wan2.2-ti2v-5b"
+    broken = files(variant, "nvfp4", faults=("scale-layout-linear",),
+                   fault_layers=["blocks.1.self_attn.q", "blocks.1.ffn.0"])
+    with open_model(broken) as mine, open_model(files(variant, "fp32")) as ref:
+        result = verify(comfyui, mine, ref, steps=2, blocks_at_once=1)
+    assert causes(result) == {"scale-layout-linear"}
+    assert result.paths[0].first_wrong_block(result.block_names) == "blocks.1"
+
+
+def test_a_14b_expert_is_planned_in_pieces_that_fit_a_24_gb_machine(tmp_path, monkeypatch):
+    """The real WAN 2.2 A14B header (sparse: 57 GB apparent, no data) under half of a 24 GB machine's memory."""
+    from inspect_tools.comfyui import verify as engine
+    from inspect_tools.synthetic import write_header_only
+
+    budget = 12 * 2**30
+    monkeypatch.setattr(engine, "memory_budget", lambda: budget)
+    with open_model(write_header_only(tmp_path / "a14b.safetensors", "wan2.2-t2v-a14b", kind="f32")) as model:
+        plan = engine.plan_pieces(model, None)
+        whole = engine.plan_pieces(model, 40)
+        sizes = {info.name: info.numel for info in model.reader}
+    block = sum(n for k, n in sizes.items() if k.startswith("blocks.0."))
+    outside = sum(n for k, n in sizes.items() if not k.startswith("blocks."))
+    assert plan[0].total == 40 and plan[-1].stop == 40 and len(plan) > 1
+    # FP32 model plus the state dict it is loaded from: 8 bytes a parameter, every piece within the budget
+    assert all((outside + (p.stop - p.start) * block) * 8 <= budget for p in plan)
+    assert len(whole) == 1 and whole[0].whole

@@ -83,7 +83,8 @@ def print_text(result: VerifyResult) -> None:
     out = console()
     rt = result.runtime
     out.print(f"ComfyUI {rt.version} at {escape(str(rt.root))}, device {rt.device}; "
-              f"{result.steps} noise levels (sigma {', '.join(f'{s:.3g}' for s in result.sigmas)}), seed {result.seed}")
+              f"{result.steps} noise levels (sigma {', '.join(f'{s:.3g}' for s in result.sigmas)}), seed {result.seed}"
+              + ("" if result.pieces == 1 else f"; models loaded block by block in {result.pieces} pieces"))
     out.print(f"[bold]file[/]      {escape(result.path.name)}: {_describe_load(result.file_report)}")
     out.print(f"[bold]reference[/] {escape(result.ref_path.name)}: {_describe_load(result.ref_report)}")
     out.print(f"[bold]baseline[/]  {escape(result.baseline_note)}")
@@ -141,6 +142,9 @@ def verify_command(
     steps: Annotated[int, typer.Option("--steps", help="Noise levels to run, spread over the schedule")] = 3,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the synthetic latents and text context")] = 0,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the models this many "
+                                                       "transformer blocks at a time (default: the whole model when "
+                                                       "it fits in half the free memory, else as many as fit)")] = None,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
 ) -> None:
@@ -148,7 +152,9 @@ def verify_command(
 
     Reports what ComfyUI made of the file (model class and config, quantized layers, left-over keys, warnings, or the
     error it raised), the output error per noise level and per transformer block against a correct file of the same
-    layer selection, and the cause where the file renders wrongly. Exit 0 when it renders as a correct file does,
+    layer selection, and the cause where the file renders wrongly. A model too big for memory (a 14B model computes
+    in FP32 on the CPU: 56 GB) is loaded and run a few blocks at a time, the hidden state carried from piece to
+    piece: the same computation, bounded memory. Exit 0 when it renders as a correct file does,
     1 on findings, 2 when ComfyUI or an input cannot be used.
     """
     from inspect_tools.comfyui.runtime import load_runtime
@@ -166,7 +172,7 @@ def verify_command(
                 spinner.update(f"verify: {message}")
 
         result = verify(runtime, mine, ref, compute=compute_paths(compute), steps=steps, seed=seed,
-                        progress=progress)
+                        progress=progress, blocks_at_once=blocks_at_once)
     if fmt == OutputFormat.json:
         print_json(document(result))
     elif fmt == OutputFormat.github:

@@ -43,8 +43,9 @@ class StepInput:
 @dataclass
 class StepOutput:
     sigma: float
-    output: torch.Tensor
-    blocks: list[torch.Tensor]
+    output: torch.Tensor  # the denoiser's output (the model's, once the last piece has run)
+    blocks: list[torch.Tensor]  # every block's output, flattened, float32, in the order they ran
+    carry: dict[str, torch.Tensor]  # the last block's outputs ("img", and "txt" for Qwen): the next piece's input
 
 
 def _text_width(diffusion_model: Any) -> int:
@@ -99,9 +100,31 @@ def block_modules(diffusion_model: Any) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def _flat_output(output: Any) -> torch.Tensor:
-    tensors = [output] if isinstance(output, torch.Tensor) else [t for t in output if isinstance(t, torch.Tensor)]
+def _flat_output(out: dict[str, Any]) -> torch.Tensor:
+    tensors = [out[k] for k in ("img", "txt") if isinstance(out.get(k), torch.Tensor)]
     return torch.cat([t.detach().float().reshape(-1) for t in tensors]).cpu()
+
+
+def _block_patches(count: int, state: dict[str, Any]) -> dict[tuple[str, int], Callable[..., dict[str, Any]]]:
+    """ComfyUI's block-replacement hooks (transformer_options patches_replace "dit"): the first block takes the
+    carried input when there is one, every block's output is recorded, the last one's is kept for the next piece."""
+
+    def patch_for(index: int) -> Callable[..., dict[str, Any]]:
+        def patch(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+            carry = state["carry"]
+            if index == 0 and carry is not None:
+                args = dict(args)
+                for key, value in carry.items():
+                    args[key] = value.to(device=args[key].device, dtype=args[key].dtype)
+            out = extra["original_block"](args)
+            state["blocks"].append(_flat_output(out))
+            if index == count - 1:
+                state["last"] = {k: v.detach().clone().cpu() for k, v in out.items() if isinstance(v, torch.Tensor)}
+            return out
+
+        return patch
+
+    return {("double_block", i): patch_for(i) for i in range(count)}
 
 
 def _fake_quantize_input(runtime: ComfyRuntime) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
@@ -125,32 +148,35 @@ def w4a4_layers(diffusion_model: Any) -> list[tuple[str, torch.nn.Module]]:
 
 
 def run(runtime: ComfyRuntime, patcher: Any, inputs: list[StepInput], compute: str = "w4a16",
-        progress: Callable[[], None] | None = None) -> list[StepOutput]:
-    """apply_model on every input; the final output and every block's output, as float32 on the CPU."""
+        carry: list[dict[str, torch.Tensor]] | None = None) -> list[StepOutput]:
+    """apply_model on every input; the final output and every block's output, as float32 on the CPU.
+
+    carry: per input, the previous piece's last block output, fed to this piece's first block (None: the model's
+    own embeddings feed it, as in a whole model)."""
     if compute not in COMPUTE_PATHS:
         raise ValueError(f"compute must be one of {COMPUTE_PATHS}, not {compute!r}")
     runtime.model_management.load_models_gpu([patcher])
     model = patcher.model
     device = runtime.model_management.get_torch_device()
-    recorded: list[torch.Tensor] = []
-    handles = [block.register_forward_hook(lambda _m, _a, out: recorded.append(_flat_output(out)))
-               for _, block in block_modules(model.diffusion_model)]
+    state: dict[str, Any] = {"carry": None, "blocks": [], "last": {}}
+    patches = _block_patches(len(block_modules(model.diffusion_model)), state)
+    handles = []
     if compute == "w4a4":
         hook = _fake_quantize_input(runtime)
-        handles += [module.register_forward_pre_hook(hook) for _, module in w4a4_layers(model.diffusion_model)]
+        handles = [module.register_forward_pre_hook(hook) for _, module in w4a4_layers(model.diffusion_model)]
     results = []
     try:
         with torch.inference_mode():
-            for step in inputs:
-                recorded.clear()
-                kwargs: dict[str, Any] = {"c_crossattn": step.context.to(device)}
+            for i, step in enumerate(inputs):
+                state.update(carry=carry[i] if carry is not None else None, blocks=[], last={})
+                kwargs: dict[str, Any] = {"c_crossattn": step.context.to(device),
+                                          "transformer_options": {"patches_replace": {"dit": dict(patches)}}}
                 if step.concat is not None:
                     kwargs["c_concat"] = step.concat.to(device)
                 sigma = torch.tensor([step.sigma], device=device)
                 out = model.apply_model(step.x.to(device), sigma, **kwargs)
-                results.append(StepOutput(sigma=step.sigma, output=out.detach().float().cpu(), blocks=list(recorded)))
-                if progress is not None:
-                    progress()
+                results.append(StepOutput(sigma=step.sigma, output=out.detach().float().cpu(),
+                                          blocks=list(state["blocks"]), carry=dict(state["last"])))
     finally:
         for handle in handles:
             handle.remove()

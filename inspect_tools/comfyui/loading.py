@@ -39,12 +39,17 @@ class LoadReport:
     compute_dtype: str | None = None
     quantized: dict[str, int] = field(default_factory=dict)  # format -> Linear layers ComfyUI holds quantized
     full_precision_mm: list[str] = field(default_factory=list)  # layers whose marker asks for W4A16 / W8A16
-    plain_linear: int = 0
     quantized_layers: dict[str, str] = field(default_factory=dict)  # layer -> format
+    plain_layers: list[str] = field(default_factory=list)  # Linear layers ComfyUI holds as plain weights
     left_over: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    pieces: int = 1  # how many loads the model took (verify loads a big model block by block)
+
+    @property
+    def plain_linear(self) -> int:
+        return len(self.plain_layers)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +65,7 @@ class LoadReport:
             "quantized": dict(self.quantized),
             "full_precision_matrix_mult": list(self.full_precision_mm),
             "plain_linear": self.plain_linear,
+            "pieces": self.pieces,
             "left_over_keys": list(self.left_over),
             "missing_keys": list(self.missing),
             "unexpected_keys": list(self.unexpected),
@@ -157,8 +163,37 @@ def _describe(report: LoadReport, patcher: Any, runtime: ComfyRuntime) -> None:
             if getattr(module, "_full_precision_mm_config", False):
                 report.full_precision_mm.append(name)
         else:
-            report.plain_linear += 1
+            report.plain_layers.append(name)
     report.quantized = dict(sorted(report.quantized.items()))
+
+
+def merge(parts: list[tuple[Any, LoadReport]], total_blocks: int) -> LoadReport:
+    """One report for a model loaded piece by piece (pieces.Piece, its report): layer and key names restored to the
+    whole model's, tensors outside the blocks (in every piece) counted once, the depth the whole model has."""
+    first = parts[0][1]
+    merged = LoadReport(source=first.source, loaded=all(r.loaded for _, r in parts), pieces=len(parts))
+    for field_name in ("model_class", "config_class", "weight_dtype", "compute_dtype"):
+        setattr(merged, field_name, getattr(first, field_name))
+    merged.config = dict(first.config)
+    for key in ("num_layers",):
+        if key in merged.config:
+            merged.config[key] = total_blocks
+    for piece, report in parts:
+        if not report.loaded and merged.error is None:
+            merged.error, merged.error_type = report.error, report.error_type
+        for name, fmt in report.quantized_layers.items():
+            merged.quantized_layers[piece.restore(name)] = fmt
+        merged.plain_layers.extend(piece.restore(n) for n in report.plain_layers)
+        merged.full_precision_mm.extend(piece.restore(n) for n in report.full_precision_mm)
+        for source, target in ((report.left_over, merged.left_over), (report.missing, merged.missing),
+                               (report.unexpected, merged.unexpected), (report.warnings, merged.warnings)):
+            target.extend(piece.restore(k) for k in source)
+    for attr in ("plain_layers", "full_precision_mm", "left_over", "missing", "unexpected", "warnings"):
+        setattr(merged, attr, list(dict.fromkeys(getattr(merged, attr))))
+    for fmt in merged.quantized_layers.values():
+        merged.quantized[fmt] = merged.quantized.get(fmt, 0) + 1
+    merged.quantized = dict(sorted(merged.quantized.items()))
+    return merged
 
 
 @dataclass

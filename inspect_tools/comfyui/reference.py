@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from inspect_tools.comfyui.pieces import Piece
 from inspect_tools.layers import CheckpointModel
 from reference_specs import models
 
@@ -40,17 +41,32 @@ def loads_as_is(model: CheckpointModel) -> bool:
     return model.kind == "safetensors" and model.detection.naming == "native"
 
 
-def native_state_dict(model: CheckpointModel) -> dict[str, torch.Tensor]:
-    """Every tensor under its ComfyUI-native name, GGUF blocks dequantized, plain floats at their own dtype."""
+def native_state_dict(model: CheckpointModel, piece: Piece | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor (of `piece`) under its ComfyUI-native name (renumbered for the piece), GGUF blocks dequantized,
+    plain floats at their own dtype."""
     out: dict[str, torch.Tensor] = {}
     reader = model.reader
     for info in reader:
         key = models.native_name(model.detection, info.name)
+        if piece is not None:
+            key = piece.rename(key)
+            if key is None:
+                continue
         out[key] = reader.load_float(info.name) if model.kind == "gguf" else reader.load(info.name)
     return out
 
 
-def fill_from_file(ref: dict[str, torch.Tensor], file_model: CheckpointModel) -> list[str]:
+def file_state_dict(model: CheckpointModel, piece: Piece) -> dict[str, torch.Tensor]:
+    """The file's own tensors of `piece`, under the file's own names (renumbered): what ComfyUI would read."""
+    out: dict[str, torch.Tensor] = {}
+    for info in model.reader:
+        key = piece.rename(info.name)
+        if key is not None:
+            out[key] = model.reader.load(info.name)
+    return out
+
+
+def fill_from_file(ref: dict[str, torch.Tensor], file_model: CheckpointModel, piece: Piece | None = None) -> list[str]:
     """Plain float tensors the file has and the reference lacks, copied into the reference (names returned).
 
     city96's GGUF files leave the 5-D patch_embedding out (ComfyUI-GGUF carries it another way): without it ComfyUI
@@ -61,8 +77,9 @@ def fill_from_file(ref: dict[str, torch.Tensor], file_model: CheckpointModel) ->
             continue
         for info in layer.tensors.values():
             key = models.native_name(file_model.detection, info.name)
-            if key not in ref:
-                ref[key] = file_model.reader.load(info.name)
+            inside = piece.rename(key) if piece is not None else key
+            if inside is not None and inside not in ref:
+                ref[inside] = file_model.reader.load(info.name)
                 added.append(key)
     return added
 
@@ -103,19 +120,36 @@ class Baseline:
     # add in quadrature (independent errors); the baseline, encoded from the reference, carries only the first.
     # sqrt(1 + sum e_ref^2 / sum e_fmt^2) over the encoded layers scales the baseline's output error to what a
     # correct file shows against this reference (1.0 for an exact reference).
-    reference_factor: float = 1.0
+    encoded: int = 0
+    fmt_err2: float = 0.0  # sum over encoded layers of |decoded - ref|^2
+    ref_err2: float = 0.0  # sum over encoded layers of (e_ref |ref|)^2
+
+    @property
+    def reference_factor(self) -> float:
+        return (1.0 + self.ref_err2 / self.fmt_err2) ** 0.5 if self.fmt_err2 > 0 else 1.0
+
+
+def describe(encoded: int, reference_factor: float) -> str:
+    what = f"{encoded} layers encoded by comfy-kitchen" if encoded else "the reference cast to the file's dtypes"
+    lossy = (f"; the reference is lossy itself: expected error x{reference_factor:.2f}"
+             if reference_factor > 1.01 else "")
+    return f"the reference in the file's formats ({what}){lossy}"
 
 
 def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor],
-                        ref_errors: dict[str, float] | None = None) -> Baseline:
-    """`ref` re-encoded into the file's per-layer formats by comfy-kitchen; input_scale left out (dynamic).
+                        ref_errors: dict[str, float] | None = None, piece: Piece | None = None) -> Baseline:
+    """`ref` (native names, renumbered for `piece`) re-encoded into the file's per-layer formats by comfy-kitchen;
+    input_scale left out (dynamic).
 
     ref_errors: native layer name -> the relative error the reference's own layer carries (0 for plain floats)."""
     out = dict(ref)
     encoded = 0
     fmt_err2 = ref_err2 = 0.0
     for layer in file_model.layers.values():
-        native = layer.native_name or layer.name
+        whole_name = layer.native_name or layer.name
+        native = piece.rename(whole_name) if piece is not None else whole_name
+        if native is None:
+            continue
         weight_key = f"{native}.weight" if layer.has("weight") else native
         if weight_key not in ref:
             return Baseline(None, f"the reference has no {weight_key}: no baseline")
@@ -128,7 +162,7 @@ def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor
                 conf = {"format": "float8_e4m3fn"}
                 tensors, (err2, norm2) = _fp8(ref[weight_key])
             fmt_err2 += err2
-            ref_err2 += (ref_errors or {}).get(native, 0.0) ** 2 * norm2
+            ref_err2 += (ref_errors or {}).get(whole_name, 0.0) ** 2 * norm2
             if marker.get("full_precision_matrix_mult") is True:
                 conf["full_precision_matrix_mult"] = True
             for role, tensor in tensors.items():
@@ -146,7 +180,6 @@ def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor
             dtype = TORCH_DTYPES.get(info.dtype) if info is not None else None
             if key in ref and dtype is not None:
                 out[key] = ref[key].to(dtype)
-    what = f"{encoded} layers encoded by comfy-kitchen" if encoded else "the reference cast to the file's dtypes"
-    factor = (1.0 + ref_err2 / fmt_err2) ** 0.5 if fmt_err2 > 0 else 1.0
-    lossy = f"; the reference is lossy itself: expected error x{factor:.2f}" if factor > 1.01 else ""
-    return Baseline(out, f"the reference in the file's formats ({what}){lossy}", reference_factor=factor)
+    baseline = Baseline(out, "", encoded=encoded, fmt_err2=fmt_err2, ref_err2=ref_err2)
+    baseline.note = describe(encoded, baseline.reference_factor)
+    return baseline

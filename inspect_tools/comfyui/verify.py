@@ -10,6 +10,7 @@ wrongly, nvdiag's per-layer decode (roundtrip) names the cause.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,10 +18,11 @@ from typing import Any
 
 import torch
 
-from inspect_tools.comfyui import forward, loading, reference
+from inspect_tools.comfyui import forward, loading, pieces, reference
 from inspect_tools.comfyui.runtime import ComfyRuntime
 from inspect_tools.errors import InputError, UsageError
 from inspect_tools.layers import CheckpointModel
+from reference_specs import models
 from reference_specs.findings import Finding, Severity
 
 # A correct file renders BASELINE's error: x1.0 when made from REF by comfy-kitchen's rules, within a few percent when
@@ -77,21 +79,27 @@ def _metrics(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]
     return rel, cosine, psnr
 
 
-def compare(name: str, compute: str, outputs: list[forward.StepOutput],
-            ref: list[forward.StepOutput]) -> Comparison:
+def block_errors(outputs: list[forward.StepOutput], ref: list[forward.StepOutput]) -> list[float]:
+    """Per block of one piece: the relative L2 of its output against REF's, averaged over the steps."""
+    n_blocks = len(ref[0].blocks) if ref else 0
+    sums = [0.0] * n_blocks
+    for mine, theirs in zip(outputs, ref, strict=True):
+        for i, (b_mine, b_ref) in enumerate(zip(mine.blocks, theirs.blocks, strict=False)):
+            sums[i] += _metrics(b_mine, b_ref)[0]
+    return [total / max(len(outputs), 1) for total in sums]
+
+
+def compare(name: str, compute: str, outputs: list[forward.StepOutput], ref: list[forward.StepOutput],
+            blocks: list[float]) -> Comparison:
+    """The final outputs of every step against REF's, with the per-block errors gathered piece by piece."""
     rel, cos, psnr = [], [], []
     finite = True
-    n_blocks = len(ref[0].blocks) if ref else 0
-    block_sums = [0.0] * n_blocks
     for mine, theirs in zip(outputs, ref, strict=True):
         finite = finite and bool(torch.isfinite(mine.output).all())
         r, c, p = _metrics(mine.output, theirs.output)
         rel.append(r if math.isfinite(r) else math.inf)
         cos.append(c if math.isfinite(c) else -1.0)
         psnr.append(p)
-        for i, (b_mine, b_ref) in enumerate(zip(mine.blocks, theirs.blocks, strict=False)):
-            block_sums[i] += _metrics(b_mine, b_ref)[0]
-    blocks = [s / max(len(outputs), 1) for s in block_sums]
     return Comparison(name=name, compute=compute, rel_l2=rel, cosine=cos, psnr_db=psnr, blocks=blocks, finite=finite)
 
 
@@ -158,6 +166,7 @@ class VerifyResult:
     block_names: list[str] = field(default_factory=list)
     sigmas: list[float] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    pieces: int = 1  # loads per model: 1 = the whole model at once
 
     def verdict(self) -> str:
         if not self.file_report.loaded or any(f.rule == "V102" for f in self.findings):
@@ -179,6 +188,7 @@ class VerifyResult:
             "seed": self.seed,
             "sigmas": [_round(s) for s in self.sigmas],
             "baseline": self.baseline_note,
+            "pieces": self.pieces,
             "verdict": self.verdict(),
         }
 
@@ -314,6 +324,51 @@ def _fmt_ratio(ratio: float | None) -> str:
     return "infinitely" if not math.isfinite(ratio) else f"{ratio:.2f}x"
 
 
+def memory_budget() -> int:
+    """Bytes verify lets one loaded model use: half of what the machine has available now."""
+    try:
+        import psutil  # ComfyUI itself needs it
+
+        return int(psutil.virtual_memory().available * 0.5)
+    except ImportError:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * 0.5)
+
+
+def plan_pieces(ref_model: CheckpointModel, per_piece: int | None) -> list[pieces.Piece]:
+    """The whole model when it fits in memory_budget() (or per_piece blocks at a time when given)."""
+    sizes: dict[str, int] = {}
+    for info in ref_model.reader:
+        sizes[models.native_name(ref_model.detection, info.name)] = info.numel
+    total = pieces.count_blocks(sizes)
+    if per_piece is None:
+        block_params = sum(n for k, n in sizes.items() if pieces.BLOCK_KEY.match(k))
+        global_params = sum(sizes.values()) - block_params
+        per_piece = pieces.blocks_at_once(global_params, block_params // max(total, 1), total, memory_budget())
+    return pieces.split(total, per_piece if per_piece > 0 else total)
+
+
+@dataclass
+class _Run:
+    """One model (REF, FILE or BASELINE) as it goes through the pieces."""
+
+    carry: dict[str, list[dict[str, torch.Tensor]]] = field(default_factory=dict)  # compute -> per step
+    outputs: dict[str, list[forward.StepOutput]] = field(default_factory=dict)  # compute -> last piece's outputs
+    blocks: dict[str, list[float]] = field(default_factory=dict)  # compute -> per-block errors so far
+    reports: list[tuple[pieces.Piece, loading.LoadReport]] = field(default_factory=list)
+    alive: bool = True
+    run_error: tuple[str, str] | None = None  # (exception type, message) when ComfyUI loaded it but could not run it
+
+    def run(self, runtime: ComfyRuntime, loaded: loading.LoadedModel, inputs: list[forward.StepInput],
+            paths: tuple[str, ...], ref: _Run | None) -> None:
+        for c in paths:
+            out = forward.run(runtime, loaded.patcher, inputs, c, carry=self.carry.get(c))
+            self.carry[c] = [step.carry for step in out]
+            self.outputs[c] = out
+            if ref is not None:
+                theirs = ref.outputs.get(c) or ref.outputs["w4a16"]
+                self.blocks.setdefault(c, []).extend(block_errors(out, theirs))
+
+
 def verify(
     runtime: ComfyRuntime,
     file_model: CheckpointModel,
@@ -322,95 +377,127 @@ def verify(
     steps: int = 3,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    blocks_at_once: int | None = None,
 ) -> VerifyResult:
-    """Load REF, FILE and BASELINE through ComfyUI in turn and compare what they render."""
+    """Load REF, FILE and BASELINE through ComfyUI in turn and compare what they render.
+
+    A model too big for memory_budget() (or, with blocks_at_once, always) goes through ComfyUI piece by piece:
+    the tensors outside the blocks plus a few blocks at a time, the last block's output carried to the next piece."""
     if steps < 1:
         raise UsageError("--steps must be at least 1")
     if file_model.kind != "safetensors":
         raise UsageError(f"{file_model.path}: ComfyUI's Load Diffusion Model node reads one .safetensors file; "
                          f"this is {file_model.kind} (use it as --against, or `nvdiag roundtrip`)")
     say = progress or (lambda _msg: None)
-    say("loading the reference")
-    ref_values = reference.native_state_dict(ref_model) if (
-        reference.has_float_values(ref_model) or not reference.loads_as_is(ref_model)) else None
+    plan = plan_pieces(ref_model, blocks_at_once)
+    ref_float = reference.has_float_values(ref_model)
+    ref_errors = _reference_errors(ref_model) if ref_float else {}
+    ref_run, file_run, base_run = _Run(), _Run(), _Run(alive=ref_float)
+    inputs: list[forward.StepInput] = []
+    block_names: list[str] = []
     filled: list[str] = []
-    if ref_values is not None and not reference.loads_as_is(ref_model):
-        filled = reference.fill_from_file(ref_values, file_model)
-    ref_source: Path | dict[str, Any] = ref_model.path if reference.loads_as_is(ref_model) else dict(ref_values or {})
-    ref_loaded = loading.load(runtime, ref_source, label=str(ref_model.path),
-                              metadata=ref_model.metadata if isinstance(ref_source, dict) else None)
-    if not ref_loaded.report.loaded:
-        raise InputError(f"ComfyUI cannot load the reference: {ref_loaded.report.error_type}: "
-                         f"{ref_loaded.report.error}", str(ref_model.path))
-    ref_quantized = bool(ref_loaded.report.quantized)
-    ref_paths = compute if ref_quantized else ("w4a16",)  # a plain model computes the same on both paths
-    inputs = forward.make_inputs(ref_loaded.patcher, steps, seed)
-    block_names = [name for name, _ in forward.block_modules(ref_loaded.patcher.model.diffusion_model)]
-    ref_out: dict[str, list[forward.StepOutput]] = {}
-    try:
-        for c in ref_paths:
-            say(f"running the reference ({c})")
-            ref_out[c] = forward.run(runtime, ref_loaded.patcher, inputs, c)
-    finally:
-        ref_loaded.release(runtime)
-
-    def reference_for(c: str) -> list[forward.StepOutput]:
-        return ref_out.get(c) or ref_out["w4a16"]
-
-    say("loading the file")
-    file_loaded = loading.load(runtime, file_model.path, label=str(file_model.path))
-    result = VerifyResult(path=file_model.path, ref_path=ref_model.path, runtime=runtime, steps=steps, seed=seed,
-                          file_report=file_loaded.report, ref_report=ref_loaded.report, baseline_report=None,
-                          baseline_note="", block_names=block_names, sigmas=[s.sigma for s in inputs])
-    result.findings.extend(_load_findings(file_loaded.report, file_model, file_model.path))
-    file_out: dict[str, list[forward.StepOutput]] = {}
-    if file_loaded.patcher is not None:
+    baseline_parts: list[reference.Baseline] = []
+    baseline_note = "none: the reference is itself quantized (its values are not the truth)"
+    for number, piece in enumerate(plan, 1):
+        where = "" if piece.whole else f" (blocks {piece.start}-{piece.stop - 1}, piece {number} of {len(plan)})"
+        say(f"loading the reference{where}")
+        ref_values = None
+        if ref_float or not reference.loads_as_is(ref_model) or not piece.whole:
+            ref_values = reference.native_state_dict(ref_model, piece)
+            if not reference.loads_as_is(ref_model) or not piece.whole:
+                filled += reference.fill_from_file(ref_values, file_model, piece)
+        use_path = piece.whole and reference.loads_as_is(ref_model)
+        ref_loaded = loading.load(runtime, ref_model.path if use_path else dict(ref_values or {}),
+                                  label=str(ref_model.path),
+                                  metadata=None if use_path else pieces.piece_metadata(ref_model.metadata, piece))
+        ref_run.reports.append((piece, ref_loaded.report))
+        if not ref_loaded.report.loaded:
+            raise InputError(f"ComfyUI cannot load the reference: {ref_loaded.report.error_type}: "
+                             f"{ref_loaded.report.error}", str(ref_model.path))
         try:
-            for c in compute:
-                say(f"running the file ({c})")
-                file_out[c] = forward.run(runtime, file_loaded.patcher, inputs, c)
-        except Exception as exc:  # ComfyUI loaded it but cannot run it: that is a refusal too
-            message = " ".join(str(exc).split())[:500]
-            cause = refusal_cause(f"{exc.__class__.__name__} {message}", file_model)
-            result.findings.append(_finding("V102", cause, Severity.ERROR, file_model.path,
-                                            f"ComfyUI loads the file but fails to run it: "
-                                            f"{exc.__class__.__name__}: {message}",
-                                            comfyui_error=message, comfyui_error_type=exc.__class__.__name__))
-            file_out = {}
+            if not inputs:
+                inputs = forward.make_inputs(ref_loaded.patcher, steps, seed)
+            names = [name for name, _ in forward.block_modules(ref_loaded.patcher.model.diffusion_model)]
+            block_names += [piece.restore(f"{n}.x")[: -len(".x")] for n in names]
+            ref_quantized = bool(ref_loaded.report.quantized)
+            say(f"running the reference{where}")
+            ref_run.run(runtime, ref_loaded, inputs, compute if ref_quantized else ("w4a16",), None)
         finally:
-            file_loaded.release(runtime)
-    if not file_out:
+            ref_loaded.release(runtime)
+
+        if file_run.alive:
+            say(f"loading the file{where}")
+            if piece.whole:
+                file_loaded = loading.load(runtime, file_model.path, label=str(file_model.path))
+            else:
+                file_loaded = loading.load(runtime, reference.file_state_dict(file_model, piece),
+                                           label=str(file_model.path),
+                                           metadata=pieces.piece_metadata(file_model.metadata, piece))
+            file_run.reports.append((piece, file_loaded.report))
+            file_run.alive = file_loaded.patcher is not None
+            try:
+                if file_run.alive:
+                    say(f"running the file{where}")
+                    file_run.run(runtime, file_loaded, inputs, compute, ref_run)
+            except Exception as exc:  # ComfyUI loaded it but cannot run it: that is a refusal too
+                file_run.alive = False
+                file_run.run_error = (exc.__class__.__name__, " ".join(str(exc).split())[:500])
+            finally:
+                file_loaded.release(runtime)
+
+        if base_run.alive and file_run.alive and ref_values is not None:
+            say(f"building the baseline{where}")
+            baseline = reference.baseline_state_dict(file_model, ref_values, ref_errors, piece)
+            baseline_parts.append(baseline)
+            if baseline.state_dict is None:
+                base_run.alive, baseline_note = False, baseline.note
+            else:
+                base_loaded = loading.load(runtime, baseline.state_dict, label="baseline (comfy-kitchen)")
+                base_run.reports.append((piece, base_loaded.report))
+                try:
+                    if base_loaded.patcher is None:
+                        base_run.alive = False
+                        baseline_note = f"not built: ComfyUI refused it ({base_loaded.report.error})"
+                    else:
+                        say(f"running the baseline{where}")
+                        base_run.run(runtime, base_loaded, inputs, compute, ref_run)
+                finally:
+                    base_loaded.release(runtime)
+        del ref_values
+
+    total = plan[-1].total
+    file_report = loading.merge(file_run.reports, total)
+    result = VerifyResult(path=file_model.path, ref_path=ref_model.path, runtime=runtime, steps=steps, seed=seed,
+                          file_report=file_report, ref_report=loading.merge(ref_run.reports, total),
+                          baseline_report=loading.merge(base_run.reports, total) if base_run.reports else None,
+                          baseline_note=baseline_note, block_names=block_names,
+                          sigmas=[s.sigma for s in inputs], pieces=len(plan))
+    result.findings.extend(_load_findings(file_report, file_model, file_model.path))
+    if file_run.run_error is not None:
+        kind, message = file_run.run_error
+        cause = refusal_cause(f"{kind} {message}", file_model)
+        result.findings.append(_finding("V102", cause, Severity.ERROR, file_model.path,
+                                        f"ComfyUI loads the file but fails to run it: {kind}: {message}",
+                                        comfyui_error=message, comfyui_error_type=kind))
         result.baseline_note = "not built: the file did not run"
         return result
-
-    base_out: dict[str, list[forward.StepOutput]] = {}
+    if not file_run.alive:
+        result.baseline_note = "not built: the file did not load"
+        return result
     factor = 1.0
-    if ref_values is None or not reference.has_float_values(ref_model):
-        result.baseline_note = "none: the reference is itself quantized (its values are not the truth)"
-    else:
-        say("building the baseline")
-        baseline = reference.baseline_state_dict(file_model, ref_values, _reference_errors(ref_model))
-        factor = baseline.reference_factor
-        result.baseline_note = baseline.note + (
-            f"; taken from the file, which the reference lacks: {', '.join(filled)}" if filled else "")
-        if baseline.state_dict is not None:
-            base_loaded = loading.load(runtime, baseline.state_dict, label="baseline (comfy-kitchen)",
-                                       metadata=None)
-            result.baseline_report = base_loaded.report
-            try:
-                if base_loaded.patcher is not None:
-                    for c in compute:
-                        say(f"running the baseline ({c})")
-                        base_out[c] = forward.run(runtime, base_loaded.patcher, inputs, c)
-                else:
-                    result.baseline_note = f"not built: ComfyUI refused it ({base_loaded.report.error})"
-            finally:
-                base_loaded.release(runtime)
-    del ref_values
+    if base_run.alive and baseline_parts:
+        encoded = sum(b.encoded for b in baseline_parts)
+        merged = reference.Baseline(None, "", encoded=encoded, fmt_err2=sum(b.fmt_err2 for b in baseline_parts),
+                                    ref_err2=sum(b.ref_err2 for b in baseline_parts))
+        factor = merged.reference_factor
+        result.baseline_note = reference.describe(encoded, factor)
+    if filled:
+        result.baseline_note += f"; taken from the file, which the reference lacks: {', '.join(dict.fromkeys(filled))}"
     for c in compute:
-        theirs = reference_for(c)
-        file_cmp = compare("file", c, file_out[c], theirs)
-        base_cmp = compare("baseline", c, base_out[c], theirs) if c in base_out else None
+        theirs = ref_run.outputs.get(c) or ref_run.outputs["w4a16"]
+        file_cmp = compare("file", c, file_run.outputs[c], theirs, file_run.blocks.get(c, []))
+        base_cmp = (compare("baseline", c, base_run.outputs[c], theirs, base_run.blocks.get(c, []))
+                    if base_run.alive and c in base_run.outputs else None)
         result.paths.append(PathResult(compute=c, file=file_cmp, baseline=base_cmp, reference_factor=factor))
     _path_findings(result, file_model, ref_model)
     return result
