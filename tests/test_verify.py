@@ -318,3 +318,30 @@ def test_a_14b_expert_is_planned_in_pieces_that_fit_a_24_gb_machine(tmp_path, mo
     # FP32 model plus the state dict it is loaded from: 8 bytes a parameter, every piece within the budget
     assert all((outside + (p.stop - p.start) * block) * 8 <= budget for p in plan)
     assert len(whole) == 1 and whole[0].whole
+
+
+# --- on a GPU -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_verify_on_cuda_gives_the_cpu_verdicts(comfyui, files):
+    """ComfyUI picks its device once per process: the CUDA run is a subprocess of the real command."""
+    import os
+    import subprocess
+    import sys
+
+    variant = "wan2.2-ti2v-5b"
+    source = files(variant, "fp32")
+    verdicts = {}
+    for name, path in (("good", files(variant, "nvfp4")), ("linear", files(variant, "nvfp4",
+                                                                              faults=("scale-layout-linear",)))):
+        argv = [sys.executable, "-c", "from inspect_tools.cli import run; run()", "verify", str(path), "--against",
+                str(source), "--comfyui", str(comfyui.root), "--device", "cuda", "--compute", "both", "--format",
+                "json"]
+        done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ), timeout=600)
+        doc = json.loads(done.stdout)
+        assert doc["summary"]["device"] == "cuda"
+        verdicts[name] = (done.returncode, {f["cause"] for f in doc["findings"] if f["severity"] != "info"},
+                          [p["ratio"] for p in doc["compute"]])
+    assert verdicts["good"][:2] == (0, set()) and all(abs(r - 1) < 0.05 for r in verdicts["good"][2])
+    assert verdicts["linear"][:2] == (1, {"scale-layout-linear"})
