@@ -1,0 +1,27 @@
+"""`nvdiag demo` end to end, as a newcomer runs it: every step runs, ComfyUI's verdicts are the story's."""
+
+from __future__ import annotations
+
+from inspect_tools.cli import main
+
+
+def test_the_demo_runs_every_step_and_ends_with_what_comfyui_renders(comfyui, tmp_path, capsys):
+    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "13 of 13 steps ran" in out
+    # the user's file: ComfyUI renders block noise and nvdiag names the cause; nvdiag's own files render right
+    assert "ComfyUI renders this file wrongly: scale-layout-linear" in out
+    assert out.count("ComfyUI renders this file as well as a correct file of the same layer selection") == 2
+    assert "QwenImage / QwenImage" in out
+    assert {p.name for p in tmp_path.iterdir()} >= {"qwen_image_nvfp4_nvdiag.safetensors",
+                                                    "wan_ti2v_nvfp4_mixed_fixed.safetensors"}
+
+
+def test_without_comfyui_the_demo_says_how_to_get_the_last_steps(tmp_path, capsys, monkeypatch):
+    from inspect_tools.cli import demo_cmd
+
+    monkeypatch.setattr(demo_cmd, "comfyui_unavailable", lambda: "ComfyUI not found: pass --comfyui DIR")
+    assert main(["demo", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "9 of 13 steps ran" in out
+    assert out.count("(skipped: ComfyUI not found") == 4
