@@ -118,14 +118,17 @@ def test_fp16_and_fp8_files_give_small_errors_within_their_baseline(comfyui, fil
         assert result.paths[0].ratio == pytest.approx(1.0, abs=0.02)
 
 
-@pytest.mark.parametrize("reference", ["fp16", "gguf", "diffusers-sharded"])
+@pytest.mark.parametrize("reference", ["fp16", "fp8", "gguf", "diffusers-sharded"])
 def test_any_reference_a_user_has_judges_a_correct_file_correct(comfyui, files, reference):
     variant = "wan2.2-ti2v-5b"
     ref = {"fp16": lambda: files(variant, "fp32", dtype=torch.float16),
+           "fp8": lambda: files(variant, "fp8"),
            "gguf": lambda: files(variant, "gguf", qtype="Q4_0"),
            "diffusers-sharded": lambda: files(variant, "fp32", naming="diffusers", sharded=2)}[reference]()
     result = run(comfyui, files(variant, "nvfp4"), ref)
     assert result.ref_report.loaded and result.findings == []
+    ratio = result.paths[0].ratio  # None for the FP8 reference: quantized itself, no values to build a baseline from
+    assert ratio is None or 0.5 < ratio < 1.5  # a lossy reference's own error is accounted for
 
 
 @pytest.mark.parametrize("fault", ["scale-layout-linear", "nibble-order", "scale2-reciprocal", "non-finite-scale"])
@@ -143,6 +146,20 @@ def test_faults_are_found_against_a_lossy_gguf_reference_too(comfyui, files):
     result = run(comfyui, files(variant, "nvfp4", faults=("scale-layout-linear",)), files(variant, "gguf",
                                                                                              qtype="Q4_0"))
     assert causes(result) == {"scale-layout-linear"}
+
+
+@pytest.mark.parametrize(("fault", "layers"), [
+    ("transposed-weight", ["blocks.1.cross_attn.v"]),
+    ("stale-scale", ["blocks.1.cross_attn.v", "blocks.1.cross_attn.o"]),  # scales swapped between two layers
+])
+def test_faults_the_output_hides_are_found_by_the_per_layer_decode(comfyui, files, fault, layers):
+    variant = "wan2.2-ti2v-5b"
+    result = run(comfyui, files(variant, "nvfp4", faults=(fault,), fault_layers=layers), files(variant, "fp32"))
+    assert not result.paths[0].far  # on these inputs the output barely moves
+    wrong = [f for f in result.findings if f.severity == Severity.ERROR]
+    assert {f.cause for f in wrong} == {fault} and {f.layer for f in wrong} == set(layers)
+    assert "hides it" in wrong[0].message
+    assert f"looks right, but {len(layers)} layer(s) decode wrongly: {fault}" in result.verdict()
 
 
 @pytest.mark.parametrize(("fault", "cause", "comfyui_says"), [

@@ -145,6 +145,9 @@ def verify_command(
     blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the models this many "
                                                        "transformer blocks at a time (default: the whole model when "
                                                        "it fits in half the free memory, else as many as fit)")] = None,
+    decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode every quantized layer against "
+                                         "REF (nvdiag roundtrip), which finds faults the output on synthetic inputs "
+                                         "hides")] = True,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
 ) -> None:
@@ -172,7 +175,7 @@ def verify_command(
                 spinner.update(f"verify: {message}")
 
         result = verify(runtime, mine, ref, compute=compute_paths(compute), steps=steps, seed=seed,
-                        progress=progress, blocks_at_once=blocks_at_once)
+                        progress=progress, blocks_at_once=blocks_at_once, decode=decode)
     if fmt == OutputFormat.json:
         print_json(document(result))
     elif fmt == OutputFormat.github:
