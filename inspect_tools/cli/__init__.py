@@ -42,6 +42,7 @@ from inspect_tools.cli import (  # noqa: E402,F401
     lint_cmd,
     preset_cmd,
     roundtrip_cmd,
+    sensitivity_cmd,
     verify_cmd,
 )
 

@@ -92,24 +92,44 @@ def _squared_error(decoded: torch.Tensor, w: torch.Tensor) -> tuple[float, float
     return float((decoded.double() - w.double()).square().sum()), float(w.double().square().sum())
 
 
-def _nvfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+def _nvfp4_encode(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """comfy-kitchen's NVFP4 encoding of a float weight (per-tensor scale amax/2688) and what it decodes to."""
     import comfy_kitchen as ck
 
     w = weight.float()
     scale = torch.amax(w.abs()).to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)
     qdata, block_scale = ck.quantize_nvfp4(w, scale, pad_16x=True)
     decoded = ck.dequantize_nvfp4(qdata, scale, block_scale, output_type=torch.float32)[: w.shape[0], : w.shape[1]]
-    return {"weight": qdata, "weight_scale": block_scale, "weight_scale_2": scale}, _squared_error(decoded, w)
+    return {"weight": qdata, "weight_scale": block_scale, "weight_scale_2": scale}, decoded
 
 
-def _fp8(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+def _fp8_encode(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """comfy-kitchen's FP8 E4M3 encoding of a float weight (per-tensor scale amax/448) and what it decodes to."""
     import comfy_kitchen as ck
 
     w = weight.float()
     scale = torch.amax(w.abs()).to(torch.float32) / F8_E4M3_MAX
     qdata = ck.quantize_per_tensor_fp8(w, scale)
     decoded = ck.dequantize_per_tensor_fp8(qdata, scale, output_type=torch.float32)
-    return {"weight": qdata, "weight_scale": scale}, _squared_error(decoded, w)
+    return {"weight": qdata, "weight_scale": scale}, decoded
+
+
+def nvfp4_decoded(weight: torch.Tensor) -> torch.Tensor:
+    return _nvfp4_encode(weight)[1]
+
+
+def fp8_decoded(weight: torch.Tensor) -> torch.Tensor:
+    return _fp8_encode(weight)[1]
+
+
+def _nvfp4(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    tensors, decoded = _nvfp4_encode(weight)
+    return tensors, _squared_error(decoded, weight.float())
+
+
+def _fp8(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple[float, float]]:
+    tensors, decoded = _fp8_encode(weight)
+    return tensors, _squared_error(decoded, weight.float())
 
 
 @dataclass

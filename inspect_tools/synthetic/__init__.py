@@ -7,6 +7,7 @@ from inspect_tools.synthetic.header_only import write_header_only
 from inspect_tools.synthetic.mixed import MixedPlan, marker_tensor
 from inspect_tools.synthetic.state_dicts import (
     VARIANTS,
+    add_activation_outliers,
     comfyui_dims,
     default_selection,
     float_state_dict,
@@ -27,6 +28,7 @@ __all__ = [
     "FAULTS",
     "INDEX_NAME",
     "VARIANTS",
+    "add_activation_outliers",
     "Fault",
     "MixedPlan",
     "apply_faults",

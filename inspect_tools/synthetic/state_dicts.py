@@ -88,3 +88,43 @@ def selected(
         for key, shape in shapes_for(variant, dims).items()
         if key.endswith(".weight") and len(shape) == 2 and selection(key[: -len(".weight")])
     ]
+
+
+# Which layer's output rows are a layer's input channels (native names, per block): scaling those rows up by g and
+# the consumer's input columns down by g leaves the model's function as it was (attention output is linear in v)
+# while the consumer's activations get outlier channels, as SmoothQuant describes trained transformers (Xiao et al.
+# 2023: activation outliers in a few channels, weights without them). For Qwen's joint attention both streams' v
+# feed the same attention output.
+OUTLIER_PRODUCERS = {
+    "self_attn.o": ("self_attn.v",),
+    "cross_attn.o": ("cross_attn.v",),
+    "attn.to_out.0": ("attn.to_v", "attn.add_v_proj"),
+    "attn.to_add_out": ("attn.to_v", "attn.add_v_proj"),
+}
+
+
+def add_activation_outliers(state_dict: dict[str, torch.Tensor], consumer: str, gain: float = 50.0,
+                            channels: int = 4, seed: int = 0) -> list[int]:
+    """Give `consumer` (a native base name such as blocks.0.self_attn.o) activation outliers: `channels` of its input
+    channels `gain` times larger, the model's output unchanged. Returns the channels chosen."""
+    block, _, leaf = consumer.partition(".")
+    index, _, rest = leaf.partition(".")
+    producers = OUTLIER_PRODUCERS.get(rest)
+    if producers is None:
+        raise ValueError(f"no producer known for {consumer!r}; known: {', '.join(OUTLIER_PRODUCERS)}")
+    weight = state_dict[f"{consumer}.weight"]
+    # channels among the consumer's ordinary columns (column norm between its quartiles): once divided by the gain,
+    # their products with the outlier activations are of ordinary size, as in a trained model where the outlier
+    # channels do not dominate the layer's output (a column that was already an outlier would make them dominate)
+    norms = weight.norm(dim=0)
+    low, high = torch.quantile(norms, 0.25), torch.quantile(norms, 0.75)
+    ordinary = torch.nonzero((norms >= low) & (norms <= high)).flatten()
+    order = torch.randperm(ordinary.numel(), generator=torch.Generator().manual_seed(seed))
+    picked = ordinary[order[:channels]]
+    for producer in producers:
+        base = f"{block}.{index}.{producer}"
+        state_dict[f"{base}.weight"][picked] *= gain
+        if f"{base}.bias" in state_dict:
+            state_dict[f"{base}.bias"][picked] *= gain
+    weight[:, picked] /= gain
+    return sorted(int(c) for c in picked)

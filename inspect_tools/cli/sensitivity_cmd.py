@@ -1,0 +1,167 @@
+"""`nvdiag sensitivity` and `nvdiag calibrate`: per-layer W4A4 risk and static input scales, measured in ComfyUI."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich import box
+from rich.markup import escape
+from rich.table import Table
+
+from inspect_tools.cli import app
+from inspect_tools.cli.output import OutputFormat, console, print_json
+from inspect_tools.errors import OutputError, UsageError
+from inspect_tools.layers import open_model
+
+if TYPE_CHECKING:
+    from inspect_tools.comfyui.sensitivity import SensitivityResult
+
+TEXT_ROWS = 25
+SOURCE_HELP = "The full-precision source: FP32/FP16/BF16 .safetensors, sharded index.json or folder, or GGUF"
+COMFYUI_HELP = "ComfyUI folder (holds comfy/ and main.py); default: $COMFYUI_PATH, else an importable comfy package"
+
+SENSITIVITY_EPILOG = """Examples:
+
+  nvdiag sensitivity wan_ti2v_fp16.safetensors --comfyui ~/ComfyUI -o sensitivity.json
+
+  nvdiag sensitivity diffusers/transformer/ --steps 4 --prompts 3 --format json
+
+  nvdiag preset from-sensitivity sensitivity.json -o policy.toml
+"""
+CALIBRATE_EPILOG = """Examples:
+
+  nvdiag calibrate wan_ti2v_fp16.safetensors -o input_scales.json
+
+  nvdiag convert src/ out.safetensors --preset wan2.2-ti2v-5b --input-scales input_scales.json
+"""
+
+
+def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, seed: int,
+         blocks_at_once: int | None) -> SensitivityResult:
+    from inspect_tools.comfyui.runtime import load_runtime
+    from inspect_tools.comfyui.sensitivity import sensitivity
+
+    runtime = load_runtime(comfyui, device=device)
+    status = console(stderr=True).status("sensitivity") if sys.stderr.isatty() else nullcontext()
+    with open_model(src) as model, status as spinner:
+        def progress(message: str) -> None:
+            if spinner is not None:
+                spinner.update(message)
+
+        return sensitivity(runtime, model, steps=steps, prompts=prompts, seed=seed, progress=progress,
+                           blocks_at_once=blocks_at_once)
+
+
+def _write_json(path: Path, doc: dict[str, Any], inputs: list[Path], force: bool) -> None:
+    from inspect_tools.writer import atomic_write_text, check_output_path
+
+    check_output_path(path, inputs)
+    if path.exists() and not force:
+        raise OutputError("exists; pass --force to overwrite it", str(path))
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+
+
+def print_text(result: SensitivityResult) -> None:
+    from inspect_tools.comfyui.sensitivity import RISKY
+
+    out = console()
+    out.print(f"{escape(Path(result.source).name)}: {result.architecture}, {len(result.layers)} quantizable layers, "
+              f"{result.steps} noise levels x {result.prompts} text contexts (seeded, synthetic)"
+              + ("" if result.pieces == 1 else f", block by block in {result.pieces} pieces"))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="output error per layer against full precision "
+                  "(most at risk on Blackwell first)")
+    for column in ("layer", "w4a16", "w4a4 dyn", "w4a4 static", "fp8", "risk"):
+        table.add_column(column, no_wrap=column != "layer", overflow="fold")
+    for layer in result.layers[:TEXT_ROWS]:
+        style = "bold red" if layer.risk > RISKY else ""
+        risk = f"[{style}]{layer.risk:.2f}[/]" if style else f"{layer.risk:.2f}"
+        table.add_row(escape(layer.layer), f"{layer.w4a16:.4g}", f"{layer.w4a4_dynamic:.4g}",
+                      f"{layer.w4a4_static:.4g}", f"{layer.fp8:.4g}", risk)
+    out.print(table)
+    hidden = len(result.layers) - TEXT_ROWS
+    if hidden > 0:
+        out.print(f"... {hidden} more layers (--format json or -o lists all)")
+    risky = [layer for layer in result.layers if layer.risk > RISKY]
+    out.print("[dim]risk = w4a4 dyn / w4a16; about 1.4 when activations quantize as well as weights[/]")
+    if risky:
+        out.print(f"[bold]{len(risky)} layer(s) at risk under W4A4[/] (risk > {RISKY:g}): mark them "
+                  "full_precision_matrix_mult, give them a calibrated input_scale, or keep them at FP8/16-bit "
+                  "(nvdiag preset from-sensitivity REPORT.json)")
+    else:
+        out.print("[green]no layer is far worse under W4A4 than under W4A16 on these inputs[/]")
+
+
+@app.command("sensitivity", epilog=SENSITIVITY_EPILOG)
+def sensitivity_command(
+    src: Annotated[str, typer.Argument(help=SOURCE_HELP)],
+    comfyui: Annotated[str | None, typer.Option("--comfyui", help=COMFYUI_HELP)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Noise levels, spread over the schedule")] = 3,
+    prompts: Annotated[int, typer.Option("--prompts", help="Synthetic text contexts (seeded) per noise level")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the latents and text contexts")] = 0,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the source this many "
+                                                       "blocks at a time (default: as many as fit)")] = None,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the report (JSON) here")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+) -> None:
+    """Which layers survive 4-bit activations (W4A4, Blackwell)? Runs SRC through ComfyUI and measures per layer.
+
+    Each quantizable Linear layer's inputs are captured (bounded: a few hundred rows per layer, block by block for
+    big models) and its output error measured for NVFP4 W4A16, NVFP4 W4A4 with a dynamic and with a calibrated
+    static input scale, and FP8, against full precision. The report feeds `nvdiag preset from-sensitivity`.
+    Exit 0, or 2 when ComfyUI or the source cannot be used.
+    """
+    if fmt == OutputFormat.github:
+        raise UsageError("sensitivity supports --format text or json")
+    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once)
+    doc = result.to_json()
+    if output is not None:
+        with open_model(src) as model:
+            inputs = list(model.reader.files)
+        _write_json(output, doc, inputs, force)
+    if fmt == OutputFormat.json:
+        print_json(doc)
+    else:
+        print_text(result)
+        if output is not None:
+            console().print(f"wrote {escape(str(output))}")
+
+
+@app.command("calibrate", epilog=CALIBRATE_EPILOG)
+def calibrate_command(
+    src: Annotated[str, typer.Argument(help=SOURCE_HELP)],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write {layer: input_scale} JSON")],
+    comfyui: Annotated[str | None, typer.Option("--comfyui", help=COMFYUI_HELP)] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Noise levels, spread over the schedule")] = 3,
+    prompts: Annotated[int, typer.Option("--prompts", help="Synthetic text contexts (seeded) per noise level")] = 2,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the latents and text contexts")] = 0,
+    percentile: Annotated[float, typer.Option("--percentile", help="Percentile of the per-call activation maxima "
+                                              "(100: the largest seen, nothing seen is clipped)")] = 100.0,
+    margin: Annotated[float, typer.Option("--margin", help="Headroom above it for inputs calibration did not see "
+                                          "(1.25 costs a third of a bit of the FP8 block scales' range)")] = 1.25,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
+    blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the source this many "
+                                                       "blocks at a time (default: as many as fit)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT")] = False,
+) -> None:
+    """Static input_scale per quantizable layer (amax/2688 of its activations in ComfyUI), for convert.
+
+    The JSON is what `nvdiag convert --input-scales` takes. A static scale replaces ComfyUI's dynamic per-call scale
+    on Blackwell: activations above the calibrated maximum are clipped there, so the default takes the largest
+    maximum seen, with headroom. Without input_scale ComfyUI scales dynamically, which is always safe.
+    """
+    from inspect_tools.comfyui.sensitivity import input_scales
+
+    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once)
+    scales = input_scales(result, percentile=percentile, margin=margin)
+    with open_model(src) as model:
+        inputs = list(model.reader.files)
+    _write_json(output, scales, inputs, force)
+    console().print(f"wrote {escape(str(output))}: {len(scales)} input scales (percentile {percentile:g}, "
+                    f"margin {margin:g}) from {result.steps} noise levels x {result.prompts} text contexts")
