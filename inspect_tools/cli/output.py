@@ -58,6 +58,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def format_number(value: float | None, digits: int = 4) -> str:
+    """A table cell: `digits` significant digits, "-" for nothing, nan/inf spelled out."""
+    if value is None:
+        return "-"
+    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
+
+
 def print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n")
 

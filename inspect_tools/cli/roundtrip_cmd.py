@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,6 +20,7 @@ from inspect_tools.cli.output import (
     github_lines,
     print_json,
 )
+from inspect_tools.cli.output import format_number as _num
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import open_model
 from reference_specs.findings import Severity
@@ -56,12 +56,6 @@ def document(result: RoundtripResult) -> dict[str, Any]:
 
 
 LAYER_MIN_WIDTH = 22
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
 
 
 def print_text(result: RoundtripResult) -> None:

@@ -24,6 +24,7 @@ from inspect_tools.cli.output import (
     print_json,
     rule_legend,
 )
+from inspect_tools.cli.output import format_number as _num
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import open_model
 from reference_specs.findings import Severity
@@ -71,12 +72,6 @@ def _describe_load(report: LoadReport) -> str:
     return (f"{report.model_class} / {report.config_class} ({dims}); weights {report.weight_dtype}, compute "
             f"{report.compute_dtype}; quantized Linear layers: {quantized}{w4a16}; plain Linear layers: "
             f"{report.plain_linear}")
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}g}" if math.isfinite(value) else str(value)
 
 
 def print_text(result: VerifyResult) -> None:
