@@ -11,7 +11,9 @@ comfy/quant_ops.py, comfy/utils.py `convert_old_quants`):
 - a quantized weight needs a `.comfy_quant` tensor or a `_quantization_metadata` entry, either one;
 - NVFP4 needs `.weight_scale` and `.weight_scale_2` (otherwise "Missing NVFP4 scales");
 - weight_scale is re-viewed as float8_e4m3fn, so U8 and F8_E4M3 both work, 2/4-byte dtypes do not;
-- weight_scale_2 accepts any float (cast to F32); F32 0-d is canonical.
+- weight_scale_2 accepts any float (cast to F32); F32 0-d is canonical;
+- a truthy `full_precision_matrix_mult` in the marker ComfyUI loads (the metadata entry over the tensor) makes the
+  layer W4A16 on Blackwell, absent or false W4A4 (activations quantized too).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from reference_specs import formats, models
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import BLOCK, block_scale_shape, packed_shape, roundup
 from reference_specs.layer import Layer
+from reference_specs.rules.compute_markers import compute_counts, compute_path, full_precision_mm
 
 # Roles that carry no information about the format's signature (a bias is optional in every format).
 SIGNATURE_SKIP = ("bias",)
@@ -191,7 +194,8 @@ def logical_shape(layer: Layer) -> tuple[int, ...] | None:
     return tuple(shape) if shape is not None else None
 
 
-def layer_row(layer: Layer | None) -> dict[str, Any] | None:
+def layer_row(layer: Layer | None, file_markers: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """One side of a paired JSON row; `compute` needs the side's file_markers (which marker ComfyUI loads)."""
     if layer is None:
         return None
     shape = logical_shape(layer)
@@ -199,6 +203,7 @@ def layer_row(layer: Layer | None) -> dict[str, Any] | None:
         "name": layer.name,
         "format": layer.format,
         "precision": precision_class(layer),
+        "compute": compute_path(layer, file_markers or {}),
         "logical_shape": list(shape) if shape is not None else None,
         "signature": tensor_signature(layer),
         "tensors": {role: {"dtype": t.dtype, "shape": list(t.shape)} for role, t in layer.tensors.items()},
@@ -375,6 +380,33 @@ def _check_precision(pair: LayerPair, mine_model: CheckpointModel, out: FindingC
                     f"MINE quantizes a layer REF keeps at {precision_class(ref)}; it should stay high precision: "
                     f"{reason}", pair.key,
                     reason=reason)
+
+
+def check_compute(pairs: list[LayerPair], mine: CheckpointModel, ref: CheckpointModel, out: FindingCollector) -> None:
+    """D142: the two sides of an aligned layer disagree on full_precision_matrix_mult, as ComfyUI reads it (the marker
+    it loads, truthiness). Only REF's W4A16 against MINE's W4A4 can hurt: REF's author kept 4-bit activations away
+    from a layer that may not survive them, MINE exposes it on Blackwell."""
+    for pair in pairs:
+        if pair.mine is None or pair.ref is None:
+            continue
+        mine_full = full_precision_mm(pair.mine, mine.file_markers)
+        ref_full = full_precision_mm(pair.ref, ref.file_markers)
+        if mine_full is None or ref_full is None or mine_full == ref_full:
+            continue
+        mine_path = compute_path(pair.mine, mine.file_markers)
+        ref_path = compute_path(pair.ref, ref.file_markers)
+        evidence = {"mine": mine_path, "ref": ref_path, "mine_full_precision_mm": mine_full,
+                    "ref_full_precision_mm": ref_full}
+        if ref_full:
+            out.add("D142", "activation-sensitive-w4a4", Severity.WARNING,
+                    f"MINE runs this layer {mine_path} on Blackwell (activations quantized), REF {ref_path} "
+                    "(full_precision_matrix_mult): a layer REF keeps out of quantized activations may render noise "
+                    "in MINE on Blackwell; set the flag in MINE's marker or measure it with `nvdiag sensitivity`",
+                    pair.key, **evidence)
+        else:
+            out.add("D142", "activation-sensitive-w4a4", Severity.INFO,
+                    f"MINE runs this layer {mine_path} on Blackwell (full_precision_matrix_mult), REF {ref_path}: "
+                    "safer for its activations, slower than REF there", pair.key, **evidence)
 
 
 def same_dimensions(mine: CheckpointModel, ref: CheckpointModel) -> bool:
@@ -748,6 +780,8 @@ class DiffReport:
     metadata: list[dict[str, Any]]
     roles: dict[str, dict[str, dict[str, Any]]] | None = None
     values: list[dict[str, Any]] | None = None
+    # side -> compute path on Blackwell -> layers ({"mine": {"W4A4": 12, "W4A16": 8}, "ref": {...}})
+    compute: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def only_mine(self) -> list[str]:
@@ -801,12 +835,19 @@ class DiffReport:
             "signatures": self.signatures,
             "counts": self.counts,
             "signature_verdicts": self.verdicts,
-            "precision_plan": {**self.precision, "disagreements": self.disagreements},
+            "precision_plan": {**self.precision, "disagreements": self.disagreements, "compute": self.compute},
             "scales": {side: {k: v.to_json() for k, v in st.items()} for side, st in self.scales.items()},
             "metadata": self.metadata,
             "roles": self.roles,
             "values": self.values,
-            "rows": [{"name": p.key, "mine": layer_row(p.mine), "ref": layer_row(p.ref)} for p in self.pairs],
+            "rows": [
+                {
+                    "name": p.key,
+                    "mine": layer_row(p.mine, self.mine.file_markers),
+                    "ref": layer_row(p.ref, self.ref.file_markers),
+                }
+                for p in self.pairs
+            ],
         }
 
 
@@ -861,6 +902,8 @@ def diff_models(
         pairs += [LayerPair(align_key(x), None, x) for x in ref_layers]
     _check_file_level(mine, ref, out)
     compare_pairs(pairs, mine, out, by_name=by_name, check_shapes=same_dimensions(mine, ref))
+    if by_name:
+        check_compute(pairs, mine, ref, out)
     mine_counts, ref_counts = role_counts(mine_layers), role_counts(ref_layers)
     scales = {"mine": scale_distributions(mine_layers), "ref": scale_distributions(ref_layers)}
     _check_scales(scales["mine"], scales["ref"], out)
@@ -884,6 +927,8 @@ def diff_models(
         metadata=metadata_comparison(mine, ref),
         roles=roles,
         values=value_rows,
+        compute={"mine": compute_counts(mine_layers, mine.file_markers),
+                 "ref": compute_counts(ref_layers, ref.file_markers)},
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from inspect_tools.layers import CheckpointModel
 from reference_specs import formats
 from reference_specs.layer import Layer
+from reference_specs.rules.compute_markers import compute_counts, compute_path, marker_confs
 
 # Long metadata values (configs, quantization metadata) are shortened in the text view only.
 METADATA_PREVIEW_CHARS = 80
@@ -25,10 +26,15 @@ def select_layers(model: CheckpointModel, pattern: str | None) -> list[Layer]:
     ]
 
 
-def layer_record(layer: Layer) -> dict[str, Any]:
+def layer_record(layer: Layer, file_markers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One layer of the JSON document. `compute` is how ComfyUI multiplies it on Blackwell ("W4A4", "W4A16", ...;
+    None when it does not load it as quantized); without `file_markers` the legacy scaled_fp8 and both-markers
+    cases cannot be told, so callers with a model pass its file_markers."""
+    markers = file_markers or {}
     record: dict[str, Any] = {
         "name": layer.name,
         "format": layer.format,
+        "compute": compute_path(layer, markers),
         "tensors": {role: {"dtype": t.dtype, "shape": list(t.shape)} for role, t in layer.tensors.items()},
     }
     logical = _logical_shape(layer)
@@ -38,6 +44,10 @@ def layer_record(layer: Layer) -> dict[str, Any]:
         record["native_name"] = layer.native_name
     if layer.marker is not None:
         record["marker"] = {"conf": layer.marker, "source": layer.marker_source}
+        metadata_conf = marker_confs(layer, markers).get("metadata")
+        if layer.marker_source == "both" and metadata_conf not in (None, layer.marker):
+            # `conf` is the tensor's; ComfyUI loads this one, which is where `compute` comes from
+            record["marker"]["metadata_conf"] = metadata_conf
     if layer.marker_error:
         record["marker_error"] = layer.marker_error
     return record
@@ -78,9 +88,10 @@ def inspect_document(model: CheckpointModel, pattern: str | None = None) -> dict
             "layers": len(model.layers),
             "bytes": sum(t.nbytes for t in model.reader),
             "formats": model.format_counts(),
+            "compute": compute_counts(model.layers.values(), model.file_markers),
             "quantization_metadata_layers": len(quant_meta["layers"]) if quant_meta else 0,
             "scaled_fp8_marker": model.file_markers.get("scaled_fp8") is not None,
         },
         "metadata": model.metadata,
-        "layers": [layer_record(layer) for layer in layers],
+        "layers": [layer_record(layer, model.file_markers) for layer in layers],
     }

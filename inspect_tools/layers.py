@@ -22,7 +22,9 @@ class CheckpointModel:
     """A checkpoint seen as Layers. `file_markers` holds what is not a layer:
     container (reader kind: "safetensors" | "sharded" | "gguf"), scaled_fp8 (TensorInfo or None),
     quantization_metadata (parsed dict or None), quantization_metadata_error (str or None),
-    metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool)."""
+    metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool),
+    marker_confs (layer name -> {"tensor": conf, "metadata": conf}: each source's conf as read, because
+    `Layer.marker` keeps the tensor's when a layer has both and ComfyUI loads the metadata's)."""
 
     path: Path
     reader: CheckpointReader
@@ -95,9 +97,15 @@ def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | Non
     return parsed, None
 
 
-def _apply_metadata_markers(layers: dict[str, Layer], parsed: dict[str, Any], prefix: str) -> list[str]:
+def _apply_metadata_markers(
+    layers: dict[str, Layer],
+    parsed: dict[str, Any],
+    prefix: str,
+    confs: dict[str, dict[str, dict[str, Any]]] | None = None,
+) -> list[str]:
     """Attach metadata confs to layers. ComfyUI matches names verbatim, before and after stripping the
-    diffusion-model prefix (comfyui-load-path.md, load sequence steps 1-2), so both spellings count as a match."""
+    diffusion-model prefix (comfyui-load-path.md, load sequence steps 1-2), so both spellings count as a match.
+    `confs` (layer name -> source -> conf) receives each matched metadata conf."""
     unmatched = []
     for name, conf in parsed["layers"].items():
         target = layers.get(name) or (layers.get(prefix + name) if prefix else None)
@@ -107,6 +115,9 @@ def _apply_metadata_markers(layers: dict[str, Layer], parsed: dict[str, Any], pr
         if not isinstance(conf, dict):
             target.marker_error = target.marker_error or f"{QUANT_METADATA_KEY} entry is not an object"
             continue
+        if confs is not None:
+            # setdefault: the first entry naming a layer is the one Layer.marker took as well
+            confs.setdefault(target.name, {}).setdefault("metadata", conf)
         if target.marker is None:
             target.marker, target.marker_source = conf, "metadata"
         elif target.marker_source == "tensor":
@@ -143,11 +154,14 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
     for layer in layers.values():
         if layer.has("comfy_quant"):
             _read_tensor_marker(reader, layer)
+    # Recorded before metadata is merged in: afterwards Layer.marker no longer says which source a conf came from.
+    confs = {name: {"tensor": layer.marker} for name, layer in layers.items() if layer.marker is not None}
+    file_markers["marker_confs"] = confs
     parsed, error = parse_quant_metadata(reader.metadata)
     file_markers["quantization_metadata"] = parsed
     file_markers["quantization_metadata_error"] = error
     file_markers["metadata_unmatched"] = (
-        _apply_metadata_markers(layers, parsed, detection.prefix) if parsed is not None else []
+        _apply_metadata_markers(layers, parsed, detection.prefix, confs) if parsed is not None else []
     )
     for layer in layers.values():
         layer.native_name = models.native_name(detection, layer.name)

@@ -23,6 +23,7 @@ from inspect_tools.cli.output import (
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Severity
 from reference_specs.layer import Layer
+from reference_specs.rules.compute_markers import compute_path
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
     from inspect_tools.diff import DiffReport, ScaleStats
@@ -77,6 +78,11 @@ def _precision_table(report: DiffReport) -> Table:
     table.add_column("REF", justify="right")
     for cls in sorted(set(report.precision["mine"]) | set(report.precision["ref"])):
         table.add_row(cls, str(report.precision["mine"].get(cls, 0)), str(report.precision["ref"].get(cls, 0)))
+    mine_compute, ref_compute = report.compute.get("mine", {}), report.compute.get("ref", {})
+    paths = list(mine_compute) + [p for p in ref_compute if p not in mine_compute]
+    for path in paths:
+        # a split of the quantized row above: W4A16 layers are the ones kept out of 4-bit activations on Blackwell
+        table.add_row(f"  computed {path} on Blackwell", str(mine_compute.get(path, 0)), str(ref_compute.get(path, 0)))
     return table
 
 
@@ -156,6 +162,11 @@ def _layers_table(report: DiffReport, out: Console) -> Table | None:
     for pair in report.pairs:
         m, r = pair.mine, pair.ref
         what = _difference(m, r)
+        if m is not None and r is not None:
+            mine_path = compute_path(m, report.mine.file_markers)
+            ref_path = compute_path(r, report.ref.file_markers)
+            if mine_path and ref_path and mine_path != ref_path:
+                what = "; ".join(filter(None, (what, f"compute MINE {mine_path}, REF {ref_path}")))
         if what:
             groups.setdefault((_cell(m), _cell(r), what), []).append(pair.key)
     if not groups:

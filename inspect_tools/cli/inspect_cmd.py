@@ -42,6 +42,9 @@ def _print_text(doc: dict) -> None:
         f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
         + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items())
     )
+    if summary["compute"]:
+        # on Blackwell only: older GPUs run every NVFP4 layer W4A16 whatever the marker says
+        out.print("compute on Blackwell: " + ", ".join(f"{path} {n}" for path, n in summary["compute"].items()))
     if summary["quantization_metadata_layers"]:
         out.print(f"_quantization_metadata names {summary['quantization_metadata_layers']} layers")
     if summary["scaled_fp8_marker"]:
@@ -56,6 +59,10 @@ def _print_text(doc: dict) -> None:
     table = Table(title="layers", show_header=True)
     table.add_column("layer", overflow="fold")
     table.add_column("format", no_wrap=True)
+    # Only files ComfyUI loads with quantized layers get the column: for float or GGUF files it would be all "-".
+    show_compute = any(layer["compute"] for layer in doc["layers"])
+    if show_compute:
+        table.add_column("compute", no_wrap=True)
     table.add_column("dtype", no_wrap=True)
     table.add_column("shape", no_wrap=True)  # logical [out, in] for quantized layers
     table.add_column("aux", overflow="fold")
@@ -67,6 +74,7 @@ def _print_text(doc: dict) -> None:
         table.add_row(
             layer["name"],
             layer["format"],
+            *([layer["compute"] or "-"] if show_compute else []),
             tensors[main]["dtype"],
             "x".join(str(d) for d in shape) or "scalar",
             ", ".join(aux) or "-",
@@ -81,6 +89,9 @@ def inspect_command(
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
 ) -> None:
     """Say what a checkpoint is, layer by layer: architecture, formats, dtypes, shapes, aux tensors, metadata.
+
+    The compute column says how ComfyUI multiplies each quantized layer on Blackwell: W4A4 (activations quantized
+    to 4 bits too) or W4A16 (the marker's full_precision_matrix_mult is on); FP8 layers W8A8 / W8A16.
 
     Examples:
 

@@ -13,6 +13,7 @@ from reference_specs.rules.architecture import (
     UnknownArchitecture,
 )
 from reference_specs.rules.base import ModelView, Rule, RuleContext
+from reference_specs.rules.compute_markers import FullPrecisionMmFlag
 from reference_specs.rules.dtypes import WrongDtype
 from reference_specs.rules.markers import InvalidQuantMarker, MissingQuantMarker
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
@@ -28,6 +29,7 @@ RULES: list[Rule] = [
     WrongDtype(),
     WrongShape(),
     TransposedWeight(),
+    FullPrecisionMmFlag(),
     Scale2Reciprocal(),
     NonFiniteScale(),
     InputScaleImplausible(),
