@@ -9,10 +9,16 @@ row-local once the per-tensor scale is fixed, and the swizzled NVFP4 block scale
 (nvfp4.swizzle_index), so a tile of the written file decodes on its own to exactly what the whole layer decodes to
 in those rows, and the formats package's encoder gives the baseline on the same source rows with the same scale.
 The per-tensor scale itself is checked against the source's amax (taken while converting, or read here).
+
+Lint knows what a valid file is, not what this conversion meant to write: a marker that lost its
+`full_precision_matrix_mult` flag is still a valid marker, and ComfyUI would then run that layer W4A4 on Blackwell.
+So the gate also reads every written marker back (the `.comfy_quant` tensor and the `_quantization_metadata` entry)
+and requires both to be exactly the conf the plan decided.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -22,7 +28,7 @@ from typing import Any
 
 import torch
 
-from inspect_tools.layers import open_model
+from inspect_tools.layers import MAX_MARKER_BYTES, decode_marker_bytes, open_model
 from inspect_tools.lint import lint_model
 from inspect_tools.readers.safetensors_dtypes import DTYPES
 from reference_specs import formats
@@ -32,6 +38,7 @@ from reference_specs.formats.fp8 import fp8_max
 from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX
 
 GATE_RULE = "CONVERT-ROUNDTRIP"
+MARKER_RULE = "CONVERT-MARKER"
 # A written layer may decode a little worse than the reference codec only through float noise; anything beyond
 # 1.5x its baseline (plus an absolute margin for near-exact layers) means the bytes are not what was planned.
 ERROR_RATIO = 1.5
@@ -213,6 +220,74 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     return [], {"rel_error": err, "baseline": base}
 
 
+def _canonical(conf: Any) -> str:
+    """A conf as comparable text: `true` and `1` differ here, as they would to a stricter reader than ComfyUI."""
+    return json.dumps(conf, sort_keys=True)
+
+
+def _tensor_conf(reader: Any, key: str) -> tuple[Any, str | None]:
+    """(decoded conf or None when there is no such tensor, why it cannot be read)."""
+    info = reader.tensors.get(key)
+    if info is None:
+        return None, None
+    if info.dtype != "U8" or info.nbytes > MAX_MARKER_BYTES:
+        return None, f"{key} is {info.dtype} with {info.nbytes} bytes, not a U8 JSON marker"
+    try:
+        return decode_marker_bytes(reader.read_bytes(key)), None
+    except ValueError as exc:
+        return None, f"{key} is {exc}"
+
+
+def _marker_finding(path: Any, layer: str | None, cause: str, message: str, evidence: dict) -> Finding:
+    return Finding(MARKER_RULE, cause, Severity.ERROR, message, str(path), layer, evidence)
+
+
+def marker_findings(out_model: Any, plan: Any) -> list[Finding]:
+    """Every written marker must be the conf the plan decided (flag included), in the `.comfy_quant` tensor and in
+    `_quantization_metadata` alike; kept layers must have neither, and the metadata may name no other layer."""
+    path, reader = out_model.path, out_model.reader
+    parsed = out_model.file_markers.get("quantization_metadata")
+    error = out_model.file_markers.get("quantization_metadata_error")
+    findings: list[Finding] = []
+    planned = [lp for lp in plan.layers if lp.source is not None]
+    if error is not None:
+        return [_marker_finding(path, None, "invalid-quant-marker", error, {})]
+    if any(lp.quantized for lp in planned) and (parsed is None or parsed.get("format_version") != "1.0"):
+        found = None if parsed is None else parsed.get("format_version")
+        return [_marker_finding(path, None, "missing-quant-marker" if parsed is None else "invalid-quant-marker",
+                                f"_quantization_metadata is {'absent' if parsed is None else 'not version 1.0'}; "
+                                "the plan quantizes layers", {"format_version": found})]
+    in_metadata = dict(parsed["layers"]) if parsed is not None else {}
+    for lp in planned:
+        want = lp.conf
+        tensor, unreadable = _tensor_conf(reader, f"{lp.name}.comfy_quant")
+        meta = in_metadata.pop(lp.name, None)
+        evidence = {"planned": want, "tensor": tensor, "metadata": meta}
+        if unreadable is not None:
+            findings.append(_marker_finding(path, lp.name, "invalid-quant-marker", unreadable, evidence))
+        elif want is None and (tensor is not None or meta is not None):
+            findings.append(_marker_finding(path, lp.name, "invalid-quant-marker",
+                                            f"the plan keeps this layer ({lp.action}) but the file marks it "
+                                            "quantized", evidence))
+        elif want is not None and (tensor is None or meta is None):
+            where = " and ".join(n for n, c in (("comfy_quant tensor", tensor), ("metadata", meta)) if c is None)
+            findings.append(_marker_finding(path, lp.name, "missing-quant-marker",
+                                            f"planned {lp.action} but its {where} marker is missing", evidence))
+        elif want is not None and _canonical(tensor) != _canonical(meta):
+            findings.append(_marker_finding(path, lp.name, "invalid-quant-marker",
+                                            f"comfy_quant says {_canonical(tensor)} but _quantization_metadata says "
+                                            f"{_canonical(meta)}", evidence))
+        elif want is not None and _canonical(tensor) != _canonical(want):
+            findings.append(_marker_finding(path, lp.name, "invalid-quant-marker",
+                                            f"marker says {_canonical(tensor)}, the plan decided {lp.action} "
+                                            f"({_canonical(want)})", evidence))
+    for name in sorted(in_metadata):
+        findings.append(_marker_finding(path, name, "invalid-quant-marker",
+                                        "_quantization_metadata names a layer this conversion did not write",
+                                        {"metadata": in_metadata[name]}))
+    return findings
+
+
 class TileChecker:
     """The gate's roundtrip, one sampled layer at a time: convert calls check() right after a sampled layer is
     written (the temporary file's header is final from the start, so its layers can be opened before the data is
@@ -274,10 +349,11 @@ def run_gate(path: str | Path, source: Any, plan: Any, sample: int = 8,
     report = GateReport()
     with open_model(path) as out_model:
         lint, report.lint_ran = lint_findings(out_model)
+        markers = marker_findings(out_model, plan)
     if checked is None:
         rt, report.layer_errors = roundtrip_sample(out_model, source, plan, sample, source_amax)
     else:
         checked.check_all(source_amax)
         rt, report.layer_errors = checked.findings, checked.errors
-    report.findings = lint + rt
+    report.findings = lint + markers + rt
     return report

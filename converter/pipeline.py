@@ -114,7 +114,7 @@ def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str,
     out: dict[str, torch.Tensor] = {}
     encoded: dict[str, torch.Tensor] = {}
     if lp.quantized:
-        encoded = enc.encode(lp.action, src[lp.source.tensors["weight"].name], device)
+        encoded = enc.encode(lp.codec, src[lp.source.tensors["weight"].name], device)
     for t in lp.tensors:
         if t.source is not None and t.source in streamed:
             continue

@@ -11,7 +11,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from converter.preset import Decision, Preset, view_of
+from converter.preset import (
+    FULL_PRECISION_KEY,
+    QUANT_FORMATS,
+    Decision,
+    Preset,
+    codec_of,
+    full_precision_mm,
+    view_of,
+)
 from inspect_tools.errors import InputError
 from reference_specs import models
 from reference_specs.formats.nvfp4 import block_scale_shape, packed_shape
@@ -21,7 +29,7 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SIXTEEN_BIT = ("F16", "BF16")
 ACTION_DTYPE = {"bf16": "BF16", "fp16": "F16", "f32": "F32"}
 DTYPE_16 = {"bf16": "BF16", "fp16": "F16"}
-# comfy_quant "format" of each quantizing action (comfyui-load-path.md: QUANT_ALGOS names)
+# comfy_quant "format" of each weight codec (comfyui-load-path.md: QUANT_ALGOS names)
 COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
               "I64": 8, "U32": 4, "I16": 2, "U16": 2, "BOOL": 1, "U64": 8}
@@ -38,9 +46,18 @@ def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
     return n
 
 
+def quant_conf(action: str) -> dict[str, Any]:
+    """The layer's comfy_quant conf for a quantizing decision. The flag is added only when set, key order as in
+    ComfyUI's own state_dict() (comfy/ops.py), so plain layers get exactly the marker they always got."""
+    conf: dict[str, Any] = {"format": COMFY_FORMAT[codec_of(action)]}
+    if full_precision_mm(action):
+        conf[FULL_PRECISION_KEY] = True
+    return conf
+
+
 def comfy_quant_bytes(action: str) -> bytes:
     """The per-layer marker payload, spelled the way ComfyUI's own writer does (json.dumps of the conf)."""
-    return json.dumps({"format": COMFY_FORMAT[action]}).encode("utf-8")
+    return json.dumps(quant_conf(action)).encode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -60,14 +77,24 @@ class PlannedTensor:
 class LayerPlan:
     name: str  # ComfyUI-native base name
     source: Layer | None
-    action: str  # nvfp4 | fp8 | keep | bf16 | fp16 | f32 | marker
+    action: str  # nvfp4 | nvfp4-w4a16 | fp8 | fp8-w8a16 | keep | bf16 | fp16 | f32 | marker
     decision: Decision | None
     tensors: list[PlannedTensor] = field(default_factory=list)
     input_scale: float | None = None
 
     @property
     def quantized(self) -> bool:
-        return self.action in COMFY_FORMAT
+        return self.action in QUANT_FORMATS
+
+    @property
+    def codec(self) -> str | None:
+        """nvfp4 / fp8: the encoder of a quantized layer's weight; None for a kept one."""
+        return codec_of(self.action)
+
+    @property
+    def conf(self) -> dict[str, Any] | None:
+        """The comfy_quant conf written for this layer (tensor marker and _quantization_metadata), None if kept."""
+        return quant_conf(self.action) if self.quantized else None
 
     @property
     def out_bytes(self) -> int:
@@ -81,7 +108,7 @@ class LayerPlan:
     def out_format(self) -> str:
         """nvfp4 / float8_e4m3fn for quantized layers, else the dtype of the main tensor (f32, bf16, f16)."""
         if self.quantized:
-            return COMFY_FORMAT[self.action]
+            return COMFY_FORMAT[self.codec]
         main = next((t for t in self.tensors if t.role in ("weight", "value", "marker")), self.tensors[0])
         return main.dtype.lower()
 
@@ -112,9 +139,12 @@ class ConversionPlan:
         return sum(lp.source_bytes for lp in self.layers)
 
     def counts(self) -> dict[str, int]:
+        """Layers per output format; full-precision-matmul layers apart, under their decision (nvfp4-w4a16): the
+        same bytes on disk, not the same arithmetic on Blackwell."""
         out: dict[str, int] = {}
         for lp in self.layers:
-            out[lp.out_format] = out.get(lp.out_format, 0) + 1
+            key = lp.action if full_precision_mm(lp.action) else lp.out_format
+            out[key] = out.get(key, 0) + 1
         return dict(sorted(out.items()))
 
 
@@ -136,10 +166,10 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
                input_scale: float | None) -> LayerPlan:
     action = decision.format
     lp = LayerPlan(name=native, source=layer, action=action, decision=decision)
-    if action in COMFY_FORMAT:
+    if lp.quantized:
         out_f, in_f = layer.tensors["weight"].shape
         w = layer.tensors["weight"].name
-        if action == "nvfp4":
+        if lp.codec == "nvfp4":
             lp.tensors += [
                 PlannedTensor(f"{native}.weight", "weight", "U8", packed_shape(out_f, in_f), w),
                 PlannedTensor(f"{native}.weight_scale", "weight_scale", "F8_E4M3", block_scale_shape(out_f, in_f), w),
@@ -214,7 +244,15 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
         views.append((view, layer))
     for view, layer in sorted(views, key=lambda vl: vl[0].name):
         decision = preset.decide(view, width)
-        scale = input_scales.pop(view.name, None) if decision.format in COMFY_FORMAT else None
+        scale = None
+        if decision.format in QUANT_FORMATS:
+            scale = input_scales.pop(view.name, None)
+            if scale is not None and full_precision_mm(decision.format):
+                # ComfyUI never quantizes this layer's input, so a stored scale would be dead weight that later
+                # readers (and lint) take for a calibrated activation scale
+                plan.warnings.append(f"input scale for {view.name} ignored: the preset decides {decision.format} "
+                                     "(full-precision matmul, its activations are never quantized)")
+                scale = None
         plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale))
     for info in model.reader:
         bare = info.name.rsplit(".", 1)[-1]
@@ -238,5 +276,6 @@ def preset_warnings(preset: Preset, detection: models.Detection, views: list) ->
 
 
 def quantization_metadata(plan: ConversionPlan) -> str:
-    layers = {lp.name: {"format": COMFY_FORMAT[lp.action]} for lp in plan.layers if lp.quantized}
+    """The header's `_quantization_metadata`: the same conf per layer as its comfy_quant tensor."""
+    layers = {lp.name: lp.conf for lp in plan.layers if lp.quantized}
     return json.dumps({"format_version": "1.0", "layers": layers}, sort_keys=False)

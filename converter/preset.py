@@ -20,9 +20,22 @@ is TOML (stdlib tomllib):
     format = "nvfp4"
     min_dim = 1024
 
-Formats: nvfp4 | fp8 | keep (source precision) | bf16 | fp16 (16-bit; `--dtype-16` may override) | f32.
-A quantizing rule (nvfp4, fp8) only ever matches an eligible layer (a 2-D floating-point `.weight`); on any other
+Formats: nvfp4 | nvfp4-w4a16 | fp8 | fp8-w8a16 | keep (source precision) | bf16 | fp16 (16-bit; `--dtype-16`
+may override) | f32.
+A quantizing rule (nvfp4*, fp8*) only ever matches an eligible layer (a 2-D floating-point `.weight`); on any other
 layer it is skipped and the next rule is tried, so `match = "*"` + `format = "nvfp4"` means "every eligible linear".
+
+W4A4 or W4A16 on Blackwell: there ComfyUI multiplies a plain nvfp4 layer with its activations quantized to NVFP4
+too (W4A4); every other GPU dequantizes the weight and multiplies in the compute dtype. `nvfp4-w4a16` stores the same
+NVFP4 weight but writes `"full_precision_matrix_mult": true` into the layer's marker, which makes ComfyUI multiply
+that layer in the compute dtype on every GPU (shared/research/comfyui-load-path.md, Q3): for layers whose
+activations do not survive 4 bits. `fp8-w8a16` is the same for FP8. `full_precision_matrix_mult = true` on an nvfp4
+or fp8 rule is another spelling of these decisions:
+
+    [[rules]]
+    regex = '^blocks\\.\\d+\\.ffn\\.2$'
+    format = "nvfp4"
+    full_precision_matrix_mult = true      # the same as format = "nvfp4-w4a16"
 
 Conditions (all optional, all must hold):
   linear = true|false      the layer has a 2-D floating-point weight
@@ -50,8 +63,18 @@ from typing import Any
 
 from inspect_tools.errors import InputError, UsageError
 
-QUANT_FORMATS = ("nvfp4", "fp8")
-FORMATS = ("nvfp4", "fp8", "keep", "bf16", "fp16", "f32")
+# Quantizing decision -> (codec that encodes the weight, whether ComfyUI is told to multiply in full precision).
+QUANT_DECISIONS: dict[str, tuple[str, bool]] = {
+    "nvfp4": ("nvfp4", False),
+    "nvfp4-w4a16": ("nvfp4", True),
+    "fp8": ("fp8", False),
+    "fp8-w8a16": ("fp8", True),
+}
+QUANT_FORMATS = tuple(QUANT_DECISIONS)
+FORMATS = (*QUANT_FORMATS, "keep", "bf16", "fp16", "f32")
+FULL_PRECISION_KEY = "full_precision_matrix_mult"  # the rule key, spelled as in ComfyUI's comfy_quant conf
+# codec -> its full-precision-matmul decision (what `full_precision_matrix_mult = true` turns a rule into)
+_FULL_PRECISION_DECISION = {"nvfp4": "nvfp4-w4a16", "fp8": "fp8-w8a16"}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 CONDITIONS = ("linear", "in_blocks", "sensitive", "ndim", "min_dim", "divisible_by", "max_numel")
 _BOOL_CONDITIONS = ("linear", "in_blocks", "sensitive")
@@ -138,6 +161,31 @@ class Rule:
         return self.failed_condition(layer, model_width) is None
 
 
+def codec_of(decision: str) -> str | None:
+    """The weight codec of a quantizing decision (nvfp4 or fp8), None for a kept layer."""
+    entry = QUANT_DECISIONS.get(decision)
+    return entry[0] if entry else None
+
+
+def full_precision_mm(decision: str) -> bool:
+    """Whether ComfyUI is told to multiply this layer in full precision (W4A16 / W8A16 on every GPU)."""
+    entry = QUANT_DECISIONS.get(decision)
+    return bool(entry and entry[1])
+
+
+def describe_decision(decision: str) -> str:
+    """What a decision means at run time, for `preset show/explain` and `convert --dry-run`."""
+    codec = codec_of(decision)
+    if codec is None:
+        return {"keep": "source precision", "bf16": "BF16", "fp16": "FP16", "f32": "F32"}.get(decision, decision)
+    if full_precision_mm(decision):
+        return ("NVFP4 weights, full-precision matmul on every GPU, Blackwell included (W4A16)" if codec == "nvfp4"
+                else "FP8 weights, full-precision matmul on every GPU (W8A16)")
+    if codec == "nvfp4":
+        return "NVFP4 weights; on Blackwell activations quantized to NVFP4 too (W4A4)"
+    return "FP8 weights; on FP8-capable GPUs activations quantized to FP8 too (W8A8)"
+
+
 def effective_min_dim(min_dim: int, model_width: int | None) -> int:
     """min_dim capped at the model's own width (see module docstring)."""
     return min(min_dim, model_width) if model_width else min_dim
@@ -186,12 +234,14 @@ class Preset:
 def _check_rule(raw: Any, index: int, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise UsageError(f"rule {index} is not a table", where)
-    unknown = set(raw) - {"match", "regex", "format", "reason", *CONDITIONS}
+    unknown = set(raw) - {"match", "regex", "format", "reason", FULL_PRECISION_KEY, *CONDITIONS}
     if unknown:
         raise UsageError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}", where)
     fmt = raw.get("format")
     if fmt not in FORMATS:
         raise UsageError(f"rule {index}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}", where)
+    if FULL_PRECISION_KEY in raw:
+        fmt = _with_full_precision(fmt, raw[FULL_PRECISION_KEY], index, where)
     if "match" in raw and "regex" in raw:
         raise UsageError(f"rule {index}: give either match (glob) or regex, not both", where)
     for key in ("match", "regex", "reason"):
@@ -217,6 +267,21 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         format=fmt, match=raw.get("match"), regex=raw.get("regex"), conditions=conditions,
         reason=raw.get("reason", ""), index=index,
     )
+
+
+def _with_full_precision(fmt: str, flag: Any, index: int, where: str) -> str:
+    """A rule's format with its `full_precision_matrix_mult` key folded in, so that a rule has one decision and
+    `preset show`, the plan and the written marker cannot disagree about it."""
+    if not isinstance(flag, bool):
+        raise UsageError(f"rule {index}: {FULL_PRECISION_KEY} must be true or false", where)
+    if fmt not in QUANT_DECISIONS:
+        raise UsageError(f"rule {index}: {FULL_PRECISION_KEY} applies only to quantizing rules "
+                         f"({', '.join(QUANT_FORMATS)}), not to {fmt!r}", where)
+    codec, already = QUANT_DECISIONS[fmt]
+    if already and not flag:
+        raise UsageError(f"rule {index}: format {fmt!r} means {FULL_PRECISION_KEY} = true; "
+                         f"use format {codec!r} for {FULL_PRECISION_KEY} = false", where)
+    return _FULL_PRECISION_DECISION[codec] if flag else fmt
 
 
 def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> Preset:

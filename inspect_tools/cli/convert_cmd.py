@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -9,6 +10,8 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from converter.plan import quant_conf  # torch-free, like the preset vocabulary
+from converter.preset import QUANT_FORMATS, describe_decision
 from inspect_tools.cli import app
 from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
 from inspect_tools.errors import UsageError
@@ -16,6 +19,7 @@ from reference_specs.findings import Finding, Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported by the command itself: other commands start without it
     from converter.pipeline import ConvertResult
+    from converter.plan import LayerPlan
 
 
 def _size(n: int) -> str:
@@ -26,9 +30,15 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _decision(lp: LayerPlan) -> str:
+    """What the dry-run table shows: the quantizing decision (nvfp4-w4a16 and nvfp4 write the same tensors but
+    different markers), else the kept layer's output dtype."""
+    return lp.action if lp.quantized else lp.out_format
+
+
 def _plan_rows(result: ConvertResult) -> list[dict]:
     return [
-        {"layer": lp.name, "decision": lp.action, "format": lp.out_format,
+        {"layer": lp.name, "decision": lp.action, "format": lp.out_format, "marker": lp.conf,
          "rule": lp.decision.rule.index if lp.decision and lp.decision.rule else None,
          "reason": lp.decision.reason if lp.decision else "file marker", "bytes": lp.out_bytes,
          "tensors": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in lp.tensors]}
@@ -76,8 +86,12 @@ def _print_text(result: ConvertResult) -> None:
         for lp in plan.layers:
             rule = lp.decision.rule.index if lp.decision and lp.decision.rule else "default"
             dtypes = " ".join(sorted({t.dtype for t in lp.tensors}))
-            table.add_row(lp.name, lp.out_format, str(rule), dtypes, _size(lp.out_bytes))
+            table.add_row(lp.name, _decision(lp), str(rule), dtypes, _size(lp.out_bytes))
         out.print(table)
+        used = {lp.action for lp in plan.layers if lp.quantized}
+        for decision in (d for d in QUANT_FORMATS if d in used):
+            out.print(f"{decision}: marker {json.dumps(quant_conf(decision))}: {describe_decision(decision)}",
+                      markup=False, highlight=False)
     findings = _findings(result)
     if findings:
         print_findings_text(findings, title="gate" if result.gate else None, out=out)

@@ -1,15 +1,28 @@
-"""`nvdiag preset list | show | explain | from-gguf`: the layer-selection presets `nvdiag convert` uses."""
+"""`nvdiag preset list | show | explain | from-gguf | from-sensitivity`: the layer-selection presets `nvdiag convert`
+uses."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
+from converter import from_sensitivity as fs
 from converter.from_gguf import preset_from_gguf, write_text_atomic
-from converter.plan import model_width
-from converter.preset import LayerView, Preset, builtin_names, dumps_preset, load_builtin, load_preset, view_of
+from converter.plan import model_width, quant_conf
+from converter.preset import (
+    QUANT_FORMATS,
+    LayerView,
+    Preset,
+    builtin_names,
+    describe_decision,
+    dumps_preset,
+    load_builtin,
+    load_preset,
+    view_of,
+)
 from inspect_tools.cli import app
 from inspect_tools.cli.output import console, print_json
 from inspect_tools.errors import OutputError, UsageError
@@ -17,7 +30,8 @@ from inspect_tools.layers import open_model
 from reference_specs import models
 
 preset_app = typer.Typer(
-    help="Layer-selection presets for `nvdiag convert`: list, show, explain, or derive one from a GGUF file.",
+    help="Layer-selection presets for `nvdiag convert`: list, show, explain, or derive one from a GGUF file or a "
+         "sensitivity report.",
     no_args_is_help=True,
 )
 app.add_typer(preset_app, name="preset")
@@ -30,12 +44,23 @@ def _check_format(fmt: str) -> None:
         raise UsageError(f"--format must be text or json, not {fmt!r}")
 
 
+def _marker(decision: str) -> dict | None:
+    """The comfy_quant conf convert writes for a decision (None: the layer is kept, no marker)."""
+    return quant_conf(decision) if decision in QUANT_FORMATS else None
+
+
 def _rule_rows(preset: Preset) -> list[dict]:
     return [
         {"index": r.index, "pattern": r.pattern, "conditions": dict(r.conditions), "format": r.format,
-         "reason": r.reason}
+         "marker": _marker(r.format), "reason": r.reason}
         for r in preset.rules
     ]
+
+
+def _legend(decisions: list[str]) -> list[str]:
+    """One line per quantizing decision in use: what it writes and what ComfyUI then does with it."""
+    return [f"{d}: writes {json.dumps(quant_conf(d))}: {describe_decision(d)}"
+            for d in QUANT_FORMATS if d in decisions]
 
 
 def _preset_doc(preset: Preset) -> dict:
@@ -98,7 +123,8 @@ def show_cmd(
             doc["on"] = {"path": str(on), "architecture": detection.to_json(), "counts": counts,
                          "warnings": warnings,
                          "layers": [{"name": v.name, "shape": list(v.shape), "format": d.format,
-                                     "rule": d.rule.index if d.rule else None, "reason": d.reason}
+                                     "marker": _marker(d.format), "rule": d.rule.index if d.rule else None,
+                                     "reason": d.reason}
                                     for v, d in decisions]}
         print_json({"version": 1, "preset": doc})
         return
@@ -112,6 +138,8 @@ def show_cmd(
         table.add_row(str(r.index), r.pattern, conds, r.format, r.reason)
     table.add_row("-", "default", "", preset.default, "no rule matched")
     out.print(table)
+    for line in _legend([r.format for r in preset.rules]):
+        out.print(line, markup=False)
     if on is None:
         return
     out.print(f"on {on}: {detection.variant} ({detection.naming} names)")
@@ -167,7 +195,8 @@ def explain_cmd(
     decision = preset.decide(view, width)
     if fmt == "json":
         print_json({"version": 1, "preset": preset.name, "layer": view.name, "shape": list(view.shape),
-                    "shape_origin": origin, "format": decision.format,
+                    "shape_origin": origin, "format": decision.format, "marker": _marker(decision.format),
+                    "meaning": describe_decision(decision.format),
                     "rule": decision.rule.index if decision.rule else None, "reason": decision.reason,
                     "trace": [{"rule": r.index, "pattern": r.pattern, "skipped_because": why} for r, why in trace]})
         return
@@ -180,6 +209,9 @@ def explain_cmd(
             out.print(f"  {rule.describe()}: skipped, {why}")
     by = f"rule {decision.rule.index}" if decision.rule else "the default"
     out.print(f"=> [bold]{decision.format}[/] by {by}: {decision.reason}")
+    marker = _marker(decision.format)
+    written = f"marker {json.dumps(marker)}" if marker else "no marker"
+    out.print(f"   {written}; {describe_decision(decision.format)}", markup=False)
 
 
 @preset_app.command("from-gguf")
@@ -206,3 +238,57 @@ def from_gguf_cmd(
         counts[r.format] = counts.get(r.format, 0) + 1
     console().print(f"wrote {output}: {len(preset.rules)} rules ("
                     + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ")")
+
+
+# Paragraphs as single lines: the help renderer wraps them to the terminal, and keeps hard line breaks.
+FROM_SENSITIVITY_HELP = "\n\n".join([
+    "Write a preset from a sensitivity report (nvdiag sensitivity -o REPORT.json).",
+    "Per measured layer: W4A4 (nvfp4) where risk = W4A4 error / W4A16 error is at most --risk; nvfp4-w4a16 (NVFP4 "
+    "weights with full_precision_matrix_mult: ComfyUI multiplies in full precision on Blackwell too) where W4A4 is "
+    "far above W4A16; where even the W4A16 error exceeds --max-error, fp8-w8a16 if the FP8 error is within it, else "
+    "bf16. FP8 layers multiply in full precision because convert writes them without an input_scale, with which "
+    "ComfyUI quantizes FP8 activations at scale 1.0, not at the calibrated scale the report's FP8 error assumes. "
+    "Layers the report does not list keep the source precision.",
+    f"Defaults: --risk {fs.DEFAULT_RISK:g}: when activations quantize as well as weights the two errors add in "
+    "quadrature and W4A4 is about 1.41x W4A16; above 2x the activations lose more than 1.7x what the weights lose, "
+    f"the mark of outlier channels (nvdiag sensitivity flags the same layers). --max-error {fs.DEFAULT_MAX_ERROR:g}: "
+    "the error NVFP4 is expected to stay within on well-behaved weights (nvdiag's NVFP4 format spec); above it "
+    f"under W4A16 the weights themselves are too coarse for 4 bits. --budget {fs.DEFAULT_BUDGET:g} (no cap): W4A16 "
+    "costs Blackwell speed, FP8 and 16-bit also size; a cap admits the most risky layers first (those that fail "
+    "even W4A16, then by risk) until that fraction of the measured parameters has left W4A4.",
+    "Examples:\n\n"
+    "  nvdiag preset from-sensitivity report.json -o measured.toml\n\n"
+    "  nvdiag preset from-sensitivity report.json --budget 0.25 -o measured.toml --force\n\n"
+    "  nvdiag preset from-sensitivity report.json          # print the preset",
+])
+
+
+@preset_app.command("from-sensitivity", help=FROM_SENSITIVITY_HELP)
+def from_sensitivity_cmd(
+    report: Path = typer.Argument(..., help="a report written by nvdiag sensitivity -o"),
+    output: Path | None = typer.Option(None, "-o", "--output", help="preset TOML to write (default: print it)"),
+    budget: float = typer.Option(fs.DEFAULT_BUDGET, "--budget",
+                                 help="fraction of the measured parameters that may leave plain W4A4 (0-1)"),
+    risk: float = typer.Option(fs.DEFAULT_RISK, "--risk", help="W4A4/W4A16 error ratio above which a layer gets W4A16"),
+    max_error: float = typer.Option(fs.DEFAULT_MAX_ERROR, "--max-error",
+                                    help="relative output error above which 4-bit weights are too coarse"),
+    name: str | None = typer.Option(None, "--name", help="preset name (default: ARCHITECTURE-sensitivity)"),
+    force: bool = typer.Option(False, "--force", help="overwrite an existing OUTPUT"),
+) -> None:
+    fs.check_thresholds(risk, max_error, budget)  # a usage error before any file is touched
+    if output is not None:
+        from inspect_tools.writer import check_output_path  # imports torch: only when writing
+
+        check_output_path(output, [report])  # --force must never turn the report into a TOML
+        if output.exists() and not force:
+            raise OutputError("exists; pass --force to overwrite it", str(output))
+    outcome = fs.preset_from_sensitivity(report, risk=risk, max_error=max_error, budget=budget, name=name)
+    if output is None:
+        print(outcome.text, end="")
+        return
+    write_text_atomic(output, outcome.text)
+    counts = ", ".join(f"{k} {n}" for k, n in outcome.counts().items())
+    held = f"; {outcome.held_by_budget} held at W4A4 by --budget" if outcome.held_by_budget else ""
+    console().print(f"wrote {output}: {len(outcome.preset.rules)} rules for {len(outcome.choices)} layers "
+                    f"({counts}); {outcome.fraction_left_w4a4:.1%} of the measured parameters leave W4A4{held}",
+                    markup=False, highlight=False)
