@@ -25,6 +25,8 @@ CAUSES: dict[str, str] = {
     "excess-error": "a layer's dequantization error is far above its format's expected error, cause not attributable",
     "comfyui-refused": "ComfyUI raised an error loading or running the file and no more specific cause explains it",
     "comfyui-ignored-tensors": "ComfyUI loaded the file but left tensors of it unused (logged as left-over keys)",
+    "compute-overflow": "ComfyUI's output is not finite for a correct file too: the model overflows in the compute "
+    "dtype (float16 on most GPUs) on these inputs, whatever the file holds",
     "activation-sensitive-w4a4": "with activations quantized to 4 bits (W4A4, Blackwell) the output error is far "
     "above the W4A16 error: layers that need full_precision_matrix_mult, a calibrated input_scale or more bits",
 }

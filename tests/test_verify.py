@@ -362,3 +362,18 @@ def test_verify_on_cuda_gives_the_cpu_verdicts(comfyui, files):
                           [p["ratio"] for p in doc["compute"]])
     assert verdicts["good"][:2] == (0, set()) and all(abs(r - 1) < 0.05 for r in verdicts["good"][2])
     assert verdicts["linear"][:2] == (1, {"scale-layout-linear"})
+
+
+def test_an_output_that_overflows_for_a_correct_file_too_is_not_blamed_on_the_file():
+    """float16 compute (ComfyUI's choice for WAN on most GPUs) can overflow on synthetic inputs: when the baseline's
+    output is not finite either, the comparison is inconclusive, not a fault of the file."""
+    from inspect_tools.comfyui.verify import Comparison, PathResult
+
+    def comparison(finite: bool) -> Comparison:
+        return Comparison(name="x", compute="w4a16", rel_l2=[float("inf") if not finite else 0.05], cosine=[1.0],
+                          psnr_db=[30.0], blocks=[0.1], finite=finite)
+
+    both = PathResult(compute="w4a16", file=comparison(False), baseline=comparison(False))
+    only_file = PathResult(compute="w4a16", file=comparison(False), baseline=comparison(True))
+    assert both.overflow and not both.far
+    assert not only_file.overflow and only_file.far

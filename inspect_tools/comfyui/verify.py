@@ -125,7 +125,14 @@ class PathResult:
         return self.file.error / max(self.expected or 0.0, FLOOR)
 
     @property
+    def overflow(self) -> bool:
+        """A correct file's output is not finite either: the compute dtype overflows, not the file's fault."""
+        return not self.file.finite and self.baseline is not None and not self.baseline.finite
+
+    @property
     def far(self) -> bool:
+        if self.overflow:
+            return False
         ratio = self.ratio
         return (ratio is not None and ratio > FAR) or not self.file.finite
 
@@ -179,6 +186,9 @@ class VerifyResult:
             layers = len({f.layer for f in errors})
             return (f"ComfyUI's output on these inputs looks right, but {layers} layer(s) decode wrongly: {causes} "
                     "(other inputs will show it)")
+        if any(p.overflow for p in self.paths):
+            return ("inconclusive: a correct file's output is not finite either (the compute dtype overflows on these "
+                    "inputs); the per-layer decode found nothing")
         if not self.paths or all(p.baseline is None for p in self.paths):
             return "ComfyUI loads and runs this file (no baseline to judge its error against)"
         return "ComfyUI renders this file as well as a correct file of the same layer selection"
@@ -271,6 +281,13 @@ def _path_findings(result: VerifyResult, file_model: CheckpointModel, ref_model:
     attributed = decoded
     by_compute = {p.compute: p for p in result.paths}
     for p in result.paths:
+        if p.overflow:
+            result.findings.append(_finding(
+                "V203", "compute-overflow", Severity.WARNING, path,
+                f"ComfyUI's output ({p.compute}, compute {result.file_report.compute_dtype}) is not finite for a "
+                "correct file of this layer selection either: the model overflows on these inputs, so the output "
+                "comparison proves nothing; the per-layer decode still holds", compute=p.compute))
+    for p in result.paths:
         if not p.far:
             continue
         if attributed is None:
@@ -286,7 +303,7 @@ def _path_findings(result: VerifyResult, file_model: CheckpointModel, ref_model:
         else:
             if not p.file.finite and _has_non_finite_scales(file_model):
                 causes = ["non-finite-scale", *[c for c in causes if c != "non-finite-scale"]]
-            cause = causes[0] if causes else ("non-finite-scale" if not p.file.finite else "excess-error")
+            cause = causes[0] if causes else "excess-error"
             where = p.first_wrong_block(result.block_names)
             message = (f"ComfyUI's output ({p.compute}) is {_fmt_ratio(p.ratio)} the error a correct file gives "
                        f"(relative L2 {p.file.error:.4g}, expected {p.expected:.4g})"
