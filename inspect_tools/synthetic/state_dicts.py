@@ -27,16 +27,12 @@ def shapes_for(variant: str, dims: dict[str, int] | None = None) -> dict[str, tu
     return profile.tensor_shapes({**profile.small_dims, **(dims or {})})
 
 
-# What ComfyUI builds whatever the file says (comfy/model_detection.py): WAN reads dim, ffn and depth off the keys but
-# always has text width 4096 (the small dims already use it); Qwen Image reads only in_channels and depth, its width
-# (24 heads of 128 = 3072) and text width 3584 are fixed. Fixtures that ComfyUI must load and run use these.
-_COMFYUI_DIMS = {"qwen_image": {"dim": 3072, "heads": 24, "text_dim": 3584, "blocks": 1}}
-
-
 def comfyui_dims(variant: str) -> dict[str, int]:
-    """The smallest dims of `variant` that ComfyUI builds and runs (scaled down where ComfyUI allows it)."""
-    profile = profile_for(variant)
-    return {**profile.small_dims, **_COMFYUI_DIMS.get(profile.family, {})}
+    """The dims of fixtures that ComfyUI builds and runs: the profile's small dims. ComfyUI reads WAN's width, FFN
+    and depth off the keys but always builds text width 4096; it builds Qwen Image only at its real width (24 heads
+    of 128, text 3584) and reads just in_channels and depth (comfy/model_detection.py): so the small WAN dims are
+    narrow and the small Qwen dims are full width, one block deep."""
+    return dict(profile_for(variant).small_dims)
 
 
 def rename(profile: ArchitectureProfile, key: str, naming: str) -> str:

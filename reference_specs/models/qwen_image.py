@@ -124,7 +124,9 @@ class QwenImageProfile(ArchitectureProfile):
 
 
 _FULL = {"dim": 3072, "blocks": 60, "text_dim": 3584, "in_channels": 64, "out_channels": 64, "heads": 24}
-_SMALL = {"dim": 256, "blocks": 2, "text_dim": 256, "in_channels": 64, "out_channels": 64, "heads": 2}
+# ComfyUI builds Qwen Image at its real width only (it reads in_channels and depth off the keys, nothing else):
+# fixtures are full width and one block deep
+_SMALL = {"dim": 3072, "blocks": 1, "text_dim": 3584, "in_channels": 64, "out_channels": 64, "heads": 24}
 
 
 class QwenImage2512(QwenImageProfile):
