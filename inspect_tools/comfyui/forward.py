@@ -3,8 +3,8 @@
 `patcher.model.apply_model(x, sigma, c_crossattn=context)` is the call ComfyUI's samplers make at every step
 (shared/comfyui.md). Inputs are seeded: the starting latent of a sampler is plain Gaussian noise, and a latent at
 noise level sigma of a flow model is sigma * noise + (1 - sigma) * x0; the text context is Gaussian too (no text
-encoder is loaded). Every transformer block's output is recorded through forward hooks, so a single wrong block is
-visible even when the final output hides it.
+encoder is loaded). Every transformer block's output is recorded through ComfyUI's block-replacement hook, so a
+single wrong block is visible even when the final output hides it.
 
 Compute paths:
 - "w4a16": what the CPU and every GPU before Blackwell do: each quantized layer's weight is dequantized by
@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from inspect_tools.comfyui.loading import BLOCK_LISTS
+from inspect_tools.comfyui.pieces import BLOCK_LISTS
 from inspect_tools.comfyui.runtime import ComfyRuntime
 
 COMPUTE_PATHS = ("w4a16", "w4a4")
@@ -72,9 +72,10 @@ def make_inputs(patcher: Any, steps: int, seed: int) -> list[StepInput]:
     model = patcher.model
     net = model.diffusion_model
     channels = model.latent_format.latent_channels
-    video = _in_channels(net) is not None  # both take [B, C, T, H, W]; Qwen Image is one frame
+    in_channels = _in_channels(net)
+    video = in_channels is not None  # both take [B, C, T, H, W]; Qwen Image is one frame
     shape = (1, channels, LATENT_FRAMES if video else 1, LATENT_SIZE, LATENT_SIZE)
-    extra = (_in_channels(net) or channels) - channels
+    extra = (in_channels or channels) - channels
     width = _text_width(net)
     inputs = []
     sampling = model.model_sampling
@@ -127,14 +128,19 @@ def _block_patches(count: int, state: dict[str, Any]) -> dict[tuple[str, int], C
     return {("double_block", i): patch_for(i) for i in range(count)}
 
 
-def _fake_quantize_input(runtime: ComfyRuntime) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
-    quantized_tensor = runtime.quant_ops.QuantizedTensor
+def fake_quantize(runtime: ComfyRuntime, x: torch.Tensor, layout: str, scale: Any) -> torch.Tensor:
+    """x (2-D) through ComfyUI's own activation quantizer and back: what a quantized matmul sees. scale: the static
+    per-tensor scale, or None for ComfyUI's dynamic one."""
+    q = runtime.quant_ops.QuantizedTensor.from_float(x, layout, scale=scale)
+    return q.dequantize().to(x.dtype)
 
+
+def _fake_quantize_input(runtime: ComfyRuntime) -> Callable[[torch.nn.Module, tuple[Any, ...]], tuple[Any, ...]]:
     def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]
-        flat = x.reshape(-1, x.shape[-1])
-        q = quantized_tensor.from_float(flat, module.layout_type, scale=getattr(module, "input_scale", None))
-        return (q.dequantize().to(x.dtype).reshape(x.shape), *args[1:])
+        flat = fake_quantize(runtime, x.reshape(-1, x.shape[-1]), module.layout_type,
+                             getattr(module, "input_scale", None))
+        return (flat.reshape(x.shape), *args[1:])
 
     return hook
 

@@ -18,8 +18,6 @@ from typing import Any
 
 from inspect_tools.comfyui.runtime import ComfyRuntime
 
-# block containers of the supported families, in the order they run (WAN, Qwen Image, Flux)
-BLOCK_LISTS = ("blocks", "transformer_blocks", "double_blocks", "single_blocks")
 MAX_LOG_LINES = 50
 MAX_LOG_CHARS = 2000
 
@@ -175,9 +173,8 @@ def merge(parts: list[tuple[Any, LoadReport]], total_blocks: int) -> LoadReport:
     for field_name in ("model_class", "config_class", "weight_dtype", "compute_dtype"):
         setattr(merged, field_name, getattr(first, field_name))
     merged.config = dict(first.config)
-    for key in ("num_layers",):
-        if key in merged.config:
-            merged.config[key] = total_blocks
+    if "num_layers" in merged.config:
+        merged.config["num_layers"] = total_blocks
     for piece, report in parts:
         if not report.loaded and merged.error is None:
             merged.error, merged.error_type = report.error, report.error_type

@@ -17,7 +17,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-BLOCK_KEY = re.compile(r"^(?P<pre>(?:.*\.)?)(?P<list>blocks|transformer_blocks)\.(?P<index>\d+)\.(?P<rest>.+)$")
+# The block lists of the target families, in the order they run (WAN: blocks, Qwen Image: transformer_blocks); both
+# call every block through the ("double_block", i) replacement hook.
+BLOCK_LISTS = ("blocks", "transformer_blocks")
+# a key or module name inside a block ("blocks.3.ffn.0.weight"), or the block itself ("blocks.3")
+BLOCK_KEY = re.compile(
+    r"^(?P<pre>(?:.*\.)?)(?P<list>" + "|".join(BLOCK_LISTS) + r")\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
 QUANT_METADATA_KEY = "_quantization_metadata"
 
 
@@ -39,15 +44,19 @@ class Piece:
         index = int(match.group("index"))
         if not self.start <= index < self.stop:
             return None
-        return f"{match.group('pre')}{match.group('list')}.{index - self.start}.{match.group('rest')}"
+        return _block_name(match, index - self.start)
 
     def restore(self, name: str) -> str:
-        """A layer or key name inside the piece back to the whole model's name (the inverse of rename)."""
+        """A block, layer or key name inside the piece back to the whole model's name (the inverse of rename)."""
         match = BLOCK_KEY.match(name)
         if match is None:
             return name
-        index = int(match.group("index")) + self.start
-        return f"{match.group('pre')}{match.group('list')}.{index}.{match.group('rest')}"
+        return _block_name(match, int(match.group("index")) + self.start)
+
+
+def _block_name(match: re.Match[str], index: int) -> str:
+    rest = match.group("rest")
+    return f"{match.group('pre')}{match.group('list')}.{index}" + (f".{rest}" if rest is not None else "")
 
 
 def count_blocks(keys: Iterable[str]) -> int:

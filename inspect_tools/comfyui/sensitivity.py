@@ -107,8 +107,7 @@ def _relative(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _fake_quantize(runtime: ComfyRuntime, x: torch.Tensor, layout: str, scale: float) -> torch.Tensor:
-    q = runtime.quant_ops.QuantizedTensor.from_float(x, layout, scale=torch.tensor(scale, dtype=torch.float32))
-    return q.dequantize().to(x.dtype)
+    return forward.fake_quantize(runtime, x, layout, torch.tensor(scale, dtype=torch.float32))
 
 
 def measure(runtime: ComfyRuntime, name: str, weight: torch.Tensor, capture: Capture) -> LayerSensitivity:
@@ -118,12 +117,12 @@ def measure(runtime: ComfyRuntime, name: str, weight: torch.Tensor, capture: Cap
     y = x @ w.T
     w4 = reference.nvfp4_decoded(w)
     w8 = reference.fp8_decoded(w)
-    calls = [t.shape[0] for t in capture.rows]
+    # each call's rows with that call's own dynamic scale, as ComfyUI scales a whole activation tensor per call
     dynamic = torch.cat([
         _fake_quantize(runtime, rows.float(), "TensorCoreNVFP4Layout", max(amax, 1e-30) / NVFP4_DIVISOR)
         for rows, amax in zip(capture.rows, capture.amax, strict=True)
-    ]) if calls else x
-    static_amax = max(capture.amax) if capture.amax else 0.0
+    ])
+    static_amax = max(capture.amax)
     static = _fake_quantize(runtime, x, "TensorCoreNVFP4Layout", max(static_amax, 1e-30) / NVFP4_DIVISOR)
     x8 = _fake_quantize(runtime, x, "TensorCoreFP8E4M3Layout", max(static_amax, 1e-30) / FP8_DIVISOR)
     return LayerSensitivity(
@@ -195,7 +194,7 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
             for inner, module in loaded.patcher.model.diffusion_model.named_modules():
                 name = piece.restore(inner)
                 if name in wanted and getattr(module, "weight", None) is not None and hasattr(module, "in_features"):
-                    if not piece.whole and pieces.BLOCK_KEY.match(name + ".x") is None and number > 1:
+                    if number > 1 and pieces.BLOCK_KEY.match(name) is None:
                         continue  # tensors outside the blocks are in every piece: measured once, in the first
                     modules[name] = module
                     handles.append(module.register_forward_pre_hook(_capture_hook(captures, name, per_call)))

@@ -444,7 +444,7 @@ def verify(
             if not inputs:
                 inputs = forward.make_inputs(ref_loaded.patcher, steps, seed)
             names = [name for name, _ in forward.block_modules(ref_loaded.patcher.model.diffusion_model)]
-            block_names += [piece.restore(f"{n}.x")[: -len(".x")] for n in names]
+            block_names += [piece.restore(n) for n in names]
             ref_quantized = bool(ref_loaded.report.quantized)
             say(f"running the reference{where}")
             ref_run.run(runtime, ref_loaded, inputs, compute if ref_quantized else ("w4a16",), None)
