@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -14,13 +15,12 @@ from inspect_tools.cli.output import (
     compact_findings_table,
     console,
     findings_document,
-    github_lines,
-    print_json,
+    render,
     rule_legend,
     verdict,
 )
 from inspect_tools.errors import UsageError
-from inspect_tools.lint import LintConfig, explain, lint_paths, resolve_config
+from inspect_tools.lint import LintConfig, LintResult, explain, lint_paths, resolve_config
 from reference_specs.causes import CAUSES
 from reference_specs.rules import RULES, Rule
 
@@ -127,20 +127,20 @@ def lint_command(
     if not paths:
         raise UsageError("lint needs at least one checkpoint PATH (or --list / --explain)")
     result = lint_paths(paths, config)
-    if fmt == OutputFormat.json:
-        print_json(findings_document(result.findings, result.layers))
-    elif fmt == OutputFormat.github:
-        for line in github_lines(result.findings):
-            typer.echo(line)
-    else:
-        files = list(dict.fromkeys(f.file for f in result.findings))
-        for file in files:
-            if len(files) > 1:
-                out.print(f"[bold]{escape(file)}[/]")
-            out.print(compact_findings_table([f for f in result.findings if f.file == file]))
-        if result.findings:
-            for line in rule_legend(result.findings, {r.id: r.name for r in RULES}):
-                out.print(line)
-            out.print("[dim]nvdiag lint --explain ID: what ComfyUI does with it and how to fix it[/]")
-        out.print(verdict(result.findings, config.fail_on, result.layers))
+    render(fmt, result.findings, lambda: findings_document(result.findings, result.layers),
+           lambda: print_text(out, result, config))
     raise typer.Exit(result.exit_code(config.fail_on))
+
+
+def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
+    """Findings per file, the legend of the rules that fired, and the verdict line."""
+    files = list(dict.fromkeys(f.file for f in result.findings))
+    for file in files:
+        if len(files) > 1:
+            out.print(f"[bold]{escape(file)}[/]")
+        out.print(compact_findings_table([f for f in result.findings if f.file == file]))
+    if result.findings:
+        for line in rule_legend(result.findings, {r.id: r.name for r in RULES}):
+            out.print(line)
+        out.print("[dim]nvdiag lint --explain ID: what ComfyUI does with it and how to fix it[/]")
+    out.print(verdict(result.findings, config.fail_on, result.layers))

@@ -10,7 +10,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum
 from typing import Any
 
@@ -67,6 +67,18 @@ def format_number(value: float | None, digits: int = 4) -> str:
 
 def print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n")
+
+
+def render(fmt: OutputFormat, findings: list[Finding], document: Callable[[], dict[str, Any]],
+           text: Callable[[], None]) -> None:
+    """Print a command's result the way --format asks: the JSON document, workflow annotations, or the text view."""
+    if fmt == OutputFormat.json:
+        print_json(document())
+    elif fmt == OutputFormat.github:
+        for line in github_lines(findings):
+            print(line)
+    else:
+        text()
 
 
 def _github_escape(text: str, prop: bool = False) -> str:

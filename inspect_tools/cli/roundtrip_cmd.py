@@ -17,8 +17,7 @@ from inspect_tools.cli.output import (
     console,
     exit_code,
     findings_document,
-    github_lines,
-    print_json,
+    render,
 )
 from inspect_tools.cli.output import format_number as _num
 from inspect_tools.errors import UsageError
@@ -146,13 +145,10 @@ def roundtrip_command(
         from inspect_tools.html_report import write_report
 
         write_report(result, report, inputs)
-    if fmt == OutputFormat.json:
-        print_json(document(result))
-    elif fmt == OutputFormat.github:
-        for line in github_lines(result.findings):
-            print(line)
-    else:
+    def text() -> None:
         print_text(result)
         if report is not None:
             console().print(f"report: {report}")
+
+    render(fmt, result.findings, lambda: document(result), text)
     raise typer.Exit(exit_code(result.findings, threshold))

@@ -20,8 +20,7 @@ from inspect_tools.cli.output import (
     console,
     exit_code,
     findings_document,
-    github_lines,
-    print_json,
+    render,
     rule_legend,
 )
 from inspect_tools.cli.output import format_number as _num
@@ -171,11 +170,5 @@ def verify_command(
 
         result = verify(runtime, mine, ref, compute=compute_paths(compute), steps=steps, seed=seed,
                         progress=progress, blocks_at_once=blocks_at_once, decode=decode)
-    if fmt == OutputFormat.json:
-        print_json(document(result))
-    elif fmt == OutputFormat.github:
-        for line in github_lines(result.findings):
-            print(line)
-    else:
-        print_text(result)
+    render(fmt, result.findings, lambda: document(result), lambda: print_text(result))
     raise typer.Exit(exit_code(result.findings, threshold))
