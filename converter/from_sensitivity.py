@@ -25,11 +25,11 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from converter.preset import Preset, Rule, dumps_preset, loads_preset
+from converter.preset import Preset, Rule, builtin_names, dumps_preset, load_builtin, load_preset, loads_preset
 from inspect_tools.errors import InputError, UsageError
 
 REPORT_KIND = "nvdiag-sensitivity"
@@ -326,27 +326,56 @@ class Outcome:
         return moved / total if total else 0.0
 
 
+def base_preset(base: str | None, architecture: str) -> Preset | None:
+    """The preset that decides the layers a report does not measure: `base` ("auto": the architecture's built-in
+    preset when there is one; "none": no base, those layers keep the source precision; else a preset name or path)."""
+    if base is None or base == "none":
+        return None
+    if base == "auto":
+        return load_builtin(architecture) if architecture in builtin_names() else None
+    return load_preset(base)
+
+
+def _borrowed(base: Preset | None) -> list[Rule]:
+    """The base preset's rules, each saying where it came from."""
+    if base is None:
+        return []
+    return [replace(rule, reason=f"preset {base.name}: {rule.reason or rule.describe()}") for rule in base.rules]
+
+
 def preset_from_sensitivity(path: str | Path, risk: float = DEFAULT_RISK, max_error: float = DEFAULT_MAX_ERROR,
-                            budget: float = DEFAULT_BUDGET, name: str | None = None) -> Outcome:
-    """The report at `path` -> the preset (validated by loading its own TOML back) and the text to write."""
+                            budget: float = DEFAULT_BUDGET, name: str | None = None,
+                            base: str | None = "auto") -> Outcome:
+    """The report at `path` -> the preset (validated by loading its own TOML back) and the text to write.
+
+    The measured rules come first (first match decides) and name exactly the layers they decide; every other layer
+    (embeddings, norms, modulation, head: what sensitivity does not measure) is decided by the base preset's rules,
+    so the file keeps those at the precision the architecture's preset chose (F32 norms, 16-bit embeddings) instead
+    of the source's (FP32: a measured WAN TI2V fixture's file was 1.8x the size of the built-in preset's)."""
     path = Path(path)
     check_thresholds(risk, max_error, budget)
     report = load_report(path)
-    choices = decide(report, risk, max_error, budget)
     arch = report.architecture
+    underneath = base_preset(base, arch)
+    choices = decide(report, risk, max_error, budget)
     source = Path(report.source).name if report.source else path.name  # never an absolute path in the preset
+    rest = (f"unmeasured layers as preset {underneath.name} decides them" if underneath is not None
+            else "unmeasured layers keep the source precision")
     preset = Preset(
         name=name or (f"{arch}-sensitivity" if arch != "unknown" else f"{path.stem}-sensitivity"),
-        rules=rules_from_choices(choices, risk, max_error, budget),
-        default="keep",
+        rules=rules_from_choices(choices, risk, max_error, budget) + _borrowed(underneath),
+        default=underneath.default if underneath is not None else "keep",
         description=(f"measured by nvdiag sensitivity on {source}: W4A4 where risk <= {risk:g}, W4A16 above it, "
-                     f"FP8 or 16-bit where W4A16 error > {max_error:g}; unmeasured layers keep the source precision"),
+                     f"FP8 or 16-bit where W4A16 error > {max_error:g}; {rest}"),
         architectures=(arch,) if arch != "unknown" else (),
     )
+    tail = (f"# falls to the rules of preset {underneath.name} copied below them (embeddings, norms, modulation,\n"
+            f"# head), then to its default ({underneath.default}).\n" if underneath is not None
+            else "# falls to the default and keeps the source precision.\n")
     header = (f"# nvdiag preset from-sensitivity {path.name} --risk {risk:g} --max-error {max_error:g} "
-              f"--budget {budget:g}\n"
-              "# Each rule names exactly the measured layers it decides; a layer the report does not list (the\n"
-              "# sensitive and non-linear ones) falls to the default and keeps the source precision.\n")
+              f"--budget {budget:g} --base {base if base is not None else 'none'}\n"
+              "# Each measured rule names exactly the layers it decides; a layer the report does not list (the\n"
+              "# sensitive and non-linear ones) " + tail)
     text = header + dumps_preset(preset)
     loaded = loads_preset(text.encode("utf-8"), str(path))  # what the file will load back as (sha included)
     loaded.source = str(path)

@@ -79,17 +79,39 @@ def test_a_report_becomes_the_preset_the_numbers_call_for(tmp_path: Path, capsys
     assert "wrote" in capsys.readouterr().out
     preset = load_preset(str(out))
     assert preset.name == "wan2.2-ti2v-5b-sensitivity" and preset.architectures == (WAN,)
-    assert preset.default == "keep"  # what the report does not list (norms, modulation, head) keeps its precision
     assert {name: preset.decide(LayerView(name, (256, 256))).format for name in EXPECTED} == EXPECTED
-    assert preset.decide(LayerView("head.head", (48, 256))).format == "keep"
-    # one rule per layer kind and decision, naming exactly the measured blocks
-    rules = {(r.regex, r.format) for r in preset.rules}
+    # what the report does not measure (head, norms, modulation) gets what WAN's built-in preset gives it
+    builtin = load_preset(WAN)
+    for name, shape in [("head.head", (48, 256)), ("blocks.0.norm3", (256,)), ("blocks.0.modulation", (1, 6, 256))]:
+        assert preset.decide(LayerView(name, shape)).format == builtin.decide(LayerView(name, shape)).format, name
+    assert preset.decide(LayerView("head.head", (48, 256))).format == "bf16"
+    # one rule per layer kind and decision, naming exactly the measured blocks, then the built-in preset's rules
+    measured = preset.rules[: len(preset.rules) - len(builtin.rules)]
+    assert [(r.regex, r.match, r.format) for r in preset.rules[len(measured):]] == [
+        (r.regex, r.match, r.format) for r in builtin.rules]
+    rules = {(r.regex, r.format) for r in measured}
     assert (r"^blocks\.(?:0|1)\.ffn\.2$", "nvfp4-w4a16") in rules
     assert (r"^blocks\.0\.cross_attn\.k$", "fp8-w8a16") in rules and (r"^blocks\.1\.cross_attn\.k$", "bf16") in rules
-    assert len(preset.rules) == 12
+    assert len(measured) == 12
     w4a16 = next(r for r in preset.rules if r.format == "nvfp4-w4a16" and "ffn\\.2" in r.regex)
     assert "risk 3-6 > 2" in w4a16.reason
     assert "/models" not in out.read_text()  # the source's folder stays on the machine that measured it
+
+
+def test_with_base_none_what_the_report_does_not_list_keeps_the_source_precision(tmp_path: Path) -> None:
+    path = write_report(tmp_path / "report.json", report(MEASURED))
+    out = tmp_path / "measured.toml"
+    assert main(["preset", "from-sensitivity", str(path), "--base", "none", "-o", str(out)]) == 0
+    preset = load_preset(str(out))
+    assert preset.default == "keep" and len(preset.rules) == 12
+    assert preset.decide(LayerView("head.head", (48, 256))).format == "keep"
+    assert "--base none" in out.read_text()
+
+
+def test_an_unknown_base_is_a_usage_error(tmp_path: Path, capsys) -> None:
+    path = write_report(tmp_path / "report.json", report(MEASURED))
+    assert main(["preset", "from-sensitivity", str(path), "--base", "no-such-preset"]) == 2
+    assert "no built-in preset 'no-such-preset'" in capsys.readouterr().err
 
 
 def test_the_measured_preset_converts_into_the_markers_it_promises(tmp_path: Path) -> None:

@@ -97,3 +97,110 @@ def test_a_calibrated_static_scale_is_no_worse_on_blackwell_than_a_weight_derive
     with open_model(out) as mine, open_model(source) as ref:
         result = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2)
     assert result.paths[1].ratio < FAR
+
+
+def test_a_calibrated_scale_is_written_in_fp8s_convention_for_an_fp8_layer(comfyui, source, result, tmp_path):
+    """calibrate writes NVFP4's amax/2688; ComfyUI quantizes an FP8 layer's input against E4M3's 448, so convert
+    must store amax/448 there: six times the value, or the FP8 layer would clip everything above a sixth of amax."""
+    from importlib import resources
+
+    scales = tmp_path / "input_scales.json"
+    # the same noise levels and contexts as `result`, whose capture is the independent record of the amax
+    assert main(["calibrate", str(source), "-o", str(scales), "--comfyui", str(comfyui.root), "--steps", "2",
+                 "--prompts", "2"]) == 0
+    builtin = (resources.files("converter") / "presets" / f"{VARIANT}.toml").read_text()
+    preset = tmp_path / "fp8_o.toml"
+    preset.write_text("name = 'fp8-o'\ndefault = 'keep'\n\n[[rules]]\nregex = '^blocks\\.\\d+\\.self_attn\\.o$'\n"
+                      "format = 'fp8'\n\n" + builtin[builtin.index("[[rules]]"):])
+    out = tmp_path / "fp8.safetensors"
+    assert main(["convert", str(source), str(out), "--preset", str(preset), "--input-scales", str(scales)]) == 0
+    given = json.loads(scales.read_text())
+    seen = {layer.layer: layer.act_amax for layer in result.layers}  # what the layer's inputs reached in ComfyUI
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        fp8 = float(f.get_tensor(f"{SENSITIVE}.input_scale"))
+        nvfp4 = float(f.get_tensor("blocks.0.self_attn.q.input_scale"))
+        assert f.get_slice(f"{SENSITIVE}.weight").get_dtype() == "F8_E4M3"
+    assert fp8 == pytest.approx(6 * given[SENSITIVE], rel=1e-6)
+    assert nvfp4 == pytest.approx(given["blocks.0.self_attn.q"], rel=1e-6)
+    # first principles: E4M3's largest value times the stored scale is the activation amax, with the margin on top
+    assert 448 * fp8 == pytest.approx(1.25 * seen[SENSITIVE], rel=1e-3)
+    assert 448 * 6 * nvfp4 == pytest.approx(1.25 * seen["blocks.0.self_attn.q"], rel=1e-3)
+
+
+# ------------------------------------------------------------------------------------ the user's own activations
+
+def _activations(path: Path, outlier_channels: list[int]) -> Path:
+    """Rows for three layers of WAN TI2V (width 256): Gaussian tokens, for SENSITIVE with `outlier_channels` 50x
+    larger (the channels whose weight columns the source divides by 50, as in a trained model); per-call maxima
+    given for one layer."""
+    import torch
+
+    g = torch.Generator().manual_seed(3)
+    rows = {name: torch.randn(192, 256, generator=g) for name in ("blocks.0.self_attn.q", SENSITIVE,
+                                                                   "blocks.0.cross_attn.v")}
+    rows[SENSITIVE][:, outlier_channels] *= 50.0
+    calls = rows["blocks.0.self_attn.q"].split(64)
+    tensors = {**rows, "blocks.0.self_attn.q.amax": torch.tensor([float(c.abs().max()) for c in calls])}
+    return save_safetensors(tensors, path, {})
+
+
+@pytest.fixture(scope="module")
+def plain_source(tmp_path_factory) -> Path:
+    return save_safetensors(float_state_dict(VARIANT), tmp_path_factory.mktemp("plain") / "plain.safetensors", {})
+
+
+@pytest.mark.parametrize("outliers", [True, False])
+def test_captured_activations_replace_the_synthetic_run(comfyui, source, tmp_path, capsys, outliers):
+    """The file decides: the same source is at risk with outlier rows and not with calm ones, whatever the
+    synthetic run would say (it ranks SENSITIVE first)."""
+    channels = add_activation_outliers(float_state_dict(VARIANT), SENSITIVE, gain=50.0) if outliers else []
+    acts = _activations(tmp_path / "captured.safetensors", channels)
+    report = tmp_path / "report.json"
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--activations", str(acts),
+                 "-o", str(report)]) == 0
+    assert "activations captured by the user (captured.safetensors)" in capsys.readouterr().out
+    doc = json.loads(report.read_text())
+    assert doc["inputs"]["file"] == "captured.safetensors"
+    layers = {entry["layer"]: entry for entry in doc["layers"]}
+    assert set(layers) == {"blocks.0.self_attn.q", SENSITIVE, "blocks.0.cross_attn.v"}
+    assert (layers[SENSITIVE]["risk"] > RISKY) is outliers
+    # Gaussian tokens quantize about as well as the weights: the errors add in quadrature, risk near sqrt(2)
+    for name in ("blocks.0.self_attn.q", "blocks.0.cross_attn.v"):
+        assert 1.1 < layers[name]["risk"] < RISKY, name
+    assert len(layers["blocks.0.self_attn.q"]["act_amax_calls"]) == 3
+
+
+@pytest.mark.parametrize("tensors, says", [
+    ({"blocks.0.norm3": (8, 256)}, "blocks.0.norm3: not a quantizable Linear layer"),
+    ({"head.head": (8, 256)}, "head.head: not a quantizable Linear layer"),
+    ({"blocks.0.ffn.2": (8, 256)}, "blocks.0.ffn.2: rows must be [N, 512]"),
+    ({"blocks.0.ffn.0": (8, 256), "blocks.0.ffn.0.amax": (3,)}, "must split evenly"),
+    ({}, "no activation tensors"),
+])
+def test_activation_files_that_do_not_fit_the_source_exit_2(comfyui, plain_source, tmp_path, capsys, tensors, says):
+    import torch
+
+    acts = save_safetensors({k: torch.ones(shape) for k, shape in tensors.items()} or {"x.amax": torch.ones(1)},
+                            tmp_path / "bad.safetensors", {})
+    assert main(["sensitivity", str(plain_source), "--comfyui", str(comfyui.root), "--activations", str(acts)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_html_report_maps_each_block_and_layer_kind(comfyui, source, result, tmp_path, capsys):
+    from inspect_tools.sensitivity_report import grid
+
+    rows, columns, values = grid(result.layers, "w4a4_dynamic")
+    assert rows == ["0", "1"] and "self_attn.o" in columns and len(columns) == 10
+    risky = {(rows[i], columns[j]) for i, line in enumerate(grid(result.layers, "risk")[2])
+             for j, v in enumerate(line) if v > RISKY}
+    assert ("0", "self_attn.o") in risky
+    page = tmp_path / "sensitivity.html"
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--steps", "1", "--prompts", "1",
+                 "--report", str(page)]) == 0
+    text = page.read_text()
+    assert "data:image/png;base64," in text and SENSITIVE in text and "at risk under W4A4" in text
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--report", str(page)]) == 2  # no --force
+    assert "exists" in capsys.readouterr().err

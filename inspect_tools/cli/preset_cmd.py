@@ -248,7 +248,9 @@ FROM_SENSITIVITY_HELP = "\n\n".join([
     "far above W4A16; where even the W4A16 error exceeds --max-error, fp8-w8a16 if the FP8 error is within it, else "
     "bf16. FP8 layers multiply in full precision because convert writes them without an input_scale, with which "
     "ComfyUI quantizes FP8 activations at scale 1.0, not at the calibrated scale the report's FP8 error assumes. "
-    "Layers the report does not list keep the source precision.",
+    "Layers the report does not list (embeddings, norms, modulation, head) are decided by --base: by default the "
+    "built-in preset of the report's architecture, so they keep the precision it gives them; --base none keeps the "
+    "source precision.",
     f"Defaults: --risk {fs.DEFAULT_RISK:g}: when activations quantize as well as weights the two errors add in "
     "quadrature and W4A4 is about 1.41x W4A16; above 2x the activations lose more than 1.7x what the weights lose, "
     f"the mark of outlier channels (nvdiag sensitivity flags the same layers). --max-error {fs.DEFAULT_MAX_ERROR:g}: "
@@ -273,6 +275,8 @@ def from_sensitivity_cmd(
     max_error: float = typer.Option(fs.DEFAULT_MAX_ERROR, "--max-error",
                                     help="relative output error above which 4-bit weights are too coarse"),
     name: str | None = typer.Option(None, "--name", help="preset name (default: ARCHITECTURE-sensitivity)"),
+    base: str = typer.Option("auto", "--base", help="preset for the layers the report does not measure: auto (the "
+                             "architecture's built-in preset), none (keep the source precision), a name or a TOML"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUTPUT"),
 ) -> None:
     fs.check_thresholds(risk, max_error, budget)  # a usage error before any file is touched
@@ -282,7 +286,7 @@ def from_sensitivity_cmd(
         check_output_path(output, [report])  # --force must never turn the report into a TOML
         if output.exists() and not force:
             raise OutputError("exists; pass --force to overwrite it", str(output))
-    outcome = fs.preset_from_sensitivity(report, risk=risk, max_error=max_error, budget=budget, name=name)
+    outcome = fs.preset_from_sensitivity(report, risk=risk, max_error=max_error, budget=budget, name=name, base=base)
     if output is None:
         print(outcome.text, end="")
         return

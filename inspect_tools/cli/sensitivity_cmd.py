@@ -25,11 +25,18 @@ TEXT_ROWS = 25
 SOURCE_HELP = "The full-precision source: FP32/FP16/BF16 .safetensors, sharded index.json or folder, or GGUF"
 COMFYUI_HELP = "ComfyUI folder (holds comfy/ and main.py); default: $COMFYUI_PATH, else an importable comfy package"
 
+ACTIVATIONS_HELP = ("Measure on activations you captured (real prompts and sampler) instead of running SRC on "
+                    "synthetic inputs: a .safetensors with, per layer, <layer> float rows [N, in_features] (the "
+                    "layer's inputs, a few hundred tokens) and optionally <layer>.amax [calls], each call's amax")
+REPORT_HELP = ("Write an HTML page here: per-block heatmaps of the W4A16 and W4A4 error on one colour scale, "
+               "and every layer (needs matplotlib)")
 SENSITIVITY_EPILOG = """Examples:
 
   nvdiag sensitivity wan_ti2v_fp16.safetensors --comfyui ~/ComfyUI -o sensitivity.json
 
   nvdiag sensitivity diffusers/transformer/ --steps 4 --prompts 3 --format json
+
+  nvdiag sensitivity wan_ti2v_fp16.safetensors --activations captured.safetensors --report sensitivity.html
 
   nvdiag preset from-sensitivity sensitivity.json -o policy.toml
 """
@@ -42,11 +49,14 @@ CALIBRATE_EPILOG = """Examples:
 
 
 def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, seed: int,
-         blocks_at_once: int | None) -> SensitivityResult:
+         blocks_at_once: int | None, activations: Path | None = None) -> SensitivityResult:
     from inspect_tools.comfyui.runtime import load_runtime
-    from inspect_tools.comfyui.sensitivity import sensitivity
+    from inspect_tools.comfyui.sensitivity import sensitivity, sensitivity_from_activations
 
     runtime = load_runtime(comfyui, device=device)
+    if activations is not None:
+        with open_model(src) as model:
+            return sensitivity_from_activations(runtime, model, str(activations))
     status = console(stderr=True).status("sensitivity") if sys.stderr.isatty() else nullcontext()
     with open_model(src) as model, status as spinner:
         def progress(message: str) -> None:
@@ -55,6 +65,20 @@ def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, s
 
         return sensitivity(runtime, model, steps=steps, prompts=prompts, seed=seed, progress=progress,
                            blocks_at_once=blocks_at_once)
+
+
+def _inputs(src: str) -> list[Path]:
+    with open_model(src) as model:
+        return list(model.reader.files)
+
+
+def _check_new(path: Path, src: str, force: bool) -> None:
+    """Refuse an output that is an input, or exists without --force, before any measuring."""
+    from inspect_tools.writer import check_output_path
+
+    check_output_path(path, _inputs(src))
+    if path.exists() and not force:
+        raise OutputError("exists; pass --force to overwrite it", str(path))
 
 
 def _write_json(path: Path, doc: dict[str, Any], inputs: list[Path], force: bool) -> None:
@@ -71,7 +95,7 @@ def print_text(result: SensitivityResult) -> None:
 
     out = console()
     out.print(f"{escape(Path(result.source).name)}: {result.architecture}, {len(result.layers)} quantizable layers, "
-              f"{result.steps} noise levels x {result.prompts} text contexts (seeded, synthetic)"
+              f"{result.describe_inputs()}"
               + ("" if result.pieces == 1 else f", block by block in {result.pieces} pieces"))
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, title="output error per layer against full precision "
                   "(most at risk on Blackwell first)")
@@ -107,6 +131,8 @@ def sensitivity_command(
     blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the source this many "
                                                        "blocks at a time (default: as many as fit)")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the report (JSON) here")] = None,
+    activations: Annotated[Path | None, typer.Option("--activations", help=ACTIVATIONS_HELP)] = None,
+    report: Annotated[Path | None, typer.Option("--report", help=REPORT_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report")] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
 ) -> None:
@@ -119,18 +145,30 @@ def sensitivity_command(
     """
     if fmt == OutputFormat.github:
         raise UsageError("sensitivity supports --format text or json")
-    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once)
+    if report is not None:
+        from inspect_tools.html_report import require_matplotlib
+
+        require_matplotlib()  # before minutes of measuring, not after
+        _check_new(report, src, force)
+    if output is not None:
+        _check_new(output, src, force)
+    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     doc = result.to_json()
     if output is not None:
-        with open_model(src) as model:
-            inputs = list(model.reader.files)
-        _write_json(output, doc, inputs, force)
+        _write_json(output, doc, _inputs(src), force)
+    if report is not None:
+        from inspect_tools.comfyui.sensitivity import RISKY
+        from inspect_tools.sensitivity_report import render
+        from inspect_tools.writer import atomic_write_text
+
+        atomic_write_text(report, render(result, RISKY))
     if fmt == OutputFormat.json:
         print_json(doc)
     else:
         print_text(result)
-        if output is not None:
-            console().print(f"wrote {escape(str(output))}")
+        for path in (output, report):
+            if path is not None:
+                console().print(f"wrote {escape(str(path))}")
 
 
 @app.command("calibrate", epilog=CALIBRATE_EPILOG)
@@ -148,6 +186,7 @@ def calibrate_command(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
     blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the source this many "
                                                        "blocks at a time (default: as many as fit)")] = None,
+    activations: Annotated[Path | None, typer.Option("--activations", help=ACTIVATIONS_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT")] = False,
 ) -> None:
     """Static input_scale per quantizable layer (amax/2688 of its activations in ComfyUI), for convert.
@@ -158,10 +197,8 @@ def calibrate_command(
     """
     from inspect_tools.comfyui.sensitivity import input_scales
 
-    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once)
+    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     scales = input_scales(result, percentile=percentile, margin=margin)
-    with open_model(src) as model:
-        inputs = list(model.reader.files)
-    _write_json(output, scales, inputs, force)
+    _write_json(output, scales, _inputs(src), force)
     console().print(f"wrote {escape(str(output))}: {len(scales)} input scales (percentile {percentile:g}, "
-                    f"margin {margin:g}) from {result.steps} noise levels x {result.prompts} text contexts")
+                    f"margin {margin:g}) from {result.describe_inputs()}")

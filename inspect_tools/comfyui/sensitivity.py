@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -83,6 +84,7 @@ class SensitivityResult:
     pieces: int
     sigmas: list[float]
     layers: list[LayerSensitivity]  # most at risk first
+    activations: str | None = None  # the user's activation file, when the inputs came from one
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,14 +92,25 @@ class SensitivityResult:
             "kind": REPORT_KIND,
             "source": self.source,
             "architecture": self.architecture,
-            "inputs": {
-                "what": "seeded Gaussian latents at the noise levels below, Gaussian text contexts (no text encoder "
-                        "is run); activations of real prompts differ, the ranking is what carries over",
-                "steps": self.steps, "prompts": self.prompts, "seed": self.seed,
-                "sigmas": [_r(s) for s in self.sigmas], "rows_per_layer": ROWS_PER_LAYER,
-            },
+            "inputs": self._inputs(),
             "pieces": self.pieces,
             "layers": [layer.to_json() for layer in self.layers],
+        }
+
+    def describe_inputs(self) -> str:
+        if self.activations is not None:
+            return f"activations captured by the user ({self.activations})"
+        return f"{self.steps} noise levels x {self.prompts} text contexts (seeded, synthetic)"
+
+    def _inputs(self) -> dict[str, Any]:
+        if self.activations is not None:
+            return {"what": f"activations captured by the user, read from {self.activations}",
+                    "file": self.activations}
+        return {
+            "what": "seeded Gaussian latents at the noise levels below, Gaussian text contexts (no text encoder "
+                    "is run); activations of real prompts differ, the ranking is what carries over",
+            "steps": self.steps, "prompts": self.prompts, "seed": self.seed,
+            "sigmas": [_r(s) for s in self.sigmas], "rows_per_layer": ROWS_PER_LAYER,
         }
 
 
@@ -214,6 +227,69 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
     return SensitivityResult(source=str(source.path), architecture=source.detection.variant, steps=steps,
                              prompts=prompts, seed=seed, pieces=len(plan), sigmas=[s.sigma for s in inputs[:steps]],
                              layers=results)
+
+
+MAX_ACTIVATION_ROWS = 1 << 16  # per layer: a sample, not a dump; 65536 rows of a 13824-wide FFN input are 3.6 GB
+
+
+def captures_from_file(path: str, source: CheckpointModel) -> dict[str, tuple[Capture, torch.Tensor]]:
+    """Activations the user captured (real prompts, a real sampler) instead of the synthetic run.
+
+    The file is a safetensors file: per layer, `<layer>` float rows [N, in_features] (the layer's inputs, tokens as
+    rows, native or diffusers names), and optionally `<layer>.amax` [calls]: each call's activation amax, the rows
+    then being N/calls per call in call order. Without it the rows are one call. Everything is checked against the
+    source: a layer it does not have, or rows of another width, is an error naming the tensor."""
+    from inspect_tools.readers.safetensors_reader import SafetensorsReader
+
+    wanted = candidates(source)
+    layers = {layer.native_name or layer.name: layer for layer in source.layers.values()}
+    reader = SafetensorsReader(Path(path))
+    out: dict[str, tuple[Capture, torch.Tensor]] = {}
+    try:
+        names = [info.name for info in reader if not info.name.endswith(".amax")]
+        if not names:
+            raise InputError("no activation tensors in this file (expected <layer> rows [N, in_features])", path)
+        for name in sorted(names):
+            native = models.native_name(source.detection, name)
+            if native not in wanted:
+                raise InputError(f"{name}: not a quantizable Linear layer of {source.path.name}", path)
+            weight = layers[native].tensors["weight"]
+            info = reader.tensors[name]
+            if len(info.shape) != 2 or info.shape[1] != weight.shape[1] or not 0 < info.shape[0] <= MAX_ACTIVATION_ROWS:
+                raise InputError(f"{name}: rows must be [N, {weight.shape[1]}] with 0 < N <= {MAX_ACTIVATION_ROWS}, "
+                                 f"got {list(info.shape)}", path)
+            rows = reader.load_float(name)
+            if not bool(torch.isfinite(rows).all()):
+                raise InputError(f"{name}: non-finite activation values", path)
+            amax_name = f"{name}.amax"
+            if amax_name in reader.tensors:
+                amax = reader.load_float(amax_name).flatten()
+                calls = amax.numel()
+                bad = not bool(torch.isfinite(amax).all()) or bool((amax < 0).any())
+                if calls == 0 or rows.shape[0] % calls or bad:
+                    raise InputError(f"{amax_name}: must hold one finite, non-negative amax per call, and the rows "
+                                     f"({rows.shape[0]}) must split evenly into them ({calls})", path)
+                chunks = list(rows.split(rows.shape[0] // calls))
+                capture = Capture(amax=[max(float(a), float(c.abs().max())) for a, c in zip(amax, chunks, strict=True)],
+                                  rows=chunks)
+            else:
+                capture = Capture(amax=[float(rows.abs().max())], rows=[rows])
+            out[native] = (capture, layers[native].load("weight").float())
+    finally:
+        reader.close()
+    return out
+
+
+def sensitivity_from_activations(runtime: ComfyRuntime, source: CheckpointModel, path: str) -> SensitivityResult:
+    """Measure every layer the activation file holds, one layer at a time; the model itself is not run."""
+    if not reference.has_float_values(source):
+        raise InputError("the source must hold real values (FP32/FP16/BF16 or GGUF): sensitivity is measured "
+                         "against full precision", str(source.path))
+    results = [measure(runtime, name, weight, capture)
+               for name, (capture, weight) in captures_from_file(path, source).items()]
+    results.sort(key=lambda r: (-r.risk, r.layer))
+    return SensitivityResult(source=str(source.path), architecture=source.detection.variant, steps=0, prompts=0,
+                             seed=0, pieces=1, sigmas=[], layers=results, activations=Path(path).name)
 
 
 def input_scales(result: SensitivityResult, percentile: float = 100.0, margin: float = 1.25) -> dict[str, float]:
