@@ -18,12 +18,14 @@ from reference_specs.rules.dtypes import WrongDtype
 from reference_specs.rules.markers import InvalidQuantMarker, MissingQuantMarker
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
 from reference_specs.rules.scale_values import InputScaleImplausible, NonFiniteScale, Scale2Reciprocal
-from reference_specs.rules.scales_present import MissingBlockScale, MissingTensorScale
+from reference_specs.rules.scales_present import MissingBlockScale, MissingLegacyScale, MissingTensorScale
 from reference_specs.rules.shapes import TransposedWeight, WrongShape
+from reference_specs.rules.weight_values import NonFiniteWeight
 
 RULES: list[Rule] = [
     MissingBlockScale(),
     MissingTensorScale(),
+    MissingLegacyScale(),
     MissingQuantMarker(),
     InvalidQuantMarker(),
     WrongDtype(),
@@ -32,6 +34,7 @@ RULES: list[Rule] = [
     FullPrecisionMmFlag(),
     Scale2Reciprocal(),
     NonFiniteScale(),
+    NonFiniteWeight(),
     InputScaleImplausible(),
     ScaleLayoutLinear(),
     ScaleLayoutUnpadded(),
