@@ -242,3 +242,23 @@ def test_zero_block_scales_over_non_zero_codes_stay_an_error(make_checkpoint, tm
     assert (finding["rule"], finding["layer"], finding["message"]) == ("NV202", QUANTIZED_LAYER,
                                                                       f"block scales: all zero (of "
                                                                       f"{finding['evidence']['total']})")
+
+
+def test_zero_per_tensor_scale_over_zero_codes_is_an_all_zero_layer(tmp_path, capsys) -> None:
+    """Another tool's all-zero layer with weight_scale_2 = 0 decodes to zeros in ComfyUI (it only multiplies by it):
+    an info, while the same zero scale over real codes stays an error."""
+    from safetensors.torch import load_file
+
+    from inspect_tools.synthetic import save_safetensors
+
+    src = WRONG_VALUES["zero-weight-source"].build(tmp_path / "src")
+    converted = tmp_path / "converted.safetensors"
+    assert main(["convert", str(src), str(converted), "--preset", PRESET]) == 0
+    tensors = load_file(str(converted))
+    tensors[f"{QUANTIZED_LAYER}.weight_scale_2"] = torch.tensor(0.0)
+    tensors["blocks.1.ffn.0.weight_scale_2"] = torch.tensor(0.0)
+    path = save_safetensors(tensors, tmp_path / "zero_scale.safetensors")
+    capsys.readouterr()
+    assert main(["lint", str(path), "--format", "json"]) == 1
+    findings = {(f["layer"], f["severity"]) for f in json.loads(capsys.readouterr().out)["findings"]}
+    assert findings == {(QUANTIZED_LAYER, "info"), ("blocks.1.ffn.0", "error")}

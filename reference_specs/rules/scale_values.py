@@ -117,15 +117,23 @@ def block_scale_counts(raw: torch.Tensor) -> dict[str, int] | None:
     return {"nan": nan, "inf": 0, "negative": negative, "zero": zero, "total": flat.numel()}
 
 
+# Bits of a stored weight byte that are not the sign: zero exactly for +0 and -0 codes. NVFP4 packs two E2M1 codes
+# (sign bits 0x80 and 0x08); FP8 E4M3/E5M2 has one sign bit (0x80).
+MAGNITUDE_BITS = {"U8": 0x77, "F8_E4M3": 0x7F, "F8_E5M2": 0x7F}
+# The per-tensor decode multipliers: a zero one over zero codes is an all-zero layer, not a lost scale.
+DECODE_MULTIPLIERS = ("weight_scale_2", "weight_scale", "scale_weight")
+
+
 def zero_codes(layer: Layer) -> bool:
-    """True when every FP4 code of an NVFP4 layer is +0 or -0 (nibble 0x0 or 0x8): the weights were all zero.
-    Block scales that are all zero over non-zero codes are scales that went missing, not a zero layer."""
+    """True when every stored code of a quantized weight (NVFP4 nibbles, FP8 bytes) is +0 or -0: the weight was all
+    zero. Zero scales over non-zero codes are scales that went missing, not a zero layer."""
     import torch
 
-    if layer.dtype("weight") != "U8":
+    mask = MAGNITUDE_BITS.get(layer.dtype("weight") or "")
+    if mask is None:
         return False
     packed = layer.load("weight").view(torch.uint8).reshape(-1)
-    return packed.numel() > 0 and not bool((packed & 0x77).any())
+    return packed.numel() > 0 and not bool((packed & mask).any())
 
 
 class NonFiniteScale(Rule):
@@ -141,7 +149,8 @@ zeroes the layer; negative scales flip signs. FP8 E4M3 has no Inf but encodes Na
 produces when it casts an overflowing value without clamping to 448. Zero block scales are legitimate where a block
 of weights is all zero and in the padding of the 128x4 tiles, so only a layer whose block scales are all zero is
 reported (its weights all decode to zero), and not when its FP4 codes are all zero too: that is an all-zero
-weight, which real models have and which decodes to exact zeros. A per-tensor scale below the smallest normal
+weight, which real models have and which decodes to exact zeros (a zero per-tensor scale over all-zero codes is
+one too: an info). A per-tensor scale below the smallest normal
 float32 (2^-126) is a zero in disguise: no real weight's amax gives one, and flush-to-zero GPU kernels read it as 0.
 Legacy scaled_fp8 files are checked the same way (`scale_weight`, `scale_input`). Block scales are checked on their
 raw bytes, every layer of a file with up to 256 MB of them; beyond that an evenly spread sample of layers
@@ -162,6 +171,13 @@ Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps th
         for role in roles:
             value = ctx.scalar(layer, role) if layer.has(role) else None
             if value is None or (math.isfinite(value) and value >= MIN_NORMAL_F32):
+                continue
+            if value == 0 and role in DECODE_MULTIPLIERS and zero_codes(layer):
+                # ComfyUI only multiplies by a stored scale (a LoRA re-quantization recalculates its own from the
+                # patched weight, comfy/ops.py scale="recalculate"), so this decodes to exact zeros: information
+                yield self.finding(f"{role} = 0 over all-zero codes: an all-zero layer, it decodes to zeros",
+                                   layer.name, {"role": role, "value": value, "all_zero_codes": True},
+                                   severity=Severity.INFO)
                 continue
             if math.isfinite(value) and value > 0:
                 yield self.finding(f"{role} = {value:.4g} is subnormal (below 2^-126 = {MIN_NORMAL_F32:.4g}): no "
