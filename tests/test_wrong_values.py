@@ -262,3 +262,25 @@ def test_zero_per_tensor_scale_over_zero_codes_is_an_all_zero_layer(tmp_path, ca
     assert main(["lint", str(path), "--format", "json"]) == 1
     findings = {(f["layer"], f["severity"]) for f in json.loads(capsys.readouterr().out)["findings"]}
     assert findings == {(QUANTIZED_LAYER, "info"), ("blocks.1.ffn.0", "error")}
+
+
+def test_fp16_range_scan_reads_in_chunks_and_finds_a_value_in_the_last_one(tmp_path, monkeypatch) -> None:
+    """The scan before the header is written is chunked (bounded memory) and still sees every row."""
+    from converter import fp16_range
+    from inspect_tools.readers import open_checkpoint
+    from inspect_tools.synthetic import save_safetensors
+
+    big = torch.zeros(300, 64)
+    big[299, 63] = -7e4
+    path = save_safetensors({"w": big, "v": torch.tensor([1.0, 2e5]), "s": torch.tensor(3.0),
+                             "h": torch.full((8, 8), 59904.0, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    monkeypatch.setattr(fp16_range, "SCAN_CHUNK_BYTES", 64 * 4 * 7)  # 7 rows per read: 43 reads of "w"
+    reads = []
+    real = fp16_range.read_rows
+    monkeypatch.setattr(fp16_range, "read_rows", lambda *a, **k: reads.append(a[2]) or real(*a, **k))
+    with open_checkpoint(path) as reader:
+        assert fp16_range.source_abs_max(reader, "w") == 7e4
+        assert len(reads) == 43 and max(b - a for a, b in zip(reads, reads[1:], strict=False)) == 7
+        assert fp16_range.source_abs_max(reader, "v") == 2e5
+        assert fp16_range.source_abs_max(reader, "s") == 3.0
+        assert fp16_range.source_abs_max(reader, "h") == 59904.0  # BF16, fits FP16 (65504): stays F16
