@@ -55,8 +55,10 @@ NOT_FIXABLE: dict[str, tuple[str, str]] = {
     "missing-block-scale": ("the block scales are not in the file", "re-convert from the source with nvdiag convert"),
     "missing-tensor-scale": ("the per-tensor scale is not in the file",
                              "re-convert from the source with nvdiag convert"),
-    "non-finite-scale": ("NaN, Inf, zero or negative scales have no recoverable value",
+    "non-finite-scale": ("NaN, Inf, zero, negative or subnormal scales have no recoverable value",
                          "re-convert from the source with nvdiag convert"),
+    "non-finite-weight": ("NaN/Inf weight values have no recoverable value (an overflowed cast lost them)",
+                          "re-convert from the source with nvdiag convert (it keeps such layers at BF16)"),
     "sensitive-layer-quantized": ("the layer's high-precision values are lost",
                                   "re-convert from the source with a preset that keeps the layer (nvdiag convert)"),
     "wrong-shape": ("tensor shapes disagree; which one is wrong cannot be told from the bytes",
@@ -460,6 +462,9 @@ class FixResult:
             return (f"{len(self.plan.blocking)} error finding(s) cannot be repaired losslessly; nothing written"
                     if not self.dry_run else f"would refuse: {len(self.plan.blocking)} error finding(s) cannot be "
                     "repaired losslessly")
+        if not self.plan.repairs and self.plan.unfixable:
+            return (f"nothing fix can repair losslessly: {len(self.plan.unfixable)} finding(s) listed above need "
+                    "another remedy" + ("" if self.dry_run else "; no output written"))
         if not self.plan.repairs:
             return "nothing to repair" + ("" if self.dry_run else "; no output written")
         if self.dry_run:

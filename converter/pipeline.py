@@ -23,6 +23,7 @@ import torch
 
 from converter import encode as enc
 from converter import stages
+from converter.fp16_range import keep_overflowing_at_bf16
 from converter.gate import GateReport, TileChecker, run_gate
 from converter.input_scales import load_input_scales
 from converter.plan import (
@@ -86,6 +87,8 @@ def provenance(plan: ConversionPlan, sources: list[Path], dtype_16: str | None, 
         doc["dtype_16"] = dtype_16
     if input_scales is not None:
         doc["input_scales"] = input_scales.name
+    if plan.widened:  # layers the preset wanted at F16 whose values FP16 cannot hold (converter/fp16_range.py)
+        doc["kept_bf16"] = {name: f"{amax:.6g}" for name, amax in sorted(plan.widened.items())}
     return json.dumps(doc, sort_keys=True)
 
 
@@ -228,6 +231,7 @@ def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None =
             known = {layer.native_name or layer.name for layer in model.layers.values()}
             scales = load_input_scales(input_scales, known, lambda n: models.native_name(model.detection, n))
         plan = build_plan(model, preset, dtype_16=dtype_16, input_scales=scales)
+        keep_overflowing_at_bf16(plan, model.reader)
     except BaseException:
         model.close()
         raise

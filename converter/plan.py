@@ -8,7 +8,7 @@ preset's decision, the output format, and the ComfyUI-native names, dtypes and s
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from converter.preset import (
@@ -121,6 +121,8 @@ class ConversionPlan:
     detection: models.Detection
     metadata: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    # kept layers planned F16 whose source values exceed FP16's range, written at BF16 instead: name -> max |value|
+    widened: dict[str, float] = field(default_factory=dict)
 
     @property
     def tensors(self) -> list[PlannedTensor]:
@@ -200,8 +202,37 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
     return lp
 
 
+# The largest finite FP16 value: a value beyond it becomes +-Inf in a cast to FP16 (IEEE 754 binary16, round to
+# nearest: from 65520 up it rounds to Inf, between 65504 and 65520 to 65504; anything above 65504 is out of range).
+F16_MAX = 65504.0
+
+
+def fp16_candidates(plan: ConversionPlan) -> list[tuple[LayerPlan, PlannedTensor]]:
+    """Kept tensors the plan narrows to F16 from a wider source dtype (F32, F64, BF16: BF16's range is F32's):
+    the ones whose values may not fit. A source that is F16 already always fits."""
+    out = []
+    for lp in plan.layers:
+        if lp.quantized or lp.source is None:
+            continue
+        by_name = {info.name: info for info in lp.source.tensors.values()}
+        out += [(lp, t) for t in lp.tensors if t.dtype == "F16" and t.source in by_name
+                and by_name[t.source].dtype != "F16"]
+    return out
+
+
+def widen_to_bf16(plan: ConversionPlan, lp: LayerPlan, amax: float) -> None:
+    """Write the kept layer `lp` at BF16 instead of F16 (every F16 tensor of it: weight and bias stay alike),
+    because its source holds values beyond FP16's range, and say so in the plan's warnings and provenance."""
+    lp.tensors = [replace(t, dtype="BF16") if t.dtype == "F16" else t for t in lp.tensors]
+    plan.widened[lp.name] = amax
+    plan.warnings.append(f"{lp.name} kept at BF16 instead of F16: its source holds values up to {amax:.4g}, beyond "
+                         f"FP16's {F16_MAX:g} (an FP16 cast would store Inf)")
+
+
 def check_source(model: Any) -> None:
     """convert takes floating-point safetensors sources; anything else is refused with one clear message."""
+    if not model.reader.tensors:
+        raise InputError("holds no tensors: nothing to convert", str(model.path))
     if model.kind == "gguf":
         raise InputError("convert reads FP32/FP16/BF16 safetensors sources, not GGUF (use `nvdiag preset from-gguf` "
                          "to reuse a GGUF file's layer selection)", str(model.path))

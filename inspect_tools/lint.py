@@ -30,6 +30,7 @@ class LintConfig:
     fail_on: Severity = Severity.ERROR
     values: bool = True
     block_scale_budget: int | None = 256 * 2**20  # None: value rules read every layer's block scales
+    weight_budget: int | None = 1024 * 2**20  # None: NV206 reads every plain float tensor (kept layers)
     source: Path | None = None  # the pyproject.toml it came from, if any
 
     def rules(self) -> list[Rule]:
@@ -134,6 +135,7 @@ def resolve_config(
     config.values = values
     if all_scales:
         config.block_scale_budget = None
+        config.weight_budget = None
     config.rules()
     return config
 
@@ -152,7 +154,7 @@ def lint_model(model: CheckpointModel, config: LintConfig | None = None) -> list
     """Every selected rule over one opened model; findings carry the model's path and come sorted
     (severity first, then rule id, then layer)."""
     config = config or LintConfig()
-    ctx = RuleContext(model, block_scale_budget=config.block_scale_budget)
+    ctx = RuleContext(model, block_scale_budget=config.block_scale_budget, weight_budget=config.weight_budget)
     findings: list[Finding] = []
     for rule in config.rules():
         if rule.needs_values and not config.values:

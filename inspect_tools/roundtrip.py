@@ -35,10 +35,13 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.formats import fast_encode
 from reference_specs.formats.base import Format
 from reference_specs.layer import Layer
+from reference_specs.rules.weight_values import non_finite_counts
 
 RULE_DECODES_WRONGLY = "RT101"
 RULE_TRANSPOSED_SHAPE = "RT102"
 RULE_SHAPE_MISMATCH = "RT103"
+RULE_NOT_COMPARABLE = "RT104"
+NON_FINITE = "non-finite"
 # e_ref when REF's format is lossy but unknown to the registry (about Q4_0's error on Gaussian weights)
 DEFAULT_LOSSY_REF_ERROR = 0.1
 # Heatmap crop of |decoded - reference|: the top-left corner at full resolution, where block (16 columns) and
@@ -91,7 +94,10 @@ def _json_float(value: float | None, digits: int = 6) -> float | None:
 
 @dataclass
 class LayerResult:
-    """What roundtrip measured for one pair. status: ok | far-above | skipped."""
+    """What roundtrip measured for one pair. status: ok | far-above | non-finite | skipped.
+
+    non-finite: NaN or Inf in the decoded file layer or in the reference (non_finite says which side, how many and
+    the cause), so no error can be measured: never "ok", whatever an inf/inf comparison would say."""
 
     name: str
     ref_name: str
@@ -106,10 +112,13 @@ class LayerResult:
     expected: float | None = None
     attribution: Attribution | None = None
     note: str | None = None
+    non_finite: dict[str, Any] | None = None  # {"side": "file" | "reference", "cause", "nan", "inf", "-inf", ...}
 
     @property
     def error(self) -> float:
-        """Sort key: the stored relative error, inf when it could not be decoded."""
+        """Sort key: the stored relative error, inf when it could not be decoded or measured."""
+        if self.status == NON_FINITE:
+            return math.inf
         if self.metrics is None:
             return math.inf if self.status == "far-above" else -1.0
         return self.metrics.rel_error if math.isfinite(self.metrics.rel_error) else math.inf
@@ -122,6 +131,8 @@ class LayerResult:
 
     @property
     def cause(self) -> str | None:
+        if self.non_finite is not None:
+            return self.non_finite["cause"]
         return self.attribution.cause if self.attribution else None
 
     def to_json(self) -> dict[str, Any]:
@@ -142,6 +153,7 @@ class LayerResult:
             "cause": self.cause,
             "hypotheses": self.attribution.evidence()["hypotheses"] if self.attribution else None,
             "note": self.note,
+            "non_finite": self.non_finite,
         }
 
 
@@ -164,16 +176,35 @@ class RoundtripResult:
 
     @property
     def checked(self) -> list[LayerResult]:
-        return [r for r in self.layers if r.status != "skipped"]
+        """Layers whose error was measured."""
+        return [r for r in self.layers if r.status not in ("skipped", NON_FINITE)]
 
     @property
     def wrong(self) -> list[LayerResult]:
         return [r for r in self.layers if r.status == "far-above"]
 
+    @property
+    def not_comparable(self) -> list[LayerResult]:
+        """Layers with NaN/Inf on one side: no error can be measured, and none of them is fine."""
+        return [r for r in self.layers if r.status == NON_FINITE]
+
+    def _not_comparable_verdict(self) -> str:
+        sides: dict[str, list[str]] = {}
+        for r in self.not_comparable:
+            sides.setdefault(r.non_finite["side"] if r.non_finite else "file", []).append(r.name)
+        remedy = {"file": "re-convert PATH from a finite source (nvdiag convert)",
+                  "reference": "compare against a finite reference"}
+        parts = [f"{len(names)} in {'REF' if side == 'reference' else 'PATH'} ({', '.join(names[:3])}"
+                 f"{', ...' if len(names) > 3 else ''}): {remedy[side]}" for side, names in sorted(sides.items())]
+        return f"{len(self.not_comparable)} layer(s) cannot be compared, NaN/Inf values {'; '.join(parts)}"
+
     def verdict(self) -> str:
         checked, wrong = len(self.checked), self.wrong
+        if self.not_comparable:
+            head = self._not_comparable_verdict()
+            return head if not wrong else f"{head}; {len(wrong)} of {checked} measured layers decode wrongly"
         if not checked:
-            return "no quantized layer of PATH could be paired with and compared to REF"
+            return "nothing was compared: no layer pair could be decoded and measured (see the notes above)"
         if not wrong:
             return f"all {checked} checked layers decode within their format's expected error"
         by_cause: dict[str, int] = {}
@@ -194,6 +225,7 @@ class RoundtripResult:
             "checked": len(self.checked),
             "decode_wrongly": len(self.wrong),
             "skipped": sum(r.status == "skipped" for r in self.layers),
+            "not_comparable": len(self.not_comparable),
             "quantized_pairs": self.quantized_pairs,
             "only_mine": len(self.alignment.only_mine),
             "only_ref": len(self.alignment.only_ref),
@@ -294,6 +326,8 @@ def check_pair(
     reference = load_reference(ref, ref_model, device)
     shape = tuple(reference.shape)
     result.shape = shape
+    if _non_finite(result, "reference", ref, reference, None):
+        return result, None
     stored_shape = type(fmt).logical_shape(mine)
     if len(shape) != 2 or not fits(stored_shape, shape):
         result.status = "far-above" if fits(stored_shape, shape[::-1]) else "skipped"
@@ -307,9 +341,16 @@ def check_pair(
     result.expected = math.sqrt(result.baseline**2 + result.ref_error**2)
     try:
         decoded: torch.Tensor | None = fmt.dequantize(tensors, shape).to(torch.float32)
-        result.metrics = measure(decoded, reference)
     except (RuntimeError, ValueError, IndexError, KeyError) as exc:
         decoded, result.note = None, f"stored bytes do not decode: {exc}"
+    if decoded is not None and _non_finite(result, "file", mine, decoded, tensors):
+        return result, None
+    if not math.isfinite(result.expected):
+        result.status, result.note = NON_FINITE, "the format's expected error on this reference is not finite"
+        result.non_finite = {"side": "reference", "cause": "excess-error", "expected": None}
+        return result, None
+    if decoded is not None:
+        result.metrics = measure(decoded, reference)
     error = result.metrics.rel_error if result.metrics else None
     if far_above(error, result.expected):
         result.status = "far-above"
@@ -321,7 +362,36 @@ def check_pair(
     return result, crop
 
 
-def finding_for(result: LayerResult, path: Path) -> Finding | None:
+def _non_finite(result: LayerResult, side: str, layer: Layer, values: torch.Tensor,
+                stored: dict[str, torch.Tensor] | None) -> bool:
+    """Mark `result` non-finite when `values` (REF's weight, or PATH's decode) hold NaN/Inf; True if so.
+
+    The cause says where the non-finite values come from: a plain float weight's own values (non-finite-weight),
+    else the scales that multiply integer codes (NVFP4 codes, GGUF blocks and FP8 bytes decode to finite numbers
+    unless a scale or an FP8 NaN byte is not: the stored float weight, if any, is checked to tell them apart)."""
+    counts = non_finite_counts(values)
+    if counts is None:
+        return False
+    cause = "non-finite-weight" if not layer.is_quantized else "non-finite-scale"
+    if stored is not None and "weight" in stored and non_finite_counts(stored["weight"]) is not None:
+        cause = "non-finite-weight"
+    what = ", ".join(f"{counts[k]} {k}" for k in ("nan", "inf", "-inf") if counts[k])
+    result.status = NON_FINITE
+    verb = "holds" if side == "reference" and not layer.is_quantized else "decodes to"
+    result.note = f"{'REF' if side == 'reference' else 'PATH'}'s {layer.name} {verb} {what} of {counts['total']} values"
+    result.non_finite = {"side": side, "cause": cause, "layer": layer.name, **counts}
+    return True
+
+
+def finding_for(result: LayerResult, path: Path, ref_path: Path | None = None) -> Finding | None:
+    if result.status == NON_FINITE and result.non_finite is not None:
+        side = result.non_finite["side"]
+        return Finding(
+            rule=RULE_NOT_COMPARABLE, cause=result.non_finite["cause"], severity=Severity.ERROR,
+            file=str(ref_path if side == "reference" and ref_path is not None else path), layer=result.name,
+            message=f"cannot be compared: {result.note}",
+            evidence={"ref_layer": result.ref_name, **result.non_finite},
+        )
     if result.status == "far-above" and result.metrics is None and result.cause == "transposed-weight":
         return Finding(
             rule=RULE_TRANSPOSED_SHAPE, cause="transposed-weight", severity=Severity.ERROR, file=str(path),
@@ -391,8 +461,12 @@ def roundtrip(
     progress: called as progress(done, total, layer_name) after each layer.
     """
     dev = resolve_device(device)
+    require_tensors(mine, "nothing to check")
+    require_tensors(ref, "nothing to compare against")
     alignment = align_layers(mine, ref)
     pairs = select_pairs(alignment.pairs, layers, sample)
+    if not pairs:
+        raise nothing_to_compare(mine, ref, alignment, layers)
     result = RoundtripResult(
         path=mine.path, ref_path=ref.path, alignment=alignment,
         quantized_pairs=sum(p.mine.is_quantized and p.mine.has("weight") for p in alignment.pairs),
@@ -403,7 +477,7 @@ def roundtrip(
         result.layers.append(layer_result)
         if crop is not None:
             kept = sorted([*kept, (layer_result.ratio or 0.0, crop)], key=lambda x: -x[0])[:heatmaps]
-        finding = finding_for(layer_result, mine.path)
+        finding = finding_for(layer_result, mine.path, ref.path)
         if finding is not None:
             result.findings.append(finding)
         if progress is not None:
@@ -411,6 +485,25 @@ def roundtrip(
     result.heatmaps = [h for _, h in kept]
     result.layers.sort(key=lambda r: -r.error)
     return result
+
+
+def require_tensors(model: CheckpointModel, why: str) -> None:
+    """An input without a single tensor (an empty file, an index with an empty weight_map) is unusable: exit 2."""
+    if not model.reader.tensors:
+        raise InputError(f"holds no tensors: {why}", str(model.path))
+
+
+def nothing_to_compare(mine: CheckpointModel, ref: CheckpointModel, alignment: Alignment,
+                       layers: str | None) -> InputError | UsageError:
+    """Why no layer pair was selected, as the error that ends the run (a run that compares nothing must not pass)."""
+    quantized = [layer for layer in mine.layers.values() if layer.is_quantized and layer.has("weight")]
+    if not quantized:
+        return InputError("has no quantized layer: nothing to roundtrip", str(mine.path))
+    paired = [p for p in alignment.pairs if p.mine.is_quantized and p.mine.has("weight")]
+    if paired and layers:
+        return UsageError(f"--layers {layers!r} matches none of the {len(paired)} quantized layers paired with REF")
+    return InputError(f"none of its layers pairs with one of the {len(quantized)} quantized layers of {mine.path}: "
+                      "nothing compared (is it the same model?)", str(ref.path))
 
 
 def _check_one(

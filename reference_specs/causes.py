@@ -16,6 +16,8 @@ CAUSES: dict[str, str] = {
     "scale2-reciprocal": "weight_scale_2 (or input_scale) stored as 2688/amax instead of amax/2688",
     "input-scale-implausible": "a static input_scale that is not a calibrated activation scale",
     "non-finite-scale": "NaN, Inf, zero or negative scales",
+    "non-finite-weight": "NaN or Inf values in a weight stored as plain floats (a kept layer), or in the reference "
+    "a roundtrip compares with: every output that layer touches becomes NaN",
     "stale-scale": "scales that do not belong to the packed data",
     "transposed-weight": "weight stored [in, out]",
     "sensitive-layer-quantized": "a layer that should stay high precision was quantized",

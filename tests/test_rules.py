@@ -297,7 +297,7 @@ def test_registry_ids_names_and_causes_are_unique_and_explained() -> None:
 
 def test_rules_for_accepts_ids_prefixes_names_and_causes() -> None:
     assert [r.id for r in rules_for("NV10")] == ["NV101", "NV102", "NV103", "NV104", "NV105", "NV106", "NV107",
-                                              "NV108"]
+                                              "NV108", "NV109"]
     assert [r.id for r in rules_for("scale-layout-linear")] == ["NV204", "NV205"]
     assert [r.id for r in rules_for("nv203")] == ["NV203"]
     assert get_rule("wrong-dtype").id == "NV105"

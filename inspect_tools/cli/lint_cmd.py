@@ -85,7 +85,8 @@ def lint_command(
         bool, typer.Option("--header-only", help="Run only rules that need no tensor bytes (instant on any size)")
     ] = False,
     all_scales: Annotated[
-        bool, typer.Option("--all-scales", help="Check every layer's block scales even past 256 MB of them")
+        bool, typer.Option("--all-scales", help="Check every layer's block scales even past 256 MB of them, and "
+                           "every kept float weight even past 1 GiB of them")
     ] = False,
     explain_key: Annotated[
         str | None, typer.Option("--explain", help="Print the long explanation of a rule id, name or cause")

@@ -72,7 +72,7 @@ def print_text(result: RoundtripResult) -> None:
                          min_width={"layer": name_width, "status": 12}.get(column))
     for r in rows:
         m = r.metrics
-        status = f"[bold red]{r.cause}[/]" if r.status == "far-above" else (r.note or r.status)
+        status = f"[bold red]{r.cause}[/]" if r.status in ("far-above", "non-finite") else (r.note or r.status)
         table.add_row(r.name, r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
                       _num(m.snr_db if m else None, 3), status)
     out.print(table)
@@ -83,7 +83,7 @@ def print_text(result: RoundtripResult) -> None:
     if only_mine or only_ref:
         out.print(f"unmatched: {len(only_mine)} layers of PATH, {len(only_ref)} of REF have no partner "
                   "(--format json lists them)")
-    style = "bold red" if result.wrong else "green"
+    style = "bold red" if result.wrong or result.not_comparable else "green"
     out.print(f"[{style}]{result.verdict()}[/]")
 
 
@@ -115,7 +115,8 @@ def roundtrip_command(
 ) -> None:
     """Decode every quantized layer of PATH and measure it against REF; name the cause of layers that are wrong.
 
-    Exit 0 when every layer is within its format's expected error, 1 on findings, 2 on unreadable input.
+    Exit 0 when every layer is within its format's expected error, 1 on findings (a layer with NaN/Inf on either
+    side is one) or when no pair could be measured, 2 on unreadable input or when nothing pairs at all.
     """
     from inspect_tools.roundtrip import roundtrip
     from inspect_tools.writer import check_output_path
@@ -151,4 +152,5 @@ def roundtrip_command(
             console().print(f"report: {report}")
 
     render(fmt, result.findings, lambda: document(result), text)
-    raise typer.Exit(exit_code(result.findings, threshold))
+    nothing_compared = not result.checked and not result.not_comparable  # every pair skipped: no evidence either way
+    raise typer.Exit(max(exit_code(result.findings, threshold), 1 if nothing_compared else 0))

@@ -18,8 +18,9 @@ from reference_specs.rules.dtypes import WrongDtype
 from reference_specs.rules.markers import InvalidQuantMarker, MissingQuantMarker
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
 from reference_specs.rules.scale_values import InputScaleImplausible, NonFiniteScale, Scale2Reciprocal
-from reference_specs.rules.scales_present import MissingBlockScale, MissingTensorScale
+from reference_specs.rules.scales_present import MissingBlockScale, MissingLegacyScale, MissingTensorScale
 from reference_specs.rules.shapes import TransposedWeight, WrongShape
+from reference_specs.rules.weight_values import NonFiniteWeight
 
 RULES: list[Rule] = [
     MissingBlockScale(),
@@ -30,11 +31,13 @@ RULES: list[Rule] = [
     WrongShape(),
     TransposedWeight(),
     FullPrecisionMmFlag(),
+    MissingLegacyScale(),
     Scale2Reciprocal(),
     NonFiniteScale(),
     InputScaleImplausible(),
     ScaleLayoutLinear(),
     ScaleLayoutUnpadded(),
+    NonFiniteWeight(),
     SensitiveLayerQuantized(),
     DiffusersKeyNames(),
     UnknownArchitecture(),

@@ -55,6 +55,9 @@ class RuleContext:
     model: ModelView
     # Bytes of block scales a rule reading every layer's may read (a 14B model has ~900 MB); None = no limit.
     block_scale_budget: int | None = 256 * 2**20
+    # Bytes of plain float tensors (kept layers) a rule reading their values may read; None = no limit. A converted
+    # 14B model keeps ~1-3 GB at high precision, a float source is all of it: beyond this, an evenly spread sample.
+    weight_budget: int | None = 1024 * 2**20
     _profile: ArchitectureProfile | None = field(default=None, init=False)
     _profile_done: bool = field(default=False, init=False)
     _expected: dict[str, tuple[int, ...]] | None = field(default=None, init=False)

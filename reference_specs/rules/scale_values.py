@@ -25,6 +25,14 @@ MAX_WEIGHT_SCALE_2 = 1.0
 MAX_INPUT_SCALE = 100.0
 MIN_INPUT_SCALE = 1e-5
 CONSTANT_INPUT_SCALE_LAYERS = 4
+# The smallest normal float32, 2^-126. A per-tensor scale below it is subnormal: GPU kernels built with
+# flush-to-zero treat it as 0 (the layer decodes to zeros on the GPU, not on the CPU), and no real weight gives one:
+# amax/2688 (NVFP4) or amax/448 (FP8) is subnormal only for amax < 3.2e-35, which every compute dtype ComfyUI uses
+# (bf16 and fp32 flush below 2^-126 too, fp16 below 6e-8) holds as zero. So such a scale is a zero in disguise.
+MIN_NORMAL_F32 = 2.0**-126
+# Per-tensor decode multipliers: NVFP4 weight_scale_2, FP8 weight_scale, legacy scaled_fp8 scale_weight; and the
+# static activation scales (input_scale, legacy scale_input) they multiply with.
+TENSOR_SCALE_ROLES = ("weight_scale_2", "scale_weight", "input_scale", "scale_input")
 COMPRESSED_TENSORS_ROLES = ("weight_global_scale", "input_global_scale")
 
 
@@ -109,6 +117,25 @@ def block_scale_counts(raw: torch.Tensor) -> dict[str, int] | None:
     return {"nan": nan, "inf": 0, "negative": negative, "zero": zero, "total": flat.numel()}
 
 
+# Bits of a stored weight byte that are not the sign: zero exactly for +0 and -0 codes. NVFP4 packs two E2M1 codes
+# (sign bits 0x80 and 0x08); FP8 E4M3/E5M2 has one sign bit (0x80).
+MAGNITUDE_BITS = {"U8": 0x77, "F8_E4M3": 0x7F, "F8_E5M2": 0x7F}
+# The per-tensor decode multipliers: a zero one over zero codes is an all-zero layer, not a lost scale.
+DECODE_MULTIPLIERS = ("weight_scale_2", "weight_scale", "scale_weight")
+
+
+def zero_codes(layer: Layer) -> bool:
+    """True when every stored code of a quantized weight (NVFP4 nibbles, FP8 bytes) is +0 or -0: the weight was all
+    zero. Zero scales over non-zero codes are scales that went missing, not a zero layer."""
+    import torch
+
+    mask = MAGNITUDE_BITS.get(layer.dtype("weight") or "")
+    if mask is None:
+        return False
+    packed = layer.load("weight").view(torch.uint8).reshape(-1)
+    return packed.numel() > 0 and not bool((packed & mask).any())
+
+
 class NonFiniteScale(Rule):
     id = "NV202"
     name = "non-finite-scale"
@@ -121,8 +148,13 @@ Scales multiply every decoded weight. A NaN or Inf scale turns its 16-element bl
 zeroes the layer; negative scales flip signs. FP8 E4M3 has no Inf but encodes NaN as 0x7F/0xFF, which a writer
 produces when it casts an overflowing value without clamping to 448. Zero block scales are legitimate where a block
 of weights is all zero and in the padding of the 128x4 tiles, so only a layer whose block scales are all zero is
-reported (its weights all decode to zero). Block scales are checked on their raw bytes, every layer of a file
-with up to 256 MB of them; beyond that an evenly spread sample of layers (`nvdiag lint --all-scales` reads all).
+reported (its weights all decode to zero), and not when its FP4 codes are all zero too: that is an all-zero
+weight, which real models have and which decodes to exact zeros (a zero per-tensor scale over all-zero codes is
+one too: an info). A per-tensor scale below the smallest normal
+float32 (2^-126) is a zero in disguise: no real weight's amax gives one, and flush-to-zero GPU kernels read it as 0.
+Legacy scaled_fp8 files are checked the same way (`scale_weight`, `scale_input`). Block scales are checked on their
+raw bytes, every layer of a file with up to 256 MB of them; beyond that an evenly spread sample of layers
+(`nvdiag lint --all-scales` reads all).
 
 Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps the per-tensor scale positive)."""
 
@@ -133,12 +165,24 @@ Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps th
             yield from self._blocks(layer, ctx)
 
     def _scalars(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
-        roles = ["weight_scale_2", "input_scale"]
+        roles = list(TENSOR_SCALE_ROLES)
         if layer.dtype("weight") in FP8_DTYPES:
             roles.append("weight_scale")
         for role in roles:
             value = ctx.scalar(layer, role) if layer.has(role) else None
-            if value is None or (math.isfinite(value) and value > 0):
+            if value is None or (math.isfinite(value) and value >= MIN_NORMAL_F32):
+                continue
+            if value == 0 and role in DECODE_MULTIPLIERS and zero_codes(layer):
+                # ComfyUI only multiplies by a stored scale (a LoRA re-quantization recalculates its own from the
+                # patched weight, comfy/ops.py scale="recalculate"), so this decodes to exact zeros: information
+                yield self.finding(f"{role} = 0 over all-zero codes: an all-zero layer, it decodes to zeros",
+                                   layer.name, {"role": role, "value": value, "all_zero_codes": True},
+                                   severity=Severity.INFO)
+                continue
+            if math.isfinite(value) and value > 0:
+                yield self.finding(f"{role} = {value:.4g} is subnormal (below 2^-126 = {MIN_NORMAL_F32:.4g}): no "
+                                   "real weight gives it, and flush-to-zero GPU kernels read it as 0",
+                                   layer.name, {"role": role, "value": value, "min_normal": MIN_NORMAL_F32})
                 continue
             yield self.finding(f"{role} = {value}: scales must be finite and positive", layer.name,
                                {"role": role, "value": value})
@@ -147,6 +191,8 @@ Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps th
         if layer.dtype("weight_scale") not in BLOCK_SCALE_DTYPES:
             return  # a wrong dtype is NV105's; its bytes mean nothing as E4M3
         counts = block_scale_counts(layer.load("weight_scale"))
+        if counts is not None and not counts["nan"] and not counts["negative"] and zero_codes(layer):
+            return  # an all-zero layer (they exist in real models): zero scales, zero codes, decodes to exact zeros
         if counts is not None:
             what = ", ".join(f"{counts[k]} {k}" for k in ("nan", "negative") if counts[k])
             yield self.finding(f"block scales: {what or 'all zero'} (of {counts['total']})", layer.name,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from reference_specs.findings import Finding
-from reference_specs.rules.base import NVFP4, ModelView, Rule, RuleContext
+from reference_specs.rules.base import FP8_DTYPES, NVFP4, ModelView, Rule, RuleContext
 
 _LOAD_ERROR = (
     "ComfyUI's mixed-precision loader pops `.weight_scale` and `.weight_scale_2` for every layer whose comfy_quant "
@@ -60,4 +60,33 @@ layer at high precision also works."""
                     "NVFP4 layer has no .weight_scale_2: ComfyUI refuses to load the model",
                     layer.name,
                     {"roles": sorted(layer.tensors)},
+                )
+
+
+class MissingLegacyScale(Rule):
+    id = "NV109"
+    name = "missing-legacy-scale"
+    cause = "missing-tensor-scale"
+    summary = "FP8 weight of a legacy scaled_fp8 file without its .scale_weight"
+    explanation = """\
+A legacy scaled_fp8 file stores each FP8 weight with `<layer>.scale_weight`, the per-tensor decode multiplier
+(W = fp8 * scale_weight). ComfyUI's convert_old_quants (comfy/utils.py) builds a layer's float8 marker from that
+tensor alone, so an FP8 weight without it gets no marker: ComfyUI loads the raw FP8 values as a plain weight, off
+by the missing factor (amax/448: a layer with amax 0.5 comes out ~900x too large).
+
+What you see: the model loads without complaint and renders noise or NaN.
+
+Fix: re-convert from the source with `nvdiag convert`; the scale cannot be recovered from the FP8 values."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        scaled = [layer for layer in model.layers.values() if layer.has("scale_weight")]
+        if model.file_markers.get("scaled_fp8") is None and not scaled:
+            return
+        for layer in model.layers.values():
+            if (layer.dtype("weight") in FP8_DTYPES and not layer.has("scale_weight")
+                    and not layer.has("weight_scale") and layer.marker is None):
+                yield self.finding(
+                    "FP8 weight without .scale_weight in a legacy scaled_fp8 file: ComfyUI loads the raw FP8 "
+                    "values unscaled", layer.name,
+                    {"roles": sorted(layer.tensors), "scaled_layers": len(scaled)},
                 )
