@@ -228,6 +228,9 @@ def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None =
             known = {layer.native_name or layer.name for layer in model.layers.values()}
             scales = load_input_scales(input_scales, known, lambda n: models.native_name(model.detection, n))
         plan = build_plan(model, preset, dtype_16=dtype_16, input_scales=scales)
+        if scales == {}:  # a valid but empty file: the run is right (dynamic scales), but not what was asked for
+            plan.warnings.insert(0, f"{input_scales}: holds no input scales; none was applied (ComfyUI computes "
+                                    "activation scales dynamically)")
     except BaseException:
         model.close()
         raise
