@@ -330,7 +330,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         pin_ready = warming.context_ready if warming is not None else None
         pin_after = warming.wait_context if warming is not None else None
         try:
-            with SafetensorsWriter(out, plan.entries, meta) as writer, \
+            # overwrite only with --force: without it, a run that another process beat to OUT is refused at publishing
+            with SafetensorsWriter(out, plan.entries, meta, overwrite=force) as writer, \
                     TileChecker(presized(writer), model, plan, gate_sample) as checker, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
                            after_write=overlapped_checks(device, checker, source_amax),
