@@ -247,15 +247,28 @@ class Preset:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value from the file as one short line for a message (a preset may hold anything): repr escapes newlines
+    and terminal control characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keys(keys: set[str]) -> str:
+    """Keys from the file for a message: plain names as they are, anything else escaped; five at most."""
+    shown = [k if re.fullmatch(r"[\w.-]{1,40}", k) else _shown(k) for k in sorted(keys)[:5]]
+    return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def _check_rule(raw: Any, index: int, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise UsageError(f"rule {index} is not a table", where)
     unknown = set(raw) - {"match", "regex", "format", "reason", FULL_PRECISION_KEY, *CONDITIONS}
     if unknown:
-        raise UsageError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}", where)
+        raise UsageError(f"rule {index}: unknown key(s) {_keys(unknown)}", where)
     fmt = raw.get("format")
     if fmt not in FORMATS:
-        raise UsageError(f"rule {index}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}", where)
+        raise UsageError(f"rule {index}: unknown format {_shown(fmt)}; use one of {', '.join(FORMATS)}", where)
     if FULL_PRECISION_KEY in raw:
         fmt = _with_full_precision(fmt, raw[FULL_PRECISION_KEY], index, where)
     if "match" in raw and "regex" in raw:
@@ -267,7 +280,7 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         try:
             re.compile(raw["regex"])
         except re.error as exc:
-            raise UsageError(f"rule {index}: invalid regex {raw['regex']!r}: {exc}", where) from None
+            raise UsageError(f"rule {index}: invalid regex {_shown(raw['regex'])}: {exc}", where) from None
     conditions = {}
     for key in CONDITIONS:
         if key not in raw:
@@ -307,10 +320,10 @@ def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> P
     """A parsed TOML document -> Preset; UsageError (naming `where`) for anything invalid."""
     unknown = set(data) - set(_TOP_KEYS)
     if unknown:
-        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(_TOP_KEYS)}", where)
+        raise UsageError(f"unknown key(s) {_keys(unknown)}; expected {', '.join(_TOP_KEYS)}", where)
     default = data.get("default", "keep")
     if default not in FORMATS or default in QUANT_FORMATS:
-        raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {default!r})", where)
+        raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {_shown(default)})", where)
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
         raise UsageError("rules must be an array of tables ([[rules]])", where)
@@ -326,12 +339,6 @@ def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> P
         description=str(data.get("description", "")),
         architectures=tuple(archs),
     )
-
-
-def _shown(value: Any, limit: int = 40) -> str:
-    """A value from the file as one short line for a message (a preset may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def loads_preset(text: bytes, where: str, name: str | None = None) -> Preset:
