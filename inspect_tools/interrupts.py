@@ -70,9 +70,32 @@ def _raise_terminate(signum: int, frame: FrameType | None) -> None:
     raise TerminateRequested(signum)
 
 
-def install_cleanup_handlers() -> Handlers:
-    """While a temporary file exists: the cleanup signals raise TerminateRequested (main thread only)."""
-    return _replace(_raise_terminate)
+# Writers open in the main thread now; the handlers they replaced, given back when the last one is done. Counted, so
+# that writers opened and closed in any order (two outputs at once) restore what was there before the first.
+_writing = 0
+_saved: Handlers = {}
+
+
+def writing_started() -> bool:
+    """A writer created its temporary: from now on the cleanup signals raise TerminateRequested. False (nothing
+    changed) outside the main thread; pass the result to writing_ended() or after_publish()."""
+    global _writing, _saved
+    if not _in_main_thread():
+        return False
+    if _writing == 0:
+        _saved = _replace(_raise_terminate)
+    _writing += 1
+    return True
+
+
+def writing_ended(started: bool) -> None:
+    global _writing, _saved
+    if not started:
+        return
+    _writing -= 1
+    if _writing == 0:
+        restore(_saved)
+        _saved = {}
 
 
 @contextmanager
@@ -107,11 +130,11 @@ class _CommandScope:
 _scope: _CommandScope | None = None
 
 
-def after_publish(writing_handlers: Handlers | None, published: Path) -> None:
-    """The writer's last step, called with the signals held: its own handlers go, and within a command scope a
-    signal arriving from now on is noted instead of obeyed (the output is complete)."""
-    restore(writing_handlers)
-    if _scope is not None and _in_main_thread():
+def after_publish(started: bool, published: Path) -> None:
+    """The writer's last step, called with the signals held: its handlers go (if it was the last writer), and within
+    a command scope a signal arriving from now on is noted instead of obeyed (the output is complete)."""
+    writing_ended(started)
+    if _writing == 0 and _scope is not None and _in_main_thread():
         _scope.shield(published)
 
 

@@ -29,9 +29,9 @@ from inspect_tools.interrupts import (
     CLEANUP_SIGNALS,  # noqa: F401 - re-exported: the signals a writer turns into a clean exit
     TerminateRequested,
     after_publish,
-    install_cleanup_handlers,
-    restore,
     signals_held,
+    writing_ended,
+    writing_started,
 )
 from inspect_tools.readers.safetensors_dtypes import DTYPE_NAMES, DTYPES, byte_length
 from inspect_tools.temporaries import (
@@ -183,7 +183,7 @@ class SafetensorsWriter:
         self._fd: int | None = None
         self.temp_path: Path | None = None
         self.committed = False
-        self._old_handlers: dict[int, Any] | None = None
+        self._handling_signals = False  # whether open() took the cleanup signals over (main thread)
 
     @property
     def order(self) -> list[str]:
@@ -209,12 +209,16 @@ class SafetensorsWriter:
         sweep_leftovers(self.path)  # before the space check: a killed run's leftover may be what fills the disk
         if self._check_space:
             ensure_free_space(folder, self.total_bytes)
-        self._old_handlers = install_cleanup_handlers()
-        # A signal between creating the file and remembering its name would leak it: hold signals for those steps
-        # (a held signal is delivered, and our handler runs, right after).
-        with signals_held():
-            self._fd, self.temp_path = create_temporary(self.path)
-        _pwrite_all(self._fd, memoryview(self._header), 0, self.path)
+        self._handling_signals = writing_started()
+        try:  # __exit__ does not run when __enter__ fails: clean up here
+            # A signal between creating the file and remembering its name would leak it: hold signals for those
+            # steps (a held signal is delivered, and our handler runs, right after).
+            with signals_held():
+                self._fd, self.temp_path = create_temporary(self.path)
+            _pwrite_all(self._fd, memoryview(self._header), 0, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._fd is None:
@@ -297,8 +301,8 @@ class SafetensorsWriter:
             publish(self.temp_path, self.path, overwrite=self.overwrite)
             self.temp_path = None
             self.committed = True
-            after_publish(self._old_handlers, self.path)
-            self._old_handlers = None
+            after_publish(self._handling_signals, self.path)
+            self._handling_signals = False
         _fsync_folder(self.path.parent)
         return self.path
 
@@ -310,8 +314,8 @@ class SafetensorsWriter:
         if self.temp_path is not None:
             self.temp_path.unlink(missing_ok=True)
             self.temp_path = None
-        restore(self._old_handlers)
-        self._old_handlers = None
+        writing_ended(self._handling_signals)
+        self._handling_signals = False
 
 
 
