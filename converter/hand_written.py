@@ -16,12 +16,12 @@ from pathlib import Path
 from inspect_tools.errors import InputError
 
 # A preset is a few kilobytes (the built-ins are under 3 KB; `preset from-gguf` writes one rule per block-generalized
-# layer name: tens of kilobytes for a 14B model). 4 MiB is far past any real preset and still parses in well under a
-# second.
-MAX_PRESET_BYTES = 4 * 2**20
-# {layer: value} for every linear of the largest supported model is well under 1 MB; 64 MiB leaves room for names
+# layer name: tens of kilobytes for a 14B model). 1 MiB is far past any real preset; tomllib, pure Python, takes
+# about a second per MiB.
+MAX_PRESET_BYTES = 2**20
+# {layer: value} for every linear of the largest supported model is well under 1 MB; 16 MiB leaves room for names
 # written with long prefixes and pretty-printing while bounding what json.loads holds in memory.
-MAX_INPUT_SCALES_BYTES = 64 * 2**20
+MAX_INPUT_SCALES_BYTES = 16 * 2**20
 # [[rules]] is depth 2, an inline array of strings inside a table depth 3; 32 leaves room for any sane hand-written
 # file and stays far below the parser's recursion limit.
 MAX_TOML_DEPTH = 32

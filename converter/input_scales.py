@@ -55,8 +55,9 @@ def _from_json(path: Path) -> dict[str, Any]:
         raise InputError("input scales are not readable JSON: nested too deeply (an object {layer: value} is "
                          "one level)", str(path)) from None
     if not isinstance(data, dict):
-        raise InputError(f"input scales JSON must be an object {{layer: value}}, not {type(data).__name__}",
-                         str(path))
+        kind = ("null" if data is None else "a boolean" if isinstance(data, bool) else "an array"
+                if isinstance(data, list) else "a string" if isinstance(data, str) else "a number")
+        raise InputError(f"input scales JSON must be an object {{layer: value}}, not {kind}", str(path))
     return data
 
 

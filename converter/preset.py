@@ -47,7 +47,7 @@ Conditions (all optional, all must hold):
                            1..65536 (past that it could match no layer of any model: refused as a typo)
   divisible_by = N         both weight dims divisible by N, 1..65536
   max_numel = N            the main tensor has at most N elements (small tensors), 1..2^63-1
-A preset file is at most 4 MiB with at most 10,000 rules, nested at most 32 levels deep.
+A preset file is at most 1 MiB with at most 10,000 rules, nested at most 32 levels deep.
 """
 
 from __future__ import annotations

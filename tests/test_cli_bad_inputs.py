@@ -198,7 +198,8 @@ def test_a_bad_hand_written_file_exits_2_with_one_line_and_writes_nothing(tmp_pa
     ("scales_integer_past_str_limit", "an integer of 5001 digits"),
     ("scales_nan", "nan is not a finite positive number"),
     ("scales_zero", "0 is not a finite positive number"),
-    ("scales_top_level_array", "must be an object {layer: value}, not list"),
+    ("scales_top_level_array", "must be an object {layer: value}, not an array"),
+    ("scales_top_level_null", "must be an object {layer: value}, not null"),
     ("scales_unknown_layer", "'no.such.layer': no such layer in the source"),
     ("scales_many_unknown_layers", "and 99995 more"),
 ])
