@@ -515,16 +515,17 @@ def _produce(entry: OutTensor, load: Callable[[str], torch.Tensor]) -> torch.Ten
 
 
 def write_fixed(plan: FixPlan, model: CheckpointModel, out: Path, version: str,
-                gate: Callable[[Path], tuple[list[Finding], bool]]) -> tuple[bool, list[Finding]]:
+                gate: Callable[[Path], tuple[list[Finding], bool]],
+                overwrite: bool = True) -> tuple[bool, list[Finding]]:
     """Stream the planned tensors into a temporary file beside `out`, gate it, and rename it into place only
-    when the gate finds no error. (written, gate findings)."""
+    when the gate finds no error (replacing an existing `out` only when `overwrite`). (written, gate findings)."""
     from inspect_tools.writer import SafetensorsWriter
 
     metadata = dict(plan.metadata)
     metadata[PROVENANCE_KEY] = provenance(plan, version)
     entries = [(t.name, t.dtype, t.shape) for t in plan.tensors]
     by_name = {t.name: t for t in plan.tensors}
-    with SafetensorsWriter(out, entries, metadata) as writer:
+    with SafetensorsWriter(out, entries, metadata, overwrite=overwrite) as writer:
         for name in writer.order:
             writer.write(name, _produce(by_name[name], model.reader.load))
         assert writer.temp_path is not None
@@ -572,6 +573,6 @@ def fix_checkpoint(broken: str | Path, out: str | Path, *, against: str | Path |
                 findings += extra_gate(path)
             return findings, ran
 
-        result.written, result.gate_findings = write_fixed(plan, model, out, nvdiag_version(), gate)
+        result.written, result.gate_findings = write_fixed(plan, model, out, nvdiag_version(), gate, overwrite=force)
         result.gate_ran = True
     return result

@@ -232,6 +232,9 @@ def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None =
             scales = load_input_scales(input_scales, known, lambda n: models.native_name(model.detection, n))
         plan = build_plan(model, preset, dtype_16=dtype_16, input_scales=scales)
         keep_overflowing_at_bf16(plan, model.reader)
+        if scales == {}:  # a valid but empty file: the run is right (dynamic scales), but not what was asked for
+            plan.warnings.insert(0, f"{input_scales}: holds no input scales; none was applied (ComfyUI computes "
+                                    "activation scales dynamically)")
     except BaseException:
         model.close()
         raise
@@ -331,7 +334,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         pin_ready = warming.context_ready if warming is not None else None
         pin_after = warming.wait_context if warming is not None else None
         try:
-            with SafetensorsWriter(out, plan.entries, meta) as writer, \
+            # overwrite only with --force: without it, a run that another process beat to OUT is refused at publishing
+            with SafetensorsWriter(out, plan.entries, meta, overwrite=force) as writer, \
                     TileChecker(presized(writer), model, plan, gate_sample) as checker, \
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
                            after_write=overlapped_checks(device, checker, source_amax),

@@ -41,11 +41,13 @@ Conditions (all optional, all must hold):
   linear = true|false      the layer has a 2-D floating-point weight
   in_blocks = true|false   the layer sits inside a repeated block (a `.N.` component in its name)
   sensitive = true|false   the architecture profile says it must stay high precision (embeddings, modulation, ...)
-  ndim = N                 rank of the main tensor (weight, or the bare parameter)
+  ndim = N                 rank of the main tensor (weight, or the bare parameter), 1..8
   min_dim = N              both weight dims >= min(N, model width): the cap keeps scaled-down test models
-                           (width 128-512) behaving like the real ones (width >= 3072), where it is just N
-  divisible_by = N         both weight dims divisible by N
-  max_numel = N            the main tensor has at most N elements (small tensors)
+                           (width 128-512) behaving like the real ones (width >= 3072), where it is just N;
+                           1..65536 (past that it could match no layer of any model: refused as a typo)
+  divisible_by = N         both weight dims divisible by N, 1..65536
+  max_numel = N            the main tensor has at most N elements (small tensors), 1..2^63-1
+A preset file is at most 1 MiB with at most 10,000 rules, nested at most 32 levels deep.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from converter.hand_written import MAX_PRESET_BYTES, MAX_TOML_DEPTH, read_bounded, toml_nesting_depth
 from inspect_tools.errors import InputError, UsageError
 
 # Quantizing decision -> (codec that encodes the weight, whether ComfyUI is told to multiply in full precision).
@@ -82,6 +85,19 @@ _TOP_KEYS = ("name", "description", "default", "architectures", "rules")
 # A `.N.` component: the layer is one of a stack of repeated blocks (blocks.3.ffn.0, transformer_blocks.0.attn.to_q).
 _IN_BLOCKS = re.compile(r"(^|\.)\d+\.")
 DEFAULT_MIN_DIM_WIDTH = 1024
+# The sane range of each numeric condition. Layer widths of the supported models are at most a few tens of thousands
+# (WAN 14B: 5120 wide, FFN 13824), so a dimension condition past 2^16 can match no layer of any diffusion model: it is
+# a typo (an extra digit) and would silently quantize nothing, so it is refused rather than warned about. ndim: a
+# weight is 1- to 5-D (conv3d). max_numel: TOML integers are 64-bit.
+CONDITION_RANGES: dict[str, tuple[int, int]] = {
+    "ndim": (1, 8),
+    "min_dim": (1, 2**16),
+    "divisible_by": (1, 2**16),
+    "max_numel": (1, 2**63 - 1),
+}
+# A preset rule is tried on every layer: 10,000 rules (25 per layer of a 400-layer model) is far beyond a real
+# preset and keeps planning a matter of seconds.
+MAX_RULES = 10_000
 
 
 @dataclass(frozen=True)
@@ -231,15 +247,28 @@ class Preset:
 
 # ---------------------------------------------------------------------------------------------- parsing
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value from the file as one short line for a message (a preset may hold anything): repr escapes newlines
+    and terminal control characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _keys(keys: set[str]) -> str:
+    """Keys from the file for a message: plain names as they are, anything else escaped; five at most."""
+    shown = [k if re.fullmatch(r"[\w.-]{1,40}", k) else _shown(k) for k in sorted(keys)[:5]]
+    return ", ".join(shown) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def _check_rule(raw: Any, index: int, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise UsageError(f"rule {index} is not a table", where)
     unknown = set(raw) - {"match", "regex", "format", "reason", FULL_PRECISION_KEY, *CONDITIONS}
     if unknown:
-        raise UsageError(f"rule {index}: unknown key(s) {', '.join(sorted(unknown))}", where)
+        raise UsageError(f"rule {index}: unknown key(s) {_keys(unknown)}", where)
     fmt = raw.get("format")
     if fmt not in FORMATS:
-        raise UsageError(f"rule {index}: unknown format {fmt!r}; use one of {', '.join(FORMATS)}", where)
+        raise UsageError(f"rule {index}: unknown format {_shown(fmt)}; use one of {', '.join(FORMATS)}", where)
     if FULL_PRECISION_KEY in raw:
         fmt = _with_full_precision(fmt, raw[FULL_PRECISION_KEY], index, where)
     if "match" in raw and "regex" in raw:
@@ -251,7 +280,7 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         try:
             re.compile(raw["regex"])
         except re.error as exc:
-            raise UsageError(f"rule {index}: invalid regex {raw['regex']!r}: {exc}", where) from None
+            raise UsageError(f"rule {index}: invalid regex {_shown(raw['regex'])}: {exc}", where) from None
     conditions = {}
     for key in CONDITIONS:
         if key not in raw:
@@ -260,8 +289,11 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         if key in _BOOL_CONDITIONS:
             if not isinstance(value, bool):
                 raise UsageError(f"rule {index}: {key} must be true or false", where)
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"rule {index}: {key} must be a positive integer", where)
+        else:
+            low, high = CONDITION_RANGES[key]
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise UsageError(f"rule {index}: {key} must be an integer from {low} to {high}, "
+                                 f"not {_shown(value)}", where)
         conditions[key] = value
     return Rule(
         format=fmt, match=raw.get("match"), regex=raw.get("regex"), conditions=conditions,
@@ -288,13 +320,15 @@ def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> P
     """A parsed TOML document -> Preset; UsageError (naming `where`) for anything invalid."""
     unknown = set(data) - set(_TOP_KEYS)
     if unknown:
-        raise UsageError(f"unknown key(s) {', '.join(sorted(unknown))}; expected {', '.join(_TOP_KEYS)}", where)
+        raise UsageError(f"unknown key(s) {_keys(unknown)}; expected {', '.join(_TOP_KEYS)}", where)
     default = data.get("default", "keep")
     if default not in FORMATS or default in QUANT_FORMATS:
-        raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {default!r})", where)
+        raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {_shown(default)})", where)
     rules_raw = data.get("rules", [])
     if not isinstance(rules_raw, list):
         raise UsageError("rules must be an array of tables ([[rules]])", where)
+    if len(rules_raw) > MAX_RULES:
+        raise UsageError(f"{len(rules_raw)} rules; a preset may hold at most {MAX_RULES}", where)
     archs = data.get("architectures", [])
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UsageError("architectures must be a list of variant names", where)
@@ -309,9 +343,20 @@ def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> P
 
 def loads_preset(text: bytes, where: str, name: str | None = None) -> Preset:
     try:
-        data = tomllib.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        decoded = text.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise UsageError(f"not a valid TOML preset: {exc}", where) from None
+    if toml_nesting_depth(decoded) > MAX_TOML_DEPTH:
+        raise UsageError(f"not a valid preset: arrays or tables nested more than {MAX_TOML_DEPTH} levels deep "
+                         "(a preset needs two)", where)
+    try:
+        data = tomllib.loads(decoded)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"not a valid TOML preset: {exc}", where) from None
+    except ValueError as exc:  # an integer of thousands of digits: int() refuses it past sys.get_int_max_str_digits
+        raise UsageError(f"not a valid TOML preset: {str(exc).split(':')[0]}", where) from None
+    except RecursionError:  # the depth scan is the bound; this is the parser's own, should a construct escape it
+        raise UsageError("not a valid preset: nested too deeply to parse", where) from None
     preset = parse_preset(data, where, name)
     preset.sha256 = hashlib.sha256(text).hexdigest()
     return preset
@@ -344,7 +389,7 @@ def load_preset(ref: str | Path) -> Preset:
     if looks_like_path(ref) or path.exists():
         if not path.is_file():
             raise InputError("preset file not found", ref)
-        preset = loads_preset(path.read_bytes(), ref)
+        preset = loads_preset(read_bounded(path, MAX_PRESET_BYTES, "preset"), ref)
         preset.source = str(path)
         return preset
     raise UsageError(f"no built-in preset {ref!r} and no such file; built-ins: {', '.join(builtin_names())}")

@@ -16,25 +16,34 @@ import shutil
 import signal
 import struct
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 
 from inspect_tools.errors import OutputError
+from inspect_tools.interrupts import (
+    CLEANUP_SIGNALS,  # noqa: F401 - re-exported: the signals a writer turns into a clean exit
+    TerminateRequested,
+    after_publish,
+    signals_held,
+    writing_ended,
+    writing_started,
+)
 from inspect_tools.readers.safetensors_dtypes import DTYPE_NAMES, DTYPES, byte_length
+from inspect_tools.temporaries import (
+    TEMP_SUFFIX,  # noqa: F401 - re-exported for callers and tests that look for temporaries
+    create_temporary,
+    publish,
+    sweep_leftovers,
+)
 
 HEADER_ALIGNMENT = 8
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 SIGINT_EXIT_CODE = 128 + signal.SIGINT  # ... and by Ctrl-C
-CLEANUP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-TEMP_SUFFIX = ".nvdiag-tmp"
 
 
 def _read_test_write_delay() -> float:
@@ -124,19 +133,17 @@ def _fsync_folder(folder: Path) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def _pwrite_all(fd: int, data: memoryview, offset: int, out: Path) -> None:
     done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
+    try:
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+    except OSError as exc:  # a full disk or quota names no path of its own: name OUT, which is what the user gave
+        raise _write_failed(exc, out) from None
 
 
-class _TerminateRequested(BaseException):
-    """Raised from our SIGTERM/SIGINT handler so the `with` block unwinds and removes the temporary file.
-    A BaseException, so no `except Exception` between here and the writer can swallow it."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"terminated by signal {signum}")
-        self.signum = signum
+def _write_failed(exc: OSError, out: Path) -> OutputError:
+    return OutputError(f"{exc.strerror or exc} while writing it; nothing was published", str(out))
 
 
 class SafetensorsWriter:
@@ -148,12 +155,15 @@ class SafetensorsWriter:
         w.commit()
 
     Tensors may be written in any order (each lands at its precomputed offset); `order` is the sequential one.
-    Leaving the block without commit() - by an exception, Ctrl-C, SIGTERM or simply returning - removes the
-    temporary file and leaves an existing `path` untouched.
+    Leaving the block without commit() - by an exception, Ctrl-C, SIGTERM (or any signal of
+    interrupts.CLEANUP_SIGNALS) or simply returning - removes the temporary file and leaves an existing `path`
+    untouched. overwrite=False publishes only if `path` still does not exist when the file is complete (another
+    process may have written it meanwhile): OutputError otherwise. Opening notices temporaries that an earlier run
+    killed outright (SIGKILL, power loss) left beside `path` (temporaries.sweep_leftovers).
     """
 
     def __init__(self, path: str | Path, entries: Iterable[Entry], metadata: Mapping[str, str] | None = None,
-                 check_space: bool = True) -> None:
+                 check_space: bool = True, overwrite: bool = True) -> None:
         self.path = Path(path)
         planned = [(name, dtype, tuple(int(d) for d in shape)) for name, dtype, shape in entries]
         _check_entries(planned)
@@ -163,6 +173,7 @@ class SafetensorsWriter:
         self.total_bytes = len(self._header) + sum(
             byte_length(DTYPES[dtype], shape) or 0 for _, dtype, shape in self.entries)
         self._check_space = check_space
+        self.overwrite = overwrite
         self._written: set[str] = set()
         # tensors written in parts (write_part): name -> byte ranges within it written or being written. The lock
         # guards this bookkeeping: a converter's encoding thread and its writer thread may both write.
@@ -172,7 +183,7 @@ class SafetensorsWriter:
         self._fd: int | None = None
         self.temp_path: Path | None = None
         self.committed = False
-        self._old_sigterm: Any = None
+        self._handling_signals = False  # whether open() took the cleanup signals over (main thread)
 
     @property
     def order(self) -> list[str]:
@@ -184,7 +195,7 @@ class SafetensorsWriter:
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         self.abort()
-        if isinstance(exc, _TerminateRequested):
+        if isinstance(exc, TerminateRequested):
             # The temporary file is gone: say so in one line and end with the code a shell expects for the signal.
             name = signal.Signals(exc.signum).name
             print(f"nvdiag: interrupted by {name}: {self.path} was not written (temporary file removed)",
@@ -195,15 +206,19 @@ class SafetensorsWriter:
         folder = self.path.parent
         if not folder.is_dir():
             raise OutputError("output folder does not exist", str(folder))
+        sweep_leftovers(self.path)  # before the space check: a killed run's leftover may be what fills the disk
         if self._check_space:
             ensure_free_space(folder, self.total_bytes)
-        self._install_sigterm()
-        # A signal between mkstemp and remembering its name would leak the file: hold signals for those two steps
-        # (a held signal is delivered, and our handler runs, right after).
-        with _signals_held():
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TEMP_SUFFIX, dir=folder)
-            self._fd, self.temp_path = fd, Path(name)
-        _pwrite_all(fd, memoryview(self._header), 0)
+        self._handling_signals = writing_started()
+        try:  # __exit__ does not run when __enter__ fails: clean up here
+            # A signal between creating the file and remembering its name would leak it: hold signals for those
+            # steps (a held signal is delivered, and our handler runs, right after).
+            with signals_held():
+                self._fd, self.temp_path = create_temporary(self.path)
+            _pwrite_all(self._fd, memoryview(self._header), 0, self.path)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._fd is None:
@@ -223,7 +238,7 @@ class SafetensorsWriter:
         expected = byte_length(DTYPES[dtype], shape)
         if len(data) != expected:
             raise ValueError(f"tensor {name!r}: {len(data)} bytes, planned {expected}")
-        _pwrite_all(self._fd, data, self._offsets[name])
+        _pwrite_all(self._fd, data, self._offsets[name], self.path)
         with self._lock:
             self._written.add(name)
         if TEST_WRITE_DELAY:
@@ -253,7 +268,7 @@ class SafetensorsWriter:
             if any(start < end and byte_offset < stop for start, stop in parts):
                 raise ValueError(f"tensor {name!r}: part [{byte_offset}, {end}) overlaps one already written")
             parts.append((byte_offset, end))
-        _pwrite_all(self._fd, raw, self._offsets[name] + byte_offset)
+        _pwrite_all(self._fd, raw, self._offsets[name] + byte_offset, self.path)
         with self._lock:  # counted once written: a tensor is complete only when all of its bytes are in the file
             self._part_bytes[name] = self._part_bytes.get(name, 0) + len(raw)
             if self._part_bytes[name] == expected:
@@ -265,22 +280,30 @@ class SafetensorsWriter:
         (e.g. by a verification gate) at `temp_path`. Kept so callers need not know that."""
 
     def commit(self) -> Path:
-        """fsync, rename into place, fsync the folder. Every planned tensor must have been written."""
+        """fsync, publish (rename, or link when not overwriting), fsync the folder. Every planned tensor must have
+        been written."""
         if self._fd is None or self.temp_path is None:
             raise RuntimeError("SafetensorsWriter is not open")
         missing = [name for name in self.order if name not in self._written]
         if missing:
             raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})",
                               str(self.path))
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = None
-        os.chmod(self.temp_path, FILE_MODE)
-        os.replace(self.temp_path, self.path)
-        self.temp_path = None
-        self.committed = True
+        try:
+            os.fsync(self._fd)  # a network or delayed-allocation file system may report a full disk only now
+            os.close(self._fd)
+            self._fd = None
+            os.chmod(self.temp_path, FILE_MODE)
+        except OSError as exc:
+            raise _write_failed(exc, self.path) from None
+        # Held from publishing until the writer has forgotten its temporary: a signal in between would otherwise
+        # report a complete output as "not written" (and exit by the signal).
+        with signals_held():
+            publish(self.temp_path, self.path, overwrite=self.overwrite)
+            self.temp_path = None
+            self.committed = True
+            after_publish(self._handling_signals, self.path)
+            self._handling_signals = False
         _fsync_folder(self.path.parent)
-        self._restore_sigterm()
         return self.path
 
     def abort(self) -> None:
@@ -291,36 +314,8 @@ class SafetensorsWriter:
         if self.temp_path is not None:
             self.temp_path.unlink(missing_ok=True)
             self.temp_path = None
-        self._restore_sigterm()
-
-    def _install_sigterm(self) -> None:
-        # Signal handlers can only be set from the main thread; elsewhere the caller's own handling applies.
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            raise _TerminateRequested(signum)
-
-        self._old_sigterm = {sig: signal.signal(sig, on_signal) for sig in CLEANUP_SIGNALS}
-
-    def _restore_sigterm(self) -> None:
-        if self._old_sigterm is not None:
-            for sig, handler in self._old_sigterm.items():
-                signal.signal(sig, handler)
-            self._old_sigterm = None
-
-
-@contextmanager
-def _signals_held() -> Iterator[None]:
-    """Block SIGTERM/SIGINT for a few statements (main thread, POSIX); pending ones are delivered on exit."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, CLEANUP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        writing_ended(self._handling_signals)
+        self._handling_signals = False
 
 
 
@@ -360,7 +355,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise OutputError("output folder does not exist", str(path.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
+    fd, name = create_temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
@@ -368,8 +363,11 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.fsync(fh.fileno())
         os.chmod(name, FILE_MODE)
         os.replace(name, path)
+    except OSError as exc:
+        name.unlink(missing_ok=True)
+        raise _write_failed(exc, path) from None
     except BaseException:
-        Path(name).unlink(missing_ok=True)
+        name.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
     return path

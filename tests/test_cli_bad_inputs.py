@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from inspect_tools.cli import main
+from inspect_tools.synthetic.bad_hand_written import BAD_INPUT_SCALES, BAD_PRESETS, WARNED_INPUT_SCALES
 from inspect_tools.synthetic.bad_inputs import BAD_INPUTS, PICKLE_MARKER_NAME, UNSAFE_INPUTS
 
 # argv for one command with the bad path in one slot: (bad, good float source, good NVFP4 file, output folder).
@@ -154,3 +156,110 @@ def test_input_scales_from_a_sharded_checkpoint_are_read_as_a_checkpoint(good, t
     with safe_open(str(out), "pt") as f:
         assert float(f.get_tensor("blocks.0.self_attn.q.input_scale")) == pytest.approx(0.05)
         assert float(f.get_tensor("blocks.1.ffn.0.input_scale")) == 0.25
+
+
+# --- files a user writes by hand: preset TOML and --input-scales JSON -------------------------------------------
+
+HAND_WRITTEN = {**{name: "--preset" for name in BAD_PRESETS}, **{name: "--input-scales" for name in BAD_INPUT_SCALES}}
+
+
+def _hand_written_argv(bad: Path, is_preset: bool, src: str, out: Path) -> list[str]:
+    """convert with the bad file as the preset, or as the input scales of the smart preset."""
+    preset = ["--preset", str(bad)] if is_preset else ["--preset", "smart", "--input-scales", str(bad)]
+    return ["convert", src, str(out), *preset]
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_a_bad_hand_written_file_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, good, name: str, capsys):
+    folder = tmp_path / name
+    option = HAND_WRITTEN[name]
+    bad = (BAD_PRESETS if option == "--preset" else BAD_INPUT_SCALES)[name](folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = _hand_written_argv(bad, name in BAD_PRESETS, good[0], out / "o.safetensors")
+    before = bad.read_bytes()
+    started = time.monotonic()
+    code, _, err = _run(argv, capsys)
+    assert code == 2, err
+    _assert_one_clear_line(err, folder)
+    assert "\x1b" not in err and "\x00" not in err  # what came from the file is escaped
+    assert time.monotonic() - started < 10
+    assert list(out.iterdir()) == []
+    assert bad.read_bytes() == before
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("preset_deep_array", "nested more than 32 levels deep"),
+    ("preset_deep_inline_table", "nested more than 32 levels deep"),
+    ("preset_min_dim_absurd", "min_dim must be an integer from 1 to 65536, not 1000000000000000"),
+    ("preset_min_dim_negative", "from 1 to 65536, not -1024"),
+    ("scales_deep_array", "nested too deeply"),
+    ("scales_huge_integer", "an integer of 401 digits is too large for a scale"),
+    ("scales_integer_past_str_limit", "an integer of 5001 digits"),
+    ("scales_nan", "nan is not a finite positive number"),
+    ("scales_zero", "0 is not a finite positive number"),
+    ("scales_top_level_array", "must be an object {layer: value}, not an array"),
+    ("scales_top_level_null", "must be an object {layer: value}, not null"),
+    ("scales_unknown_layer", "'no.such.layer': no such layer in the source"),
+    ("scales_many_unknown_layers", "and 99995 more"),
+])
+def test_what_the_line_says(tmp_path: Path, good, name: str, message: str, capsys):
+    is_preset = name in BAD_PRESETS
+    bad = (BAD_PRESETS if is_preset else BAD_INPUT_SCALES)[name](tmp_path / name)
+    code, _, err = _run(_hand_written_argv(bad, is_preset, good[0], tmp_path / "o.safetensors"), capsys)
+    assert code == 2 and message in err, err
+
+
+def test_input_scales_without_any_scale_convert_with_a_warning(tmp_path: Path, good, capsys):
+    scales = WARNED_INPUT_SCALES["scales_empty_object"](tmp_path / "empty")
+    out = tmp_path / "o.safetensors"
+    code, _, err = _run(["convert", good[0], str(out), "--preset", "smart", "--input-scales", str(scales)], capsys)
+    assert code == 0, err
+    assert f"warning: {scales}: holds no input scales; none was applied" in " ".join(err.split())
+    assert out.exists()
+
+
+def _deny_reading(monkeypatch, path: Path) -> None:
+    """What a file with mode 000 does to a process that is not root: os.access says no (click consulted it) and
+    opening it fails."""
+    real_access, real_open = os.access, Path.open
+
+    def access(target, mode, *args, **kwargs):
+        return False if Path(target) == path and mode & os.R_OK else real_access(target, mode, *args, **kwargs)
+
+    def open_(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(Path, "open", open_)
+
+
+@pytest.mark.parametrize("slot", ["src", "--input-scales", "--preset"])
+def test_an_unreadable_input_is_one_line_not_usage_text(tmp_path: Path, good, slot: str, capsys, monkeypatch):
+    bad = tmp_path / "locked" / {"src": "src.safetensors", "--input-scales": "s.json", "--preset": "p.toml"}[slot]
+    bad.parent.mkdir()
+    bad.write_bytes(Path(good[0]).read_bytes() if slot == "src" else b"{}" if slot == "--input-scales" else b"")
+    _deny_reading(monkeypatch, bad)
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = {"src": ["convert", str(bad), str(out / "o.safetensors"), "--preset", "smart"],
+            "--input-scales": ["convert", good[0], str(out / "o.safetensors"), "--preset", "smart",
+                               "--input-scales", str(bad)],
+            "--preset": ["convert", good[0], str(out / "o.safetensors"), "--preset", str(bad)]}[slot]
+    code, _, err = _run(argv, capsys)
+    assert code == 2, err
+    _assert_one_clear_line(err, bad.parent)
+    assert "Permission denied" in err and "Usage:" not in err
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file of mode 000")
+def test_a_file_of_mode_000_is_one_line(tmp_path: Path, good):
+    bad = tmp_path / "locked.safetensors"
+    bad.write_bytes(Path(good[0]).read_bytes())
+    bad.chmod(0)
+    done = _terminal(["convert", str(bad), str(tmp_path / "o.safetensors"), "--preset", "smart"])
+    assert done.returncode == 2, done.stderr
+    _assert_one_clear_line(done.stderr, tmp_path)

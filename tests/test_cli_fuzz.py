@@ -188,3 +188,131 @@ def test_mutated_gguf_header(tmp_path: Path, gguf_bytes: bytes, data, capsys):
     path = tmp_path / "model.gguf"
     path.write_bytes(bytes(raw))
     run_all(path, capsys)
+
+
+# --- files a user writes by hand: preset TOML and --input-scales JSON, through `nvdiag convert` -----------------------
+
+@pytest.fixture(scope="module")
+def float_source(make_checkpoint) -> tuple[Path, list[str]]:
+    """A tiny float WAN checkpoint and the ComfyUI names of its layers (what a scales file names)."""
+    from inspect_tools.layers import open_model
+
+    path = make_checkpoint("float", name="fuzz_float")
+    with open_model(path) as model:
+        return path, sorted(layer.native_name or layer.name for layer in model.layers.values())
+
+
+def run_convert(argv_tail: list[str], src: Path, out_dir: Path, capsys: pytest.CaptureFixture[str]) -> int:
+    """convert SRC into an empty folder: exit 0, 1 or 2, never a traceback; on exit 2 one line and nothing written.
+
+    The plan (--dry-run) reads and checks everything a hand-written file gives; a file it refuses is also given to a
+    real run, which must refuse it the same way. A file it accepts is not converted: writing is tested elsewhere, and
+    quantizing the whole model per example would make the fuzz run minutes long."""
+    out = out_dir / "out.safetensors"
+    code = None
+    for extra in (["--dry-run"], []):
+        code = main(["convert", str(src), str(out), *argv_tail, *extra])
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2), (code, err)
+        assert "Traceback" not in err
+        if code != 2:
+            break
+        assert len(err.strip().splitlines()) == 1, err
+        assert list(out_dir.iterdir()) == [], "a refused run left a file"
+    return code
+
+
+# Values a hand-written file may hold where a number is expected: huge, negative, non-finite, of the wrong type, deep.
+numbers = (st.integers(-(2**70), 2**70) | st.sampled_from([0, -1, 1, 2**16, 2**16 + 1, 2**63 - 1, 10**400])
+           | st.floats(allow_nan=True, allow_infinity=True))
+toml_leaves = numbers | st.booleans() | st.text(max_size=8)
+toml_values = st.recursive(toml_leaves, lambda children: st.lists(children, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), children, max_size=2), max_leaves=5)
+
+
+def toml_value(value: object) -> str:
+    """A value in TOML syntax (what a user might type; floats past TOML's range come out as inf/nan)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return "nan" if value != value else ("inf" if value == float("inf") else "-inf" if value == -float("inf")
+                                             else repr(value))
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+RULE_KEYS = ["match", "regex", "format", "reason", "full_precision_matrix_mult", "linear", "in_blocks", "sensitive",
+             "ndim", "min_dim", "divisible_by", "max_numel"]
+
+
+@st.composite
+def preset_texts(draw) -> bytes:
+    """A preset of a few rules whose values are drawn from anything TOML can hold, sometimes nested deep or damaged."""
+    lines = [f"name = {toml_value(draw(st.text(max_size=6)))}",
+             f"default = {toml_value(draw(st.sampled_from(['keep', 'bf16', 'f32', 'nvfp4', 1])))}"]
+    for _ in range(draw(st.integers(0, 3))):
+        lines.append("[[rules]]")
+        lines.append(f"format = {toml_value(draw(st.sampled_from(['nvfp4', 'fp8', 'keep', 'nvfp4-w4a16', 'x'])))}")
+        for key in draw(st.lists(st.sampled_from(RULE_KEYS), max_size=3, unique=True)):
+            if key != "format":
+                value = draw(st.sampled_from(["*", "blocks.*", "^blocks\\.\\d+\\."]) | toml_values)
+                lines.append(f"{key} = {toml_value(value)}")
+    if draw(st.booleans()):
+        depth = draw(st.sampled_from([40, 1000, 5000]))
+        lines.insert(0, f"deep = {'[' * depth}{']' * depth}")
+    raw = bytearray("\n".join(lines).encode() + b"\n")
+    if draw(st.booleans()):
+        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    return bytes(raw)
+
+
+HAND_WRITTEN_FUZZ = settings(FUZZ, deadline=5000)  # two runs per example; a refusal must come fast however bad
+
+
+@HAND_WRITTEN_FUZZ
+@given(text=preset_texts())
+def test_fuzzed_preset_toml(tmp_path_factory, float_source, text: bytes, capsys):
+    folder = tmp_path_factory.mktemp("fuzz_preset")
+    preset = folder / "preset.toml"
+    preset.write_bytes(text)
+    out_dir = folder / "out"
+    out_dir.mkdir()
+    run_convert(["--preset", str(preset)], float_source[0], out_dir, capsys)
+    assert preset.read_bytes() == text  # inputs are never modified
+
+
+@st.composite
+def input_scales_texts(draw, layers: list[str]) -> bytes:
+    """{layer: value} with real and made-up names and any JSON value; sometimes another top level, deep, or damaged."""
+    name = st.sampled_from(layers) | st.sampled_from(layers).map(lambda n: n + ".input_scale") | st.text(max_size=8)
+    scale = numbers | json_values | st.floats(1e-6, 10) | st.lists(st.floats(1e-6, 10), min_size=1, max_size=2)
+    document: object = draw(st.dictionaries(name, scale, max_size=4))
+    if draw(st.integers(0, 5)) == 0:
+        document = draw(json_values)
+    text = json.dumps(document)  # NaN and Infinity as Python's json writes them
+    if draw(st.integers(0, 5)) == 0:
+        depth = draw(st.sampled_from([100, 10_000]))
+        text = f'{{"{layers[0]}": {"[" * depth}{"]" * depth}}}'
+    raw = bytearray(text.encode())
+    if draw(st.integers(0, 3)) == 0 and raw:
+        raw[draw(st.integers(0, len(raw) - 1))] = draw(st.integers(0, 255))
+    return bytes(raw)
+
+
+@HAND_WRITTEN_FUZZ
+@given(data=st.data())
+def test_fuzzed_input_scales_json(tmp_path_factory, float_source, data, capsys):
+    src, layers = float_source
+    text = data.draw(input_scales_texts(layers))
+    folder = tmp_path_factory.mktemp("fuzz_scales")
+    scales = folder / "scales.json"
+    scales.write_bytes(text)
+    out_dir = folder / "out"
+    out_dir.mkdir()
+    run_convert(["--preset", "smart", "--input-scales", str(scales)], src, out_dir, capsys)
+    assert scales.read_bytes() == text

@@ -4,6 +4,7 @@ and SIGTERM / Ctrl-C sent to a real `nvdiag convert` mid-write leave the old OUT
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -18,6 +19,7 @@ import pytest
 from safetensors.torch import save_file
 
 from inspect_tools.cli import main
+from inspect_tools.interrupts import CLEANUP_SIGNALS
 from inspect_tools.synthetic import float_state_dict
 from inspect_tools.writer import TEMP_SUFFIX
 
@@ -184,13 +186,23 @@ def test_not_enough_disk_space_is_refused_before_writing(files, tmp_path: Path, 
 CONSOLE_SCRIPT = Path(sys.executable).with_name("nvdiag")
 
 
-def _start_convert(src: Path, out: Path) -> subprocess.Popen[str]:
+def _default_signals() -> None:
+    """What a process started from an interactive shell has (pytest may itself run under nohup, ignoring SIGHUP)."""
+    for signum in CLEANUP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+
+
+def _start(argv: list[str]) -> subprocess.Popen[str]:
     command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-c",
                                                                      "from inspect_tools.cli import run; run()"]
     # The test hook slows each tensor write, so the tiny source takes seconds to write and the signal lands mid-write.
     env = {**os.environ, "NVDIAG_TEST_WRITE_DELAY": "0.05"}
-    return subprocess.Popen([*command, "convert", str(src), str(out), "--preset", "smart", "--force"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*command, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_signals)
+
+
+def _start_convert(src: Path, out: Path, force: bool = True) -> subprocess.Popen[str]:
+    return _start(["convert", str(src), str(out), "--preset", "smart", *(["--force"] if force else [])])
 
 
 def _wait_for_temporary(folder: Path, proc: subprocess.Popen[str], timeout: float = 60) -> Path:
@@ -205,12 +217,18 @@ def _wait_for_temporary(folder: Path, proc: subprocess.Popen[str], timeout: floa
     raise AssertionError("convert never started writing")
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda s: signal.Signals(s).name)
-def test_signal_mid_write_keeps_old_out_and_leaves_no_temporary(files, tmp_path: Path, signum: int):
+@pytest.mark.parametrize(("command", "signum"), [
+    *[("convert", s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM,
+                               signal.SIGUSR1)],
+    ("fix", signal.SIGTERM), ("fix", signal.SIGHUP),
+], ids=lambda v: v if isinstance(v, str) else signal.Signals(v).name)
+def test_signal_mid_write_keeps_old_out_and_leaves_no_temporary(files, tmp_path: Path, command: str, signum: int):
     out = tmp_path / "out.safetensors"
     out.write_bytes(OLD)
-    before = digests([files["float"]])
-    proc = _start_convert(files["float"], out)
+    source = files["float"] if command == "convert" else files["broken"]
+    before = digests([source])
+    proc = (_start_convert(source, out) if command == "convert"
+            else _start(["fix", str(source), str(out), "--force"]))
     temp = _wait_for_temporary(tmp_path, proc)
     time.sleep(0.1)  # a few tensors in
     proc.send_signal(signum)
@@ -222,7 +240,7 @@ def test_signal_mid_write_keeps_old_out_and_leaves_no_temporary(files, tmp_path:
     assert not temp.exists()
     assert out.read_bytes() == OLD
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
-    assert digests([files["float"]]) == before
+    assert digests([source]) == before
 
 
 def test_ctrl_c_outside_the_writer_exits_130_with_one_line(files, monkeypatch, capsys):
@@ -239,3 +257,118 @@ def test_ctrl_c_outside_the_writer_exits_130_with_one_line(files, monkeypatch, c
     assert capsys.readouterr().err.strip() == "nvdiag: interrupted"
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put the handler back
 
+
+
+# --- what SIGKILL leaves, concurrent writers, late signals, full disks, refused folders, long names -----------------
+
+def test_after_kill_9_the_next_run_removes_the_leftover_and_says_so(files, tmp_path: Path, capsys):
+    out = tmp_path / "out.safetensors"
+    proc = _start_convert(files["float"], out)
+    temp = _wait_for_temporary(tmp_path, proc)
+    proc.kill()  # SIGKILL: no handler runs, the temporary stays
+    proc.communicate(timeout=60)
+    assert temp.exists() and f".{proc.pid}-" in temp.name
+    assert main(["convert", str(files["float"]), str(out), "--preset", "smart"]) == 0
+    err = capsys.readouterr().err
+    assert f"nvdiag: note: removed {temp}: a temporary file of nvdiag process {proc.pid}, which no longer exists, " \
+           "left by a killed run" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_two_converts_to_the_same_new_out_publish_exactly_once(files, tmp_path: Path):
+    out = tmp_path / "out.safetensors"
+    procs = [_start_convert(files["float"], out, force=False) for _ in range(2)]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert one_error_line(loser) == f"nvdiag: error: {out}: was created by another process while this run wrote " \
+                                    "it; pass --force to overwrite it"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("command", ["convert", "fix"])
+def test_a_signal_just_after_publishing_keeps_a_complete_run_successful(files, tmp_path: Path, command: str,
+                                                                       capsys, monkeypatch):
+    from inspect_tools.writer import SafetensorsWriter
+
+    publish = SafetensorsWriter.commit
+
+    def commit_then_terminated(self):
+        path = publish(self)
+        os.kill(os.getpid(), signal.SIGTERM)  # what `timeout` or a supervisor may send at that moment
+        return path
+
+    monkeypatch.setattr(SafetensorsWriter, "commit", commit_then_terminated)
+    out = tmp_path / "out.safetensors"
+    argv = (["convert", str(files["float"]), str(out), "--preset", "smart"] if command == "convert"
+            else ["fix", str(files["broken"]), str(out)])
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == f"nvdiag: SIGTERM arrived after {out} was published: the " \
+                                                    "output is complete"
+    assert "was not written" not in captured.err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+@pytest.mark.parametrize("command", ["convert", "fix"])
+def test_a_full_disk_is_one_line_naming_out_and_leaves_nothing(files, tmp_path: Path, command: str, capsys,
+                                                              monkeypatch):
+    real_pwrite = os.pwrite
+    written = []
+
+    def disk_fills_up(fd, data, offset):
+        if written:  # the header fits; the first tensor does not
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", disk_fills_up)
+    out = tmp_path / "out.safetensors"
+    argv = (["convert", str(files["float"]), str(out), "--preset", "smart"] if command == "convert"
+            else ["fix", str(files["broken"]), str(out)])
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"nvdiag: error: {out}: No space left on device while writing it; nothing was published"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["convert", "fix"])
+def test_a_folder_that_refuses_new_files_is_one_line(files, tmp_path: Path, command: str, capsys, monkeypatch):
+    """What a read-only folder does (simulated: root may write into a folder of mode 0555)."""
+    real_open = os.open
+
+    def read_only(path, flags, *args, **kwargs):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    out = tmp_path / "out.safetensors"
+    argv = (["convert", str(files["float"]), str(out), "--preset", "smart"] if command == "convert"
+            else ["fix", str(files["broken"]), str(out)])
+    assert main(argv) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"nvdiag: error: {out}: cannot create a file in {tmp_path}: Read-only file system"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0555")
+def test_a_read_only_folder_is_one_line(files, tmp_path: Path, capsys):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        assert main(["convert", str(files["float"]), str(folder / "out.safetensors"), "--preset", "smart"]) == 2
+        assert "Permission denied" in one_error_line(capsys.readouterr().err)
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+def test_a_legal_240_character_out_name_is_written(files, tmp_path: Path, capsys):
+    out = tmp_path / ("n" * 228 + ".safetensors")
+    assert len(out.name) == 240
+    assert main(["convert", str(files["float"]), str(out), "--preset", "smart"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]
+    assert "File name too long" not in capsys.readouterr().err

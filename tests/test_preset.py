@@ -19,7 +19,7 @@ from converter.preset import (
     loads_preset,
 )
 from inspect_tools.cli import main
-from inspect_tools.errors import UsageError
+from inspect_tools.errors import InputError, UsageError
 from inspect_tools.synthetic import default_selection, float_state_dict, shapes_for, write_float
 from reference_specs import models
 
@@ -116,7 +116,15 @@ min_dim = 64
     (b'[[rules]]\nmatch = "*"\nformat = "nvfp4"\nsize = 3\n', "unknown key"),
     (b'default = "nvfp4"\n', "default must be"),
     (b'[[rules]]\nmatch = "*"\nregex = "x"\nformat = "keep"\n', "not both"),
-    (b'[[rules]]\nmatch = "*"\nformat = "keep"\nmin_dim = -1\n', "positive integer"),
+    (b'[[rules]]\nmatch = "*"\nformat = "keep"\nmin_dim = -1\n', "min_dim must be an integer from 1 to 65536"),
+    # an absurd width is a typo that would quantize nothing: refused, with the sane range
+    (b'[[rules]]\nmatch = "*"\nformat = "nvfp4"\nmin_dim = 1000000000000000\n', "from 1 to 65536, not 1000000000"),
+    (b'[[rules]]\nmatch = "*"\nformat = "nvfp4"\nmin_dim = 3072.0\n', "min_dim must be an integer"),
+    (b'[[rules]]\nmatch = "*"\nformat = "keep"\nndim = 0\n', "ndim must be an integer from 1 to 8"),
+    (b"rules = " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested more than 32 levels deep"),
+    (b"a = " + b"{b = " * 3000 + b"1" + b"}" * 3000 + b"\n", "nested more than 32 levels deep"),
+    (b"x = 1" + b"0" * 5000 + b"\n", "integer string conversion"),
+    (b"[[rules]]\nformat = 'keep'\n" * 10_001, "at most 10000"),
     (b"not toml [", "not a valid TOML"),
 ])
 def test_invalid_presets_are_usage_errors(text: bytes, message: str) -> None:
@@ -223,3 +231,21 @@ def test_cli_from_gguf_writes_a_preset_that_loads(tmp_path, capsys) -> None:
     assert main(["preset", "from-gguf", str(path), "-o", str(out), "--higher", "q8"]) == 2
     assert main(["preset", "from-gguf", str(tmp_path / "missing.gguf"), "-o", str(tmp_path / "x.toml")]) == 2
     assert not list(tmp_path.glob("*.nvdiag-tmp"))
+
+
+def test_brackets_inside_strings_and_comments_do_not_count_as_nesting() -> None:
+    deep = "[" * 100
+    text = (f"# {deep}\nname = 'n{deep}'\ndescription = \"\"\"{deep}\n\\\"\"\" {deep}\"\"\"\n[[rules]]\n"
+            f"match = \"*\"\nformat = \"keep\"\nreason = \"{deep}\\\"{deep}\"  # {deep}\n")
+    preset = loads_preset(text.encode(), "ok.toml")
+    assert preset.name == "n" + deep and preset.rules[0].reason == deep + '"' + deep
+
+
+def test_a_preset_file_past_the_size_limit_is_refused_unread(tmp_path, monkeypatch) -> None:
+    import converter.preset as preset_module
+
+    monkeypatch.setattr(preset_module, "MAX_PRESET_BYTES", 64)
+    path = tmp_path / "big.toml"
+    path.write_text("# " + "x" * 100 + "\n")
+    with pytest.raises(InputError, match="larger than"):
+        load_preset(str(path))

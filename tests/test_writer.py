@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -13,11 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from inspect_tools.errors import OutputError
+from inspect_tools.interrupts import CLEANUP_SIGNALS, command_scope
 from inspect_tools.readers import open_checkpoint
 from inspect_tools.readers.safetensors_dtypes import dtype_name
+from inspect_tools.temporaries import TEMP_SUFFIX, host_tag, leftovers
 from inspect_tools.writer import (
     SafetensorsWriter,
     atomic_write_text,
@@ -256,3 +260,240 @@ def test_write_part_refuses_overlaps_overruns_and_wrong_dtypes(tmp_path: Path, o
             writer.write_part("w", offset, part)
         with pytest.raises(ValueError, match="written twice"):
             writer.write("w", torch.ones(8))
+
+
+# --- temporaries: names, leftovers of killed runs, publishing ------------------------------------------------------
+
+def one_tensor(path: Path, value: float = 1.0, **options) -> SafetensorsWriter:
+    writer = SafetensorsWriter(path, [("a", "F32", [4])], **options)
+    writer.open()
+    writer.write("a", torch.full((4,), value))
+    return writer
+
+
+def test_the_temporary_says_whose_it_is(tmp_path: Path):
+    writer = one_tensor(tmp_path / "out.safetensors")
+    try:
+        assert re.fullmatch(rf"\.out\.safetensors\.{os.getpid()}-{host_tag()}-[0-9a-f]{{8}}\.nvdiag-tmp",
+                            writer.temp_path.name)
+        assert writer.temp_path.stat().st_mode & 0o777 == 0o600  # private until published
+    finally:
+        writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["o" * 228 + ".safetensors", "é" * 119 + ".safetensors"],
+                         ids=["240 ASCII characters", "250 bytes of UTF-8"])
+def test_a_long_legal_output_name_works(tmp_path: Path, name: str):
+    out = tmp_path / name
+    assert len(out.name.encode()) <= 255
+    writer = one_tensor(out)
+    assert len(writer.temp_path.name.encode()) <= 255
+    assert writer.temp_path.name.endswith(TEMP_SUFFIX) and writer.temp_path.name.startswith("." + name[:100])
+    writer.commit()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    assert leftovers(out) == []
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _leftover(out: Path, pid: int, tag: str | None = None, age_s: float = 0) -> Path:
+    path = out.parent / f".{out.name}.{pid}-{tag or host_tag()}-0123abcd{TEMP_SUFFIX}"
+    path.write_bytes(b"half a model")
+    if age_s:
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_a_killed_runs_temporary_is_removed_by_the_next_run(tmp_path: Path, capsys):
+    out = tmp_path / "out.safetensors"
+    left = _leftover(out, _dead_pid())
+    one_tensor(out).commit()
+    assert not left.exists()
+    err = capsys.readouterr().err
+    assert f"nvdiag: note: removed {left}: a temporary file of nvdiag process" in err and "no longer exists" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+def test_a_running_process_temporary_is_never_removed(tmp_path: Path, capsys):
+    out = tmp_path / "out.safetensors"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        fresh = _leftover(out, sleeper.pid)
+        one_tensor(out).commit()
+        assert fresh.exists()
+        assert capsys.readouterr().err == ""  # another run writing OUT now: publishing decides, nothing to say
+        fresh.unlink()
+        stale_looking = _leftover(out, sleeper.pid, age_s=3600)  # untouched for an hour: its PID may be reused
+        one_tensor(out).commit()
+        assert stale_looking.exists()
+        err = capsys.readouterr().err
+        assert f"{stale_looking} is the temporary file of nvdiag process {sleeper.pid}, still running" in err
+        assert "may be removed" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+@pytest.mark.parametrize("kind", ["another host", "older nvdiag"])
+def test_a_temporary_that_cannot_be_proved_stale_is_named_not_removed(tmp_path: Path, kind: str, capsys):
+    out = tmp_path / "out.safetensors"
+    left = (_leftover(out, _dead_pid(), tag="000000") if kind == "another host"
+            else tmp_path / f".out.safetensors.ab_9xyz0{TEMP_SUFFIX}")  # tempfile.mkstemp's naming
+    left.write_bytes(b"x")
+    one_tensor(out).commit()
+    assert left.exists()
+    err = capsys.readouterr().err
+    assert err.startswith(f"nvdiag: note: {left} is a temporary file of ") and "may be removed" in err
+
+
+def test_temporaries_of_another_output_are_not_touched(tmp_path: Path, capsys):
+    other = _leftover(tmp_path / "out.safetensors.bak", _dead_pid())
+    one_tensor(tmp_path / "out.safetensors").commit()
+    assert other.exists() and capsys.readouterr().err == ""
+
+
+def test_without_overwrite_an_output_created_meanwhile_is_not_replaced(tmp_path: Path):
+    out = tmp_path / "out.safetensors"
+    first, second = one_tensor(out, 1.0, overwrite=False), one_tensor(out, 2.0, overwrite=False)
+    first.commit()
+    published = out.read_bytes()
+    with pytest.raises(OutputError, match="created by another process while this run wrote it; pass --force"):
+        second.commit()
+    second.abort()
+    assert out.read_bytes() == published
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("exists", [False, True])
+def test_without_hard_links_an_exclusive_placeholder_claims_the_output(tmp_path: Path, monkeypatch, exists: bool):
+    def no_links(src, dst, *args, **kwargs):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    out = tmp_path / "out.safetensors"
+    if exists:
+        out.write_bytes(b"someone else's")
+    writer = one_tensor(out, overwrite=False)
+    if exists:
+        with pytest.raises(OutputError, match="created by another process"):
+            writer.commit()
+        writer.abort()
+        assert out.read_bytes() == b"someone else's"
+    else:
+        writer.commit()
+        assert torch.equal(load_file(str(out))["a"], torch.ones(4))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("failing", ["header", "tensor", "fsync"])
+def test_a_full_disk_names_the_output_and_leaves_no_temporary(tmp_path: Path, monkeypatch, failing: str):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "out.safetensors"
+    writer = SafetensorsWriter(out, [("a", "F32", [4])])
+    sigterm = signal.getsignal(signal.SIGTERM)
+    if failing == "header":
+        monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OutputError) as caught:
+        with writer:
+            if failing == "tensor":
+                monkeypatch.setattr(os, "pwrite", full)
+            writer.write("a", torch.ones(4))
+            monkeypatch.setattr(os, "fsync", full)
+            writer.commit()
+    assert str(caught.value) == f"{out}: No space left on device while writing it; nothing was published"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is sigterm  # a failed open gives the signals back too
+
+
+def test_a_folder_that_refuses_new_files_is_one_error_naming_the_output(tmp_path: Path, monkeypatch):
+    real_open = os.open
+
+    def refuse(path, flags, *args, **kwargs):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(OutputError) as caught:
+        one_tensor(out)
+    assert str(caught.value) == f"{out}: cannot create a file in {tmp_path}: Permission denied"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a folder of mode 0555")
+def test_a_read_only_folder_is_one_error_naming_the_output(tmp_path: Path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="cannot create a file in .*: Permission denied"):
+            one_tensor(folder / "out.safetensors")
+        assert list(folder.iterdir()) == []
+    finally:
+        folder.chmod(0o755)
+
+
+# --- signals -----------------------------------------------------------------------------------------------------
+
+def _default_signals() -> None:
+    """What a process started from an interactive shell has (pytest may run under nohup, which ignores SIGHUP)."""
+    for signum in CLEANUP_SIGNALS:
+        signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGQUIT, signal.SIGALRM, signal.SIGUSR1, signal.SIGUSR2],
+                         ids=lambda s: signal.Signals(s).name)
+def test_every_terminating_signal_removes_the_temporary(tmp_path: Path, signum: int):
+    target = tmp_path / "out.safetensors"
+    target.write_bytes(b"previous good output")
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT, str(target)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
+    temp = Path(proc.stdout.readline().strip())
+    assert temp.exists()
+    proc.send_signal(signum)
+    stderr = proc.communicate(timeout=30)[1]
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.strip() == f"nvdiag: interrupted by {signal.Signals(signum).name}: {target} was not written " \
+                             "(temporary file removed)"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
+    assert target.read_bytes() == b"previous good output"
+
+
+def test_ignored_signals_and_callers_own_handlers_are_respected(tmp_path: Path):
+    def alarm(signum, frame):
+        pass
+
+    old = {s: signal.getsignal(s) for s in CLEANUP_SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # nohup: the user asked to survive a hang-up
+        signal.signal(signal.SIGALRM, alarm)  # e.g. a timeout of the caller's
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+        writer = one_tensor(tmp_path / "out.safetensors")
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGALRM) is alarm
+        assert signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None)  # taken over: it would kill silently
+        writer.commit()
+        assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # given back once published (no command scope)
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+def test_a_signal_right_after_publishing_does_not_fail_a_complete_run(tmp_path: Path, capsys):
+    out = tmp_path / "out.safetensors"
+    with command_scope():
+        writer = one_tensor(out)
+        writer.commit()
+        os.kill(os.getpid(), signal.SIGTERM)  # noted, not obeyed: the output is complete
+        time.sleep(0.05)
+        assert out.exists()
+    assert capsys.readouterr().err.strip() == f"nvdiag: SIGTERM arrived after {out} was published: the output is " \
+                                              "complete"
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)  # the shield ends with the command

@@ -15,6 +15,7 @@ import traceback
 import typer
 
 from inspect_tools.errors import NvdiagError
+from inspect_tools.interrupts import command_scope
 
 app = typer.Typer(
     name="nvdiag",
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["NVDIAG_DEBUG"] = "1"
     old_sigint = _catch_sigint()
     try:
-        app(args=args, prog_name="nvdiag")
+        with command_scope():  # a signal after an output was published no longer turns the run into a failure
+            app(args=args, prog_name="nvdiag")
     except SystemExit as exc:  # typer's standalone mode ends every run with SystemExit (usage errors: 2)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except NvdiagError as exc:

@@ -111,11 +111,14 @@ def _print_text(result: ConvertResult) -> None:
 
 @app.command("convert")
 def convert_cmd(
-    src: Path = typer.Argument(..., help="FP32/FP16/BF16 source: .safetensors, index.json, or a sharded folder"),
-    out: Path = typer.Argument(..., help="output .safetensors (ComfyUI-native NVFP4 mixed)"),
+    # readable=False: click's own check would answer an unreadable file with its multi-line usage text; the readers
+    # report it in one line naming the file, as for every other bad input
+    src: Path = typer.Argument(..., readable=False,
+                               help="FP32/FP16/BF16 source: .safetensors, index.json, or a sharded folder"),
+    out: Path = typer.Argument(..., readable=False, help="output .safetensors (ComfyUI-native NVFP4 mixed)"),
     preset: str = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a .toml"),
     dtype_16: str | None = typer.Option(None, "--dtype-16", help="bf16 or fp16 for kept 16-bit layers"),
-    input_scales: Path | None = typer.Option(None, "--input-scales",
+    input_scales: Path | None = typer.Option(None, "--input-scales", readable=False,
                                              help="calibrated input scales: JSON {layer: value} or a checkpoint"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-layer plan and output size, write nothing"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
