@@ -29,6 +29,8 @@ ROLE_SUFFIXES: tuple[str, ...] = (
     "bias",
 )
 
+_ROLES = frozenset(ROLE_SUFFIXES)
+
 # File-level marker tensors (not layers): legacy scaled_fp8 and the Qwen edit 2511 marker.
 FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
 
@@ -36,9 +38,9 @@ FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
 def split_key(key: str) -> tuple[str, str]:
     """'blocks.0.ffn.0.weight_scale' -> ('blocks.0.ffn.0', 'weight_scale'); a bare parameter such as
     'blocks.0.modulation' is its own layer with role 'value'."""
-    for role in ROLE_SUFFIXES:
-        if key.endswith("." + role):
-            return key[: -len(role) - 1], role
+    base, dot, last = key.rpartition(".")
+    if dot and last in _ROLES:  # a role is one whole dotted component, so the last one decides
+        return base, last
     return key, "value"
 
 
