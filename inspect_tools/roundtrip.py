@@ -39,6 +39,7 @@ from reference_specs.layer import Layer
 RULE_DECODES_WRONGLY = "RT101"
 RULE_TRANSPOSED_SHAPE = "RT102"
 RULE_SHAPE_MISMATCH = "RT103"
+RULE_UNDECODABLE = "RT104"
 # e_ref when REF's format is lossy but unknown to the registry (about Q4_0's error on Gaussian weights)
 DEFAULT_LOSSY_REF_ERROR = 0.1
 # Heatmap crop of |decoded - reference|: the top-left corner at full resolution, where block (16 columns) and
@@ -91,7 +92,8 @@ def _json_float(value: float | None, digits: int = 6) -> float | None:
 
 @dataclass
 class LayerResult:
-    """What roundtrip measured for one pair. status: ok | far-above | skipped."""
+    """What roundtrip measured for one pair. status: ok | far-above | skipped | unreadable (malformed stored
+    tensors, not decoded; `attribution.cause` says wrong-shape / wrong-dtype / a missing scale)."""
 
     name: str
     ref_name: str
@@ -111,7 +113,7 @@ class LayerResult:
     def error(self) -> float:
         """Sort key: the stored relative error, inf when it could not be decoded."""
         if self.metrics is None:
-            return math.inf if self.status == "far-above" else -1.0
+            return math.inf if self.status in ("far-above", "unreadable") else -1.0
         return self.metrics.rel_error if math.isfinite(self.metrics.rel_error) else math.inf
 
     @property
@@ -164,13 +166,26 @@ class RoundtripResult:
 
     @property
     def checked(self) -> list[LayerResult]:
-        return [r for r in self.layers if r.status != "skipped"]
+        return [r for r in self.layers if r.status not in ("skipped", "unreadable")]
+
+    @property
+    def unreadable(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.status == "unreadable"]
 
     @property
     def wrong(self) -> list[LayerResult]:
         return [r for r in self.layers if r.status == "far-above"]
 
     def verdict(self) -> str:
+        unreadable = self.unreadable
+        if not unreadable:
+            return self._measured_verdict()
+        causes = ", ".join(sorted({r.cause or "wrong-shape" for r in unreadable}))
+        head = (f"{len(unreadable)} layer{'s' if len(unreadable) > 1 else ''} cannot be decoded ({causes}: "
+                "re-export them, `nvdiag lint` says what is wrong)")
+        return head + ("; " + self._measured_verdict() if self.checked else "")
+
+    def _measured_verdict(self) -> str:
         checked, wrong = len(self.checked), self.wrong
         if not checked:
             return "no quantized layer of PATH could be paired with and compared to REF"
@@ -194,6 +209,7 @@ class RoundtripResult:
             "checked": len(self.checked),
             "decode_wrongly": len(self.wrong),
             "skipped": sum(r.status == "skipped" for r in self.layers),
+            "unreadable": len(self.unreadable),
             "quantized_pairs": self.quantized_pairs,
             "only_mine": len(self.alignment.only_mine),
             "only_ref": len(self.alignment.only_ref),
@@ -237,8 +253,16 @@ def load_reference(layer: Layer, model: CheckpointModel, device: torch.device) -
     fmt = decoder(layer)
     if model.kind == "gguf" or fmt is None:
         return model.reader.load_float(layer.tensors["weight"].name).to(device=device, dtype=torch.float32)
-    shape = type(fmt).logical_shape(layer)
-    return fmt.dequantize(load_roles(layer, device), shape).to(torch.float32)
+    problem = type(fmt).decode_problem(layer)
+    if problem is None:
+        try:
+            shape = type(fmt).logical_shape(layer)
+            return fmt.dequantize(load_roles(layer, device), shape).to(torch.float32)
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            problem = "wrong-shape", str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    # a reference that does not decode makes every comparison meaningless: refused as a bad input
+    raise InputError(f"reference layer {layer.name} cannot be decoded as {layer.format}: {problem[1]} "
+                     f"({problem[0]}; `nvdiag lint` on it says more)", str(model.path))
 
 
 def fits(bound: tuple[int, ...] | None, shape: tuple[int, ...]) -> bool:
@@ -290,6 +314,11 @@ def check_pair(
         return result, None
     if not ref.has("weight"):
         result.status, result.note = "skipped", "reference layer has no weight"
+        return result, None
+    problem = type(fmt).decode_problem(mine)
+    if problem is not None:  # what lint reports as malformed is not decoded (index errors, nonsense numbers)
+        result.status, result.note = "unreadable", f"cannot be decoded as {mine.format}: {problem[1]}"
+        result.attribution = Attribution(cause=problem[0])
         return result, None
     reference = load_reference(ref, ref_model, device)
     shape = tuple(reference.shape)
@@ -345,6 +374,12 @@ def finding_for(result: LayerResult, path: Path) -> Finding | None:
                 "baseline": _json_float(result.baseline),
                 **result.attribution.evidence(),
             },
+        )
+    if result.status == "unreadable":
+        assert result.attribution is not None
+        return Finding(
+            rule=RULE_UNDECODABLE, cause=result.attribution.cause, severity=Severity.ERROR, file=str(path),
+            layer=result.name, message=result.note or "cannot be decoded", evidence={"ref_layer": result.ref_name},
         )
     if result.status == "skipped" and result.note and "does not hold" in result.note:
         return Finding(

@@ -83,7 +83,7 @@ def print_text(result: RoundtripResult) -> None:
     if only_mine or only_ref:
         out.print(f"unmatched: {len(only_mine)} layers of PATH, {len(only_ref)} of REF have no partner "
                   "(--format json lists them)")
-    style = "bold red" if result.wrong else "green"
+    style = "bold red" if result.wrong or result.unreadable else "green"
     out.print(f"[{style}]{result.verdict()}[/]")
 
 
