@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # header-only commands never load tensors: importing torch (~1 s) is left to the code that does
@@ -42,6 +43,15 @@ def split_key(key: str) -> tuple[str, str]:
     if dot and last in _ROLES:  # a role is one whole dotted component, so the last one decides
         return base, last
     return key, "value"
+
+
+@cache
+def _registry() -> Any:
+    """reference_specs.formats, imported on first use (it imports this module); cached because every layer of a
+    file asks, and a function-level import costs microseconds each time."""
+    from reference_specs import formats
+
+    return formats
 
 
 class TensorMeta(Protocol):
@@ -92,9 +102,7 @@ class Layer:
     @property
     def is_quantized(self) -> bool:
         """What the format registry says about this layer's format (lossy encodings such as nvfp4, fp8, Q4_0)."""
-        from reference_specs.formats import is_quantized  # lazy: formats imports this module
-
-        return is_quantized(self.format)
+        return _registry().is_quantized(self.format)
 
     @property
     def key_names(self) -> list[str]:
