@@ -113,16 +113,17 @@ def check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int, alig
     Y", ggml/src/gguf.cpp gguf_init_from_file_impl). Unused bytes beyond one padding mean the tensor table lost
     entries (a header listing fewer tensors than the file holds): refused like a truncated file, since the tensors
     that are listed are then read from the wrong place as well."""
-    position = data_start
+    position = end = data_start  # the previous tensor's padded end, and its last byte + 1
     previous = None
     for info in sorted(infos.values(), key=lambda t: (t.offset, t.nbytes)):
-        if info.offset < position and previous is not None:
+        if info.offset < end:
             raise _fail(path, f"tensor {info.name!r} overlaps the tensor before it ({previous!r})")
         if info.offset - position >= alignment:
             where = f"after tensor {previous!r}" if previous else "at the start of the data section"
             raise _fail(path, f"{info.offset - position} bytes {where} belong to no tensor: the header lists fewer "
                               "tensors than the file holds")
-        position = -(-(info.offset + info.nbytes) // alignment) * alignment
+        end = info.offset + info.nbytes
+        position = max(position, -(-end // alignment) * alignment)
         previous = info.name
     if file_size - position >= alignment:
         raise _fail(path, f"{file_size - position} bytes after the last tensor belong to no tensor: the header "
