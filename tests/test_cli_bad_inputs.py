@@ -265,3 +265,15 @@ def test_inspect_of_a_huge_header_shows_the_first_rows_and_says_so(tmp_path: Pat
     assert code == 0
     assert sum(line.startswith("│ t.") for line in out.splitlines()) == TABLE_ROWS
     assert f"showing {TABLE_ROWS} of {count}" in out
+
+
+def test_diff_values_goes_on_past_a_malformed_layer(good, malformed_models, capsys):
+    """diff compares whole files: one layer that cannot be decoded, on either side, is one row, not a refusal."""
+    for argv in ([good[1], str(malformed_models["nvfp4_weight_odd_shape"])],
+                 [str(malformed_models["nvfp4_weight_odd_shape"]), good[1]]):
+        code, out, err = _run(["diff", *argv, "--values", "--layers", "blocks.0.self_attn.*", "--format", "json"],
+                              capsys)
+        assert code == 1, err
+        rows = {r["layer"]: r for r in json.loads(out)["values"]}
+        assert rows["blocks.0.self_attn.q"]["status"] == "unreadable"
+        assert rows["blocks.0.self_attn.k"]["status"] == "ok"
