@@ -397,9 +397,18 @@ def load_preset(ref: str | Path) -> Preset:
 
 # ---------------------------------------------------------------------------------------------- writing
 
+# Characters a TOML string may not hold as they are (TOML 1.0, "String": control characters other than tab); a
+# tensor name from a hostile file can contain any of them, and the preset must still load back.
+_TOML_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _toml_str(s: str) -> str:
-    # TOML literal strings cannot hold a single quote; basic strings need \ and " escaped.
-    return "'" + s + "'" if "'" not in s and "\n" not in s else '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    # TOML literal strings cannot hold a single quote or a control character; basic strings need \ and " escaped
+    # and control characters written as \uXXXX.
+    if "'" not in s and not _TOML_CONTROL.search(s):
+        return "'" + s + "'"
+    escaped = s.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + _TOML_CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", escaped) + '"'
 
 
 def dumps_preset(preset: Preset) -> str:

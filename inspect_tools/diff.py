@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from inspect_tools.align import align_layers
+from inspect_tools.errors import InputError
 from inspect_tools.inspect import metadata_summary
 from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs import formats, models
@@ -747,15 +748,20 @@ def compare_values(
             continue
         try:
             result, _ = roundtrip.check_pair(AlignedPair(mine=pair.mine, ref=pair.ref, key=pair.key), ref, device)
-        except (OSError, ValueError, RuntimeError, KeyError) as exc:  # one undecodable layer must not stop the diff
+        except (OSError, ValueError, RuntimeError, KeyError, InputError) as exc:
+            # one undecodable layer must not stop the diff; a malformed REF layer, which makes roundtrip refuse the
+            # whole run, is one row here
             rows.append({"layer": pair.mine.name, "key": pair.key, "status": "unreadable", "note": str(exc)})
             continue
         rows.append(result.to_json())
         finding = roundtrip.finding_for(result, mine.path)
         if finding is not None:
-            what = roundtrip.CAUSE_VERDICT.get(finding.cause, ("dequantized values differ",))[0]
-            out.add(finding.rule, finding.cause, finding.severity,
-                    f"dequantized MINE is far from REF: {what}", pair.key, **finding.evidence)
+            if result.status == "unreadable":
+                message = f"MINE's layer {result.note}"
+            else:
+                message = "dequantized MINE is far from REF: " + roundtrip.CAUSE_VERDICT.get(
+                    finding.cause, ("dequantized values differ",))[0]
+            out.add(finding.rule, finding.cause, finding.severity, message, pair.key, **finding.evidence)
     return rows
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from inspect_tools.readers import CheckpointReader, open_checkpoint
+from inspect_tools.readers.bounded_json import loads_bounded
 from reference_specs import formats, models
 from reference_specs.layer import FILE_MARKER_KEYS, Layer, split_key
 from reference_specs.models import Detection
@@ -56,15 +57,26 @@ class CheckpointModel:
         self.close()
 
 
+def check_conf(conf: object) -> dict[str, Any]:
+    """A marker conf as the rules may use it: an object whose "format", when present, is a string (ComfyUI looks
+    it up in QUANT_ALGOS, so an object or a list there fails the load); ValueError with the reason otherwise."""
+    if not isinstance(conf, dict):
+        raise ValueError("JSON is not an object")
+    fmt = conf.get("format")
+    if fmt is not None and not isinstance(fmt, str):
+        raise ValueError(f'"format" is a JSON {type(fmt).__name__}, not a format name')
+    return conf
+
+
 def decode_marker_bytes(raw: bytes) -> dict[str, Any]:
     """comfy_quant payload -> conf dict; ValueError with the reason when ComfyUI could not read it either."""
     try:
-        conf = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"not UTF-8 JSON ({exc.__class__.__name__})") from None
-    if not isinstance(conf, dict):
-        raise ValueError("JSON is not an object")
-    return conf
+        conf = loads_bounded(raw)
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 JSON (UnicodeDecodeError)") from None
+    except ValueError as exc:
+        raise ValueError(f"not UTF-8 JSON ({str(exc).splitlines()[0][:120]})") from None
+    return check_conf(conf)
 
 
 def _read_tensor_marker(reader: CheckpointReader, layer: Layer) -> None:
@@ -89,9 +101,12 @@ def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | Non
     if raw is None:
         return None, None
     try:
-        parsed = json.loads(raw) if isinstance(raw, str) else raw
-    except json.JSONDecodeError as exc:
-        return None, f"{QUANT_METADATA_KEY} is not valid JSON: {exc.msg}"
+        parsed = loads_bounded(raw) if isinstance(raw, str) else raw
+    except UnicodeError:
+        return None, f"{QUANT_METADATA_KEY} is not valid JSON: not UTF-8"
+    except ValueError as exc:  # invalid, nested too deep, or an absurdly long integer
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).splitlines()[0][:120]
+        return None, f"{QUANT_METADATA_KEY} is not valid JSON: {reason}"
     if not isinstance(parsed, dict) or not isinstance(parsed.get("layers"), dict):
         return None, f'{QUANT_METADATA_KEY} has no "layers" object'
     return parsed, None
@@ -112,8 +127,10 @@ def _apply_metadata_markers(
         if target is None:
             unmatched.append(name)
             continue
-        if not isinstance(conf, dict):
-            target.marker_error = target.marker_error or f"{QUANT_METADATA_KEY} entry is not an object"
+        try:
+            check_conf(conf)
+        except ValueError as exc:
+            target.marker_error = target.marker_error or f"{QUANT_METADATA_KEY} entry: {exc}"
             continue
         if confs is not None:
             # setdefault: the first entry naming a layer is the one Layer.marker took as well

@@ -42,6 +42,7 @@ RULE_TRANSPOSED_SHAPE = "RT102"
 RULE_SHAPE_MISMATCH = "RT103"
 RULE_NOT_COMPARABLE = "RT104"
 NON_FINITE = "non-finite"
+RULE_UNDECODABLE = "RT105"
 # e_ref when REF's format is lossy but unknown to the registry (about Q4_0's error on Gaussian weights)
 DEFAULT_LOSSY_REF_ERROR = 0.1
 # Heatmap crop of |decoded - reference|: the top-left corner at full resolution, where block (16 columns) and
@@ -94,10 +95,12 @@ def _json_float(value: float | None, digits: int = 6) -> float | None:
 
 @dataclass
 class LayerResult:
-    """What roundtrip measured for one pair. status: ok | far-above | non-finite | skipped.
+    """What roundtrip measured for one pair. status: ok | far-above | non-finite | skipped | unreadable.
 
     non-finite: NaN or Inf in the decoded file layer or in the reference (non_finite says which side, how many and
-    the cause), so no error can be measured: never "ok", whatever an inf/inf comparison would say."""
+    the cause), so no error can be measured: never "ok", whatever an inf/inf comparison would say.
+    unreadable: malformed stored tensors, not decoded (`attribution.cause` says wrong-shape / wrong-dtype / a
+    missing scale)."""
 
     name: str
     ref_name: str
@@ -120,7 +123,7 @@ class LayerResult:
         if self.status == NON_FINITE:
             return math.inf
         if self.metrics is None:
-            return math.inf if self.status == "far-above" else -1.0
+            return math.inf if self.status in ("far-above", "unreadable") else -1.0
         return self.metrics.rel_error if math.isfinite(self.metrics.rel_error) else math.inf
 
     @property
@@ -177,7 +180,11 @@ class RoundtripResult:
     @property
     def checked(self) -> list[LayerResult]:
         """Layers whose error was measured."""
-        return [r for r in self.layers if r.status not in ("skipped", NON_FINITE)]
+        return [r for r in self.layers if r.status not in ("skipped", NON_FINITE, "unreadable")]
+
+    @property
+    def unreadable(self) -> list[LayerResult]:
+        return [r for r in self.layers if r.status == "unreadable"]
 
     @property
     def wrong(self) -> list[LayerResult]:
@@ -199,6 +206,15 @@ class RoundtripResult:
         return f"{len(self.not_comparable)} layer(s) cannot be compared, NaN/Inf values {'; '.join(parts)}"
 
     def verdict(self) -> str:
+        unreadable = self.unreadable
+        if not unreadable:
+            return self._measured_verdict()
+        causes = ", ".join(sorted({r.cause or "wrong-shape" for r in unreadable}))
+        head = (f"{len(unreadable)} layer{'s' if len(unreadable) > 1 else ''} cannot be decoded ({causes}: "
+                "re-export them, `nvdiag lint` says what is wrong)")
+        return head + ("; " + self._measured_verdict() if self.checked else "")
+
+    def _measured_verdict(self) -> str:
         checked, wrong = len(self.checked), self.wrong
         if self.not_comparable:
             head = self._not_comparable_verdict()
@@ -226,6 +242,7 @@ class RoundtripResult:
             "decode_wrongly": len(self.wrong),
             "skipped": sum(r.status == "skipped" for r in self.layers),
             "not_comparable": len(self.not_comparable),
+            "unreadable": len(self.unreadable),
             "quantized_pairs": self.quantized_pairs,
             "only_mine": len(self.alignment.only_mine),
             "only_ref": len(self.alignment.only_ref),
@@ -269,8 +286,16 @@ def load_reference(layer: Layer, model: CheckpointModel, device: torch.device) -
     fmt = decoder(layer)
     if model.kind == "gguf" or fmt is None:
         return model.reader.load_float(layer.tensors["weight"].name).to(device=device, dtype=torch.float32)
-    shape = type(fmt).logical_shape(layer)
-    return fmt.dequantize(load_roles(layer, device), shape).to(torch.float32)
+    problem = type(fmt).decode_problem(layer)
+    if problem is None:
+        try:
+            shape = type(fmt).logical_shape(layer)
+            return fmt.dequantize(load_roles(layer, device), shape).to(torch.float32)
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            problem = "wrong-shape", str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+    # a reference that does not decode makes every comparison meaningless: refused as a bad input
+    raise InputError(f"reference layer {layer.name} cannot be decoded as {layer.format}: {problem[1]} "
+                     f"({problem[0]}; `nvdiag lint` on it says more)", str(model.path))
 
 
 def fits(bound: tuple[int, ...] | None, shape: tuple[int, ...]) -> bool:
@@ -322,6 +347,11 @@ def check_pair(
         return result, None
     if not ref.has("weight"):
         result.status, result.note = "skipped", "reference layer has no weight"
+        return result, None
+    problem = type(fmt).decode_problem(mine)
+    if problem is not None:  # what lint reports as malformed is not decoded (index errors, nonsense numbers)
+        result.status, result.note = "unreadable", f"cannot be decoded as {mine.format}: {problem[1]}"
+        result.attribution = Attribution(cause=problem[0])
         return result, None
     reference = load_reference(ref, ref_model, device)
     shape = tuple(reference.shape)
@@ -415,6 +445,12 @@ def finding_for(result: LayerResult, path: Path, ref_path: Path | None = None) -
                 "baseline": _json_float(result.baseline),
                 **result.attribution.evidence(),
             },
+        )
+    if result.status == "unreadable":
+        assert result.attribution is not None
+        return Finding(
+            rule=RULE_UNDECODABLE, cause=result.attribution.cause, severity=Severity.ERROR, file=str(path),
+            layer=result.name, message=result.note or "cannot be decoded", evidence={"ref_layer": result.ref_name},
         )
     if result.status == "skipped" and result.note and "does not hold" in result.note:
         return Finding(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # header-only commands never load tensors: importing torch (~1 s) is left to the code that does
@@ -29,6 +30,8 @@ ROLE_SUFFIXES: tuple[str, ...] = (
     "bias",
 )
 
+_ROLES = frozenset(ROLE_SUFFIXES)
+
 # File-level marker tensors (not layers): legacy scaled_fp8 and the Qwen edit 2511 marker.
 FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
 
@@ -36,10 +39,19 @@ FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
 def split_key(key: str) -> tuple[str, str]:
     """'blocks.0.ffn.0.weight_scale' -> ('blocks.0.ffn.0', 'weight_scale'); a bare parameter such as
     'blocks.0.modulation' is its own layer with role 'value'."""
-    for role in ROLE_SUFFIXES:
-        if key.endswith("." + role):
-            return key[: -len(role) - 1], role
+    base, dot, last = key.rpartition(".")
+    if dot and last in _ROLES:  # a role is one whole dotted component, so the last one decides
+        return base, last
     return key, "value"
+
+
+@cache
+def _registry() -> Any:
+    """reference_specs.formats, imported on first use (it imports this module); cached because every layer of a
+    file asks, and a function-level import costs microseconds each time."""
+    from reference_specs import formats
+
+    return formats
 
 
 class TensorMeta(Protocol):
@@ -90,9 +102,7 @@ class Layer:
     @property
     def is_quantized(self) -> bool:
         """What the format registry says about this layer's format (lossy encodings such as nvfp4, fp8, Q4_0)."""
-        from reference_specs.formats import is_quantized  # lazy: formats imports this module
-
-        return is_quantized(self.format)
+        return _registry().is_quantized(self.format)
 
     @property
     def key_names(self) -> list[str]:

@@ -7,7 +7,10 @@ command (e.g. `diff`'s second path, `convert --input-scales`); the other slots g
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import struct
 import subprocess
 import sys
 import time
@@ -18,7 +21,14 @@ import pytest
 
 from inspect_tools.cli import main
 from inspect_tools.synthetic.bad_hand_written import BAD_INPUT_SCALES, BAD_PRESETS, WARNED_INPUT_SCALES
-from inspect_tools.synthetic.bad_inputs import BAD_INPUTS, PICKLE_MARKER_NAME, UNSAFE_INPUTS
+from inspect_tools.synthetic.bad_inputs import (
+    BAD_INPUTS,
+    MALFORMED_LAYERS,
+    PICKLE_MARKER_NAME,
+    UNSAFE_INPUTS,
+    gguf_bytes,
+    transplant,
+)
 
 # argv for one command with the bad path in one slot: (bad, good float source, good NVFP4 file, output folder).
 Slot = Callable[[str, str, str, Path], list[str]]
@@ -41,7 +51,8 @@ SLOTS: dict[str, Slot] = {
 
 # inspect and lint see every bad input; the other slots a representative subset plus every pickle-based one.
 REPRESENTATIVE = ("truncated", "header_not_json", "offset_past_end", "index_parent_path", "gguf_truncated_data",
-                  "directory_without_checkpoint", "missing_path", "empty_file")
+                  "directory_without_checkpoint", "missing_path", "empty_file", "gguf_tensor_past_end",
+                  "shape_numel_overflow", "index_symlink_loop")
 FULL_SLOTS = ("inspect", "lint")
 
 
@@ -263,3 +274,113 @@ def test_a_file_of_mode_000_is_one_line(tmp_path: Path, good):
     done = _terminal(["convert", str(bad), str(tmp_path / "o.safetensors"), "--preset", "smart"])
     assert done.returncode == 2, done.stderr
     _assert_one_clear_line(done.stderr, tmp_path)
+# --- readable files with a malformed layer: a finding in lint, never decoded by roundtrip ----------------------------
+
+@pytest.fixture(scope="module")
+def malformed_models(good, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Each MALFORMED_LAYERS layer put into the good NVFP4 model, in place of its own blocks.0.self_attn.q."""
+    folder = tmp_path_factory.mktemp("malformed")
+    return {name: transplant(Path(good[1]), build(folder / name), folder / f"whole_{name}")
+            for name, (build, _) in MALFORMED_LAYERS.items()}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED_LAYERS))
+def test_lint_names_the_cause_of_a_malformed_layer(malformed_models, name: str, capsys):
+    code, out, err = _run(["lint", str(malformed_models[name]), "--format", "json"], capsys)
+    assert code == 1, err
+    causes = {(f["layer"], f["cause"]) for f in json.loads(out)["findings"]}
+    expected = MALFORMED_LAYERS[name][1]
+    assert any(cause == expected for _, cause in causes), causes
+
+
+NVFP4_MALFORMED = sorted(n for n, (_, cause) in MALFORMED_LAYERS.items() if cause != "invalid-quant-marker")
+
+
+@pytest.mark.parametrize("name", NVFP4_MALFORMED)
+def test_roundtrip_reports_a_malformed_layer_as_unreadable(good, malformed_models, name: str, capsys):
+    code, out, err = _run(["roundtrip", str(malformed_models[name]), "--against", good[0], "--layers",
+                           "blocks.0.self_attn.*", "--format", "json"], capsys)
+    assert code == 1, err
+    doc = json.loads(out)
+    (row,) = [r for r in doc["layers"] if r["layer"] == "blocks.0.self_attn.q"]
+    assert row["status"] == "unreadable" and row["cause"] == MALFORMED_LAYERS[name][1], row
+    assert [f["rule"] for f in doc["findings"] if f["layer"] == "blocks.0.self_attn.q"] == ["RT105"]
+    assert doc["summary"]["unreadable"] == 1 and doc["summary"]["checked"] == 3  # the other three are measured
+
+
+@pytest.mark.parametrize("name", NVFP4_MALFORMED)
+def test_roundtrip_against_a_malformed_reference_exits_2_naming_it(good, malformed_models, name: str, capsys):
+    code, _, err = _run(["roundtrip", good[1], "--against", str(malformed_models[name]), "--layers",
+                         "blocks.0.self_attn.*"], capsys)
+    assert code == 2, err
+    _assert_one_clear_line(err, malformed_models[name].parent)
+    assert "blocks.0.self_attn.q" in err and MALFORMED_LAYERS[name][1] in err
+
+
+# --- what a file says reaches the terminal escaped --------------------------------------------------------------------
+
+HOSTILE_NAMES = ["blocks.0.self_attn.q\x01x.weight", "blocks.0\nfake row.weight", "blocks.1.\x1b]0;title\x07.weight",
+                 "blocks.2.\u202egnp.exe.weight", "blocks.3.[bold]x[/].weight"]
+
+
+@pytest.fixture(scope="module")
+def hostile_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tensor names and a metadata string holding escape, NUL, BEL, newline, a bidi override and rich markup."""
+    value = b"evil\x1b[31mRED\x00nam"
+    name_kv = [("general.name", 8, struct.pack("<Q", len(value)) + value)]
+    tensors = [(n, 0, (32, 4), 512 * i) for i, n in enumerate(HOSTILE_NAMES)]
+    path = tmp_path_factory.mktemp("hostile") / "hostile.gguf"
+    path.write_bytes(gguf_bytes(tensors, bytes(512 * len(tensors)), kv=name_kv))
+    return path
+
+
+CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202e]")
+
+
+@pytest.mark.parametrize("argv", [["inspect"], ["lint"], ["diff", "SELF"]])
+def test_control_characters_from_a_file_are_printed_as_escapes(hostile_gguf: Path, argv: list[str], capsys):
+    argv = [a if a != "SELF" else str(hostile_gguf) for a in argv]
+    code, out, err = _run([argv[0], str(hostile_gguf), *argv[1:]], capsys)
+    assert code in (0, 1), err
+    assert not CONTROL.search(out + err), repr(CONTROL.search(out + err))
+    assert not any(line.lstrip("│ ").startswith("fake row") for line in out.splitlines())  # no forged table row
+    if argv[0] == "inspect":
+        assert "blocks.0\\nfake row" in out and "\\x1b]0;title\\x07" in out and "\\u202e" in out
+        assert "[bold]x[/]" in out  # markup in a name is shown, not applied
+        assert "evil\\x1b[31mRED\\x00nam" in out
+
+
+def test_preset_from_gguf_keeps_names_with_control_characters(hostile_gguf: Path, tmp_path: Path, capsys):
+    from converter.preset import load_preset
+
+    out = tmp_path / "p.toml"
+    code, _, err = _run(["preset", "from-gguf", str(hostile_gguf), "-o", str(out)], capsys)
+    assert code == 0, err
+    assert any("\x01" in (rule.regex or rule.match or "") for rule in load_preset(str(out)).rules)
+
+
+def test_inspect_of_a_huge_header_shows_the_first_rows_and_says_so(tmp_path: Path, capsys):
+    from inspect_tools.cli.output import TABLE_ROWS
+    from inspect_tools.synthetic.bad_inputs import safetensors_bytes
+
+    count = TABLE_ROWS + 500
+    header = {f"t.{i}.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4 * i, 4 * i + 4]}
+              for i in range(count)}
+    path = tmp_path / "many.safetensors"
+    path.write_bytes(safetensors_bytes(header, bytes(4 * count)))
+    code, out, _ = _run(["inspect", str(path)], capsys)
+    assert code == 0
+    assert sum(line.startswith("│ t.") for line in out.splitlines()) == TABLE_ROWS
+    assert f"showing {TABLE_ROWS} of {count}" in out
+
+
+def test_diff_values_goes_on_past_a_malformed_layer(good, malformed_models, capsys):
+    """diff compares whole files: one layer that cannot be decoded, on either side, is one row, not a refusal."""
+    for argv in ([good[1], str(malformed_models["nvfp4_weight_odd_shape"])],
+                 [str(malformed_models["nvfp4_weight_odd_shape"]), good[1]]):
+        code, out, err = _run(["diff", *argv, "--values", "--layers", "blocks.0.self_attn.*", "--format", "json"],
+                              capsys)
+        assert code == 1, err
+        rows = {r["layer"]: r for r in json.loads(out)["values"]}
+        assert rows["blocks.0.self_attn.q"]["status"] == "unreadable"
+        assert rows["blocks.0.self_attn.k"]["status"] == "ok"

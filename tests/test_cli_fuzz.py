@@ -316,3 +316,38 @@ def test_fuzzed_input_scales_json(tmp_path_factory, float_source, data, capsys):
     out_dir.mkdir()
     run_convert(["--preset", "smart", "--input-scales", str(scales)], src, out_dir, capsys)
     assert scales.read_bytes() == text
+# --- GGUF tensor-info tables and marker JSON, through the whole command ---------------------------------------------
+
+WEIRD_U64 = st.sampled_from([0, 1, 31, 32, 33, 256, 2**32, 2**62, 2**63, 2**64 - 1]) | st.integers(0, 600)
+
+
+@FUZZ
+@given(tensors=st.lists(st.tuples(st.sampled_from(["blocks.0.ffn.0.weight", "blocks.0.ffn.0.bias", "a\nb", "\x1b[1m",
+                                                   ""]),
+                                  st.sampled_from([0, 1, 2, 8, 12, 14, 99]),
+                                  st.lists(WEIRD_U64, max_size=4).map(tuple), WEIRD_U64), max_size=4),
+       data_size=st.integers(0, 2048), declared=st.sampled_from([None, 0, 1, 9]))
+def test_random_gguf_tensor_table(tmp_path: Path, tensors, data_size: int, declared, capsys):
+    from inspect_tools.synthetic.bad_inputs import gguf_bytes
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf_bytes(tensors, bytes(data_size), tensor_count=declared))
+    run_all(path, capsys)
+
+
+@FUZZ
+@given(marker=st.sampled_from(['{"format": ', '{"format": "nvfp4", "x": ', "[", '{"a": ']).flatmap(
+           lambda head: st.integers(0, 5000).map(lambda n: head + "[" * n + "]" * n + ("}" if "{" in head else "")))
+       | json_values.map(lambda v: json.dumps({"format": v}))
+       | st.integers(4000, 5000).map(lambda n: '{"format": "nvfp4", "n": ' + "7" * n + "}"),
+       where=st.sampled_from(["tensor", "metadata"]))
+def test_random_marker_json(tmp_path: Path, marker: str, where: str, capsys):
+    """A .comfy_quant tensor or a _quantization_metadata entry of any shape: a finding at worst, never a crash."""
+    from inspect_tools.synthetic.bad_inputs import LAYER, nvfp4_layer
+
+    if where == "tensor":
+        path = nvfp4_layer(tmp_path / "m", marker=marker.encode())
+    else:
+        layers = '{"format_version": "1.0", "layers": {"' + LAYER + '": ' + marker + "}}"
+        path = nvfp4_layer(tmp_path / "m", marker=None, metadata={"_quantization_metadata": layers})
+    run_all(path, capsys)

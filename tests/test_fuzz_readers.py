@@ -125,3 +125,75 @@ def test_mutated_gguf_header_region(tmp_path: Path, gguf_bytes: bytes, data):
     path = tmp_path / "model.gguf"
     path.write_bytes(head + gguf_bytes[header_end:])
     open_and_load_all(path)
+
+
+# --- marker and metadata JSON ---------------------------------------------------------------------------------------
+
+@st.composite
+def json_texts(draw) -> str:
+    """JSON-ish text: valid documents, deep nests, long integers, brackets inside strings, and truncations."""
+    kind = draw(st.sampled_from(["value", "deep", "integer", "format", "garbage"]))
+    if kind == "value":
+        text = json.dumps({"format": draw(json_values), **draw(st.dictionaries(st.text(max_size=4), json_values,
+                                                                                max_size=2))})
+    elif kind == "deep":
+        depth = draw(st.integers(1, 3000))
+        open_, close = draw(st.sampled_from([("[", "]"), ('{"a":', "}"), ('["[",', "]")]))
+        text = open_ * depth + draw(st.sampled_from(["1", '"x"', "[]", ""])) + close * depth
+    elif kind == "integer":
+        text = '{"format": "nvfp4", "n": ' + draw(st.sampled_from(["-", ""])) + "9" * draw(st.integers(1, 6000)) + "}"
+    elif kind == "format":
+        text = json.dumps({"format": draw(json_values)})
+    else:
+        text = draw(st.text(alphabet='[]{}",:0123456789.eE-\\ab ', max_size=60))
+    if draw(st.booleans()) and text:
+        text = text[: draw(st.integers(0, len(text)))]
+    return text
+
+
+@FUZZ
+@given(text=json_texts())
+def test_marker_and_metadata_json_never_raise_beyond_their_contract(text: str):
+    """decode_marker_bytes: a conf whose format is a string (or absent, or null), or ValueError; parse_quant_metadata: a
+    parsed document or a one-line error, never an exception."""
+    from inspect_tools.layers import decode_marker_bytes, parse_quant_metadata
+
+    try:
+        conf = decode_marker_bytes(text.encode())
+        assert isinstance(conf, dict) and isinstance(conf.get("format") or "", str)
+    except ValueError as exc:
+        assert "\n" not in str(exc)
+    parsed, error = parse_quant_metadata({"_quantization_metadata": text})
+    assert (parsed is None) != (error is None)
+    assert error is None or "\n" not in error
+
+
+# --- GGUF tensor-info table -----------------------------------------------------------------------------------------
+
+# Values that break arithmetic: zero, one, block sizes and their neighbours, 32-bit and 64-bit edges.
+WEIRD_U64 = st.sampled_from([0, 1, 2, 4, 31, 32, 33, 255, 256, 257, 2**31, 2**32, 2**32 + 1, 2**62, 2**63, 2**64 - 1])
+
+
+@st.composite
+def tensor_tables(draw) -> tuple[list, int]:
+    """Tensor infos (name, GGML type id, dims, offset) as a broken writer or a hostile author would lay them out,
+    and the size of the data section."""
+    tensors = []
+    for index in range(draw(st.integers(0, 5))):
+        name = draw(st.sampled_from([f"blocks.{index}.weight", "blocks.0.weight", ""]) | st.binary(max_size=8))
+        ggml_type = draw(st.sampled_from([0, 1, 2, 8, 12, 14, 30, 39, 2**32 - 1]) | st.integers(0, 50))
+        dims = tuple(draw(st.lists(WEIRD_U64 | st.integers(0, 600), max_size=5)))
+        offset = draw(WEIRD_U64 | st.sampled_from([64 * index, 512 * index, 3]))
+        tensors.append((name, ggml_type, dims, offset))
+    return tensors, draw(st.integers(0, 4096))
+
+
+@FUZZ
+@given(table=tensor_tables(), declared=st.sampled_from([None, 0, 1, 7]))
+def test_gguf_tensor_info_table(tmp_path: Path, table, declared):
+    from inspect_tools.synthetic.bad_inputs import gguf_bytes
+
+    tensors, data_size = table
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf_bytes(tensors, bytes(data_size), tensor_count=declared))
+    open_and_load_all(path)

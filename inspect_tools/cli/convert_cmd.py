@@ -14,6 +14,7 @@ from converter.plan import quant_conf  # torch-free, like the preset vocabulary
 from converter.preset import QUANT_FORMATS, describe_decision
 from inspect_tools.cli import app
 from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Finding, Severity
 
@@ -78,7 +79,7 @@ def _print_text(result: ConvertResult) -> None:
     out = console()
     plan = result.plan
     for w in plan.warnings:
-        console(stderr=True).print(f"[yellow]warning:[/] {w}")
+        console(stderr=True).print(f"[yellow]warning:[/] {shown(w)}")
     if result.dry_run:
         table = Table(title=f"plan: {plan.preset.name} on {plan.detection.variant}")
         for col in ("layer", "decision", "rule", "output", "size"):
@@ -86,7 +87,7 @@ def _print_text(result: ConvertResult) -> None:
         for lp in plan.layers:
             rule = lp.decision.rule.index if lp.decision and lp.decision.rule else "default"
             dtypes = " ".join(sorted({t.dtype for t in lp.tensors}))
-            table.add_row(lp.name, _decision(lp), str(rule), dtypes, _size(lp.out_bytes))
+            table.add_row(shown(lp.name), _decision(lp), str(rule), dtypes, _size(lp.out_bytes))
         out.print(table)
         used = {lp.action for lp in plan.layers if lp.quantized}
         for decision in (d for d in QUANT_FORMATS if d in used):

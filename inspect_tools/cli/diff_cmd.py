@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
@@ -20,6 +19,7 @@ from inspect_tools.cli.output import (
     print_json,
     verdict,
 )
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Severity
 from reference_specs.layer import Layer
@@ -131,7 +131,7 @@ def _metadata_table(report: DiffReport) -> Table | None:
     table.add_column("REF", overflow="fold")
     for row in report.metadata:
         style = "" if row["same"] else "[yellow]"
-        table.add_row(f"{style}{escape(row['key'])}", escape(row["mine"] or "-"), escape(row["ref"] or "-"))
+        table.add_row(f"{style}{shown(row['key'])}", shown(row["mine"] or "-"), shown(row["ref"] or "-"))
     return table
 
 
@@ -176,7 +176,7 @@ def _layers_table(report: DiffReport, out: Console) -> Table | None:
     table.add_column("MINE", overflow="fold")
     table.add_column("REF", overflow="fold")
     table.add_column("difference", overflow="fold")
-    rows = [(escape(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
+    rows = [(shown(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
             for key, names in groups.items()]
     for row in _limited(rows, out, "layer groups"):
         table.add_row(*row)
@@ -227,14 +227,14 @@ def _values_table(report: DiffReport, out: Console) -> Table | None:
         said = row.get("cause") or row.get("status", "")
         if row.get("note") and row.get("status") != "ok":
             said = f"{said}: {row['note']}"
-        table.add_row(escape(row.get("key") or row["layer"]), f"{row.get('format', '?')}/{row.get('ref_format', '?')}",
-                      _fmt(row.get("rel_error")), _fmt(row.get("expected")), escape(said))
+        table.add_row(shown(row.get("key") or row["layer"]), f"{row.get('format', '?')}/{row.get('ref_format', '?')}",
+                      _fmt(row.get("rel_error")), _fmt(row.get("expected")), shown(said))
     return table
 
 
 def print_report(report: DiffReport, out: Console | None = None, fail_on: Severity = Severity.ERROR) -> None:
     out = out or console()
-    out.print(report.summary_text(), soft_wrap=True)
+    out.print(shown(report.summary_text()), soft_wrap=True)
     out.print()
     _print_findings(report, out)
     for role_verdict in report.verdicts:

@@ -10,6 +10,7 @@ from rich.table import Table
 from converter.fix import FIXABLE, FixResult, fix_checkpoint, parse_only
 from inspect_tools.cli import app
 from inspect_tools.cli.output import OutputFormat, console, findings_document, print_findings_text, print_json
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 
 # Layers named per cause in the text plan before "... and N more".
@@ -42,9 +43,9 @@ def _print_text(result: FixResult) -> None:
         table.add_column("what changes", overflow="fold")
         for cause, repairs in plan.by_cause().items():
             names = [r.layer or "(file)" for r in repairs]
-            shown = ", ".join(names[:SHOWN_LAYERS]) + (f" ... and {len(names) - SHOWN_LAYERS} more"
-                                                        if len(names) > SHOWN_LAYERS else "")
-            detail = f"{FIXABLE[cause]}: {shown}; e.g. {repairs[0].change}"
+            listed = ", ".join(names[:SHOWN_LAYERS]) + (f" ... and {len(names) - SHOWN_LAYERS} more"
+                                                         if len(names) > SHOWN_LAYERS else "")
+            detail = shown(f"{FIXABLE[cause]}: {listed}; e.g. {repairs[0].change}")
             if not all(r.exact for r in repairs):
                 detail += " [not bit-exact for some layers: see provenance]"
             table.add_row(cause, str(len(repairs)), detail)
@@ -60,11 +61,11 @@ def _print_text(result: FixResult) -> None:
             key = (str(u.finding.severity), u.finding.cause, f"{u.reason}; {u.remedy}")
             groups.setdefault(key, []).append(u.finding.layer or "(file)")
         for (severity, cause, why), names in groups.items():
-            shown = ", ".join(names[:SHOWN_LAYERS]) + (f" ... and {len(names) - SHOWN_LAYERS} more"
-                                                        if len(names) > SHOWN_LAYERS else "")
-            table.add_row(severity, cause, shown, why)
+            listed = ", ".join(names[:SHOWN_LAYERS]) + (f" ... and {len(names) - SHOWN_LAYERS} more"
+                                                         if len(names) > SHOWN_LAYERS else "")
+            table.add_row(severity, cause, shown(listed), shown(why))
         for f in plan.skipped:
-            table.add_row(str(f.severity), f.cause, f.layer or "-", "excluded by --only")
+            table.add_row(str(f.severity), f.cause, shown(f.layer or "-"), "excluded by --only")
         out.print(table)
     if result.gate_findings and result.refused:
         print_findings_text(result.gate_findings, title="gate findings on the repaired file", out=out)

@@ -8,7 +8,8 @@ import typer
 from rich.table import Table
 
 from inspect_tools.cli import app
-from inspect_tools.cli.output import OutputFormat, console, print_json
+from inspect_tools.cli.output import TABLE_ROWS, OutputFormat, console, print_json
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.inspect import inspect_document, metadata_summary
 from inspect_tools.layers import open_model
 
@@ -33,10 +34,10 @@ def _print_text(doc: dict) -> None:
     variant = arch["variant"] if arch["family"] != "unknown" else "unknown architecture"
     extras = [arch["naming"] + " names"]
     if arch.get("prefix"):
-        extras.append(f"prefix {arch['prefix']!r}")
+        extras.append(f"prefix {shown(repr(arch['prefix']))}")
     if arch.get("scaled_down"):
         extras.append("scaled down")
-    out.print(f"[bold]{doc['path']}[/]  ({doc['container']})")
+    out.print(f"[bold]{shown(doc['path'])}[/]  ({doc['container']})")
     out.print(f"architecture: [bold]{variant}[/] ({', '.join(extras)})")
     out.print(
         f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
@@ -54,7 +55,7 @@ def _print_text(doc: dict) -> None:
         meta.add_column("key", no_wrap=True)
         meta.add_column("value", overflow="fold")
         for key, value in metadata_summary(doc["metadata"]).items():
-            meta.add_row(key, value)
+            meta.add_row(shown(key), shown(value))
         out.print(meta)
     table = Table(title="layers", show_header=True)
     table.add_column("layer", overflow="fold")
@@ -66,13 +67,13 @@ def _print_text(doc: dict) -> None:
     table.add_column("dtype", no_wrap=True)
     table.add_column("shape", no_wrap=True)  # logical [out, in] for quantized layers
     table.add_column("aux", overflow="fold")
-    for layer in doc["layers"]:
+    for layer in doc["layers"][:TABLE_ROWS]:
         tensors = layer["tensors"]
         main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
         aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
         shape = layer.get("logical_shape") or tensors[main]["shape"]
         table.add_row(
-            layer["name"],
+            shown(layer["name"]),
             layer["format"],
             *([layer["compute"] or "-"] if show_compute else []),
             tensors[main]["dtype"],
@@ -80,6 +81,9 @@ def _print_text(doc: dict) -> None:
             ", ".join(aux) or "-",
         )
     out.print(table)
+    if len(doc["layers"]) > TABLE_ROWS:
+        out.print(f"[dim]layers: showing {TABLE_ROWS} of {len(doc['layers'])} (--layers GLOB to narrow, --format json "
+                  "for all)[/]")
 
 
 @app.command("inspect")

@@ -18,10 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from inspect_tools.cli.terminal_text import plain_shown, shown
 from reference_specs.causes import CAUSES
 from reference_specs.findings import Finding, Severity, summarize
 
 JSON_VERSION = 1
+
+
+# Rows of a per-layer text table (inspect, preset show --on). rich needs about a millisecond per row on a slow
+# machine, so a header of 200k tensors took minutes; real diffusion models have 300-1,500 layers. Longer tables end
+# with a line saying how many rows were left out; --format json has them all.
+TABLE_ROWS = 2000
 
 
 class OutputFormat(str, Enum):
@@ -97,10 +104,10 @@ def github_lines(findings: list[Finding]) -> list[str]:
     lines = []
     for f in findings:
         title = _github_escape(f"{f.rule} {f.cause}", prop=True)
-        where = f"{f.layer}: " if f.layer else ""
+        where = f"{plain_shown(f.layer)}: " if f.layer else ""
         lines.append(
             f"::{GITHUB_LEVEL[f.severity]} file={_github_escape(f.file, prop=True)},title={title}::"
-            f"{_github_escape(where + f.message)}"
+            f"{_github_escape(where + plain_shown(f.message))}"
         )
     return lines
 
@@ -117,7 +124,7 @@ def findings_table(findings: list[Finding], title: str | None = None) -> Table:
     table.add_column("message", overflow="fold")
     for f in sorted(findings, key=lambda f: (-f.severity, f.rule, f.layer or "")):
         table.add_row(
-            f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, f.cause, f.layer or "-", f.message
+            f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, f.cause, shown(f.layer or "-"), shown(f.message)
         )
     return table
 
@@ -145,8 +152,8 @@ def compact_findings_table(findings: list[Finding], limit_per_rule: int = 8) -> 
     ordered = sorted(findings, key=lambda f: (-f.severity, f.rule, f.file, f.layer or ""))
     kept, left_out = collapse_per_rule(ordered, limit_per_rule)
     for i, f in enumerate(kept):
-        table.add_row(f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, escape(f.layer or "(file)"),
-                      escape(f.message))
+        table.add_row(f"[{SEVERITY_STYLE[f.severity]}]{f.severity}[/]", f.rule, shown(f.layer or "(file)"),
+                      shown(f.message))
         last_of_rule = i + 1 == len(kept) or kept[i + 1].rule != f.rule
         if last_of_rule and f.rule in left_out:
             table.add_row("", f.rule, "…", f"[dim]{left_out[f.rule]} more like this (--format json lists all)[/]")

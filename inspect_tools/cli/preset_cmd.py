@@ -24,7 +24,8 @@ from converter.preset import (
     view_of,
 )
 from inspect_tools.cli import app
-from inspect_tools.cli.output import console, print_json
+from inspect_tools.cli.output import TABLE_ROWS, console, print_json
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
 from reference_specs import models
@@ -142,16 +143,18 @@ def show_cmd(
         out.print(line, markup=False)
     if on is None:
         return
-    out.print(f"on {on}: {detection.variant} ({detection.naming} names)")
+    out.print(f"on {shown(on)}: {detection.variant} ({detection.naming} names)")
     layers = Table(title="decisions")
     for col in ("layer", "shape", "format", "rule"):
         layers.add_column(col, overflow="fold")
-    for v, d in decisions:
-        layers.add_row(v.name, "x".join(map(str, v.shape)), d.format, str(d.rule.index) if d.rule else "default")
+    for v, d in decisions[:TABLE_ROWS]:
+        layers.add_row(shown(v.name), "x".join(map(str, v.shape)), d.format, str(d.rule.index) if d.rule else "default")
     out.print(layers)
+    if len(decisions) > TABLE_ROWS:
+        out.print(f"[dim]decisions: showing {TABLE_ROWS} of {len(decisions)} (--format json for all)[/]")
     out.print(", ".join(f"{k}: {n}" for k, n in sorted(counts.items())))
     for w in warnings:
-        out.print(f"[yellow]warning:[/] {w}")
+        out.print(f"[yellow]warning:[/] {shown(w)}")
 
 
 def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, int | None, str]:
@@ -201,7 +204,7 @@ def explain_cmd(
                     "trace": [{"rule": r.index, "pattern": r.pattern, "skipped_because": why} for r, why in trace]})
         return
     out = console()
-    out.print(f"{view.name} [{'x'.join(map(str, view.shape))}] ({origin})")
+    out.print(f"{shown(view.name)} [{'x'.join(map(str, view.shape))}] ({origin})")
     for rule, why in trace:
         if why is None:
             out.print(f"  [green]{rule.describe()}[/]: applies")

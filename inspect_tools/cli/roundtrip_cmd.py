@@ -20,6 +20,7 @@ from inspect_tools.cli.output import (
     render,
 )
 from inspect_tools.cli.output import format_number as _num
+from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import open_model
 from reference_specs.findings import Severity
@@ -59,8 +60,8 @@ LAYER_MIN_WIDTH = 22
 
 def print_text(result: RoundtripResult) -> None:
     out = console()
-    table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
+    title = f"{shown(result.path.name)} against {shown(result.ref_path.name)} (worst first)"
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     rows = result.layers[:TEXT_ROWS]
     # Layer names are the point of the table: never squeeze them below a readable width on narrow terminals.
     name_width = min(max((len(r.name) for r in rows), default=5), LAYER_MIN_WIDTH)
@@ -72,8 +73,9 @@ def print_text(result: RoundtripResult) -> None:
                          min_width={"layer": name_width, "status": 12}.get(column))
     for r in rows:
         m = r.metrics
-        status = f"[bold red]{r.cause}[/]" if r.status in ("far-above", "non-finite") else (r.note or r.status)
-        table.add_row(r.name, r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
+        status = (f"[bold red]{r.cause}[/]" if r.status in ("far-above", "non-finite")
+                  else shown(r.note or r.status))
+        table.add_row(shown(r.name), r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
                       _num(m.snr_db if m else None, 3), status)
     out.print(table)
     hidden = len(result.layers) - TEXT_ROWS
@@ -83,8 +85,8 @@ def print_text(result: RoundtripResult) -> None:
     if only_mine or only_ref:
         out.print(f"unmatched: {len(only_mine)} layers of PATH, {len(only_ref)} of REF have no partner "
                   "(--format json lists them)")
-    style = "bold red" if result.wrong or result.not_comparable else "green"
-    out.print(f"[{style}]{result.verdict()}[/]")
+    style = "bold red" if result.wrong or result.not_comparable or result.unreadable else "green"
+    out.print(f"[{style}]{shown(result.verdict())}[/]")
 
 
 def _progress_bar() -> tuple[Progress | None, Any]:

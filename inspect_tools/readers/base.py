@@ -13,6 +13,17 @@ if TYPE_CHECKING:
     import torch
 
 
+# Tensors one checkpoint (a file, or all shards of an index) may hold. Real checkpoints hold far fewer: diffusion
+# models 1-3k, the largest LLM index we know (DeepSeek-V3, 671B) about 91k. Past this, header work would take
+# minutes and gigabytes for a file that is almost certainly hostile or broken; refused with one line instead.
+MAX_TENSORS = 300_000
+
+
+def too_many_tensors(count: int) -> str:
+    """The refusal message for a checkpoint of `count` tensors (> MAX_TENSORS)."""
+    return f"holds {count} tensors, more than the {MAX_TENSORS} nvdiag reads (real checkpoints hold a few thousand)"
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What the header says about one tensor; no tensor bytes are read to build it.

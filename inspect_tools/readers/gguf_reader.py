@@ -1,13 +1,15 @@
-"""A .gguf file, parsed by gguf-py after our own checks of the fixed header, so hostile counts never reach it."""
+"""A .gguf file: header parsed by nvdiag (gguf_header.py, bounded), data memory-mapped, dequantized by gguf-py."""
 
 from __future__ import annotations
 
+import mmap
 import struct
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from inspect_tools.errors import InputError
-from inspect_tools.readers.base import CheckpointReader, TensorInfo
+from inspect_tools.readers.base import MAX_TENSORS, CheckpointReader, TensorInfo
+from inspect_tools.readers.gguf_header import GGUFHeader, HeaderError, parse_header
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,8 +22,7 @@ FIXED_HEADER = struct.Struct("<4sIQQ")  # magic, version, tensor count, key-valu
 # offset u64 (24 bytes, empty name, 0 dims); a key-value is key length u64 + value type u32 + a 1-byte value.
 MIN_TENSOR_INFO_BYTES = 24
 MIN_KV_BYTES = 13
-# Arrays longer than this (tokenizer vocabularies, merges) are summarized instead of copied into metadata.
-MAX_METADATA_ARRAY = 64
+INT64_MAX = 2**63 - 1
 
 # GGML types that load as plain torch tensors (by torch dtype name: torch is imported only to load values);
 # everything else is returned as raw uint8 blocks.
@@ -67,75 +68,89 @@ def check_fixed_header(path: Path) -> None:
                           f"impossible in a {size}-byte file")
 
 
-def plain_value(field: Any) -> Any:
-    """A gguf-py ReaderField -> str / int / float / bool / list; long arrays become a one-line summary."""
-    from gguf import GGUFValueType
-
-    types = field.types
-    if not types:
-        return None
-    if types[0] == GGUFValueType.ARRAY:
-        length = len(field.data)
-        if length > MAX_METADATA_ARRAY:
-            return f"<array of {length} {types[-1].name.lower()}>"
-        return field.contents()
-    return field.contents()
-
-
-def read_metadata(reader: Any) -> dict[str, Any]:
-    # gguf-py adds GGUF.version / GGUF.tensor_count / GGUF.kv_count pseudo-fields; they are not key-values.
-    return {name: plain_value(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")}
-
-
-def tensor_infos(path: Path, reader: Any, file_size: int) -> dict[str, TensorInfo]:
+def tensor_infos(path: Path, header: GGUFHeader, file_size: int) -> dict[str, TensorInfo]:
     """TensorInfo per tensor, shapes in safetensors order, each data range checked against the file."""
-    from gguf import GGML_QUANT_SIZES
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     infos: dict[str, TensorInfo] = {}
-    for tensor in reader.tensors:
-        dims = tuple(int(d) for d in reversed(tensor.shape.tolist()))  # GGUF stores the fastest dimension first
-        block_size, type_size = GGML_QUANT_SIZES[tensor.tensor_type]
+    for raw in header.tensors:
+        name = raw.name
+        try:
+            qtype = GGMLQuantizationType(raw.ggml_type)
+        except ValueError:
+            raise _fail(path, f"tensor {name!r} has unknown GGML type {raw.ggml_type}") from None
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
         numel = 1
-        for d in dims:
+        for d in raw.dims:
             numel *= d
-        if numel % block_size:
-            raise _fail(path, f"tensor {tensor.name!r}: {numel} elements is not a whole number of "
-                              f"{tensor.tensor_type.name} blocks")
+        if numel_overflows(raw.dims):
+            raise _fail(path, f"tensor {name!r}: dimensions {list(raw.dims)[:8]} hold more elements than a "
+                              "64-bit integer counts")
+        if numel % block_size or (raw.dims and raw.dims[0] % block_size):
+            raise _fail(path, f"tensor {name!r}: rows of {raw.dims[0] if raw.dims else 1} elements are not whole "
+                              f"{qtype.name} blocks of {block_size}")
         nbytes = numel // block_size * type_size
-        offset = int(tensor.data_offset)
+        offset = header.data_start + raw.offset
         if offset + nbytes > file_size:
-            raise _fail(path, f"tensor {tensor.name!r} data runs past the end of the file (truncated?)")
-        infos[tensor.name] = TensorInfo(tensor.name, tensor.tensor_type.name, dims, nbytes, path, offset)
+            raise _fail(path, f"tensor {name!r} data (offset {raw.offset}, {nbytes} bytes) runs past the end of "
+                              f"the {file_size}-byte file (truncated?)")
+        dims = tuple(reversed(raw.dims))  # GGUF stores the fastest dimension first
+        infos[name] = TensorInfo(name, qtype.name, dims, nbytes, path, offset)
     return infos
 
 
-def check_no_overlap(path: Path, infos: dict[str, TensorInfo]) -> None:
-    end = 0
-    for info in sorted(infos.values(), key=lambda t: t.offset):
+def numel_overflows(dims: tuple[int, ...]) -> bool:
+    product = 1
+    for d in dims:
+        if d:
+            product *= d
+    return product > INT64_MAX
+
+
+def check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int, alignment: int, file_size: int) -> None:
+    """No overlap, and no data that no tensor uses. Writers (gguf-py, llama.cpp) put the tensors one after the
+    other, each padded to the alignment, and llama.cpp refuses any other offset ("tensor ... has offset X, expected
+    Y", ggml/src/gguf.cpp gguf_init_from_file_impl). Unused bytes beyond one padding mean the tensor table lost
+    entries (a header listing fewer tensors than the file holds): refused like a truncated file, since the tensors
+    that are listed are then read from the wrong place as well."""
+    position = end = data_start  # the previous tensor's padded end, and its last byte + 1
+    previous = None
+    for info in sorted(infos.values(), key=lambda t: (t.offset, t.nbytes)):
         if info.offset < end:
-            raise _fail(path, f"tensor {info.name!r} overlaps the tensor before it")
+            raise _fail(path, f"tensor {info.name!r} overlaps the tensor before it ({previous!r})")
+        if info.offset - position >= alignment:
+            where = f"after tensor {previous!r}" if previous else "at the start of the data section"
+            raise _fail(path, f"{info.offset - position} bytes {where} belong to no tensor: the header lists fewer "
+                              "tensors than the file holds")
         end = info.offset + info.nbytes
+        position = max(position, -(-end // alignment) * alignment)
+        previous = info.name
+    if file_size - position >= alignment:
+        raise _fail(path, f"{file_size - position} bytes after the last tensor belong to no tensor: the header "
+                          "lists fewer tensors than the file holds")
 
 
 class GGUFFileReader(CheckpointReader):
-    """A GGUF file. Tensor bytes are views into gguf-py's read-only memory map, copied only when loaded."""
+    """A GGUF file. Tensor bytes are read from a read-only memory map, copied only when loaded."""
 
     def __init__(self, path: Path) -> None:
         check_fixed_header(path)
         try:
-            from gguf import GGUFReader
-
-            self._gguf = GGUFReader(path, "r")
-            file_size = path.stat().st_size
-            tensors = tensor_infos(path, self._gguf, file_size)
-            check_no_overlap(path, tensors)
-            metadata = read_metadata(self._gguf)
-        except InputError:
+            with path.open("rb") as fh:
+                self._map = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", str(path)) from None
+        try:
+            header = parse_header(self._map, MAX_TENSORS)
+            tensors = tensor_infos(path, header, len(self._map))
+            check_layout(path, tensors, header.data_start, header.alignment, len(self._map))
+        except HeaderError as exc:
+            self.close()
+            raise _fail(path, str(exc)) from None
+        except BaseException:
+            self.close()
             raise
-        except Exception as exc:  # gguf-py raises ValueError, KeyError, IndexError... on malformed files
-            detail = str(exc).splitlines()[0][:160] if str(exc) else "no detail"
-            raise _fail(path, f"truncated or corrupt ({type(exc).__name__} from gguf-py: {detail})") from None
-        super().__init__(path=path, kind="gguf", metadata=metadata, tensors=tensors)
+        super().__init__(path=path, kind="gguf", metadata=header.metadata, tensors=tensors)
 
     def _raw(self, name: str) -> np.ndarray:
         import numpy as np
@@ -143,7 +158,7 @@ class GGUFFileReader(CheckpointReader):
         if name not in self.tensors:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         info = self.tensors[name]
-        return np.array(self._gguf.data[info.offset:info.offset + info.nbytes], dtype=np.uint8, copy=True)
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset).copy()
 
     def load(self, name: str) -> torch.Tensor:
         import torch
@@ -179,7 +194,10 @@ class GGUFFileReader(CheckpointReader):
         return self._raw(name).tobytes()
 
     def close(self) -> None:
-        gguf = getattr(self, "_gguf", None)
-        if gguf is not None:
-            # Dropping the memory map is what releases the file; gguf-py has no close().
-            self._gguf = None
+        mapped = getattr(self, "_map", None)
+        if mapped is not None:
+            self._map = None
+            try:
+                mapped.close()
+            except BufferError:  # a numpy view still exported: the map is released when that view goes
+                pass

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
-from inspect_tools.readers.base import CheckpointReader, TensorInfo
+from inspect_tools.readers.base import MAX_TENSORS, CheckpointReader, TensorInfo, too_many_tensors
 from inspect_tools.readers.safetensors_dtypes import DTYPES, byte_length
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 # which also bounds the memory a hostile header length can make us allocate.
 MAX_HEADER_BYTES = 100_000_000
 HEADER_LEN_BYTES = 8
+INT64_MAX = 2**63 - 1
 METADATA_KEY = "__metadata__"
 
 
@@ -28,11 +29,13 @@ def _fail(path: Path, message: str) -> InputError:
 
 def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """json object hook that refuses duplicate keys (json.loads would silently keep the last one)."""
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
+    obj = dict(pairs)
+    if len(obj) != len(pairs):  # rare: only then look for the culprit (one C-speed dict() per object otherwise)
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
     return obj
 
 
@@ -56,6 +59,11 @@ def read_header_bytes(path: Path, fh: Any, file_size: int) -> bytes:
 
 
 def decode_header(path: Path, raw: bytes) -> dict[str, Any]:
+    # counted before parsing: every tensor entry has a "data_offsets" key, and json.loads of a header of a million
+    # entries alone costs a gigabyte
+    entries = raw.count(b'"data_offsets"')
+    if entries > MAX_TENSORS:
+        raise _fail(path, f"header {too_many_tensors(entries)}")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_object)
     except UnicodeDecodeError:
@@ -75,6 +83,23 @@ def parse_metadata(path: Path, value: object) -> dict[str, str]:
     return dict(value)
 
 
+def _numel_overflows(shape: list[int]) -> bool:
+    """Whether the product of the nonzero dimensions exceeds int64: a [0, 2**62, 2**62] tensor holds no bytes, yet
+    torch's stride arithmetic, C consumers and any reshape overflow on it."""
+    product = 1
+    for dim in shape:
+        if dim:
+            product *= dim
+            if product > INT64_MAX:
+                return True
+    return False
+
+
+def _short_shape(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     """One header entry -> TensorInfo with an absolute offset; checks dtype, shape and byte length."""
     if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
@@ -86,6 +111,9 @@ def parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tensor
         raise _fail(path, f"tensor {name!r} shape must be a list of non-negative integers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
         raise _fail(path, f"tensor {name!r} data_offsets must be two non-negative integers")
+    if _numel_overflows(shape):
+        raise _fail(path, f"tensor {name!r} shape {_short_shape(shape)}: the element count (zero dimensions "
+                          "left out) does not fit a 64-bit integer")
     begin, end = offsets
     if end < begin:
         raise _fail(path, f"tensor {name!r} data_offsets [{begin}, {end}] end before they begin")

@@ -7,7 +7,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
-from inspect_tools.readers.base import CheckpointReader, TensorInfo
+from inspect_tools.readers.base import MAX_TENSORS, CheckpointReader, TensorInfo, too_many_tensors
 from inspect_tools.readers.safetensors_reader import SafetensorsReader
 from inspect_tools.safety import check_input_file
 
@@ -59,9 +59,12 @@ def resolve_shard(index_path: Path, shard: str) -> Path:
             raise _fail(index_path, f"shard path {shard!r} is absolute; shards must sit beside the index")
         if ".." in flavour.parts:
             raise _fail(index_path, f"shard path {shard!r} leaves the index's folder")
-    folder = index_path.parent.resolve()
     candidate = index_path.parent / shard
-    resolved = candidate.resolve()
+    try:
+        folder = index_path.parent.resolve()
+        resolved = candidate.resolve()
+    except (RuntimeError, OSError):  # Python < 3.13 raises RuntimeError("Symlink loop ..."), later OSError ELOOP
+        raise _fail(index_path, f"shard path {shard!r} is a symlink loop") from None
     if not resolved.is_relative_to(folder):
         raise _fail(index_path, f"shard path {shard!r} resolves to {resolved}, outside the index's folder")
     if not candidate.exists():
@@ -75,10 +78,14 @@ class ShardedReader(CheckpointReader):
     def __init__(self, index_path: Path) -> None:
         index = read_index(index_path)
         weight_map: dict[str, str] = index["weight_map"]
+        if len(weight_map) > MAX_TENSORS:
+            raise _fail(index_path, f"weight_map {too_many_tensors(len(weight_map))}")
         self._shards: dict[Path, SafetensorsReader] = {}
         self._owner: dict[str, SafetensorsReader] = {}
         try:
-            shard_paths = {name: resolve_shard(index_path, shard) for name, shard in weight_map.items()}
+            # resolved once per shard file, not per tensor: a weight_map lists every tensor of a huge model
+            resolved = {shard: resolve_shard(index_path, shard) for shard in dict.fromkeys(weight_map.values())}
+            shard_paths = {name: resolved[shard] for name, shard in weight_map.items()}
             for shard_path in dict.fromkeys(shard_paths.values()):
                 check_input_file(shard_path)
                 self._shards[shard_path] = SafetensorsReader(shard_path)
@@ -95,6 +102,9 @@ class ShardedReader(CheckpointReader):
 
     def _merge(self, index_path: Path) -> dict[str, TensorInfo]:
         tensors: dict[str, TensorInfo] = {}
+        total = sum(len(reader.tensors) for reader in self._shards.values())
+        if total > MAX_TENSORS:
+            raise _fail(index_path, f"the shards together {too_many_tensors(total)}")
         for reader in self._shards.values():
             for info in reader:
                 if info.name in tensors:

@@ -170,10 +170,169 @@ def header_not_utf8(folder: Path) -> Path:
     return _write_header(folder, b'{"a.w\xff\xfe":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', data=bytes(4))
 
 
+def _shape_overflow(folder: Path, shape: list[int]) -> Path:
+    header = _mutated_header(a__bias={"dtype": "F32", "shape": shape, "data_offsets": [32, 32]})
+    return _write_header(folder, header, data=bytes(32))
+
+
+def shape_numel_overflow(folder: Path) -> Path:
+    """Zero bytes, yet 2**124 elements once the zero dimension is left out: torch's strides overflow on it."""
+    return _shape_overflow(folder, [0, 2**62, 2**62])
+
+
+def shape_dim_2_64(folder: Path) -> Path:
+    return _shape_overflow(folder, [0, 2**64])
+
+
+def shape_dim_2_70(folder: Path) -> Path:
+    return _shape_overflow(folder, [2**70, 0])
+
+
+def too_many_tensors(folder: Path) -> Path:
+    """One more (empty) tensor than nvdiag reads in one checkpoint."""
+    from inspect_tools.readers.base import MAX_TENSORS
+
+    entries = ",".join(f'"t{i}":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}' for i in range(MAX_TENSORS + 1))
+    return _write_header(folder, ("{" + entries + "}").encode(), data=b"")
+
+
 def metadata_not_strings(folder: Path) -> Path:
     header = two_tensor_header()
     header["__metadata__"] = {"format": 1}
     return _write_header(folder, header)
+
+
+# --- readable files whose layers are malformed: lint flags them, roundtrip must not decode them -----------------
+
+# The layer they hold has the name and (when well-formed) the shape of a layer of the synthetic WAN models
+# (inspect_tools.synthetic), so that roundtrip pairs it with that model's layer.
+LAYER = "blocks.0.self_attn.q"
+NVFP4_MARKER = b'{"format": "nvfp4"}'
+
+
+def _packed_file(folder: Path, tensors: list[tuple[str, str, list[int], bytes]], metadata: dict | None = None) -> Path:
+    """A safetensors file from (name, dtype, shape, bytes) laid out one after the other, names sorted."""
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    data = b""
+    for name, dtype, shape, raw in sorted(tensors):
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    return _write_header(folder, header, data)
+
+
+def nvfp4_layer(folder: Path, weight: tuple[str, list[int]] = ("U8", [256, 128]),
+                scale: tuple[str, list[int]] = ("F8_E4M3", [256, 16]), marker: bytes | None = NVFP4_MARKER,
+                metadata: dict | None = None) -> Path:
+    """One NVFP4 layer (`LAYER`) whose packed weight and block scale have the given dtype and shape; zero codes,
+    block scales 1.0, weight_scale_2 1.0. The defaults are a well-formed 256x256 layer."""
+    from inspect_tools.readers.safetensors_dtypes import DTYPES, byte_length
+
+    def zeros(dtype: str, shape: list[int], fill: int = 0) -> bytes:
+        return bytes([fill]) * (byte_length(DTYPES[dtype], tuple(shape)) or 0)
+
+    tensors = [
+        (f"{LAYER}.weight", weight[0], weight[1], zeros(*weight)),
+        (f"{LAYER}.weight_scale", scale[0], scale[1], zeros(*scale, fill=0x38)),  # 0x38 is 1.0 in E4M3
+        (f"{LAYER}.weight_scale_2", "F32", [], struct.pack("<f", 1.0)),
+    ]
+    if marker is not None:
+        tensors.append((f"{LAYER}.comfy_quant", "U8", [len(marker)], marker))
+    return _packed_file(folder, tensors, metadata)
+
+
+def nvfp4_weight_0d(folder: Path) -> Path:
+    return nvfp4_layer(folder, weight=("U8", []))
+
+
+def nvfp4_weight_1d(folder: Path) -> Path:
+    return nvfp4_layer(folder, weight=("U8", [256 * 128]))
+
+
+def nvfp4_weight_f4(folder: Path) -> Path:
+    return nvfp4_layer(folder, weight=("F4", [256, 256]))
+
+
+def nvfp4_weight_f6(folder: Path) -> Path:
+    return nvfp4_layer(folder, weight=("F6_E2M3", [256, 256]))
+
+
+def nvfp4_weight_f32(folder: Path) -> Path:
+    """An F32 weight marked nvfp4: the marker says packed codes, the dtype says plain floats."""
+    return nvfp4_layer(folder, weight=("F32", [256, 256]))
+
+
+def nvfp4_weight_odd_shape(folder: Path) -> Path:
+    return nvfp4_layer(folder, weight=("U8", [17, 8]), scale=("F8_E4M3", [128, 4]))
+
+
+def nvfp4_scale_wrong_shape(folder: Path) -> Path:
+    return nvfp4_layer(folder, scale=("F8_E4M3", [3, 5]))
+
+
+def nvfp4_scale_1d(folder: Path) -> Path:
+    return nvfp4_layer(folder, scale=("F8_E4M3", [256 * 16]))
+
+
+def marker_nested_deep(folder: Path) -> Path:
+    """A comfy_quant marker nested 10,000 levels deep (CPython's json recurses once per level)."""
+    return nvfp4_layer(folder, marker=b'{"format": "nvfp4", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}")
+
+
+def marker_format_list(folder: Path) -> Path:
+    return nvfp4_layer(folder, marker=b'{"format": ["nvfp4"]}')
+
+
+def metadata_nested_deep(folder: Path) -> Path:
+    deep = '{"format_version": "1.0", "layers": ' + "[" * 10_000 + "]" * 10_000 + "}"
+    return nvfp4_layer(folder, marker=None, metadata={"_quantization_metadata": deep})
+
+
+def metadata_huge_integer(folder: Path) -> Path:
+    """A 4,400-digit integer: beyond Python's default int-string conversion limit (4,300 digits)."""
+    text = '{"format_version": ' + "9" * 4400 + ', "layers": {"' + LAYER + '": {"format": "nvfp4"}}}'
+    return nvfp4_layer(folder, marker=None, metadata={"_quantization_metadata": text})
+
+
+def metadata_format_object(folder: Path) -> Path:
+    text = json.dumps({"format_version": "1.0", "layers": {LAYER: {"format": {"name": "nvfp4"}}}})
+    return nvfp4_layer(folder, marker=None, metadata={"_quantization_metadata": text})
+
+
+def transplant(source: Path, malformed: Path, target: Path) -> Path:
+    """`source` (a valid single-file checkpoint) with every tensor of `malformed` (one of MALFORMED_LAYERS' files)
+    put in, replacing the tensors of the same layer: the malformed layer inside a whole model."""
+    def entries(path: Path) -> tuple[dict, list[tuple[str, str, list[int], bytes]]]:
+        raw = path.read_bytes()
+        (length,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8:8 + length])
+        data = raw[8 + length:]
+        metadata = header.pop("__metadata__", None) or {}
+        return metadata, [(n, e["dtype"], e["shape"], data[e["data_offsets"][0]:e["data_offsets"][1]])
+                          for n, e in header.items()]
+
+    metadata, tensors = entries(source)
+    extra_metadata, replacements = entries(malformed)
+    layers = {name.rsplit(".", 1)[0] for name, *_ in replacements}
+    kept = [t for t in tensors if t[0].rsplit(".", 1)[0] not in layers]
+    return _packed_file(target, kept + replacements, {**metadata, **extra_metadata})
+
+
+# Files that open (they are readable containers) but hold a layer lint must flag, with the cause it must name.
+MALFORMED_LAYERS: dict[str, tuple[Builder, str]] = {
+    "nvfp4_weight_0d": (nvfp4_weight_0d, "wrong-shape"),
+    "nvfp4_weight_1d": (nvfp4_weight_1d, "wrong-shape"),
+    "nvfp4_weight_f4": (nvfp4_weight_f4, "wrong-dtype"),
+    "nvfp4_weight_f6": (nvfp4_weight_f6, "wrong-dtype"),
+    "nvfp4_weight_f32": (nvfp4_weight_f32, "wrong-dtype"),
+    "nvfp4_weight_odd_shape": (nvfp4_weight_odd_shape, "wrong-shape"),
+    "nvfp4_scale_wrong_shape": (nvfp4_scale_wrong_shape, "wrong-shape"),
+    "nvfp4_scale_1d": (nvfp4_scale_1d, "wrong-shape"),
+    "marker_nested_deep": (marker_nested_deep, "invalid-quant-marker"),
+    "marker_format_list": (marker_format_list, "invalid-quant-marker"),
+    "metadata_nested_deep": (metadata_nested_deep, "invalid-quant-marker"),
+    "metadata_huge_integer": (metadata_huge_integer, "invalid-quant-marker"),
+    "metadata_format_object": (metadata_format_object, "invalid-quant-marker"),
+}
 
 
 # --- sharded ----------------------------------------------------------------------------------------------------------
@@ -234,7 +393,67 @@ def index_symlink_escape(folder: Path) -> Path:
     return index
 
 
+def index_symlink_loop(folder: Path) -> Path:
+    """A shard that is a symlink to itself: resolving it loops."""
+    index = _write_index(folder, {"a": "model.safetensors"})
+    os.symlink("model.safetensors", folder / "model.safetensors")
+    return index
+
+
 # --- GGUF -------------------------------------------------------------------------------------------------------------
+
+def _gguf_string(text: str | bytes) -> bytes:
+    raw = text.encode() if isinstance(text, str) else text
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def gguf_bytes(tensors: list[tuple[str | bytes, int, tuple[int, ...], int]], data: bytes,
+               kv: list[tuple[str, int, bytes]] | None = None, tensor_count: int | None = None,
+               alignment: int = 32) -> bytes:
+    """A GGUF v3 file from tensor infos (name, GGML type id, on-disk dims, offset in the data section), the data
+    section and raw key-values (key, value type id, encoded value), written byte by byte so any field can lie.
+    `tensor_count` overrides the count the header declares."""
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors) if tensor_count is None else tensor_count, len(kv or []))
+    for key, vtype, value in kv or []:
+        head += _gguf_string(key) + struct.pack("<I", vtype) + value
+    for name, ggml_type, dims, offset in tensors:
+        head += _gguf_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, ggml_type, offset)
+    head += bytes(-len(head) % alignment)
+    return head + data
+
+
+def gguf_tensor_past_end(folder: Path) -> Path:
+    """The last tensor (Q6_K, 210 bytes per 256 elements) claims two rows where the file holds one."""
+    tensors = [("blocks.0.weight", 0, (32, 4), 0), ("blocks.1.weight", 14, (256, 2), 512)]
+    return _write(folder / "model.gguf", gguf_bytes(tensors, bytes(512 + 210 + 14)))
+
+
+def gguf_offset_2_64(folder: Path) -> Path:
+    """A tensor offset of 2**64 - 1: past any file, and past numpy's int64 arithmetic."""
+    tensors = [("blocks.0.weight", 0, (32, 4), 0), ("blocks.1.weight", 0, (32, 4), 2**64 - 1)]
+    return _write(folder / "model.gguf", gguf_bytes(tensors, bytes(1024)))
+
+
+def gguf_fewer_tensors_listed(folder: Path) -> Path:
+    """The header's tensor count says 1 where the table holds 2: the second tensor's data belongs to no tensor."""
+    return _patched_gguf(folder, 8, struct.pack("<Q", 1))
+
+
+def gguf_too_many_tensors(folder: Path) -> Path:
+    """More tensor infos than any checkpoint holds, each the smallest record possible (issue 17: 2M names made
+    gguf-py take minutes and gigabytes)."""
+    from inspect_tools.readers.base import MAX_TENSORS
+
+    record = _gguf_string(b"") + struct.pack("<IIQ", 0, 0, 0)
+    count = MAX_TENSORS + 1
+    return _write(folder / "model.gguf", gguf_bytes([], record * count, tensor_count=count, alignment=1))
+
+
+def gguf_huge_string_array(folder: Path) -> Path:
+    """A key-value array that claims 2**40 strings in a file of a few bytes."""
+    kv = [("tokenizer.ggml.tokens", 9, struct.pack("<IQ", 8, 2**40))]
+    return _write(folder / "model.gguf", gguf_bytes([], bytes(64), kv=kv))
+
 
 def _patched_gguf(folder: Path, offset: int, patch: bytes) -> Path:
     path = write_valid_gguf(folder / "model.gguf")
@@ -367,6 +586,16 @@ BAD_INPUTS: dict[str, Builder] = {
     "gguf_truncated_data": gguf_truncated_data,
     "gguf_only_magic": gguf_only_magic,
     "gguf_huge_string_length": gguf_huge_string_length,
+    "gguf_tensor_past_end": gguf_tensor_past_end,
+    "gguf_offset_2_64": gguf_offset_2_64,
+    "gguf_fewer_tensors_listed": gguf_fewer_tensors_listed,
+    "gguf_too_many_tensors": gguf_too_many_tensors,
+    "gguf_huge_string_array": gguf_huge_string_array,
+    "shape_numel_overflow": shape_numel_overflow,
+    "shape_dim_2_64": shape_dim_2_64,
+    "shape_dim_2_70": shape_dim_2_70,
+    "too_many_tensors": too_many_tensors,
+    "index_symlink_loop": index_symlink_loop,
     "directory_without_checkpoint": directory_without_checkpoint,
     "missing_path": missing_path,
     "broken_symlink": broken_symlink,

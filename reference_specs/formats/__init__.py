@@ -32,6 +32,7 @@ _formats: list[type[Format]] = [
     *PLAIN_FORMATS,
 ]
 _gguf_loaded = False
+_slug_index: dict[tuple[int, int], dict[str, type[Format]]] = {}  # (id, length) of _formats -> slug -> format
 
 
 def _all_formats() -> list[type[Format]]:
@@ -65,8 +66,24 @@ def register(fmt: type[Format]) -> type[Format]:
     return fmt
 
 
+def _by_slug(slug: str) -> type[Format] | None:
+    """The format of a slug: a dict lookup, since every layer of a file asks (200k layers made the linear search
+    of the registry seconds)."""
+    key = (id(_formats), len(_formats))  # the registry is replaced (GGUF types joining) or appended to
+    index = _slug_index.get(key)
+    if index is None:
+        _slug_index.clear()
+        index = _slug_index[key] = {}
+        for f in _formats:
+            index.setdefault(f.slug, f)
+    found = index.get(slug)
+    if found is None and not _gguf_loaded:
+        found = _find(lambda f: f.slug == slug)
+    return found
+
+
 def get(slug: str) -> type[Format]:
-    fmt = _find(lambda f: f.slug == slug)
+    fmt = _by_slug(slug)
     if fmt is None:
         raise KeyError(f"unknown format {slug!r}; known: {', '.join(f.slug for f in _all_formats())}")
     return fmt
@@ -78,7 +95,7 @@ def by_comfy_format(name: str) -> type[Format] | None:
 
 def is_quantized(slug: str) -> bool:
     """Whether a format slug stores a lossy encoding; "unknown" and unregistered slugs count as not quantized."""
-    fmt = None if slug == UNKNOWN else _find(lambda f: f.slug == slug)
+    fmt = None if slug == UNKNOWN else _by_slug(slug)
     return fmt is not None and fmt.quantized
 
 

@@ -41,6 +41,17 @@ class RoleSpec:
     description: str = ""
 
 
+# The cause a missing role of a quantized layer is catalogued under (reference_specs/causes.py).
+MISSING_ROLE_CAUSES = {"weight_scale": "missing-block-scale", "weight_scale_2": "missing-tensor-scale"}
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
 class Format:
     """Base class of every storage format of a Linear weight.
 
@@ -66,6 +77,21 @@ class Format:
     def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
         """The unquantized weight shape [out, in] that the stored tensors imply (padding makes it a bound)."""
         return layer.shape("weight")
+
+    @classmethod
+    def decode_problem(cls, layer: Layer) -> tuple[str, str] | None:
+        """(cause slug, reason) when the stored tensors cannot be decoded as this format, judged from the header
+        alone; None when dequantize can run. The base checks what every format needs: its required roles and
+        single-element scalars. Formats add their own shape rules (the ones lint reports)."""
+        for role, spec in cls.signature.items():
+            shape = layer.shape(role)
+            if shape is None:
+                if spec.required:
+                    return MISSING_ROLE_CAUSES.get(role, "wrong-shape"), f"no {role} tensor"
+                continue
+            if spec.scalar and _numel(shape) != 1:
+                return "wrong-shape", f"{role} has shape {list(shape)}, a scalar has one element"
+        return None
 
     def quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """Float weight [out, in] -> role -> tensor, exactly as written to a ComfyUI file."""
