@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import check_glob, command, display, no_match
 from inspect_tools.cli.output import (
     OutputFormat,
     compact_findings_table,
@@ -252,7 +253,13 @@ def print_report(report: DiffReport, out: Console | None = None, fail_on: Severi
             out.print(table)
     if report.disagreements:
         out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
-    out.print(verdict(report.findings, fail_on, layers=len(report.pairs)))
+    if report.values_skipped:
+        out.print(f"[bold yellow]values not compared ({escape(report.values_skipped)}):[/] headers alone cannot see "
+                  "nibble order, stale scales or transposed layers; run:", soft_wrap=True)
+        out.print(f"  {escape(command('roundtrip', display(report.mine.path), '--against', display(report.ref.path)))}",
+                  soft_wrap=True)
+    line = verdict(report.findings, fail_on, layers=len(report.pairs))
+    out.print(line + (" [yellow](headers only)[/]" if report.values_skipped else ""))
 
 
 def diff_document(report: DiffReport) -> dict[str, Any]:
@@ -269,7 +276,9 @@ def diff_command(
     mine: Annotated[str, typer.Argument(help="The checkpoint under suspicion. " + CHECKPOINT_HELP)],
     ref: Annotated[str, typer.Argument(help="A checkpoint that works (any format, naming or architecture)")],
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
-    values: Annotated[bool, typer.Option("--values", help="Also compare dequantized weights (reads them)")] = False,
+    values: Annotated[bool, typer.Option("--values/--no-values", help="Compare dequantized weights of matched "
+                                         "quantized layers (reads them; on by default: headers alone miss noise)")]
+    = True,
     fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="error, warning or info")] = "error",
 ) -> None:
@@ -293,6 +302,7 @@ def diff_command(
     """
     from inspect_tools.diff import diff_paths
 
+    check_glob(layers)
     if fmt == OutputFormat.github:
         raise UsageError("diff supports --format text or json")
     try:
@@ -300,6 +310,8 @@ def diff_command(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     report = diff_paths(mine, ref, layers=layers, values=values)
+    if layers is not None and not report.pairs:
+        raise no_match(layers, mine, report.mine.layers, "layer")
     if fmt == OutputFormat.json:
         print_json(diff_document(report))
     else:

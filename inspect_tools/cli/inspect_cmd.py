@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import check_glob, no_match
 from inspect_tools.cli.output import OutputFormat, console, print_json
 from inspect_tools.inspect import inspect_document, metadata_summary
 from inspect_tools.layers import open_model
@@ -101,8 +102,11 @@ def inspect_command(
 
       nvdiag inspect model.gguf --format json > layers.json
     """
+    check_glob(layers)
     with open_model(path) as model:
         doc = inspect_document(model, layers)
+        if layers is not None and not doc["layers"]:
+            raise no_match(layers, path, model.layers)
     if fmt == OutputFormat.json:
         print_json(doc)
     else:

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich import box
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, display, no_match, roundtrip_next
 from inspect_tools.cli.output import (
     OutputFormat,
     console,
@@ -21,7 +23,7 @@ from inspect_tools.cli.output import (
 )
 from inspect_tools.cli.output import format_number as _num
 from inspect_tools.errors import UsageError
-from inspect_tools.layers import open_model
+from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs.findings import Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
@@ -41,11 +43,13 @@ EPILOG = """Examples:
 """
 
 
-def document(result: RoundtripResult) -> dict[str, Any]:
-    """lint's findings schema plus "layers" (per-layer metrics, worst first) and "unmatched"."""
+def document(result: RoundtripResult, next_step: str | None = None) -> dict[str, Any]:
+    """lint's findings schema plus "layers" (per-layer metrics, worst first) and "unmatched"; summary.next is the
+    command that repairs what was found (null when nothing was)."""
     doc = findings_document(result.findings, len(result.checked), path=str(result.path),
                             against=str(result.ref_path))
     doc["summary"].update(result.summary())
+    doc["summary"]["next"] = next_step
     doc["layers"] = [r.to_json() for r in result.layers]
     doc["unmatched"] = {
         "only_mine": [layer.name for layer in result.alignment.only_mine],
@@ -57,7 +61,7 @@ def document(result: RoundtripResult) -> dict[str, Any]:
 LAYER_MIN_WIDTH = 22
 
 
-def print_text(result: RoundtripResult) -> None:
+def print_text(result: RoundtripResult, next_step: str | None = None) -> None:
     out = console()
     table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)", box=box.SIMPLE_HEAD,
                   pad_edge=False)
@@ -84,7 +88,42 @@ def print_text(result: RoundtripResult) -> None:
         out.print(f"unmatched: {len(only_mine)} layers of PATH, {len(only_ref)} of REF have no partner "
                   "(--format json lists them)")
     style = "bold red" if result.wrong else "green"
-    out.print(f"[{style}]{result.verdict()}[/]")
+    out.print(f"[{style}]{escape(result.verdict())}[/]")
+    if next_step:
+        # one unbroken line, however narrow the terminal: it is meant to be copied
+        out.print(f"next: {escape(next_step)}", soft_wrap=True)
+
+
+def next_step(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel) -> str | None:
+    """The command line that repairs what this roundtrip found, with the user's own paths."""
+    from converter.preset import builtin_names
+
+    causes = {r.cause or "excess-error" for r in result.wrong}
+    ref_is_float = all(layer.format.lower() in PLAIN_FLOAT for layer in ref.layers.values())
+    variant = ref.detection.variant if ref.detection.family != "unknown" else mine.detection.variant
+    preset = variant if variant in builtin_names() else "smart"
+    return roundtrip_next(causes, result.path, result.ref_path, ref_is_float, preset)
+
+
+def nothing_compared(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel,
+                     layers: str | None) -> UsageError:
+    """Why not one layer was compared, as the usage error it is (exit 2): swapped arguments, a glob that selects
+    nothing, or two files with no layer in common."""
+    def quantized(model: CheckpointModel) -> int:
+        return sum(layer.is_quantized and layer.has("weight") for layer in model.layers.values())
+
+    if quantized(mine) == 0 and quantized(ref) > 0:
+        swapped = command("roundtrip", display(result.ref_path), "--against", display(result.path))
+        return UsageError(f"{result.path.name} has no quantized layer but --against {result.ref_path.name} has "
+                          f"{quantized(ref)}: did you swap PATH and --against? ({swapped})")
+    if quantized(mine) == 0:
+        return UsageError(f"{result.path.name} has no quantized layer: nothing to roundtrip (nvdiag inspect shows "
+                          "its formats)")
+    if layers and result.quantized_pairs:
+        names = [p.key for p in result.alignment.pairs if p.mine.is_quantized]
+        return no_match(layers, result.path, names, "quantized layer")
+    return UsageError(f"no quantized layer of {result.path.name} could be paired with a layer of "
+                      f"{result.ref_path.name}: are they the same model? (nvdiag diff compares them by role)")
 
 
 def _progress_bar() -> tuple[Progress | None, Any]:
@@ -120,6 +159,7 @@ def roundtrip_command(
     from inspect_tools.roundtrip import roundtrip
     from inspect_tools.writer import check_output_path
 
+    check_glob(layers)
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:
@@ -141,14 +181,17 @@ def roundtrip_command(
         finally:
             if bar is not None:
                 bar.stop()
+        if not result.checked and not result.layers:
+            raise nothing_compared(result, mine, ref, layers)
+        hint = next_step(result, mine, ref)
     if report is not None:
         from inspect_tools.html_report import write_report
 
         write_report(result, report, inputs)
     def text() -> None:
-        print_text(result)
+        print_text(result, hint)
         if report is not None:
             console().print(f"report: {report}")
 
-    render(fmt, result.findings, lambda: document(result), text)
+    render(fmt, result.findings, lambda: document(result, hint), text)
     raise typer.Exit(exit_code(result.findings, threshold))
