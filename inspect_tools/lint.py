@@ -7,6 +7,7 @@ command-line options override it (`--select` replaces, `--ignore` adds).
 
 from __future__ import annotations
 
+import shlex
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,14 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.rules import RULES, Rule, RuleContext, rules_for
 
 CONFIG_TABLE = "nvdiag"
+# What no lint rule can see in a file with quantized layers: it takes the values the file was made from.
+# (cause slug, what a user calls it); `nvdiag roundtrip FILE --against REF` measures and names each of them.
+NEEDS_REFERENCE: tuple[tuple[str, str], ...] = (
+    ("nibble-order", "nibble order"),
+    ("stale-scale", "stale scales"),
+    ("transposed-weight", "transposed square layers"),
+    ("excess-error", "error above the format's own"),
+)
 
 
 @dataclass
@@ -41,6 +50,20 @@ class LintResult:
     findings: list[Finding]
     layers: int = 0
     files: int = 0
+    # files with quantized layers, whose NEEDS_REFERENCE causes lint could not check
+    needs_reference: list[str] = field(default_factory=list)
+    values_skipped: bool = False  # --header-only: the value rules (scale layout, reciprocal, non-finite) did not run
+
+    def not_checked(self) -> dict[str, Any] | None:
+        """What this lint could not see and the command that checks it (None when every file is plain float)."""
+        if not self.needs_reference:
+            return None
+        file = self.needs_reference[0] if len(self.needs_reference) == 1 else "FILE"
+        what = [name for _, name in NEEDS_REFERENCE]
+        if self.values_skipped:
+            what.insert(0, "scale values (run without --header-only)")
+        return {"causes": [cause for cause, _ in NEEDS_REFERENCE], "what": what, "files": self.needs_reference,
+                "command": shlex.join(["nvdiag", "roundtrip", file, "--against", "REF"])}
 
     def exit_code(self, fail_on: Severity = Severity.ERROR) -> int:
         return 1 if any(f.severity >= fail_on for f in self.findings) else 0
@@ -173,6 +196,9 @@ def lint_paths(paths: Sequence[str | Path], config: LintConfig | None = None) ->
             result.findings.extend(lint_model(model, config))
             result.layers += len(model.layers)
             result.files += 1
+            if any(layer.is_quantized for layer in model.layers.values()):
+                result.needs_reference.append(str(path))
+    result.values_skipped = not config.values
     return result
 
 

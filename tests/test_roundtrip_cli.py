@@ -29,8 +29,10 @@ def test_linear_layout_exits_1_and_json_names_the_cause(tmp_path, capsys):
     assert doc["summary"]["errors"] == 1 and doc["summary"]["checked"] == len(SHAPES)
     assert doc["summary"]["verdict"] == (
         f"1 of {len(SHAPES)} layers decode wrongly: block scales are stored in linear layout; "
-        "re-export with swizzled scales (nvdiag fix)"
+        "nvdiag fix re-swizzles them losslessly"
     )
+    fixed = mine.with_name(mine.name.removesuffix(".safetensors") + "_fixed.safetensors")
+    assert doc["summary"]["next"] == f"nvdiag fix {mine} {fixed} --against {ref}"
 
 
 def test_unreadable_reference_exits_2(tmp_path, capsys):

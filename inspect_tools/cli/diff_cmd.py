@@ -255,7 +255,7 @@ def print_report(report: DiffReport, out: Console | None = None, fail_on: Severi
         out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
     if report.values_skipped:
         out.print(f"[bold yellow]values not compared ({escape(report.values_skipped)}):[/] headers alone cannot see "
-                  "nibble order, stale scales or transposed layers; run:", soft_wrap=True)
+                  "nibble order, stale scales or transposed layers; run:")
         out.print(f"  {escape(command('roundtrip', display(report.mine.path), '--against', display(report.ref.path)))}",
                   soft_wrap=True)
     line = verdict(report.findings, fail_on, layers=len(report.pairs))

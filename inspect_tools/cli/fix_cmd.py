@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from converter.fix import FIXABLE, FixResult, fix_checkpoint, parse_only
@@ -69,7 +70,7 @@ def _print_text(result: FixResult) -> None:
     if result.gate_findings and result.refused:
         print_findings_text(result.gate_findings, title="gate findings on the repaired file", out=out)
     style = "red" if result.exit_code else "green"
-    out.print(f"[{style}]{result.verdict()}[/]")
+    out.print(f"[{style}]{escape(result.verdict())}[/]", soft_wrap=True)
 
 
 @app.command("fix")

@@ -127,9 +127,13 @@ def lint_command(
     if not paths:
         raise UsageError("lint needs at least one checkpoint PATH (or --list / --explain)")
     result = lint_paths(paths, config)
-    render(fmt, result.findings, lambda: findings_document(result.findings, result.layers),
-           lambda: print_text(out, result, config))
+    render(fmt, result.findings, lambda: lint_document(result), lambda: print_text(out, result, config))
     raise typer.Exit(result.exit_code(config.fail_on))
+
+
+def lint_document(result: LintResult) -> dict:
+    """The findings document; "not_checked" says what needs a reference and which command checks it."""
+    return findings_document(result.findings, result.layers, not_checked=result.not_checked())
 
 
 def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
@@ -142,5 +146,12 @@ def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
     if result.findings:
         for line in rule_legend(result.findings, {r.id: r.name for r in RULES}):
             out.print(line)
-        out.print("[dim]nvdiag lint --explain ID: what ComfyUI does with it and how to fix it[/]")
-    out.print(verdict(result.findings, config.fail_on, result.layers))
+        first = min(result.findings, key=lambda f: (-f.severity, f.rule)).rule
+        out.print(f"[dim]nvdiag lint --explain {first}: what ComfyUI does with it and how to fix it "
+                  "(any rule id above)[/]")
+    unchecked = result.not_checked()
+    if unchecked:
+        out.print(f"[yellow]not checked: {', '.join(unchecked['what'])}[/] (they need the values the file was made "
+                  "from); run:")
+        out.print(f"  {escape(unchecked['command'])}", soft_wrap=True)
+    out.print(verdict(result.findings, config.fail_on, result.layers))  # last line, as scripts expect
