@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     except NvdiagError as exc:
         if debug:  # the traceback is extra: the line and the exit code stay what scripts expect
             traceback.print_exc()
-        print(f"nvdiag: error: {exc}", file=sys.stderr)
+        print(f"nvdiag: error: {exc}{_what_to_do(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the environment, not a bug: unwritable folder, disk full, permission denied
         if debug:
@@ -77,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         if old_sigint is not None:
             signal.signal(signal.SIGINT, old_sigint)
     return 0
+
+
+def _what_to_do(exc: NvdiagError) -> str:
+    """'; this is a safetensors file: ...' when an unreadable input's bytes say what it really is."""
+    from inspect_tools.cli.hints import container_hint
+    from inspect_tools.errors import InputError
+
+    if not isinstance(exc, InputError) or not exc.path or not os.path.isfile(exc.path):
+        return ""
+    hint = container_hint(exc.path)
+    return f"; {hint}" if hint and hint not in exc.message else ""
 
 
 class _Interrupted(BaseException):

@@ -13,6 +13,7 @@ from rich.table import Table
 from converter.plan import quant_conf  # torch-free, like the preset vocabulary
 from converter.preset import QUANT_FORMATS, describe_decision
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import check_safetensors_out
 from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Finding, Severity
@@ -142,6 +143,7 @@ def convert_cmd(
 
     if fmt not in ("text", "json"):
         raise UsageError(f"--format must be text or json, not {fmt!r}")
+    check_safetensors_out(out)
     extra_gate = None
     if verify and not dry_run:
         from inspect_tools.comfyui.gate import comfyui_gate

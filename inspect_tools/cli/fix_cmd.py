@@ -10,6 +10,7 @@ from rich.table import Table
 
 from converter.fix import FIXABLE, FixResult, fix_checkpoint, parse_only
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import check_safetensors_out
 from inspect_tools.cli.output import OutputFormat, console, findings_document, print_findings_text, print_json
 from inspect_tools.errors import UsageError
 
@@ -112,6 +113,7 @@ def fix_command(
     """
     if fmt == OutputFormat.github:
         raise UsageError("fix supports --format text or json")
+    check_safetensors_out(out)
     extra_gate = None
     if verify and not dry_run:
         from inspect_tools.comfyui.gate import comfyui_gate

@@ -89,3 +89,59 @@ def roundtrip_next(causes: Iterable[str], path: str | Path, ref: str | Path, ref
     if not ref_is_float:
         line += "    # SOURCE: the FP32/FP16/BF16 checkpoint PATH was made from"
     return line
+
+
+SAFETENSORS_HEADER_LIMIT = 100_000_000  # the same bound the safetensors reader applies
+
+
+def container_hint(path: str | Path) -> str | None:
+    """What a file that failed to open really is, from its first bytes, when that is not what its name says:
+    a safetensors file named .gguf, a GGUF file named .safetensors, an HTML page or text saved under a checkpoint's
+    name. None when the bytes agree with the name (the reader's own message is then the whole story)."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(64)
+    except OSError:
+        return None
+    kind = _sniff(head)
+    named = "gguf" if path.suffix.lower() == ".gguf" else "safetensors" if path.suffix.lower() in (
+        ".safetensors", ".sft") else None
+    if kind == named or named is None and kind in ("gguf", "safetensors"):
+        return None
+    if kind == "gguf":
+        return "this is a GGUF file: give it a .gguf name"
+    if kind == "safetensors":
+        return "this is a safetensors file: give it a .safetensors name"
+    if kind == "html":
+        return "this is an HTML page, not a checkpoint (a failed download?): download the file again"
+    if kind == "text":
+        shown = head[:24].decode("utf-8", "replace").splitlines()[0] if head.strip() else ""
+        return f"this is a text file (it starts with {shown!r}), not a checkpoint: check the path or download again"
+    return "neither a safetensors nor a GGUF file (a truncated download or another format?): check the path"
+
+
+def _sniff(head: bytes) -> str:
+    if head.startswith(b"GGUF"):
+        return "gguf"
+    if len(head) >= 9 and 2 <= int.from_bytes(head[:8], "little") <= SAFETENSORS_HEADER_LIMIT and head[8:9] == b"{":
+        return "safetensors"
+    if head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html")):
+        return "html"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return "binary"
+    return "text" if text.isprintable() or all(c.isprintable() or c.isspace() for c in text) else "binary"
+
+
+# Suffixes of other containers: a file nvdiag writes under one of them would be safetensors under a lying name.
+OTHER_CONTAINERS = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".onnx", ".json", ".toml")
+
+
+def check_safetensors_out(out: str | Path) -> None:
+    """nvdiag writes safetensors only: refuse an OUT named like another container before any work is done."""
+    out = Path(out)
+    if out.suffix.lower() in OTHER_CONTAINERS:
+        raise UsageError(f"nvdiag writes safetensors only, not {out.suffix}: name the output "
+                         f"{out.with_suffix('.safetensors').name}", str(out))

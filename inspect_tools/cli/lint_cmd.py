@@ -96,7 +96,8 @@ def lint_command(
 
     Exit 0 when nothing at or above --fail-on was found, 1 otherwise, 2 for unreadable input or bad options.
     Defaults come from \\[tool.nvdiag] (select, ignore, fail-on) in the nearest
-    pyproject.toml.
+    pyproject.toml that has one (the text output names it); the command line wins: --select replaces the file's
+    select and ignore, --ignore adds to its ignore.
 
     Examples:
 
@@ -127,17 +128,20 @@ def lint_command(
     if not paths:
         raise UsageError("lint needs at least one checkpoint PATH (or --list / --explain)")
     result = lint_paths(paths, config)
-    render(fmt, result.findings, lambda: lint_document(result), lambda: print_text(out, result, config))
+    render(fmt, result.findings, lambda: lint_document(result, config), lambda: print_text(out, result, config))
     raise typer.Exit(result.exit_code(config.fail_on))
 
 
-def lint_document(result: LintResult) -> dict:
+def lint_document(result: LintResult, config: LintConfig) -> dict:
     """The findings document; "not_checked" says what needs a reference and which command checks it."""
-    return findings_document(result.findings, result.layers, not_checked=result.not_checked())
+    return findings_document(result.findings, result.layers, not_checked=result.not_checked(),
+                             config=str(config.source) if config.source else None)
 
 
 def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
     """Findings per file, the legend of the rules that fired, and the verdict line."""
+    if config.source is not None:
+        out.print(f"[dim]config: \\[tool.nvdiag] in {escape(str(config.source))}[/]")
     files = list(dict.fromkeys(f.file for f in result.findings))
     for file in files:
         if len(files) > 1:
