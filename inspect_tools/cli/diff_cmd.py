@@ -13,12 +13,13 @@ from rich.table import Table
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import check_glob, command, display, no_match
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     compact_findings_table,
     console,
     exit_code,
     findings_document,
-    print_json,
+    render,
     verdict,
 )
 from inspect_tools.errors import UsageError
@@ -279,7 +280,7 @@ def diff_command(
     values: Annotated[bool, typer.Option("--values/--no-values", help="Compare dequantized weights of matched "
                                          "quantized layers (reads them; on by default: headers alone miss noise)")]
     = True,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="error, warning or info")] = "error",
 ) -> None:
     """Put two checkpoints side by side and say what differs and whether it matters to ComfyUI.
@@ -303,8 +304,6 @@ def diff_command(
     from inspect_tools.diff import diff_paths
 
     check_glob(layers)
-    if fmt == OutputFormat.github:
-        raise UsageError("diff supports --format text or json")
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:
@@ -312,10 +311,8 @@ def diff_command(
     report = diff_paths(mine, ref, layers=layers, values=values)
     if layers is not None and not report.pairs:
         raise no_match(layers, mine, report.mine.layers, "layer")
-    if fmt == OutputFormat.json:
-        print_json(diff_document(report))
-    else:
-        print_report(report, fail_on=threshold)
+    render(fmt, report.findings, lambda: diff_document(report), lambda: print_report(report, fail_on=threshold),
+           summary=report.summary_text, file=str(report.mine.path), title="nvdiag diff")
     raise typer.Exit(exit_code(report.findings, threshold))
 
 

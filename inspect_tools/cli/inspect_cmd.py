@@ -9,7 +9,7 @@ from rich.table import Table
 
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import check_glob, no_match
-from inspect_tools.cli.output import OutputFormat, console, print_json
+from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
 from inspect_tools.inspect import inspect_document, metadata_summary
 from inspect_tools.layers import open_model
 
@@ -27,6 +27,12 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def summary_line(doc: dict) -> str:
+    summary = doc["summary"]
+    return (f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
+            + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items()))
+
+
 def _print_text(doc: dict) -> None:
     out = console()
     arch = doc["architecture"]
@@ -39,10 +45,7 @@ def _print_text(doc: dict) -> None:
         extras.append("scaled down")
     out.print(f"[bold]{doc['path']}[/]  ({doc['container']})")
     out.print(f"architecture: [bold]{variant}[/] ({', '.join(extras)})")
-    out.print(
-        f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
-        + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items())
-    )
+    out.print(summary_line(doc))
     if summary["compute"]:
         # on Blackwell only: older GPUs run every NVFP4 layer W4A16 whatever the marker says
         out.print("compute on Blackwell: " + ", ".join(f"{path} {n}" for path, n in summary["compute"].items()))
@@ -86,7 +89,7 @@ def _print_text(doc: dict) -> None:
 @app.command("inspect")
 def inspect_command(
     path: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
 ) -> None:
     """Say what a checkpoint is, layer by layer: architecture, formats, dtypes, shapes, aux tensors, metadata.
@@ -107,7 +110,7 @@ def inspect_command(
         doc = inspect_document(model, layers)
         if layers is not None and not doc["layers"]:
             raise no_match(layers, path, model.layers)
-    if fmt == OutputFormat.json:
-        print_json(doc)
-    else:
-        _print_text(doc)
+    arch = doc["architecture"]
+    render(fmt, [], lambda: doc, lambda: _print_text(doc), file=doc["path"], title="nvdiag inspect",
+           summary=lambda: f"{arch['variant'] if arch['family'] != 'unknown' else 'unknown architecture'}: "
+           + summary_line(doc))

@@ -69,16 +69,29 @@ def print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n")
 
 
+FORMAT_HELP = "text, json (one document) or github (workflow annotations)"
+
+
 def render(fmt: OutputFormat, findings: list[Finding], document: Callable[[], dict[str, Any]],
-           text: Callable[[], None]) -> None:
-    """Print a command's result the way --format asks: the JSON document, workflow annotations, or the text view."""
+           text: Callable[[], None], summary: Callable[[], str] | None = None, file: str | None = None,
+           title: str = "nvdiag") -> None:
+    """Print a command's result the way --format asks: the JSON document, workflow annotations (one per finding,
+    then the command's one-line summary as a notice), or the text view."""
     if fmt == OutputFormat.json:
         print_json(document())
     elif fmt == OutputFormat.github:
         for line in github_lines(findings):
             print(line)
+        if summary is not None:
+            print(github_notice(summary(), title, file))
     else:
         text()
+
+
+def github_notice(message: str, title: str = "nvdiag", file: str | None = None) -> str:
+    """`::notice file=F,title=T::message`: what a command says besides its findings, for a workflow log."""
+    props = ([f"file={_github_escape(file, prop=True)}"] if file else []) + [f"title={_github_escape(title, True)}"]
+    return f"::notice {','.join(props)}::{_github_escape(message)}"
 
 
 def _github_escape(text: str, prop: bool = False) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, display, no_match, roundtrip_next
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     console,
     exit_code,
@@ -147,7 +148,7 @@ def roundtrip_command(
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
     sample: Annotated[int | None, typer.Option("--sample", help="Check N layers spread over the model")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     report: Annotated[Path | None, typer.Option("--report", help="Write a self-contained HTML report here "
                                                 "(needs matplotlib, the 'report' extra of nvdiag)")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
@@ -193,5 +194,6 @@ def roundtrip_command(
         if report is not None:
             console().print(f"report: {report}")
 
-    render(fmt, result.findings, lambda: document(result, hint), text)
+    render(fmt, result.findings, lambda: document(result, hint), text, file=path, title="nvdiag roundtrip",
+           summary=lambda: result.verdict() + (f"; next: {hint}" if hint else ""))
     raise typer.Exit(exit_code(result.findings, threshold))

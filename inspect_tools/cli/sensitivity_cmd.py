@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
-from inspect_tools.cli.output import OutputFormat, console, print_json
-from inspect_tools.errors import OutputError, UsageError
+from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
+from inspect_tools.errors import OutputError
 from inspect_tools.layers import open_model
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def sensitivity_command(
                                                        "blocks at a time (default: as many as fit)")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the report (JSON) here")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
 ) -> None:
     """Which layers survive 4-bit activations (W4A4, Blackwell)? Runs SRC through ComfyUI and measures per layer.
 
@@ -117,20 +117,26 @@ def sensitivity_command(
     static input scale, and FP8, against full precision. The report feeds `nvdiag preset from-sensitivity`.
     Exit 0, or 2 when ComfyUI or the source cannot be used.
     """
-    if fmt == OutputFormat.github:
-        raise UsageError("sensitivity supports --format text or json")
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once)
     doc = result.to_json()
     if output is not None:
         with open_model(src) as model:
             inputs = list(model.reader.files)
         _write_json(output, doc, inputs, force)
-    if fmt == OutputFormat.json:
-        print_json(doc)
-    else:
+    def text() -> None:
         print_text(result)
         if output is not None:
             console().print(f"wrote {escape(str(output))}")
+
+    render(fmt, [], lambda: doc, text, summary=lambda: _risk_summary(result), file=src, title="nvdiag sensitivity")
+
+
+def _risk_summary(result: SensitivityResult) -> str:
+    from inspect_tools.comfyui.sensitivity import RISKY
+
+    risky = [layer.layer for layer in result.layers if layer.risk > RISKY]
+    return (f"{len(result.layers)} quantizable layers measured; {len(risky)} at risk under W4A4 (risk > {RISKY:g})"
+            + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else ""))
 
 
 @app.command("calibrate", epilog=CALIBRATE_EPILOG)
@@ -149,6 +155,7 @@ def calibrate_command(
     blocks_at_once: Annotated[int | None, typer.Option("--blocks-at-once", min=1, help="Load the source this many "
                                                        "blocks at a time (default: as many as fit)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
 ) -> None:
     """Static input_scale per quantizable layer (amax/2688 of its activations in ComfyUI), for convert.
 
@@ -163,5 +170,8 @@ def calibrate_command(
     with open_model(src) as model:
         inputs = list(model.reader.files)
     _write_json(output, scales, inputs, force)
-    console().print(f"wrote {escape(str(output))}: {len(scales)} input scales (percentile {percentile:g}, "
-                    f"margin {margin:g}) from {result.steps} noise levels x {result.prompts} text contexts")
+    said = (f"wrote {output}: {len(scales)} input scales (percentile {percentile:g}, margin {margin:g}) from "
+            f"{result.steps} noise levels x {result.prompts} text contexts")
+    render(fmt, [], lambda: {"version": 1, "output": str(output), "percentile": percentile, "margin": margin,
+                             "input_scales": scales},
+           lambda: console().print(escape(said)), summary=lambda: said, file=src, title="nvdiag calibrate")
