@@ -27,9 +27,34 @@ app = typer.Typer(
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"nvdiag {version('nvdiag')}")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            print("nvdiag 0+unknown")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print nvdiag's version and exit"),
+) -> None:
     """nvdiag: find out why an NVFP4 checkpoint decodes wrongly in ComfyUI, and write ones that do not."""
+
+
+def _help_width(args: list[str]) -> None:
+    """Piped --help gets the width the other output gets ($COLUMNS, else 120), not rich's 80, so that the examples
+    are not broken in the middle of a command (typer reads its own TERMINAL_WIDTH first)."""
+    if not ({"-h", "--help"} & set(args) or not args) or sys.stdout.isatty() or os.environ.get("TERMINAL_WIDTH"):
+        return
+    import typer.rich_utils
+
+    columns = os.environ.get("COLUMNS", "")
+    typer.rich_utils.MAX_WIDTH = int(columns) if columns.isdigit() and int(columns) >= 40 else 120
 
 
 # Importing the command modules registers their commands on `app` (order = order in --help).
@@ -54,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         args.remove("--debug")
         os.environ["NVDIAG_DEBUG"] = "1"
+    _help_width(args)
     old_sigint = _catch_sigint()
     try:
         app(args=args, prog_name="nvdiag")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import check_glob, no_match
-from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
+from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, print_records, render, table_width
 from inspect_tools.inspect import inspect_document, metadata_summary
 from inspect_tools.layers import open_model
 
@@ -60,29 +61,26 @@ def _print_text(doc: dict) -> None:
         for key, value in metadata_summary(doc["metadata"]).items():
             meta.add_row(key, value)
         out.print(meta)
-    table = Table(title="layers", show_header=True)
-    table.add_column("layer", overflow="fold")
-    table.add_column("format", no_wrap=True)
-    # Only files ComfyUI loads with quantized layers get the column: for float or GGUF files it would be all "-".
+    # Only files ComfyUI loads with quantized layers get the compute column (for float or GGUF files: all "-").
     show_compute = any(layer["compute"] for layer in doc["layers"])
-    if show_compute:
-        table.add_column("compute", no_wrap=True)
-    table.add_column("dtype", no_wrap=True)
-    table.add_column("shape", no_wrap=True)  # logical [out, in] for quantized layers
-    table.add_column("aux", overflow="fold")
+    header = ["layer", "format", *(["compute"] if show_compute else []), "dtype", "shape", "aux"]
+    rows = []
     for layer in doc["layers"]:
         tensors = layer["tensors"]
         main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
         aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
-        shape = layer.get("logical_shape") or tensors[main]["shape"]
-        table.add_row(
-            layer["name"],
-            layer["format"],
-            *([layer["compute"] or "-"] if show_compute else []),
-            tensors[main]["dtype"],
-            "x".join(str(d) for d in shape) or "scalar",
-            ", ".join(aux) or "-",
-        )
+        shape = layer.get("logical_shape") or tensors[main]["shape"]  # logical [out, in] for quantized layers
+        rows.append([escape(layer["name"]), layer["format"], *([layer["compute"] or "-"] if show_compute else []),
+                     tensors[main]["dtype"], "x".join(str(d) for d in shape) or "scalar", ", ".join(aux) or "-"])
+    # the aux list may fold between its entries; a layer name may not be split
+    if table_width(header, [row[:-1] + [row[-1][:16]] for row in rows], padding=3) > out.width:
+        print_records(out, header, rows, "layers")
+        return
+    table = Table(title="layers", show_header=True)
+    for column in header:
+        table.add_column(column, overflow="fold" if column == "aux" else "ellipsis", no_wrap=column != "aux")
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
 
 

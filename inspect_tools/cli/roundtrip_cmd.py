@@ -20,7 +20,9 @@ from inspect_tools.cli.output import (
     console,
     exit_code,
     findings_document,
+    print_records,
     render,
+    table_width,
 )
 from inspect_tools.cli.output import format_number as _num
 from inspect_tools.errors import UsageError
@@ -59,28 +61,35 @@ def document(result: RoundtripResult, next_step: str | None = None) -> dict[str,
     return doc
 
 
-LAYER_MIN_WIDTH = 22
+COLUMN_LEGEND = ("error: relative L2 error of the decoded weight against REF; expected: what a correct file of this "
+                 "format gives against this REF; x: error / expected (a correct file gives about 1)")
 
 
 def print_text(result: RoundtripResult, next_step: str | None = None) -> None:
     out = console()
-    table = Table(title=f"{result.path.name} against {result.ref_path.name} (worst first)", box=box.SIMPLE_HEAD,
-                  pad_edge=False)
-    rows = result.layers[:TEXT_ROWS]
-    # Layer names are the point of the table: never squeeze them below a readable width on narrow terminals.
-    name_width = min(max((len(r.name) for r in rows), default=5), LAYER_MIN_WIDTH)
-    # max abs error and cosine are in --format json; the text table keeps what fits an 80-column terminal
-    columns = ("layer", "format", "error", "expected", "x", "SNR dB", "status")
-    for column in columns:
-        wraps = column in ("layer", "status")
-        table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
-                         min_width={"layer": name_width, "status": 12}.get(column))
-    for r in rows:
+    title = f"{result.path.name} against {result.ref_path.name} (worst first)"
+    rows = []
+    for r in result.layers[:TEXT_ROWS]:
         m = r.metrics
-        status = f"[bold red]{r.cause}[/]" if r.status == "far-above" else (r.note or r.status)
-        table.add_row(r.name, r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
-                      _num(m.snr_db if m else None, 3), status)
-    out.print(table)
+        status = f"[bold red]{r.cause}[/]" if r.status == "far-above" else escape(r.note or r.status)
+        rows.append([escape(r.name), r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
+                     _num(m.snr_db if m else None, 3), status])
+    # max abs error and cosine are in --format json; the text table keeps what fits an 80-column terminal
+    header = ["layer", "format", "error", "expected", "x", "SNR dB", "status"]
+    # a long status (a note on a skipped layer) may fold; a cause may not
+    if table_width(header, [row[:-1] + [row[-1][:20]] for row in rows]) > out.width:
+        # too narrow for the table: one record per layer, so that neither the name nor the cause is ever cut
+        print_records(out, header, rows, title, lead=len(header) - 1)
+    else:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in header:
+            wraps = column == "status"
+            table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
+                             min_width=12 if wraps else None)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    out.print(f"[dim]{COLUMN_LEGEND}[/]")
     hidden = len(result.layers) - TEXT_ROWS
     if hidden > 0:
         out.print(f"... {hidden} more layers within their expected error (--format json lists all)")
@@ -130,8 +139,9 @@ def nothing_compared(result: RoundtripResult, mine: CheckpointModel, ref: Checkp
 def _progress_bar() -> tuple[Progress | None, Any]:
     if not sys.stderr.isatty():
         return None, None
-    bar = Progress(TextColumn("roundtrip"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"), console=console(stderr=True), transient=True)
+    bar = Progress(TextColumn("roundtrip"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                   TimeRemainingColumn(), TextColumn("{task.description}"), console=console(stderr=True),
+                   transient=True)
     task = bar.add_task("", total=None)
 
     def update(done: int, total: int, name: str) -> None:
