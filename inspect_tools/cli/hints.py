@@ -74,6 +74,11 @@ def display(path: str | Path) -> str:
         return str(path)
 
 
+def relative_like(new: Path, given: str | Path) -> str:
+    """`new` (a file beside `given`) spelled the way the user spelled `given`: relative stays relative."""
+    return str(new) if Path(given).is_absolute() else display(new)
+
+
 def roundtrip_next(causes: Iterable[str], path: str | Path, ref: str | Path, ref_is_float: bool,
                    preset: str) -> str | None:
     """The command that repairs what a roundtrip found: `nvdiag fix` with the reference when every cause has a
@@ -83,9 +88,9 @@ def roundtrip_next(causes: Iterable[str], path: str | Path, ref: str | Path, ref
     if not causes:
         return None
     if causes <= set(FIXABLE_BY_VALUES):
-        return command("fix", display(path), display(free_name(path, "fixed")), "--against", display(ref))
-    source = display(ref) if ref_is_float else "SOURCE"
-    line = command("convert", source, display(free_name(path, "nvdiag")), "--preset", preset)
+        return command("fix", path, relative_like(free_name(path, "fixed"), path), "--against", ref)
+    source = str(ref) if ref_is_float else "SOURCE"
+    line = command("convert", source, relative_like(free_name(path, "nvdiag"), path), "--preset", preset)
     if not ref_is_float:
         line += "    # SOURCE: the FP32/FP16/BF16 checkpoint PATH was made from"
     return line

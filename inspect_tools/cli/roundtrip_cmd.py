@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from inspect_tools.cli import app
-from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, display, no_match, roundtrip_next
+from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, no_match, roundtrip_next
 from inspect_tools.cli.output import (
     FORMAT_HELP,
     OutputFormat,
@@ -104,26 +104,27 @@ def print_text(result: RoundtripResult, next_step: str | None = None) -> None:
         out.print(f"next: {escape(next_step)}", soft_wrap=True)
 
 
-def next_step(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel) -> str | None:
-    """The command line that repairs what this roundtrip found, with the user's own paths."""
+def next_step(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel, path: str,
+              against: str) -> str | None:
+    """The command line that repairs what this roundtrip found, with the paths as the user gave them."""
     from converter.preset import builtin_names
 
     causes = {r.cause or "excess-error" for r in result.wrong}
     ref_is_float = all(layer.format.lower() in PLAIN_FLOAT for layer in ref.layers.values())
     variant = ref.detection.variant if ref.detection.family != "unknown" else mine.detection.variant
     preset = variant if variant in builtin_names() else "smart"
-    return roundtrip_next(causes, result.path, result.ref_path, ref_is_float, preset)
+    return roundtrip_next(causes, path, against, ref_is_float, preset)
 
 
 def nothing_compared(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel,
-                     layers: str | None) -> UsageError:
+                     layers: str | None, path: str, against: str) -> UsageError:
     """Why not one layer was compared, as the usage error it is (exit 2): swapped arguments, a glob that selects
     nothing, or two files with no layer in common."""
     def quantized(model: CheckpointModel) -> int:
         return sum(layer.is_quantized and layer.has("weight") for layer in model.layers.values())
 
     if quantized(mine) == 0 and quantized(ref) > 0:
-        swapped = command("roundtrip", display(result.ref_path), "--against", display(result.path))
+        swapped = command("roundtrip", against, "--against", path)
         return UsageError(f"{result.path.name} has no quantized layer but --against {result.ref_path.name} has "
                           f"{quantized(ref)}: did you swap PATH and --against? ({swapped})")
     if quantized(mine) == 0:
@@ -193,8 +194,8 @@ def roundtrip_command(
             if bar is not None:
                 bar.stop()
         if not result.checked and not result.layers:
-            raise nothing_compared(result, mine, ref, layers)
-        hint = next_step(result, mine, ref)
+            raise nothing_compared(result, mine, ref, layers, path, against)
+        hint = next_step(result, mine, ref, path, against)
     if report is not None:
         from inspect_tools.html_report import write_report
 
