@@ -196,10 +196,10 @@ def roundtrip_command(
         if not result.checked and not result.layers:
             raise nothing_compared(result, mine, ref, layers, path, against)
         hint = next_step(result, mine, ref, path, against)
-    if report is not None:
-        from inspect_tools.html_report import write_report
+        if report is not None:
+            from inspect_tools.html_report import panels, write_report
 
-        write_report(result, report, inputs)
+            write_report(result, report, inputs, panels(result, mine, ref))
     def text() -> None:
         print_text(result, hint)
         if report is not None:
