@@ -51,7 +51,7 @@ def transposed(make_checkpoint) -> Path:
 @pytest.mark.parametrize("reference", ["wan_gguf_q4_0", "wan_fp8_comfy"])
 def test_diff_finds_linear_layout_against_gguf_and_fp8_by_default(noisy, reference, request, capsys) -> None:
     ref = request.getfixturevalue(reference)
-    code, out, _ = run(["diff", str(noisy), str(ref), "--format", "json"], capsys)
+    code, out, _ = run(["diff", str(noisy), str(ref), "--layers", "blocks.0.*", "--format", "json"], capsys)
     doc = json.loads(out)
     assert code == 1 and doc["values_skipped"] is None
     assert {f["cause"] for f in doc["findings"] if f["severity"] == "error"} == {"scale-layout-linear"}
@@ -94,10 +94,8 @@ def test_roundtrip_hint_for_nibble_order_is_a_fix_that_works(swapped_nibbles, wa
     code, out, _ = run(["roundtrip", mine.name, "--against", str(wan_float)], capsys)
     hint = out.splitlines()[-1].removeprefix("next: ")
     assert code == 1 and hint == f"nvdiag fix {mine.name} story_nibbles_fixed.safetensors --against {wan_float}"
-    code, out, _ = run_printed(hint, capsys)
-    assert code == 0 and "repaired nibble-order (20)" in out
-    code, out, _ = run(["roundtrip", "story_nibbles_fixed.safetensors", "--against", str(wan_float)], capsys)
-    assert code == 0 and "next:" not in out
+    code, out, _ = run_printed(hint, capsys)  # fix's gate roundtrips the repaired file against the source too
+    assert code == 0 and "repaired nibble-order (20)" in out and (tmp_path / "story_nibbles_fixed.safetensors").exists()
 
 
 def test_fix_without_reference_says_how_to_find_value_level_causes(swapped_nibbles, tmp_path, capsys) -> None:
@@ -112,7 +110,8 @@ def test_roundtrip_hint_for_unrepairable_causes_is_a_conversion_that_works(fixtu
                                                                             capsys, monkeypatch) -> None:
     path = request.getfixturevalue(fixture)
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run(["roundtrip", str(path), "--against", str(wan_float), "--format", "json"], capsys)
+    code, out, _ = run(["roundtrip", str(path), "--against", str(wan_float), "--layers", "blocks.0.*", "--format",
+                        "json"], capsys)
     hint = json.loads(out)["summary"]["next"]
     out_name = path.name.removesuffix(".safetensors") + "_nvdiag.safetensors"
     assert code == 1 and hint == f"nvdiag convert {wan_float} {path.parent / out_name} --preset wan2.2-ti2v-5b"
@@ -123,7 +122,8 @@ def test_roundtrip_hint_for_unrepairable_causes_is_a_conversion_that_works(fixtu
 
 
 def test_roundtrip_against_a_lossy_reference_names_the_missing_source(stale, wan_gguf_q4_0, capsys) -> None:
-    code, out, _ = run(["roundtrip", str(stale), "--against", str(wan_gguf_q4_0), "--format", "json"], capsys)
+    code, out, _ = run(["roundtrip", str(stale), "--against", str(wan_gguf_q4_0), "--layers", "blocks.0.ffn.*",
+                        "--format", "json"], capsys)
     hint = json.loads(out)["summary"]["next"]
     assert hint.startswith("nvdiag convert SOURCE ") and "# SOURCE: the FP32/FP16/BF16 checkpoint" in hint
 
@@ -132,7 +132,7 @@ def test_roundtrip_against_a_lossy_reference_names_the_missing_source(stale, wan
 
 
 def test_transposed_verdict_keeps_its_brackets(transposed, wan_float, capsys) -> None:
-    code, out, _ = run(["roundtrip", str(transposed), "--against", str(wan_float)], capsys)
+    code, out, _ = run(["roundtrip", str(transposed), "--against", str(wan_float), "--layers", "blocks.0.*"], capsys)
     assert "weights are stored transposed ([in, out])" in " ".join(out.split())
     assert " ;" not in out and "  (" not in out
 

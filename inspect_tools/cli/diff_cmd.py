@@ -36,6 +36,7 @@ MAX_ROWS = 40
 HISTOGRAM_BARS = " ▁▂▃▄▅▆▇█"
 # A difference usually repeats over every quantized layer: a few examples per rule, the rest counted.
 FINDINGS_PER_RULE = 3
+VALUES_TITLE = "dequantized values, MINE vs REF"
 
 
 def _fmt(x: float | None) -> str:
@@ -218,7 +219,7 @@ def _values_table(report: DiffReport, out: Console) -> Table | None:
     """roundtrip's per-layer rows (inspect_tools.roundtrip.LayerResult.to_json), worst first."""
     if not report.values:
         return None
-    table = Table(title="dequantized values, MINE vs REF")
+    table = Table(title=VALUES_TITLE)
     table.add_column("layer", overflow="fold")
     table.add_column("formats", no_wrap=True)
     table.add_column("rel err", justify="right")
@@ -252,6 +253,9 @@ def print_report(report: DiffReport, out: Console | None = None, fail_on: Severi
     ):
         if table is not None and table.row_count:
             out.print(table)
+            if table.title == VALUES_TITLE:
+                out.print("[dim]rel err: relative L2 error of MINE's decoded weight against REF's; expected: what a "
+                          "correct file of MINE's format gives against REF[/]")
     if report.disagreements:
         out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
     if report.values_skipped:
