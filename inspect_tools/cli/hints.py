@@ -141,7 +141,7 @@ def _sniff(head: bytes) -> str:
 
 
 # Suffixes of other containers: a file nvdiag writes under one of them would be safetensors under a lying name.
-OTHER_CONTAINERS = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".onnx", ".json", ".toml")
+OTHER_CONTAINERS = (".gguf", ".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".onnx")
 
 
 def check_safetensors_out(out: str | Path) -> None:
