@@ -93,9 +93,10 @@ def test_roundtrip_hint_for_nibble_order_is_a_fix_that_works(swapped_nibbles, wa
     monkeypatch.chdir(tmp_path)
     code, out, _ = run(["roundtrip", mine.name, "--against", str(wan_float)], capsys)
     hint = out.splitlines()[-1].removeprefix("next: ")
-    assert code == 1 and hint == f"nvdiag fix {mine.name} story_nibbles_fixed.safetensors --against {wan_float}"
+    fixed = mine.name.removesuffix(".safetensors") + "_fixed.safetensors"  # the session may have named the file
+    assert code == 1 and hint == f"nvdiag fix {mine.name} {fixed} --against {wan_float}"
     code, out, _ = run_printed(hint, capsys)  # fix's gate roundtrips the repaired file against the source too
-    assert code == 0 and "repaired nibble-order (20)" in out and (tmp_path / "story_nibbles_fixed.safetensors").exists()
+    assert code == 0 and "repaired nibble-order (20)" in out and (tmp_path / fixed).exists()
 
 
 def test_fix_without_reference_says_how_to_find_value_level_causes(swapped_nibbles, tmp_path, capsys) -> None:
