@@ -14,6 +14,7 @@ Decisions (documented in the command's help too):
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -447,6 +448,7 @@ class FixResult:
     written: bool = False
     gate_findings: list[Finding] = field(default_factory=list)
     gate_ran: bool = False
+    against: bool = False  # a reference was given: value-level causes were looked for too
 
     @property
     def refused(self) -> bool:
@@ -466,7 +468,12 @@ class FixResult:
             return (f"nothing fix can repair losslessly: {len(self.plan.unfixable)} finding(s) listed above need "
                     "another remedy" + ("" if self.dry_run else "; no output written"))
         if not self.plan.repairs:
-            return "nothing to repair" + ("" if self.dry_run else "; no output written")
+            said = "nothing to repair" + ("" if self.dry_run else "; no output written")
+            if not self.against:
+                again = shlex.join(["nvdiag", "fix", str(self.plan.source), str(self.out), "--against", "SRC"])
+                said += (f"; lint rules only: nibble order, stale scales and other value-level causes need the "
+                         f"source the file was made from: {again}")
+            return said
         if self.dry_run:
             return f"would repair {repaired}"
         if self.refused:
@@ -475,13 +482,11 @@ class FixResult:
 
 
 def collect_findings(model: CheckpointModel, against: CheckpointModel | None = None) -> list[Finding]:
-    """Lint `model` (every rule) and, with a reference, roundtrip it: the findings fix plans from."""
-    from converter.gate import lint_findings
-    from inspect_tools.errors import UsageError
+    """Lint `model` (every rule, at the severities `nvdiag lint` gives: no preset chose anything in a file fix
+    is given) and, with a reference, roundtrip it: the findings fix plans from."""
+    from inspect_tools.lint import lint_model
 
-    findings, ran = lint_findings(model)
-    if not ran:
-        raise UsageError("the lint engine is not available, so nothing can be diagnosed")
+    findings = lint_model(model)
     if against is not None:
         from inspect_tools.roundtrip import roundtrip
 
@@ -490,13 +495,13 @@ def collect_findings(model: CheckpointModel, against: CheckpointModel | None = N
 
 
 def gate_fixed(path: Path, against: CheckpointModel | None) -> tuple[list[Finding], bool]:
-    """The gate for a fixed file (convert's converter.gate.run_gate needs a conversion plan, so fix runs the same
-    lint through converter.gate.lint_findings and a full roundtrip against REF itself). (findings, lint ran)."""
-    from converter.gate import lint_findings
+    """The gate for a fixed file (convert's converter.gate.run_gate needs a conversion plan, so fix runs lint, at
+    lint's own severities, and a full roundtrip against REF itself). (findings, lint ran)."""
     from inspect_tools.layers import open_model
+    from inspect_tools.lint import lint_model
 
     with open_model(path) as fixed:
-        findings, ran = lint_findings(fixed)
+        findings, ran = lint_model(fixed), True
         if against is not None:
             from inspect_tools.roundtrip import roundtrip
 
@@ -564,7 +569,7 @@ def fix_checkpoint(broken: str | Path, out: str | Path, *, against: str | Path |
                 raise OutputError("exists; pass --force to overwrite it", str(out))
         findings = collect_findings(model, ref)
         plan = plan_fix(model, findings, only)
-        result = FixResult(plan=plan, out=out, findings=findings, dry_run=dry_run)
+        result = FixResult(plan=plan, out=out, findings=findings, dry_run=dry_run, against=ref is not None)
         if dry_run or plan.blocking or not plan.repairs:
             return result
         def gate(path: Path) -> tuple[list[Finding], bool]:

@@ -150,7 +150,6 @@ def _progress(enabled: bool, total_bytes: int):
         return None
     from rich.progress import (
         BarColumn,
-        DownloadColumn,
         MofNCompleteColumn,
         Progress,
         TextColumn,
@@ -159,8 +158,9 @@ def _progress(enabled: bool, total_bytes: int):
 
     from inspect_tools.cli.output import console
 
-    progress = Progress(TextColumn("converting"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                        MofNCompleteColumn(), console=console(stderr=True), transient=True)
+    # the bar advances once per layer: it counts layers, in one column, and says so
+    progress = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                        TimeRemainingColumn(), console=console(stderr=True), transient=True)
     return progress
 
 

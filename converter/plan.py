@@ -236,6 +236,11 @@ def check_source(model: Any) -> None:
     if model.kind == "gguf":
         raise InputError("convert reads FP32/FP16/BF16 safetensors sources, not GGUF (use `nvdiag preset from-gguf` "
                          "to reuse a GGUF file's layer selection)", str(model.path))
+    quantized = sorted({layer.format for layer in model.layers.values() if layer.is_quantized})
+    if quantized:
+        raise InputError(f"already quantized ({', '.join(quantized)} layers): convert takes the FP32/FP16/BF16 "
+                         "original; convert from that, or repair this file losslessly with `nvdiag fix "
+                         f"{model.path.name} fixed.safetensors --against SRC`", str(model.path))
     bad = [
         f"{t.name} ({t.dtype})"
         for layer in model.layers.values() for role, t in layer.tensors.items()

@@ -52,6 +52,7 @@ A preset file is at most 1 MiB with at most 10,000 rules, nested at most 32 leve
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import math
@@ -370,7 +371,7 @@ def builtin_names() -> list[str]:
 def load_builtin(name: str) -> Preset:
     path = resources.files("converter") / "presets" / f"{name}.toml"
     if not path.is_file():
-        raise UsageError(f"no built-in preset {name!r}; built-ins: {', '.join(builtin_names())}")
+        raise UsageError(f"no built-in preset {name!r}{_did_you_mean(name)}; built-ins: {', '.join(builtin_names())}")
     preset = loads_preset(path.read_bytes(), f"preset {name}", name)
     preset.source = "builtin"
     return preset
@@ -392,7 +393,13 @@ def load_preset(ref: str | Path) -> Preset:
         preset = loads_preset(read_bounded(path, MAX_PRESET_BYTES, "preset"), ref)
         preset.source = str(path)
         return preset
-    raise UsageError(f"no built-in preset {ref!r} and no such file; built-ins: {', '.join(builtin_names())}")
+    raise UsageError(f"no built-in preset {ref!r} and no such file{_did_you_mean(ref)}; built-ins: "
+                     f"{', '.join(builtin_names())}")
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, builtin_names(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # ---------------------------------------------------------------------------------------------- writing

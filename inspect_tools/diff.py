@@ -788,6 +788,7 @@ class DiffReport:
     values: list[dict[str, Any]] | None = None
     # side -> compute path on Blackwell -> layers ({"mine": {"W4A4": 12, "W4A16": 8}, "ref": {...}})
     compute: dict[str, dict[str, int]] = field(default_factory=dict)
+    values_skipped: str | None = None  # why quantized layers were compared by header only (None: values compared)
 
     @property
     def only_mine(self) -> list[str]:
@@ -827,7 +828,10 @@ class DiffReport:
             parts.append(f"Nothing that stops ComfyUI loading MINE; {len(warnings)} warning(s) to look at: "
                          f"{', '.join(causes)}.")
         else:
-            parts.append("No difference that matters to ComfyUI.")
+            parts.append("No difference that matters to ComfyUI"
+                         + (" in the headers" if self.values_skipped else "") + ".")
+        if self.values_skipped:
+            parts.append(f"Dequantized values NOT compared ({self.values_skipped}).")
         return " ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -846,6 +850,7 @@ class DiffReport:
             "metadata": self.metadata,
             "roles": self.roles,
             "values": self.values,
+            "values_skipped": self.values_skipped,
             "rows": [
                 {
                     "name": p.key,
@@ -918,6 +923,10 @@ def diff_models(
         roles = {"mine": role_table(mine, mine_layers), "ref": role_table(ref, ref_layers)}
         _check_roles(roles["mine"], roles["ref"], out)
     value_rows = compare_values(pairs, mine, ref, out) if values and by_name else None
+    quantized = any(p.mine is not None and p.mine.is_quantized for p in pairs)
+    skipped = None
+    if quantized and value_rows is None:
+        skipped = "different architectures: no layer pairs to decode" if not by_name else "--no-values"
     return DiffReport(
         mine=mine,
         ref=ref,
@@ -935,6 +944,7 @@ def diff_models(
         values=value_rows,
         compute={"mine": compute_counts(mine_layers, mine.file_markers),
                  "ref": compute_counts(ref_layers, ref.file_markers)},
+        values_skipped=skipped,
     )
 
 

@@ -2,11 +2,14 @@
 
 Selection is ruff-like: `select` / `ignore` take rule ids, id prefixes (NV2), rule names or cause slugs, and ALL.
 Configuration comes from `[tool.nvdiag]` of the nearest pyproject.toml above the working directory that has one;
-command-line options override it (`--select` replaces, `--ignore` adds).
+command-line options override it (`--select` replaces the file's select and ignore, `--ignore` adds); unknown keys
+in the table are an error.
 """
 
 from __future__ import annotations
 
+import difflib
+import shlex
 import tomllib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,15 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.rules import RULES, Rule, RuleContext, rules_for
 
 CONFIG_TABLE = "nvdiag"
+CONFIG_KEYS = ("select", "ignore", "fail-on", "fail_on")
+# What no lint rule can see in a file with quantized layers: it takes the values the file was made from.
+# (cause slug, what a user calls it); `nvdiag roundtrip FILE --against REF` measures and names each of them.
+NEEDS_REFERENCE: tuple[tuple[str, str], ...] = (
+    ("nibble-order", "nibble order"),
+    ("stale-scale", "stale scales"),
+    ("transposed-weight", "transposed square layers"),
+    ("excess-error", "error above the format's own"),
+)
 
 
 @dataclass
@@ -42,6 +54,20 @@ class LintResult:
     findings: list[Finding]
     layers: int = 0
     files: int = 0
+    # files with quantized layers, whose NEEDS_REFERENCE causes lint could not check
+    needs_reference: list[str] = field(default_factory=list)
+    values_skipped: bool = False  # --header-only: the value rules (scale layout, reciprocal, non-finite) did not run
+
+    def not_checked(self) -> dict[str, Any] | None:
+        """What this lint could not see and the command that checks it (None when every file is plain float)."""
+        if not self.needs_reference:
+            return None
+        file = self.needs_reference[0] if len(self.needs_reference) == 1 else "FILE"
+        what = [name for _, name in NEEDS_REFERENCE]
+        if self.values_skipped:
+            what.insert(0, "scale values (run without --header-only)")
+        return {"causes": [cause for cause, _ in NEEDS_REFERENCE], "what": what, "files": self.needs_reference,
+                "command": shlex.join(["nvdiag", "roundtrip", file, "--against", "REF"])}
 
     def exit_code(self, fail_on: Severity = Severity.ERROR) -> int:
         return 1 if any(f.severity >= fail_on for f in self.findings) else 0
@@ -101,6 +127,10 @@ def load_config(start: Path | None = None) -> LintConfig:
     if not isinstance(table, dict):
         raise UsageError("[tool.nvdiag] must be a table", str(path))
     config = LintConfig(source=path)
+    unknown = sorted(set(table) - set(CONFIG_KEYS))
+    if unknown:
+        hints = "; ".join(f"{key!r}{_did_you_mean(key)}" for key in unknown)
+        raise UsageError(f"[tool.nvdiag]: unknown key {hints}; known keys: {', '.join(CONFIG_KEYS[:3])}", str(path))
     try:
         if "select" in table:
             config.select = split_list(table["select"])
@@ -114,6 +144,11 @@ def load_config(start: Path | None = None) -> LintConfig:
     return config
 
 
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, CONFIG_KEYS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def resolve_config(
     select: Sequence[str] | None = None,
     ignore: Sequence[str] | None = None,
@@ -122,10 +157,12 @@ def resolve_config(
     all_scales: bool = False,
     start: Path | None = None,
 ) -> LintConfig:
-    """File configuration overridden by command-line options: --select replaces, --ignore adds."""
+    """File configuration overridden by command-line options. --select replaces the file's select and ignore both
+    (what the command line names explicitly runs, whatever the file ignores); --ignore adds to the file's ignore."""
     config = load_config(start)
     if select:
         config.select = split_list(select)
+        config.ignore = []
     config.ignore = config.ignore + split_list(ignore)
     if fail_on is not None:
         try:
@@ -175,6 +212,9 @@ def lint_paths(paths: Sequence[str | Path], config: LintConfig | None = None) ->
             result.findings.extend(lint_model(model, config))
             result.layers += len(model.layers)
             result.files += 1
+            if any(layer.is_quantized for layer in model.layers.values()):
+                result.needs_reference.append(str(path))
+    result.values_skipped = not config.values
     return result
 
 

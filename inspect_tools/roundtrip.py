@@ -53,15 +53,18 @@ HEATMAP_COLS = 256
 UNUSED_ROLES = ("bias", "comfy_quant")
 
 CAUSE_VERDICT: dict[str, tuple[str, str]] = {
-    "scale-layout-linear": ("block scales are stored in linear layout", "re-export with swizzled scales (nvdiag fix)"),
-    "nibble-order": ("FP4 codes are packed low-nibble-first", "re-export with the even element in the high nibble "
-                     "(nvdiag fix)"),
-    "scale2-reciprocal": ("weight_scale_2 holds 2688/amax instead of amax/2688", "store the reciprocal (nvdiag fix)"),
-    "transposed-weight": ("weights are stored transposed [in, out]", "re-quantize from [out, in] (nvdiag convert)"),
-    "stale-scale": ("the scales do not belong to the packed data", "re-quantize these layers from the source "
+    "scale-layout-linear": ("block scales are stored in linear layout",
+                            "nvdiag fix re-swizzles them losslessly"),
+    "nibble-order": ("FP4 codes are packed low-nibble-first",
+                     "nvdiag fix (given the reference) swaps the nibbles losslessly"),
+    "scale2-reciprocal": ("weight_scale_2 holds 2688/amax instead of amax/2688",
+                          "nvdiag fix stores the reciprocal losslessly"),
+    "transposed-weight": ("weights are stored transposed ([in, out])",
+                          "re-quantize from the float source (nvdiag convert)"),
+    "stale-scale": ("the scales do not belong to the packed data", "re-quantize these layers from the float source "
                     "(nvdiag convert)"),
     "excess-error": ("the error is far above what the format gives, cause not attributable",
-                     "re-quantize from the source (nvdiag convert)"),
+                     "re-quantize from the float source (nvdiag convert)"),
 }
 
 

@@ -136,10 +136,7 @@ def wan_src(tmp_path_factory) -> Path:
     return write_float(tmp_path_factory.mktemp("wan") / "src", "wan2.2-ti2v-5b", naming="diffusers", sharded=2)
 
 
-def test_two_runs_are_byte_identical(wan_src, tmp_path) -> None:
-    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
-    assert convert(wan_src, a, "smart").written and convert(wan_src, b, "smart").written
-    assert a.read_bytes() == b.read_bytes()
+# Two conversions giving the same bytes: tests/test_determinism.py (two processes, other hash seeds, relative paths).
 
 
 def _swapped_nibbles(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:

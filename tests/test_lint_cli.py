@@ -67,10 +67,11 @@ def test_json_is_strict_even_with_nan_evidence(make_checkpoint, capsys) -> None:
 def test_github_annotations_follow_the_workflow_command_syntax(broken: Path, warned: Path, capsys) -> None:
     code, out, _ = run([str(broken), str(warned), "--format", "github"], capsys)
     lines = out.strip().splitlines()
-    assert code == 1 and len(lines) == 2 + 20
-    assert all(GITHUB_LINE.match(line) for line in lines), lines[:3]
+    assert code == 1 and len(lines) == 2 + 20 + 1  # one per finding, then lint's summary as a notice
+    assert all(GITHUB_LINE.match(line) for line in lines[:-1]), lines[:3]
     assert lines[0].startswith(f"::error file={broken},title=NV101 missing-block-scale::blocks.0.self_attn.q: ")
-    assert lines[-1].startswith("::warning ")
+    assert lines[-2].startswith("::warning ")
+    assert lines[-1].startswith("::notice title=nvdiag lint::FAIL: 2 error(s), 20 warning(s)")
 
 
 def test_fail_on_decides_what_fails(warned: Path, capsys) -> None:
@@ -121,7 +122,9 @@ def test_list_shows_every_rule(capsys) -> None:
 def test_text_output_fits_80_columns(broken: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("COLUMNS", "80")
     code, out, _ = run([str(broken)], capsys)
-    assert code == 1 and max(len(line) for line in out.splitlines()) <= 80
+    prose = [line for line in out.splitlines() if not line.startswith("  nvdiag ")]  # commands are never broken
+    assert code == 1 and max(len(line) for line in prose) <= 80
+    assert f"  nvdiag roundtrip {broken} --against REF" in out.splitlines()
     assert "NV101" in out and "blocks.0.self_attn.q" in out and out.strip().splitlines()[-1].startswith("FAIL")
 
 

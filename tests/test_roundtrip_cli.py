@@ -29,8 +29,10 @@ def test_linear_layout_exits_1_and_json_names_the_cause(tmp_path, capsys):
     assert doc["summary"]["errors"] == 1 and doc["summary"]["checked"] == len(SHAPES)
     assert doc["summary"]["verdict"] == (
         f"1 of {len(SHAPES)} layers decode wrongly: block scales are stored in linear layout; "
-        "re-export with swizzled scales (nvdiag fix)"
+        "nvdiag fix re-swizzles them losslessly"
     )
+    fixed = mine.with_name(mine.name.removesuffix(".safetensors") + "_fixed.safetensors")
+    assert doc["summary"]["next"] == f"nvdiag fix {mine} {fixed} --against {ref}"
 
 
 def test_unreadable_reference_exits_2(tmp_path, capsys):
@@ -60,6 +62,22 @@ def test_report_is_one_self_contained_html_file(tmp_path, capsys):
     assert page.count("data:image/png;base64,") >= 2  # error bars + at least one heatmap
     assert "block scales are stored in linear layout" in page
     assert "src='http" not in page and not list(tmp_path.glob(".report.html.*"))
+
+
+def test_report_puts_the_worst_layer_beside_a_correct_encoding_on_one_scale(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import re
+
+    mine, ref = write_pair(tmp_path, faults={"blocks.0.self_attn.q": "linear", "blocks.0.ffn.0": "nibbles"})
+    report = tmp_path / "report.html"
+    assert main(["roundtrip", str(mine), "--against", str(ref), "--report", str(report)]) == 1
+    page = report.read_text()
+    captions = re.findall(r"<figcaption>(.*?)</figcaption>", page)
+    good, worst = captions[0].split(" | ")[:2]
+    assert good.startswith("correct nvfp4 encoding of REF&#x27;s ") and "(x " in worst
+    ratios = [float(x) for x in re.findall(r"\(x ([\d.e+]+)\)", " | ".join(captions))]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] > 5  # worst first, and it is bad
+    assert "16-column x 32-row blocks" in page and "correct file&#x27;s error" not in page.split("<h2>All")[1]
 
 
 def test_report_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):

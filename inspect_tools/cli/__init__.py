@@ -28,9 +28,34 @@ app = typer.Typer(
 
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"nvdiag {version('nvdiag')}")
+        except PackageNotFoundError:  # a source checkout that was never installed
+            print("nvdiag 0+unknown")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    show_version: bool = typer.Option(False, "--version", is_eager=True, callback=_print_version,
+                                      help="Print nvdiag's version and exit"),
+) -> None:
     """nvdiag: find out why an NVFP4 checkpoint decodes wrongly in ComfyUI, and write ones that do not."""
+
+
+def _help_width(args: list[str]) -> None:
+    """Piped --help gets the width the other output gets ($COLUMNS, else 120), not rich's 80, so that the examples
+    are not broken in the middle of a command (typer reads its own TERMINAL_WIDTH first)."""
+    if not ({"-h", "--help"} & set(args) or not args) or sys.stdout.isatty() or os.environ.get("TERMINAL_WIDTH"):
+        return
+    import typer.rich_utils
+
+    columns = os.environ.get("COLUMNS", "")
+    typer.rich_utils.MAX_WIDTH = int(columns) if columns.isdigit() and int(columns) >= 40 else 120
 
 
 # Importing the command modules registers their commands on `app` (order = order in --help).
@@ -55,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         args.remove("--debug")
         os.environ["NVDIAG_DEBUG"] = "1"
+    _help_width(args)
     old_sigint = _catch_sigint()
     try:
         with command_scope():  # a signal after an output was published no longer turns the run into a failure
@@ -64,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except NvdiagError as exc:
         if debug:  # the traceback is extra: the line and the exit code stay what scripts expect
             traceback.print_exc()
-        print(f"nvdiag: error: {exc}", file=sys.stderr)
+        print(f"nvdiag: error: {exc}{_what_to_do(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the environment, not a bug: unwritable folder, disk full, permission denied
         if debug:
@@ -79,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
         if old_sigint is not None:
             signal.signal(signal.SIGINT, old_sigint)
     return 0
+
+
+def _what_to_do(exc: NvdiagError) -> str:
+    """'; this is a safetensors file: ...' when an unreadable input's bytes say what it really is."""
+    from inspect_tools.cli.hints import container_hint
+    from inspect_tools.errors import InputError
+
+    if not isinstance(exc, InputError) or not exc.path or not os.path.isfile(exc.path):
+        return ""
+    hint = container_hint(exc.path)
+    return f"; {hint}" if hint and hint not in exc.message else ""
 
 
 class _Interrupted(BaseException):

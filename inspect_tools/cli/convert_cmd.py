@@ -8,14 +8,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from converter.plan import quant_conf  # torch-free, like the preset vocabulary
 from converter.preset import QUANT_FORMATS, describe_decision
 from inspect_tools.cli import app
-from inspect_tools.cli.output import console, findings_document, print_findings_text, print_json
+from inspect_tools.cli.hints import check_safetensors_out
+from inspect_tools.cli.output import (
+    FORMAT_HELP,
+    OutputFormat,
+    console,
+    findings_document,
+    print_findings_text,
+    render,
+)
 from inspect_tools.cli.terminal_text import shown
-from inspect_tools.errors import UsageError
 from reference_specs.findings import Finding, Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported by the command itself: other commands start without it
@@ -102,12 +110,16 @@ def _print_text(result: ConvertResult) -> None:
     if result.gate and result.gate.worst:
         name, err = result.gate.worst
         out.print(f"worst sampled layer: {name} relative error {err:.4f}")
+    style = "red" if not result.dry_run and not result.written else "green" if result.written else ""
+    out.print(f"[{style}]{escape(_outcome(result))}[/]" if style else escape(_outcome(result)))
+
+
+def _outcome(result: ConvertResult) -> str:
     if result.dry_run:
-        out.print("dry run: nothing written")
-    elif result.written:
-        out.print(f"[green]wrote {result.out}[/] in {result.seconds:.1f} s")
-    else:
-        out.print(f"[red]refused: {result.out} was not written[/]")
+        return "dry run: nothing written"
+    if result.written:
+        return f"wrote {result.out} in {result.seconds:.1f} s"
+    return f"refused: {result.out} was not written"
 
 
 @app.command("convert")
@@ -124,7 +136,7 @@ def convert_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-layer plan and output size, write nothing"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUT"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda (encode on the GPU, same bytes)"),
-    fmt: str = typer.Option("text", "--format", help="text or json"),
+    fmt: OutputFormat = typer.Option(OutputFormat.text, "--format", help=FORMAT_HELP),
     sample: int = typer.Option(8, "--gate-sample", help="quantized layers the gate roundtrips against the source"),
     verify: bool = typer.Option(False, "--verify", help="also load and run the written file in ComfyUI against the "
                                 "source before publishing (nvdiag verify); refused if ComfyUI refuses or misrenders "
@@ -144,8 +156,7 @@ def convert_cmd(
     """
     from converter.pipeline import convert
 
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format must be text or json, not {fmt!r}")
+    check_safetensors_out(out)
     extra_gate = None
     if verify and not dry_run:
         from inspect_tools.comfyui.gate import comfyui_gate
@@ -153,13 +164,14 @@ def convert_cmd(
 
         extra_gate = comfyui_gate(load_runtime(comfyui, device=device), src)  # no ComfyUI: exit 2 before any work
     result = convert(src, out, preset, dtype_16=dtype_16, input_scales=input_scales, dry_run=dry_run, force=force,
-                     device=device, progress=sys.stderr.isatty() and fmt == "text", gate_sample=sample,
+                     device=device, progress=sys.stderr.isatty() and fmt == OutputFormat.text, gate_sample=sample,
                      extra_gate=extra_gate)
-    if fmt == "json":
+    def document() -> dict:
         extra = {"convert": _summary(result)}
         if dry_run:
             extra["plan"] = _plan_rows(result)
-        print_json(findings_document(_findings(result), layers=len(result.plan.layers), **extra))
-    else:
-        _print_text(result)
+        return findings_document(_findings(result), layers=len(result.plan.layers), **extra)
+
+    render(fmt, _findings(result), document, lambda: _print_text(result), summary=lambda: _outcome(result),
+           file=str(out), title="nvdiag convert")
     raise typer.Exit(1 if result.refused else 0)

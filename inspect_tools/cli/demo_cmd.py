@@ -7,14 +7,19 @@ shows what it finds; steps whose command is not available in this build are skip
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shlex
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TextIO
 
 import typer
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import display
 from inspect_tools.cli.output import console
 
 DEMO_VARIANT = "wan2.2-ti2v-5b"
@@ -38,23 +43,52 @@ def comfyui_unavailable() -> str | None:
     return None
 
 
-def _step(title: str, argv: list[str], why: str, skip: str | None = None) -> int | None:
-    """Run one nvdiag subcommand in-process, framed by a heading; returns its exit code (None when skipped)."""
+class _Tee(io.TextIOBase):
+    """stdout that is also kept, so the demo can run the command a step printed (`next: ...`) as the next step."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.kept.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+
+def _step(title: str, argv: list[str], why: str, skip: str | None = None,
+          printed: list[str] | None = None) -> int | None:
+    """Run one nvdiag subcommand in-process, framed by a heading; returns its exit code (None when skipped).
+    `printed` collects the step's output lines."""
     from inspect_tools.cli import main
 
     out = console()
     out.rule(f"[bold]{title}")
     out.print(f"[dim]{why}[/]")
-    out.print(f"$ nvdiag {' '.join(argv)}", style="bold cyan", soft_wrap=True)
+    out.print(f"$ {shlex.join(['nvdiag', *argv])}", style="bold cyan", soft_wrap=True, markup=False)
     if skip is not None:
         out.print(f"[yellow](skipped: {skip})[/]")
         return None
     if not _available(argv[0]):
         out.print(f"[yellow](skipped: `nvdiag {argv[0]}` is not in this build yet)[/]")
         return None
-    code = main(argv)
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        code = main(argv)
+    if printed is not None:
+        printed.extend(tee.kept.getvalue().splitlines())
     out.print(f"[dim]exit code {code}[/]")
     return code
+
+
+def _next_command(lines: list[str]) -> list[str] | None:
+    """The argv of the `next: nvdiag ...` line a roundtrip printed."""
+    line = next((line for line in lines if line.startswith("next: nvdiag ")), None)
+    return shlex.split(line.removeprefix("next: "), comments=True)[1:] if line else None
 
 
 def build_demo_files(folder: Path) -> dict[str, Path]:
@@ -64,10 +98,12 @@ def build_demo_files(folder: Path) -> dict[str, Path]:
     paths = {
         "source": folder / "wan_ti2v_fp32_diffusers",
         "gguf": folder / "wan_ti2v_Q4_0.gguf",
+        "fp8": folder / "wan_ti2v_fp8_scaled.safetensors",
         "broken": folder / "wan_ti2v_nvfp4_mixed_user.safetensors",
     }
     factory.write_float(paths["source"], DEMO_VARIANT, naming="diffusers", sharded=2)
     factory.write_gguf(paths["gguf"], DEMO_VARIANT, qtype="Q4_0")
+    factory.write_fp8_comfy(paths["fp8"], DEMO_VARIANT)
     factory.write_nvfp4_mixed(paths["broken"], DEMO_VARIANT, faults=("scale-layout-linear",))
     return paths
 
@@ -91,31 +127,39 @@ def run_demo(folder: Path) -> int:
     out.print(f"files in {folder}:")
     for role, path in paths.items():
         out.print(f"  {role:7s} {path.name}")
-    src, gguf, broken = (str(paths[k]) for k in ("source", "gguf", "broken"))
-    preset = str(folder / "from_gguf.toml")
-    good = str(folder / "wan_ti2v_nvfp4_mixed_nvdiag.safetensors")
-    fixed = str(folder / "wan_ti2v_nvfp4_mixed_fixed.safetensors")
-    steps: list[tuple[str, list[str], str]] = [
-        ("1. What is the user's file?", ["inspect", broken, "--layers", "blocks.0.*"],
-         "It loads, has the right layers and markers: nothing looks wrong from the outside."),
-        ("2. Lint it against ComfyUI's rules", ["lint", broken],
-         "Header and scale checks only: megabytes read, not gigabytes."),
-        ("3. Compare it with the GGUF file that renders cleanly", ["diff", broken, gguf],
-         "Different containers and formats, aligned layer by layer."),
-        ("4. Measure what it really decodes to", ["roundtrip", broken, "--against", src],
-         "Against the FP32 sharded diffusers source: the error per layer, and the cause that explains it."),
-        ("5. Repair it losslessly", ["fix", broken, fixed],
-         "The cause is certain and has a lossless remedy: re-swizzle the block scales."),
-        ("6. Check the repaired file", ["roundtrip", fixed, "--against", src],
-         "Same bytes, right layout: every NVFP4 layer back within NVFP4's own error of the source."),
-        ("7. Derive the layer selection from the GGUF file", ["preset", "from-gguf", gguf, "-o", preset, "--force"],
-         "F32 stays F32, F16 stays 16-bit, Q4_0/Q4_1 become NVFP4."),
-        ("8. Convert the source the right way", ["convert", src, good, "--preset", preset, "--force"],
-         "ComfyUI-native names, swizzled scales, markers; gated by lint and a roundtrip before it is published."),
-        ("9. Lint the converted file", ["lint", good],
-         "What the gate already checked before publishing, run again as a user would."),
+    src, gguf, fp8, broken = (display(paths[k]) for k in ("source", "gguf", "fp8", "broken"))
+    preset = display(folder / "from_gguf.toml")
+    good = display(folder / "wan_ti2v_nvfp4_mixed_nvdiag.safetensors")
+    codes = [
+        _step("1. What is the user's file?", ["inspect", broken, "--layers", "blocks.0.self_attn.*"],
+              "It loads, has the right layers and markers: nothing looks wrong from the outside."),
+        _step("2. Lint it against ComfyUI's rules", ["lint", broken],
+              "Header and scale checks only, megabytes read: it finds the layout, and says what it cannot see "
+              "without the values the file was made from."),
+        _step("3. Compare it with the GGUF file that renders cleanly", ["diff", broken, gguf],
+              "Different containers and formats, aligned layer by layer; the dequantized values are compared too."),
+        _step("4. Compare it with the FP8 scaled file that renders cleanly", ["diff", broken, fp8],
+              "Another reference a ComfyUI user has: the same cause, found from the values."),
     ]
-    codes = [_step(title, argv, why) for title, argv, why in steps]
+    printed: list[str] = []
+    codes.append(_step("5. Measure what it really decodes to", ["roundtrip", broken, "--against", src],
+                       "Against the FP32 sharded diffusers source: the error per layer, the cause that explains it, "
+                       "and the command that repairs it.", printed=printed))
+    fix = _next_command(printed)
+    fixed = fix[2] if fix else display(folder / "wan_ti2v_nvfp4_mixed_user_fixed.safetensors")
+    codes += [
+        _step("6. Repair it with the command roundtrip printed", fix or ["fix", broken, fixed, "--against", src],
+              "The cause is certain and has a lossless remedy: re-swizzle the block scales, no requantization."),
+        _step("7. Check the repaired file", ["roundtrip", fixed, "--against", src],
+              "Same bytes, right layout: every NVFP4 layer back within NVFP4's own error of the source."),
+        _step("8. Derive the layer selection from the GGUF file",
+              ["preset", "from-gguf", gguf, "-o", preset, "--force"],
+              "F32 stays F32, 16-bit stays 16-bit, Q4_0/Q4_1 become NVFP4."),
+        _step("9. Convert the source the right way", ["convert", src, good, "--preset", preset, "--force"],
+              "ComfyUI-native names, swizzled scales, markers; gated by lint and a roundtrip before it is published."),
+        _step("10. Lint the converted file", ["lint", good],
+              "What the gate already checked before publishing, run again as a user would."),
+    ]
     codes += _comfyui_steps(folder, src, broken, good)
     out.rule("[bold]summary")
     ran = sum(c is not None for c in codes)
@@ -128,19 +172,19 @@ def _comfyui_steps(folder: Path, src: str, broken: str, good: str) -> list[int |
     why_not = comfyui_unavailable()
     skip = f"{why_not}; then run `nvdiag demo` again" if why_not else None
     steps: list[tuple[str, list[str], str]] = [
-        ("10. What ComfyUI renders from the user's file", ["verify", broken, "--against", src, "--compute", "both"],
+        ("11. What ComfyUI renders from the user's file", ["verify", broken, "--against", src, "--compute", "both"],
          "ComfyUI's own loader and denoiser, on CPU: the block noise is in the output, and where it enters."),
-        ("11. What ComfyUI renders from nvdiag's file", ["verify", good, "--against", src, "--compute", "both"],
+        ("12. What ComfyUI renders from nvdiag's file", ["verify", good, "--against", src, "--compute", "both"],
          "The converted file renders exactly what comfy-kitchen's encoding of the source renders."),
     ]
     codes = [_step(title, argv, why, skip) for title, argv, why in steps]
-    qwen_src = str(folder / "qwen_image_bf16.safetensors")
-    qwen_out = str(folder / "qwen_image_nvfp4_nvdiag.safetensors")
+    qwen_src = display(folder / "qwen_image_bf16.safetensors")
+    qwen_out = display(folder / "qwen_image_nvfp4_nvdiag.safetensors")
     qwen = [
-        ("12. Qwen Image 2512: convert a BF16 source", ["convert", qwen_src, qwen_out, "--preset", "qwen-image-2512",
+        ("13. Qwen Image 2512: convert a BF16 source", ["convert", qwen_src, qwen_out, "--preset", "qwen-image-2512",
                                                        "--force"],
          "Full width (ComfyUI builds Qwen Image at 3072 only), one block deep."),
-        ("13. Qwen Image 2512: what ComfyUI renders", ["verify", qwen_out, "--against", qwen_src, "--steps", "1"],
+        ("14. Qwen Image 2512: what ComfyUI renders", ["verify", qwen_out, "--against", qwen_src, "--steps", "1"],
          "Detected as Qwen Image, rendered as well as comfy-kitchen's own encoding."),
     ]
     if skip is None:

@@ -10,13 +10,15 @@ from rich.console import Console
 from rich.table import Table
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import check_glob, command, display, no_match
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     compact_findings_table,
     console,
     exit_code,
     findings_document,
-    print_json,
+    render,
     verdict,
 )
 from inspect_tools.cli.terminal_text import shown
@@ -34,6 +36,7 @@ MAX_ROWS = 40
 HISTOGRAM_BARS = " ▁▂▃▄▅▆▇█"
 # A difference usually repeats over every quantized layer: a few examples per rule, the rest counted.
 FINDINGS_PER_RULE = 3
+VALUES_TITLE = "dequantized values, MINE vs REF"
 
 
 def _fmt(x: float | None) -> str:
@@ -216,7 +219,7 @@ def _values_table(report: DiffReport, out: Console) -> Table | None:
     """roundtrip's per-layer rows (inspect_tools.roundtrip.LayerResult.to_json), worst first."""
     if not report.values:
         return None
-    table = Table(title="dequantized values, MINE vs REF")
+    table = Table(title=VALUES_TITLE)
     table.add_column("layer", overflow="fold")
     table.add_column("formats", no_wrap=True)
     table.add_column("rel err", justify="right")
@@ -250,9 +253,18 @@ def print_report(report: DiffReport, out: Console | None = None, fail_on: Severi
     ):
         if table is not None and table.row_count:
             out.print(table)
+            if table.title == VALUES_TITLE:
+                out.print("[dim]rel err: relative L2 error of MINE's decoded weight against REF's; expected: what a "
+                          "correct file of MINE's format gives against REF[/]")
     if report.disagreements:
         out.print(f"{len(report.disagreements)} layers are stored at a different precision (see 'layers that differ').")
-    out.print(verdict(report.findings, fail_on, layers=len(report.pairs)))
+    if report.values_skipped:
+        out.print(f"[bold yellow]values not compared ({shown(report.values_skipped)}):[/] headers alone cannot see "
+                  "nibble order, stale scales or transposed layers; run:")
+        out.print(f"  {shown(command('roundtrip', display(report.mine.path), '--against', display(report.ref.path)))}",
+                  soft_wrap=True)
+    line = verdict(report.findings, fail_on, layers=len(report.pairs))
+    out.print(line + (" [yellow](headers only)[/]" if report.values_skipped else ""))
 
 
 def diff_document(report: DiffReport) -> dict[str, Any]:
@@ -269,8 +281,10 @@ def diff_command(
     mine: Annotated[str, typer.Argument(help="The checkpoint under suspicion. " + CHECKPOINT_HELP)],
     ref: Annotated[str, typer.Argument(help="A checkpoint that works (any format, naming or architecture)")],
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
-    values: Annotated[bool, typer.Option("--values", help="Also compare dequantized weights (reads them)")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    values: Annotated[bool, typer.Option("--values/--no-values", help="Compare dequantized weights of matched "
+                                         "quantized layers (reads them; on by default: headers alone miss noise)")]
+    = True,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="error, warning or info")] = "error",
 ) -> None:
     """Put two checkpoints side by side and say what differs and whether it matters to ComfyUI.
@@ -293,17 +307,16 @@ def diff_command(
     """
     from inspect_tools.diff import diff_paths
 
-    if fmt == OutputFormat.github:
-        raise UsageError("diff supports --format text or json")
+    check_glob(layers)
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     report = diff_paths(mine, ref, layers=layers, values=values)
-    if fmt == OutputFormat.json:
-        print_json(diff_document(report))
-    else:
-        print_report(report, fail_on=threshold)
+    if layers is not None and not report.pairs:
+        raise no_match(layers, mine, report.mine.layers, "layer")
+    render(fmt, report.findings, lambda: diff_document(report), lambda: print_report(report, fail_on=threshold),
+           summary=report.summary_text, file=str(report.mine.path), title="nvdiag diff")
     raise typer.Exit(exit_code(report.findings, threshold))
 
 

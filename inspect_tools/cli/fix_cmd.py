@@ -5,13 +5,21 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from converter.fix import FIXABLE, FixResult, fix_checkpoint, parse_only
 from inspect_tools.cli import app
-from inspect_tools.cli.output import OutputFormat, console, findings_document, print_findings_text, print_json
+from inspect_tools.cli.hints import check_safetensors_out
+from inspect_tools.cli.output import (
+    FORMAT_HELP,
+    OutputFormat,
+    console,
+    findings_document,
+    print_findings_text,
+    render,
+)
 from inspect_tools.cli.terminal_text import shown
-from inspect_tools.errors import UsageError
 
 # Layers named per cause in the text plan before "... and N more".
 SHOWN_LAYERS = 6
@@ -70,7 +78,7 @@ def _print_text(result: FixResult) -> None:
     if result.gate_findings and result.refused:
         print_findings_text(result.gate_findings, title="gate findings on the repaired file", out=out)
     style = "red" if result.exit_code else "green"
-    out.print(f"[{style}]{result.verdict()}[/]")
+    out.print(f"[{style}]{escape(result.verdict())}[/]", soft_wrap=True)
 
 
 @app.command("fix")
@@ -84,7 +92,7 @@ def fix_command(
                                               + ", ".join(FIXABLE))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, write nothing")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUT")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     verify: Annotated[bool, typer.Option("--verify", help="Also load and run the repaired file in ComfyUI before "
                                          "publishing: against --against when given (nvdiag verify), else only that "
                                          "ComfyUI loads and runs it")] = False,
@@ -110,8 +118,7 @@ def fix_command(
 
       nvdiag fix broken.safetensors fixed.safetensors --only nibble-order,scale-layout-linear --format json
     """
-    if fmt == OutputFormat.github:
-        raise UsageError("fix supports --format text or json")
+    check_safetensors_out(out)
     extra_gate = None
     if verify and not dry_run:
         from inspect_tools.comfyui.gate import comfyui_gate
@@ -120,8 +127,6 @@ def fix_command(
         extra_gate = comfyui_gate(load_runtime(comfyui), against)  # no ComfyUI: exit 2 before any work
     result = fix_checkpoint(broken, out, against=against, only=parse_only(only), dry_run=dry_run, force=force,
                             extra_gate=extra_gate)
-    if fmt == OutputFormat.json:
-        print_json(fix_document(result))
-    else:
-        _print_text(result)
+    render(fmt, result.findings + result.gate_findings, lambda: fix_document(result), lambda: _print_text(result),
+           summary=result.verdict, file=broken, title="nvdiag fix")
     raise typer.Exit(result.exit_code)

@@ -8,7 +8,16 @@ import typer
 from rich.table import Table
 
 from inspect_tools.cli import app
-from inspect_tools.cli.output import TABLE_ROWS, OutputFormat, console, print_json
+from inspect_tools.cli.hints import check_glob, no_match
+from inspect_tools.cli.output import (
+    FORMAT_HELP,
+    TABLE_ROWS,
+    OutputFormat,
+    console,
+    print_records,
+    render,
+    table_width,
+)
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.inspect import inspect_document, metadata_summary
 from inspect_tools.layers import open_model
@@ -27,6 +36,12 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def summary_line(doc: dict) -> str:
+    summary = doc["summary"]
+    return (f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
+            + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items()))
+
+
 def _print_text(doc: dict) -> None:
     out = console()
     arch = doc["architecture"]
@@ -39,10 +54,7 @@ def _print_text(doc: dict) -> None:
         extras.append("scaled down")
     out.print(f"[bold]{shown(doc['path'])}[/]  ({doc['container']})")
     out.print(f"architecture: [bold]{variant}[/] ({', '.join(extras)})")
-    out.print(
-        f"{summary['tensors']} tensors in {summary['layers']} layers, {human_bytes(summary['bytes'])}; formats: "
-        + ", ".join(f"{fmt} {n}" for fmt, n in summary["formats"].items())
-    )
+    out.print(summary_line(doc))
     if summary["compute"]:
         # on Blackwell only: older GPUs run every NVFP4 layer W4A16 whatever the marker says
         out.print("compute on Blackwell: " + ", ".join(f"{path} {n}" for path, n in summary["compute"].items()))
@@ -57,29 +69,26 @@ def _print_text(doc: dict) -> None:
         for key, value in metadata_summary(doc["metadata"]).items():
             meta.add_row(shown(key), shown(value))
         out.print(meta)
-    table = Table(title="layers", show_header=True)
-    table.add_column("layer", overflow="fold")
-    table.add_column("format", no_wrap=True)
-    # Only files ComfyUI loads with quantized layers get the column: for float or GGUF files it would be all "-".
+    # Only files ComfyUI loads with quantized layers get the compute column (for float or GGUF files: all "-").
     show_compute = any(layer["compute"] for layer in doc["layers"])
-    if show_compute:
-        table.add_column("compute", no_wrap=True)
-    table.add_column("dtype", no_wrap=True)
-    table.add_column("shape", no_wrap=True)  # logical [out, in] for quantized layers
-    table.add_column("aux", overflow="fold")
-    for layer in doc["layers"][:TABLE_ROWS]:
+    header = ["layer", "format", *(["compute"] if show_compute else []), "dtype", "shape", "aux"]
+    rows = []
+    for layer in doc["layers"]:
         tensors = layer["tensors"]
         main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
         aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
-        shape = layer.get("logical_shape") or tensors[main]["shape"]
-        table.add_row(
-            shown(layer["name"]),
-            layer["format"],
-            *([layer["compute"] or "-"] if show_compute else []),
-            tensors[main]["dtype"],
-            "x".join(str(d) for d in shape) or "scalar",
-            ", ".join(aux) or "-",
-        )
+        shape = layer.get("logical_shape") or tensors[main]["shape"]  # logical [out, in] for quantized layers
+        rows.append([shown(layer["name"]), layer["format"], *([layer["compute"] or "-"] if show_compute else []),
+                     tensors[main]["dtype"], "x".join(str(d) for d in shape) or "scalar", ", ".join(aux) or "-"])
+    # the aux list may fold between its entries; a layer name may not be split
+    if table_width(header, [row[:-1] + [row[-1][:16]] for row in rows], padding=3) > out.width:
+        print_records(out, header, rows, "layers")
+        return
+    table = Table(title="layers", show_header=True)
+    for column in header:
+        table.add_column(column, overflow="fold" if column == "aux" else "ellipsis", no_wrap=column != "aux")
+    for row in rows:
+        table.add_row(*row)
     out.print(table)
     if len(doc["layers"]) > TABLE_ROWS:
         out.print(f"[dim]layers: showing {TABLE_ROWS} of {len(doc['layers'])} (--layers GLOB to narrow, --format json "
@@ -89,7 +98,7 @@ def _print_text(doc: dict) -> None:
 @app.command("inspect")
 def inspect_command(
     path: Annotated[str, typer.Argument(help=CHECKPOINT_HELP)],
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
 ) -> None:
     """Say what a checkpoint is, layer by layer: architecture, formats, dtypes, shapes, aux tensors, metadata.
@@ -105,9 +114,12 @@ def inspect_command(
 
       nvdiag inspect model.gguf --format json > layers.json
     """
+    check_glob(layers)
     with open_model(path) as model:
         doc = inspect_document(model, layers)
-    if fmt == OutputFormat.json:
-        print_json(doc)
-    else:
-        _print_text(doc)
+        if layers is not None and not doc["layers"]:
+            raise no_match(layers, path, model.layers)
+    arch = doc["architecture"]
+    render(fmt, [], lambda: doc, lambda: _print_text(doc), file=doc["path"], title="nvdiag inspect",
+           summary=lambda: f"{arch['variant'] if arch['family'] != 'unknown' else 'unknown architecture'}: "
+           + summary_line(doc))

@@ -8,13 +8,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from inspect_tools.cli import app
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     compact_findings_table,
     console,
     findings_document,
+    github_notice,
+    print_json,
     render,
     rule_legend,
     verdict,
@@ -31,13 +35,29 @@ def rules_table(rules: list[Rule], config: LintConfig | None = None) -> Table:
     table.add_column("id", no_wrap=True)
     table.add_column("name", overflow="fold")
     table.add_column("sev", no_wrap=True)
+    table.add_column("on", no_wrap=True)  # enabled by --select / --ignore / [tool.nvdiag]
     table.add_column("reads", no_wrap=True)
     table.add_column("summary", overflow="fold", ratio=1)
     for rule in rules:
         style = "" if rule.id in enabled else "[dim]"
         table.add_row(f"{style}{rule.id}", f"{style}{rule.name}", str(rule.severity),
-                      "values" if rule.needs_values else "header", escape(rule.summary))
+                      "yes" if rule.id in enabled else "[dim]no[/]", "values" if rule.needs_values else "header",
+                      escape(rule.summary))
     return table
+
+
+RULES_LEGEND = ("on: enabled by --select / --ignore / \\[tool.nvdiag]; reads: header only, or scale values too "
+                "(skipped by --header-only)")
+
+
+def rule_json(rule: Rule, config: LintConfig, explanation: bool = False) -> dict:
+    """A rule as `--list` / `--explain --format json` give it: what it checks, and whether this config runs it."""
+    doc = {"id": rule.id, "name": rule.name, "cause": rule.cause, "severity": str(rule.severity),
+           "reads": "values" if rule.needs_values else "header", "enabled": rule in config.rules(),
+           "summary": rule.summary}
+    if explanation:
+        doc["explanation"] = reflow(rule.explanation)
+    return doc
 
 
 def reflow(text: str) -> str:
@@ -68,7 +88,7 @@ def lint_command(
         list[str] | None,
         typer.Argument(help="Checkpoints: .safetensors, *.safetensors.index.json (or its folder), .gguf"),
     ] = None,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github (workflow annotations)")] = (
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = (
         OutputFormat.text
     ),
     select: Annotated[
@@ -91,13 +111,15 @@ def lint_command(
     explain_key: Annotated[
         str | None, typer.Option("--explain", help="Print the long explanation of a rule id, name or cause")
     ] = None,
-    list_rules: Annotated[bool, typer.Option("--list", help="List every rule and whether it is enabled")] = False,
+    list_rules: Annotated[bool, typer.Option("--list", help="List every rule and whether it is enabled (the 'on' "
+                                                               "column, after --select / --ignore / config)")] = False,
 ) -> None:
     """Check checkpoints against the rules ComfyUI actually applies; every finding names its cause.
 
     Exit 0 when nothing at or above --fail-on was found, 1 otherwise, 2 for unreadable input or bad options.
     Defaults come from \\[tool.nvdiag] (select, ignore, fail-on) in the nearest
-    pyproject.toml.
+    pyproject.toml that has one (the text output names it); the command line wins: --select replaces the file's
+    select and ignore, --ignore adds to its ignore.
 
     Examples:
 
@@ -119,22 +141,59 @@ def lint_command(
                             all_scales=all_scales)
     out = console()
     if explain_key is not None:
-        for rule in explain(explain_key):
-            out.print(explanation_text(rule))
+        print_rules(fmt, out, explain(explain_key), config, explanation=True)
         return
     if list_rules:
-        out.print(rules_table(RULES, config))
+        print_rules(fmt, out, RULES, config, explanation=False)
         return
     if not paths:
         raise UsageError("lint needs at least one checkpoint PATH (or --list / --explain)")
     result = lint_paths(paths, config)
-    render(fmt, result.findings, lambda: findings_document(result.findings, result.layers),
-           lambda: print_text(out, result, config))
+    render(fmt, result.findings, lambda: lint_document(result, config), lambda: print_text(out, result, config),
+           summary=lambda: plain_summary(result, config), title="nvdiag lint")
     raise typer.Exit(result.exit_code(config.fail_on))
+
+
+def print_rules(fmt: OutputFormat, out: Console, rules: list[Rule], config: LintConfig, explanation: bool) -> None:
+    """--list (a table with the enabled column) or --explain (the long texts), in the --format asked for."""
+    if fmt == OutputFormat.json:
+        print_json({"version": 1, "config": str(config.source) if config.source else None,
+                    "rules": [rule_json(r, config, explanation) for r in rules]})
+    elif fmt == OutputFormat.github:
+        for doc in (rule_json(r, config, explanation) for r in rules):
+            state = "enabled" if doc["enabled"] else "disabled"
+            text = f"{doc['severity']}, {state}, cause {doc['cause']}: {doc['summary']}"
+            text += f". {doc['explanation']}" if explanation else ""
+            print(github_notice(text, f"{doc['id']} {doc['name']}"))
+    elif explanation:
+        for rule in rules:
+            out.print(explanation_text(rule))
+    else:
+        out.print(rules_table(rules, config))
+        out.print(f"[dim]{RULES_LEGEND}[/]")
+        if config.source is not None:
+            out.print(f"[dim]config: \\[tool.nvdiag] in {escape(str(config.source))}[/]")
+
+
+def plain_summary(result: LintResult, config: LintConfig) -> str:
+    """The verdict, and what was not checked, as one plain line (the notice of --format github)."""
+    line = Text.from_markup(verdict(result.findings, config.fail_on, result.layers)).plain
+    unchecked = result.not_checked()
+    if unchecked:
+        line += f"; not checked: {', '.join(unchecked['what'])}; run: {unchecked['command']}"
+    return line
+
+
+def lint_document(result: LintResult, config: LintConfig) -> dict:
+    """The findings document; "not_checked" says what needs a reference and which command checks it."""
+    return findings_document(result.findings, result.layers, not_checked=result.not_checked(),
+                             config=str(config.source) if config.source else None)
 
 
 def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
     """Findings per file, the legend of the rules that fired, and the verdict line."""
+    if config.source is not None:
+        out.print(f"[dim]config: \\[tool.nvdiag] in {escape(str(config.source))}[/]")
     files = list(dict.fromkeys(f.file for f in result.findings))
     for file in files:
         if len(files) > 1:
@@ -143,5 +202,12 @@ def print_text(out: Console, result: LintResult, config: LintConfig) -> None:
     if result.findings:
         for line in rule_legend(result.findings, {r.id: r.name for r in RULES}):
             out.print(line)
-        out.print("[dim]nvdiag lint --explain ID: what ComfyUI does with it and how to fix it[/]")
-    out.print(verdict(result.findings, config.fail_on, result.layers))
+        first = min(result.findings, key=lambda f: (-f.severity, f.rule)).rule
+        out.print(f"[dim]nvdiag lint --explain {first}: what ComfyUI does with it and how to fix it "
+                  "(any rule id above)[/]")
+    unchecked = result.not_checked()
+    if unchecked:
+        out.print(f"[yellow]not checked: {', '.join(unchecked['what'])}[/] (they need the values the file was made "
+                  "from); run:")
+        out.print(f"  {escape(unchecked['command'])}", soft_wrap=True)
+    out.print(verdict(result.findings, config.fail_on, result.layers))  # last line, as scripts expect

@@ -17,6 +17,7 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from inspect_tools.cli.terminal_text import plain_shown, shown
 from reference_specs.causes import CAUSES
@@ -76,16 +77,29 @@ def print_json(doc: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(json_safe(doc), indent=2, default=str, allow_nan=False) + "\n")
 
 
+FORMAT_HELP = "text, json (one document) or github (workflow annotations)"
+
+
 def render(fmt: OutputFormat, findings: list[Finding], document: Callable[[], dict[str, Any]],
-           text: Callable[[], None]) -> None:
-    """Print a command's result the way --format asks: the JSON document, workflow annotations, or the text view."""
+           text: Callable[[], None], summary: Callable[[], str] | None = None, file: str | None = None,
+           title: str = "nvdiag") -> None:
+    """Print a command's result the way --format asks: the JSON document, workflow annotations (one per finding,
+    then the command's one-line summary as a notice), or the text view."""
     if fmt == OutputFormat.json:
         print_json(document())
     elif fmt == OutputFormat.github:
         for line in github_lines(findings):
             print(line)
+        if summary is not None:
+            print(github_notice(summary(), title, file))
     else:
         text()
+
+
+def github_notice(message: str, title: str = "nvdiag", file: str | None = None) -> str:
+    """`::notice file=F,title=T::message`: what a command says besides its findings, for a workflow log."""
+    props = ([f"file={_github_escape(file, prop=True)}"] if file else []) + [f"title={_github_escape(title, True)}"]
+    return f"::notice {','.join(props)}::{_github_escape(message)}"
 
 
 def _github_escape(text: str, prop: bool = False) -> str:
@@ -194,3 +208,31 @@ def print_findings_text(findings: list[Finding], title: str | None = None, out: 
 
 def exit_code(findings: list[Finding], fail_on: Severity = Severity.ERROR) -> int:
     return 1 if any(f.severity >= fail_on for f in findings) else 0
+
+
+def table_width(header: list[str], rows: list[list[str]], padding: int = 3) -> int:
+    """Columns a table of these plain cells needs without folding any of them (borders and padding included)."""
+    widths = [max([len(h), *(len(Text.from_markup(r[i]).plain) for r in rows)]) for i, h in enumerate(header)]
+    return sum(widths) + padding * len(widths) + 1
+
+
+def print_records(out: Console, header: list[str], rows: list[list[str]], title: str | None = None,
+                  lead: int | None = None) -> None:
+    """A table too wide for the terminal, as one record per row: the first cell (a layer name) whole on its own
+    line, the other cells as 'column value' pairs below it (cell `lead` first, without its column name), wrapped
+    between pairs, never inside a name, a value or a cause."""
+    if title:
+        out.print(f"[bold]{escape(title)}[/]")
+    for row in rows:
+        out.print(row[0], soft_wrap=True)
+        order = ([lead] if lead is not None else []) + [i for i in range(1, len(row)) if i != lead]
+        pairs = [row[i] if i == lead else f"{header[i]} {row[i]}" for i in order if row[i] not in ("", "-")]
+        line = ""
+        for pair in pairs:
+            candidate = f"{line}; {pair}" if line else f"  {pair}"
+            if line and len(Text.from_markup(candidate).plain) > out.width:
+                out.print(line, soft_wrap=True)
+                candidate = f"  {pair}"
+            line = candidate
+        if line:
+            out.print(line, soft_wrap=True)

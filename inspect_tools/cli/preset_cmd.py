@@ -24,7 +24,7 @@ from converter.preset import (
     view_of,
 )
 from inspect_tools.cli import app
-from inspect_tools.cli.output import TABLE_ROWS, console, print_json
+from inspect_tools.cli.output import FORMAT_HELP, TABLE_ROWS, console, github_notice, print_json
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
@@ -37,12 +37,16 @@ preset_app = typer.Typer(
 )
 app.add_typer(preset_app, name="preset")
 
-FormatOpt = typer.Option("text", "--format", help="text or json")
+FormatOpt = typer.Option("text", "--format", help=FORMAT_HELP)
 
 
 def _check_format(fmt: str) -> None:
-    if fmt not in ("text", "json"):
-        raise UsageError(f"--format must be text or json, not {fmt!r}")
+    if fmt not in ("text", "json", "github"):
+        raise UsageError(f"--format must be text, json or github, not {fmt!r}")
+
+
+def _notice(message: str, title: str) -> None:
+    print(github_notice(message, title))
 
 
 def _marker(decision: str) -> dict | None:
@@ -80,6 +84,10 @@ def list_cmd(fmt: str = FormatOpt) -> None:
     presets = [load_builtin(n) for n in builtin_names()]
     if fmt == "json":
         print_json({"version": 1, "presets": [_preset_doc(p) for p in presets]})
+        return
+    if fmt == "github":
+        for p in presets:
+            _notice(f"{len(p.rules)} rules for {', '.join(p.architectures) or 'any'}: {p.description}", p.name)
         return
     table = Table(title="built-in presets")
     for col in ("name", "rules", "for", "description"):
@@ -128,6 +136,12 @@ def show_cmd(
                                      "reason": d.reason}
                                     for v, d in decisions]}
         print_json({"version": 1, "preset": doc})
+        return
+    if fmt == "github":
+        on_text = f"; on {on}: " + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) if on is not None else ""
+        _notice(f"{len(preset.rules)} rules, default {preset.default}{on_text}", preset.name)
+        for w in warnings:
+            print(f"::warning title={preset.name}::{w}")
         return
     out = console()
     out.print(f"[bold]{preset.name}[/] ({preset.source or 'file'}, sha256 {preset.sha256[:12]}): {preset.description}")
@@ -203,6 +217,10 @@ def explain_cmd(
                     "rule": decision.rule.index if decision.rule else None, "reason": decision.reason,
                     "trace": [{"rule": r.index, "pattern": r.pattern, "skipped_because": why} for r, why in trace]})
         return
+    by = f"rule {decision.rule.index}" if decision.rule else "the default"
+    if fmt == "github":
+        _notice(f"{view.name} => {decision.format} by {by}: {decision.reason}", f"{preset.name} {view.name}")
+        return
     out = console()
     out.print(f"{shown(view.name)} [{'x'.join(map(str, view.shape))}] ({origin})")
     for rule, why in trace:
@@ -210,7 +228,6 @@ def explain_cmd(
             out.print(f"  [green]{rule.describe()}[/]: applies")
         else:
             out.print(f"  {rule.describe()}: skipped, {why}")
-    by = f"rule {decision.rule.index}" if decision.rule else "the default"
     out.print(f"=> [bold]{decision.format}[/] by {by}: {decision.reason}")
     marker = _marker(decision.format)
     written = f"marker {json.dumps(marker)}" if marker else "no marker"
@@ -224,6 +241,7 @@ def from_gguf_cmd(
     higher: str = typer.Option("fp8", "--higher", help="for layers GGUF gave more than 4 bits: fp8 or keep"),
     name: str | None = typer.Option(None, "--name", help="preset name (default: FILE stem + -gguf)"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUTPUT"),
+    fmt: str = FormatOpt,
 ) -> None:
     """Write a preset that reproduces a GGUF file's layer selection (4-bit -> nvfp4, F32 -> f32, ...).
 
@@ -231,6 +249,7 @@ def from_gguf_cmd(
     """
     from inspect_tools.writer import check_output_path  # imports torch: only this subcommand needs it
 
+    _check_format(fmt)
     check_output_path(output, [gguf])  # --force must never turn the GGUF into a TOML
     if output.exists() and not force:
         raise OutputError("exists; pass --force to overwrite it", str(output))
@@ -239,8 +258,14 @@ def from_gguf_cmd(
     counts: dict[str, int] = {}
     for r in preset.rules:
         counts[r.format] = counts.get(r.format, 0) + 1
-    console().print(f"wrote {output}: {len(preset.rules)} rules ("
-                    + ", ".join(f"{k} {n}" for k, n in sorted(counts.items())) + ")")
+    shown = ", ".join(f"{k} {n}" for k, n in sorted(counts.items()))
+    said = f"wrote {output}: {len(preset.rules)} rules ({shown})"
+    if fmt == "json":
+        print_json({"version": 1, "output": str(output), "preset": _preset_doc(preset), "counts": counts})
+    elif fmt == "github":
+        _notice(said, "nvdiag preset from-gguf")
+    else:
+        console().print(said, markup=False, highlight=False)
 
 
 # Paragraphs as single lines: the help renderer wraps them to the terminal, and keeps hard line breaks.
@@ -281,7 +306,9 @@ def from_sensitivity_cmd(
     base: str = typer.Option("auto", "--base", help="preset for the layers the report does not measure: auto (the "
                              "architecture's built-in preset), none (keep the source precision), a name or a TOML"),
     force: bool = typer.Option(False, "--force", help="overwrite an existing OUTPUT"),
+    fmt: str = FormatOpt,
 ) -> None:
+    _check_format(fmt)
     fs.check_thresholds(risk, max_error, budget)  # a usage error before any file is touched
     if output is not None:
         from inspect_tools.writer import check_output_path  # imports torch: only when writing
@@ -290,12 +317,19 @@ def from_sensitivity_cmd(
         if output.exists() and not force:
             raise OutputError("exists; pass --force to overwrite it", str(output))
     outcome = fs.preset_from_sensitivity(report, risk=risk, max_error=max_error, budget=budget, name=name, base=base)
-    if output is None:
-        print(outcome.text, end="")
-        return
-    write_text_atomic(output, outcome.text)
+    if output is not None:
+        write_text_atomic(output, outcome.text)
     counts = ", ".join(f"{k} {n}" for k, n in outcome.counts().items())
     held = f"; {outcome.held_by_budget} held at W4A4 by --budget" if outcome.held_by_budget else ""
-    console().print(f"wrote {output}: {len(outcome.preset.rules)} rules for {len(outcome.choices)} layers "
-                    f"({counts}); {outcome.fraction_left_w4a4:.1%} of the measured parameters leave W4A4{held}",
-                    markup=False, highlight=False)
+    said = (f"{len(outcome.preset.rules)} rules for {len(outcome.choices)} layers ({counts}); "
+            f"{outcome.fraction_left_w4a4:.1%} of the measured parameters leave W4A4{held}")
+    if fmt == "json":
+        print_json({"version": 1, "output": str(output) if output else None, "preset": _preset_doc(outcome.preset),
+                    "counts": outcome.counts(), "fraction_left_w4a4": outcome.fraction_left_w4a4,
+                    "held_by_budget": outcome.held_by_budget, "toml": outcome.text})
+    elif fmt == "github":
+        _notice((f"wrote {output}: " if output else "") + said, "nvdiag preset from-sensitivity")
+    elif output is None:
+        print(outcome.text, end="")
+    else:
+        console().print(f"wrote {output}: {said}", markup=False, highlight=False)

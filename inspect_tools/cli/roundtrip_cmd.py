@@ -12,17 +12,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from inspect_tools.cli import app
+from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, no_match, roundtrip_next
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     console,
     exit_code,
     findings_document,
+    print_records,
     render,
+    table_width,
 )
 from inspect_tools.cli.output import format_number as _num
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
-from inspect_tools.layers import open_model
+from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs.findings import Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
@@ -42,11 +46,13 @@ EPILOG = """Examples:
 """
 
 
-def document(result: RoundtripResult) -> dict[str, Any]:
-    """lint's findings schema plus "layers" (per-layer metrics, worst first) and "unmatched"."""
+def document(result: RoundtripResult, next_step: str | None = None) -> dict[str, Any]:
+    """lint's findings schema plus "layers" (per-layer metrics, worst first) and "unmatched"; summary.next is the
+    command that repairs what was found (null when nothing was)."""
     doc = findings_document(result.findings, len(result.checked), path=str(result.path),
                             against=str(result.ref_path))
     doc["summary"].update(result.summary())
+    doc["summary"]["next"] = next_step
     doc["layers"] = [r.to_json() for r in result.layers]
     doc["unmatched"] = {
         "only_mine": [layer.name for layer in result.alignment.only_mine],
@@ -55,29 +61,36 @@ def document(result: RoundtripResult) -> dict[str, Any]:
     return doc
 
 
-LAYER_MIN_WIDTH = 22
+COLUMN_LEGEND = ("error: relative L2 error of the decoded weight against REF; expected: what a correct file of this "
+                 "format gives against this REF; x: error / expected (a correct file gives about 1)")
 
 
-def print_text(result: RoundtripResult) -> None:
+def print_text(result: RoundtripResult, next_step: str | None = None) -> None:
     out = console()
     title = f"{shown(result.path.name)} against {shown(result.ref_path.name)} (worst first)"
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    rows = result.layers[:TEXT_ROWS]
-    # Layer names are the point of the table: never squeeze them below a readable width on narrow terminals.
-    name_width = min(max((len(r.name) for r in rows), default=5), LAYER_MIN_WIDTH)
-    # max abs error and cosine are in --format json; the text table keeps what fits an 80-column terminal
-    columns = ("layer", "format", "error", "expected", "x", "SNR dB", "status")
-    for column in columns:
-        wraps = column in ("layer", "status")
-        table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
-                         min_width={"layer": name_width, "status": 12}.get(column))
-    for r in rows:
+    rows = []
+    for r in result.layers[:TEXT_ROWS]:
         m = r.metrics
         status = (f"[bold red]{r.cause}[/]" if r.status in ("far-above", "non-finite")
                   else shown(r.note or r.status))
-        table.add_row(shown(r.name), r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
-                      _num(m.snr_db if m else None, 3), status)
-    out.print(table)
+        rows.append([shown(r.name), r.format, _num(m.rel_error if m else None), _num(r.expected), _num(r.ratio, 3),
+                     _num(m.snr_db if m else None, 3), status])
+    # max abs error and cosine are in --format json; the text table keeps what fits an 80-column terminal
+    header = ["layer", "format", "error", "expected", "x", "SNR dB", "status"]
+    # a long status (a note on a skipped layer) may fold; a cause may not
+    if table_width(header, [row[:-1] + [row[-1][:20]] for row in rows]) > out.width:
+        # too narrow for the table: one record per layer, so that neither the name nor the cause is ever cut
+        print_records(out, header, rows, title, lead=len(header) - 1)
+    else:
+        table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+        for column in header:
+            wraps = column == "status"
+            table.add_column(column, overflow="fold" if wraps else "ellipsis", no_wrap=not wraps,
+                             min_width=12 if wraps else None)
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+    out.print(f"[dim]{COLUMN_LEGEND}[/]")
     hidden = len(result.layers) - TEXT_ROWS
     if hidden > 0:
         out.print(f"... {hidden} more layers within their expected error (--format json lists all)")
@@ -87,13 +100,50 @@ def print_text(result: RoundtripResult) -> None:
                   "(--format json lists them)")
     style = "bold red" if result.wrong or result.not_comparable or result.unreadable else "green"
     out.print(f"[{style}]{shown(result.verdict())}[/]")
+    if next_step:
+        # one unbroken line, however narrow the terminal: it is meant to be copied
+        out.print(f"next: {shown(next_step)}", soft_wrap=True)
+
+
+def next_step(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel, path: str,
+              against: str) -> str | None:
+    """The command line that repairs what this roundtrip found, with the paths as the user gave them."""
+    from converter.preset import builtin_names
+
+    causes = {r.cause or "excess-error" for r in result.wrong}
+    ref_is_float = all(layer.format.lower() in PLAIN_FLOAT for layer in ref.layers.values())
+    variant = ref.detection.variant if ref.detection.family != "unknown" else mine.detection.variant
+    preset = variant if variant in builtin_names() else "smart"
+    return roundtrip_next(causes, path, against, ref_is_float, preset)
+
+
+def nothing_compared(result: RoundtripResult, mine: CheckpointModel, ref: CheckpointModel,
+                     layers: str | None, path: str, against: str) -> UsageError:
+    """Why not one layer was compared, as the usage error it is (exit 2): swapped arguments, a glob that selects
+    nothing, or two files with no layer in common."""
+    def quantized(model: CheckpointModel) -> int:
+        return sum(layer.is_quantized and layer.has("weight") for layer in model.layers.values())
+
+    if quantized(mine) == 0 and quantized(ref) > 0:
+        swapped = command("roundtrip", against, "--against", path)
+        return UsageError(f"{result.path.name} has no quantized layer but --against {result.ref_path.name} has "
+                          f"{quantized(ref)}: did you swap PATH and --against? ({swapped})")
+    if quantized(mine) == 0:
+        return UsageError(f"{result.path.name} has no quantized layer: nothing to roundtrip (nvdiag inspect shows "
+                          "its formats)")
+    if layers and result.quantized_pairs:
+        names = [p.key for p in result.alignment.pairs if p.mine.is_quantized]
+        return no_match(layers, result.path, names, "quantized layer")
+    return UsageError(f"no quantized layer of {result.path.name} could be paired with a layer of "
+                      f"{result.ref_path.name}: are they the same model? (nvdiag diff compares them by role)")
 
 
 def _progress_bar() -> tuple[Progress | None, Any]:
     if not sys.stderr.isatty():
         return None, None
-    bar = Progress(TextColumn("roundtrip"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                   TextColumn("{task.description}"), console=console(stderr=True), transient=True)
+    bar = Progress(TextColumn("roundtrip"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                   TimeRemainingColumn(), TextColumn("{task.description}"), console=console(stderr=True),
+                   transient=True)
     task = bar.add_task("", total=None)
 
     def update(done: int, total: int, name: str) -> None:
@@ -110,7 +160,7 @@ def roundtrip_command(
     layers: Annotated[str | None, typer.Option("--layers", help="Only layers matching this glob")] = None,
     sample: Annotated[int | None, typer.Option("--sample", help="Check N layers spread over the model")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda")] = "cpu",
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     report: Annotated[Path | None, typer.Option("--report", help="Write a self-contained HTML report here "
                                                 "(needs matplotlib, the 'report' extra of nvdiag)")] = None,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
@@ -123,6 +173,7 @@ def roundtrip_command(
     from inspect_tools.roundtrip import roundtrip
     from inspect_tools.writer import check_output_path
 
+    check_glob(layers)
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:
@@ -144,15 +195,19 @@ def roundtrip_command(
         finally:
             if bar is not None:
                 bar.stop()
-    if report is not None:
-        from inspect_tools.html_report import write_report
+        if not result.checked and not result.layers:
+            raise nothing_compared(result, mine, ref, layers, path, against)
+        hint = next_step(result, mine, ref, path, against)
+        if report is not None:
+            from inspect_tools.html_report import panels, write_report
 
-        write_report(result, report, inputs)
+            write_report(result, report, inputs, panels(result, mine, ref))
     def text() -> None:
-        print_text(result)
+        print_text(result, hint)
         if report is not None:
             console().print(f"report: {report}")
 
-    render(fmt, result.findings, lambda: document(result), text)
-    nothing_compared = not result.checked and not result.not_comparable  # every pair skipped: no evidence either way
-    raise typer.Exit(max(exit_code(result.findings, threshold), 1 if nothing_compared else 0))
+    render(fmt, result.findings, lambda: document(result, hint), text, file=path, title="nvdiag roundtrip",
+           summary=lambda: result.verdict() + (f"; next: {hint}" if hint else ""))
+    skipped_all = not result.checked and not result.not_comparable  # every pair skipped: no evidence either way
+    raise typer.Exit(max(exit_code(result.findings, threshold), 1 if skipped_all else 0))

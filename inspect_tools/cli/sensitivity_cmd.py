@@ -14,8 +14,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from inspect_tools.cli import app
-from inspect_tools.cli.output import OutputFormat, console, print_json
-from inspect_tools.errors import OutputError, UsageError
+from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
+from inspect_tools.errors import OutputError
 from inspect_tools.layers import open_model
 
 if TYPE_CHECKING:
@@ -134,7 +134,7 @@ def sensitivity_command(
     activations: Annotated[Path | None, typer.Option("--activations", help=ACTIVATIONS_HELP)] = None,
     report: Annotated[Path | None, typer.Option("--report", help=REPORT_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report")] = False,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text or json")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
 ) -> None:
     """Which layers survive 4-bit activations (W4A4, Blackwell)? Runs SRC through ComfyUI and measures per layer.
 
@@ -143,8 +143,6 @@ def sensitivity_command(
     static input scale, and FP8, against full precision. The report feeds `nvdiag preset from-sensitivity`.
     Exit 0, or 2 when ComfyUI or the source cannot be used.
     """
-    if fmt == OutputFormat.github:
-        raise UsageError("sensitivity supports --format text or json")
     if report is not None:
         from inspect_tools.html_report import require_matplotlib
 
@@ -158,17 +156,26 @@ def sensitivity_command(
         _write_json(output, doc, _inputs(src), force)
     if report is not None:
         from inspect_tools.comfyui.sensitivity import RISKY
-        from inspect_tools.sensitivity_report import render
+        from inspect_tools.sensitivity_report import render as render_html
         from inspect_tools.writer import atomic_write_text
 
-        atomic_write_text(report, render(result, RISKY))
-    if fmt == OutputFormat.json:
-        print_json(doc)
-    else:
+        atomic_write_text(report, render_html(result, RISKY))
+
+    def text() -> None:
         print_text(result)
         for path in (output, report):
             if path is not None:
                 console().print(f"wrote {escape(str(path))}")
+
+    render(fmt, [], lambda: doc, text, summary=lambda: _risk_summary(result), file=src, title="nvdiag sensitivity")
+
+
+def _risk_summary(result: SensitivityResult) -> str:
+    from inspect_tools.comfyui.sensitivity import RISKY
+
+    risky = [layer.layer for layer in result.layers if layer.risk > RISKY]
+    return (f"{len(result.layers)} quantizable layers measured; {len(risky)} at risk under W4A4 (risk > {RISKY:g})"
+            + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else ""))
 
 
 @app.command("calibrate", epilog=CALIBRATE_EPILOG)
@@ -188,6 +195,7 @@ def calibrate_command(
                                                        "blocks at a time (default: as many as fit)")] = None,
     activations: Annotated[Path | None, typer.Option("--activations", help=ACTIVATIONS_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing OUTPUT")] = False,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
 ) -> None:
     """Static input_scale per quantizable layer (amax/2688 of its activations in ComfyUI), for convert.
 
@@ -200,5 +208,8 @@ def calibrate_command(
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     scales = input_scales(result, percentile=percentile, margin=margin)
     _write_json(output, scales, _inputs(src), force)
-    console().print(f"wrote {escape(str(output))}: {len(scales)} input scales (percentile {percentile:g}, "
-                    f"margin {margin:g}) from {result.describe_inputs()}")
+    said = (f"wrote {output}: {len(scales)} input scales (percentile {percentile:g}, margin {margin:g}) from "
+            f"{result.describe_inputs()}")
+    render(fmt, [], lambda: {"version": 1, "output": str(output), "percentile": percentile, "margin": margin,
+                             "input_scales": scales},
+           lambda: console().print(escape(said)), summary=lambda: said, file=src, title="nvdiag calibrate")

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from inspect_tools.cli import app
 from inspect_tools.cli.output import (
+    FORMAT_HELP,
     OutputFormat,
     compact_findings_table,
     console,
@@ -142,7 +143,7 @@ def verify_command(
     decode: Annotated[bool, typer.Option("--decode/--no-decode", help="Also decode every quantized layer against "
                                          "REF (nvdiag roundtrip), which finds faults the output on synthetic inputs "
                                          "hides")] = True,
-    fmt: Annotated[OutputFormat, typer.Option("--format", help="text, json or github")] = OutputFormat.text,
+    fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
     fail_on: Annotated[str, typer.Option("--fail-on", help="Exit 1 at or above: error, warning, info")] = "error",
 ) -> None:
     """Load PATH and REF with ComfyUI's own loader, run both denoisers and compare what they render.
@@ -170,5 +171,6 @@ def verify_command(
 
         result = verify(runtime, mine, ref, compute=compute_paths(compute), steps=steps, seed=seed,
                         progress=progress, blocks_at_once=blocks_at_once, decode=decode)
-    render(fmt, result.findings, lambda: document(result), lambda: print_text(result))
+    render(fmt, result.findings, lambda: document(result), lambda: print_text(result), summary=result.verdict,
+           file=path, title="nvdiag verify")
     raise typer.Exit(exit_code(result.findings, threshold))
