@@ -537,6 +537,11 @@ def nothing_to_compare(mine: CheckpointModel, ref: CheckpointModel, alignment: A
     """Why no layer pair was selected, as the error that ends the run (a run that compares nothing must not pass)."""
     quantized = [layer for layer in mine.layers.values() if layer.is_quantized and layer.has("weight")]
     if not quantized:
+        theirs = sum(layer.is_quantized and layer.has("weight") for layer in ref.layers.values())
+        if theirs:
+            return UsageError(f"{mine.path.name} has no quantized layer: nothing to roundtrip, but --against "
+                              f"{ref.path.name} has {theirs}: "
+                              f"did you swap PATH and --against? (nvdiag roundtrip {ref.path} --against {mine.path})")
         return InputError("has no quantized layer: nothing to roundtrip", str(mine.path))
     paired = [p for p in alignment.pairs if p.mine.is_quantized and p.mine.has("weight")]
     if paired and layers:

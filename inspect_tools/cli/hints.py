@@ -114,6 +114,8 @@ def container_hint(path: str | Path) -> str | None:
         ".safetensors", ".sft") else None
     if kind == named or named is None and kind in ("gguf", "safetensors"):
         return None
+    if path.suffix.lower() == ".json":
+        return None  # an index.json is text by design: the reader's message says what is wrong with it
     if kind == "gguf":
         return "this is a GGUF file: give it a .gguf name"
     if kind == "safetensors":

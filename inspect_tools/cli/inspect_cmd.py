@@ -73,7 +73,7 @@ def _print_text(doc: dict) -> None:
     show_compute = any(layer["compute"] for layer in doc["layers"])
     header = ["layer", "format", *(["compute"] if show_compute else []), "dtype", "shape", "aux"]
     rows = []
-    for layer in doc["layers"]:
+    for layer in doc["layers"][:TABLE_ROWS]:
         tensors = layer["tensors"]
         main = next((r for r in MAIN_ROLES if r in tensors), next(iter(tensors)))
         aux = [f"{r} {t['dtype']}" for r, t in tensors.items() if r != main]
@@ -83,13 +83,13 @@ def _print_text(doc: dict) -> None:
     # the aux list may fold between its entries; a layer name may not be split
     if table_width(header, [row[:-1] + [row[-1][:16]] for row in rows], padding=3) > out.width:
         print_records(out, header, rows, "layers")
-        return
-    table = Table(title="layers", show_header=True)
-    for column in header:
-        table.add_column(column, overflow="fold" if column == "aux" else "ellipsis", no_wrap=column != "aux")
-    for row in rows:
-        table.add_row(*row)
-    out.print(table)
+    else:
+        table = Table(title="layers", show_header=True)
+        for column in header:
+            table.add_column(column, overflow="fold" if column == "aux" else "ellipsis", no_wrap=column != "aux")
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
     if len(doc["layers"]) > TABLE_ROWS:
         out.print(f"[dim]layers: showing {TABLE_ROWS} of {len(doc['layers'])} (--layers GLOB to narrow, --format json "
                   "for all)[/]")
