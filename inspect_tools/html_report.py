@@ -38,7 +38,7 @@ def require_matplotlib() -> Any:
     return plt
 
 
-def _png(fig: Any, plt: Any) -> str:
+def png_base64(fig: Any, plt: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
     plt.close(fig)
@@ -60,7 +60,7 @@ def error_bars_png(layers: list[LayerResult], plt: Any) -> str:
     ax.set_xscale("log")
     ax.set_xlabel("relative Frobenius error (capped at 10)")
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig, plt)
+    return png_base64(fig, plt)
 
 
 # The linear-layout signature: a block of 16 weights along a row decoded with another block's scale, the wrong block
@@ -155,7 +155,7 @@ def heatmap_png(items: list[Panel], plt: Any) -> str:
         ax.set_ylabel("output row")
     bar = fig.colorbar(image, ax=list(axes[0]))
     bar.set_label("|decoded - reference| / correct file's error (1 = as good as a correct file)", fontsize=8)
-    return _png(fig, plt)
+    return png_base64(fig, plt)
 
 
 def _cell(value: float | None, digits: int = 4) -> str:

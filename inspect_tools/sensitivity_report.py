@@ -14,18 +14,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from inspect_tools.html_report import _png, require_matplotlib
+from inspect_tools.comfyui.pieces import BLOCK_KEY
+from inspect_tools.html_report import png_base64, require_matplotlib
 
 OUTSIDE = "outside blocks"
 
 
 def _split(name: str) -> tuple[str, str]:
     """Layer name -> (row, column): "blocks.3.self_attn.o" -> ("3", "self_attn.o"); no block -> (OUTSIDE, name)."""
-    parts = name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part.isdigit() and i > 0:
-            return part, ".".join(parts[i + 1:])
-    return OUTSIDE, name
+    match = BLOCK_KEY.match(name)
+    if match is None or match.group("rest") is None:
+        return OUTSIDE, name
+    return match.group("index"), match.group("rest")
 
 
 def grid(layers: list[Any], metric: str) -> tuple[list[str], list[str], list[list[float]]]:
@@ -69,7 +69,7 @@ def heatmaps_png(layers: list[Any], risky: float, plt: Any) -> str:
                 if math.isfinite(value) and value > risky:
                     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#00a0ff", linewidth=2))
     fig.colorbar(image, ax=axes, label="relative output error against full precision (log)", shrink=0.8)
-    return _png(fig, plt)
+    return png_base64(fig, plt)
 
 
 def render(result: Any, risky: float) -> str:

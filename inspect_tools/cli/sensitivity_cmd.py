@@ -6,7 +6,7 @@ import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich import box
@@ -67,27 +67,28 @@ def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, s
                            blocks_at_once=blocks_at_once)
 
 
-def _inputs(src: str) -> list[Path]:
-    with open_model(src) as model:
-        return list(model.reader.files)
-
-
-def _check_new(path: Path, src: str, force: bool) -> None:
+def _check_outputs(paths: list[Path | None], src: str, force: bool) -> None:
     """Refuse an output that is an input, or exists without --force, before any measuring."""
     from inspect_tools.writer import check_output_path
 
-    check_output_path(path, _inputs(src))
+    wanted = [path for path in paths if path is not None]
+    if not wanted:
+        return
+    with open_model(src) as model:
+        inputs = list(model.reader.files)
+    for path in wanted:
+        check_output_path(path, inputs)
+        if path.exists() and not force:
+            raise OutputError("exists; pass --force to overwrite it", str(path))
+
+
+def _write(path: Path, text: str, force: bool) -> None:
+    """Write atomically; a file that appeared while measuring is not overwritten without --force."""
+    from inspect_tools.writer import atomic_write_text
+
     if path.exists() and not force:
         raise OutputError("exists; pass --force to overwrite it", str(path))
-
-
-def _write_json(path: Path, doc: dict[str, Any], inputs: list[Path], force: bool) -> None:
-    from inspect_tools.writer import atomic_write_text, check_output_path
-
-    check_output_path(path, inputs)
-    if path.exists() and not force:
-        raise OutputError("exists; pass --force to overwrite it", str(path))
-    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    atomic_write_text(path, text)
 
 
 def print_text(result: SensitivityResult) -> None:
@@ -147,19 +148,16 @@ def sensitivity_command(
         from inspect_tools.html_report import require_matplotlib
 
         require_matplotlib()  # before minutes of measuring, not after
-        _check_new(report, src, force)
-    if output is not None:
-        _check_new(output, src, force)
+    _check_outputs([output, report], src, force)
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     doc = result.to_json()
     if output is not None:
-        _write_json(output, doc, _inputs(src), force)
+        _write(output, json.dumps(doc, indent=2) + "\n", force)
     if report is not None:
         from inspect_tools.comfyui.sensitivity import RISKY
         from inspect_tools.sensitivity_report import render as render_html
-        from inspect_tools.writer import atomic_write_text
 
-        atomic_write_text(report, render_html(result, RISKY))
+        _write(report, render_html(result, RISKY), force)
 
     def text() -> None:
         print_text(result)
@@ -205,9 +203,10 @@ def calibrate_command(
     """
     from inspect_tools.comfyui.sensitivity import input_scales
 
+    _check_outputs([output], src, force)
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     scales = input_scales(result, percentile=percentile, margin=margin)
-    _write_json(output, scales, _inputs(src), force)
+    _write(output, json.dumps(scales, indent=2) + "\n", force)
     said = (f"wrote {output}: {len(scales)} input scales (percentile {percentile:g}, margin {margin:g}) from "
             f"{result.describe_inputs()}")
     render(fmt, [], lambda: {"version": 1, "output": str(output), "percentile": percentile, "margin": margin,
