@@ -51,6 +51,7 @@ HEATMAP_ROWS = 128
 HEATMAP_COLS = 256
 # Roles a decoder never needs; not read from disk.
 UNUSED_ROLES = ("bias", "comfy_quant")
+TILE_ROWS = 128  # NVFP4's swizzled block scales come in 128-row tiles
 
 CAUSE_VERDICT: dict[str, tuple[str, str]] = {
     "scale-layout-linear": ("block scales are stored in linear layout",
@@ -321,17 +322,32 @@ def reference_error(layer: Layer) -> float:
 
 def format_baseline(fmt: Format, reference: torch.Tensor) -> float:
     """e_fmt: the error of re-encoding REF's layer with PATH's format (typical error if it cannot encode).
-    NVFP4 re-encodes through the chunked fast encoder, bit-identical to fmt.quantize and far cheaper in memory and
-    time, on whichever device holds the reference (so --device cuda encodes on the GPU)."""
+    NVFP4 re-encodes through the chunked fast encoder, far cheaper in memory and time than the reference codec, on
+    whichever device holds the reference (so --device cuda encodes on the GPU). The fast encoder is what convert
+    writes with, so it is never trusted blindly: its first row tile must be bit-identical to the reference codec's,
+    else the whole baseline comes from the reference codec (a broken encoder must not lower its own bar)."""
     try:
         if fmt.slug == "nvfp4" and reference.dim() == 2:
             encoded = fast_encode.encode_nvfp4(reference, device=reference.device)
             encoded = {role: t.to(reference.device) for role, t in encoded.items()}
+            if not _agrees_with_reference_codec(fmt, reference, encoded):
+                encoded = fmt.quantize(reference, encoded["weight_scale_2"])
         else:
             encoded = fmt.quantize(reference)
         return relative_error(fmt.dequantize(encoded, tuple(reference.shape)), reference)
     except NotImplementedError:
         return type(fmt).typical_rel_error
+
+
+def _agrees_with_reference_codec(fmt: Format, reference: torch.Tensor, encoded: dict[str, torch.Tensor]) -> bool:
+    """The fast encoding's first 128-row tile (codes and its swizzled block-scale tile) equals the reference codec's
+    encoding of those rows with the same per-tensor scale: NVFP4 is row-local, and a 128-row tile of swizzled scales
+    is contiguous, so the tile alone decides."""
+    rows = min(TILE_ROWS, reference.shape[0])
+    tile = fmt.quantize(reference[:rows], encoded["weight_scale_2"])
+    packed, scales = tile["weight"], tile["weight_scale"].view(torch.uint8)
+    return (torch.equal(encoded["weight"][: packed.shape[0]].cpu(), packed.cpu())
+            and torch.equal(encoded["weight_scale"].view(torch.uint8)[: scales.shape[0]].cpu(), scales.cpu()))
 
 
 # --- per layer ----------------------------------------------------------------------------------------------

@@ -102,6 +102,13 @@ class Format:
         raise NotImplementedError
 
     @classmethod
+    def error_ceiling(cls, weight: torch.Tensor, scale: torch.Tensor) -> float | None:
+        """The largest relative error ||decode(encode(W)) - W|| / ||W|| that ANY correct encoding of `weight` with
+        this per-tensor `scale` can have, derived from the format's number grid alone (no encoder involved); None
+        when the format states no such bound. A decode above it is wrong whatever any baseline says."""
+        return None
+
+    @classmethod
     def describe(cls) -> str:
         """'weight U8 + weight_scale F8_E4M3 + weight_scale_2 F32 scalar' for diff and explanations."""
         parts = []

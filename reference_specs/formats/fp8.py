@@ -109,6 +109,25 @@ class _ComfyFP8(Format):
         scale = scale.reshape(())
         return {"weight": quantize_fp8(weight, scale, self.torch_dtype), "weight_scale": scale}
 
+    @classmethod
+    def error_ceiling(cls, weight: torch.Tensor, scale: torch.Tensor) -> float | None:
+        """Bound from the FP8 grid alone: rounding y = x/scale to the nearest FP8 value errs by at most half an
+        ulp, 2^-(m+1) |y| for normal y (m mantissa bits) and half the subnormal spacing below; beyond fp8_max y is
+        clamped. comfy-kitchen multiplies by 1/scale in the weight's own dtype (BF16 keeps 8 bits), which adds up
+        to 2^-7 |x|; that slack is granted to every source dtype."""
+        import torch
+
+        info = torch.finfo(cls.torch_dtype)
+        x = weight.to(torch.float32).abs()
+        norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        if norm == 0.0:
+            return 0.0
+        s = float(scale.to(torch.float32).reshape(()))
+        half_ulp = info.eps / 2
+        rounding = torch.clamp(x * half_ulp * (1 + 2.0**-7), min=info.smallest_normal * half_ulp * s)
+        bound = torch.maximum(rounding + x * 2.0**-7, x - info.max * s)
+        return float(torch.linalg.vector_norm(bound, dtype=torch.float64)) / norm * (1 + 1e-6)
+
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         weight = dequantize_fp8(as_fp8(tensors["weight"], self.torch_dtype), tensors["weight_scale"])
         return weight.reshape(shape)

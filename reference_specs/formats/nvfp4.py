@@ -229,6 +229,30 @@ class NVFP4(Format):
             "weight_scale_2": scale_2,
         }
 
+    @classmethod
+    def error_ceiling(cls, weight: torch.Tensor, scale: torch.Tensor) -> float | None:
+        """Bound from the E2M1 grid {0, .5, 1, 1.5, 2, 3, 4, 6} alone. With block scale s an element x is rounded
+        to the nearest grid point times s: half the gap there is at most 0.25 s below 2 s and at most |x|/4 above
+        (gaps 1 on [2, 4], 2 on [4, 6]); beyond 6 s it is clamped (error |x| - 6 s). The spec's block scale is
+        amax/6/scale_2 rounded to E4M3, but any rounding of it is allowed here: one E4M3 step up or down (1/8
+        relative, 2^-9 absolute in the subnormal range). The bound holds for every encoder that picks the block
+        scale that way and rounds each element to a neighbouring grid point."""
+        import torch
+
+        rows, cols = weight.shape
+        x = pad_to(weight.to(torch.float32), rows, roundup(cols, BLOCK)).reshape(rows, -1, BLOCK).abs()
+        norm = float(torch.linalg.vector_norm(x, dtype=torch.float64))
+        if norm == 0.0:
+            return 0.0
+        scale_2 = scale.to(torch.float32).reshape(())
+        exact = torch.clamp(x.amax(-1, keepdim=True) / F4_E2M1_MAX / scale_2, max=F8_E4M3_MAX)
+        s = exact.to(torch.float8_e4m3fn).to(torch.float32)
+        step = 2.0**-9
+        s_up = (s * 1.125 + step) * scale_2
+        s_down = torch.clamp(s / 1.125 - step, min=0.0) * scale_2
+        bound = torch.maximum(torch.maximum(0.25 * s_up, x / 4), x - F4_E2M1_MAX * s_down)
+        return float(torch.linalg.vector_norm(bound, dtype=torch.float64)) / norm * (1 + 1e-6)
+
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
         import torch
 
