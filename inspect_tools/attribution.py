@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import combinations
 
 import torch
 
@@ -61,11 +62,18 @@ class Attribution:
     cause: str
     errors: dict[str, float | None] = field(default_factory=dict)
     sign_agreement: float | None = None
+    together_with: tuple[str, ...] = ()  # further causes of the same layer (a combined re-reading fitted)
+
+    @property
+    def causes(self) -> tuple[str, ...]:
+        return (self.cause, *self.together_with)
 
     def evidence(self) -> dict[str, object]:
         out: dict[str, object] = {"hypotheses": {k: _finite(v) for k, v in self.errors.items()}}
         if self.sign_agreement is not None:
             out["sign_agreement"] = round(self.sign_agreement, 4)
+        if self.together_with:
+            out["causes"] = list(self.causes)
         return out
 
 
@@ -107,6 +115,96 @@ NVFP4_REREADINGS: dict[str, Callable[[Tensors], Tensors | None]] = {
     "nibble-order": _nibbles_swapped,
     "scale2-reciprocal": _scale2_reciprocal,
 }
+# Faults come together in real files (a hand-renamed ModelOpt export: linear scales AND low-nibble-first codes), so
+# every combination is a reading of its own; a name joins its causes with JOIN.
+JOIN = "+"
+NVFP4_READINGS: tuple[tuple[str, ...], ...] = tuple(
+    combo for n in range(1, len(NVFP4_REREADINGS) + 1) for combo in combinations(NVFP4_REREADINGS, n))
+# A re-reading beats the stored one decisively when it cuts the error by more than this share. A correct file's
+# other readings pair codes with foreign scales or neighbours' positions and are far worse, never slightly better;
+# where a reading changes nothing (all block scales equal, both nibbles equal) the errors tie exactly.
+DECISIVE_GAIN = 0.05
+PROBE_ROWS = 128  # the re-readings are first tried on row tiles (start and middle), then confirmed on the layer
+
+
+def reread(tensors: Tensors, causes: tuple[str, ...]) -> Tensors | None:
+    """The stored tensors read as a file with all of `causes` would need: None when a reading does not apply."""
+    out: Tensors | None = tensors
+    for cause in causes:
+        out = NVFP4_REREADINGS[cause](out) if out is not None else None
+    return out
+
+
+def _probe_rows(rows: int) -> list[int]:
+    """Starts of the 128-row tiles the re-readings are tried on first: the first and the middle one."""
+    tiles = -(-rows // PROBE_ROWS)
+    return sorted({0, tiles // 2 * PROBE_ROWS})
+
+
+def _tile(tensors: Tensors, start: int, rows: int) -> Tensors | None:
+    """Rows [start, start + rows) of an NVFP4 layer: packed rows plus their 128-row block-scale tile, which is the
+    same byte range in the swizzled and the row-major layout (both padded to 128 rows); None for unpadded scales."""
+    scales = tensors["weight_scale"]
+    if scales.shape[0] % PROBE_ROWS or start + PROBE_ROWS > scales.shape[0]:
+        return None
+    return {**tensors, "weight": tensors["weight"][start:start + rows],
+            "weight_scale": scales[start:start + PROBE_ROWS]}
+
+
+def _probe_errors(fmt: Format, tensors: Tensors, reference: torch.Tensor) -> dict[tuple[str, ...], float] | None:
+    """Relative error of the stored reading (key ()) and of every combined re-reading on the probe tiles."""
+    rows, cols = reference.shape
+    tiles = []
+    for start in _probe_rows(rows):
+        stop = min(rows, start + PROBE_ROWS)
+        tile = _tile(tensors, start, roundup(stop - start, 16))
+        if tile is None:
+            return None
+        tiles.append((tile, reference[start:stop]))
+    errors: dict[tuple[str, ...], float] = {}
+    for causes in ((), *NVFP4_READINGS):
+        err_sq = norm_sq = 0.0
+        for tile, ref in tiles:
+            error = _try(lambda t=tile, r=ref, c=causes: _decode(fmt, reread(t, c), tuple(r.shape)), ref)
+            if error is None:
+                break
+            norm = float(torch.linalg.vector_norm(ref, dtype=torch.float64)) ** 2
+            err_sq, norm_sq = err_sq + error**2 * norm, norm_sq + norm
+        else:
+            errors[causes] = math.sqrt(err_sq / norm_sq) if norm_sq else 0.0
+    return errors
+
+
+def simplest_best(errors: dict[tuple[str, ...], float]) -> tuple[str, ...]:
+    """The reading with the fewest causes among those within DECISIVE_GAIN of the lowest error: a cause whose
+    re-reading changes nothing on this layer (all block scales equal) or next to nothing is not blamed."""
+    low = min(errors.values())
+    close = [c for c, e in errors.items() if e <= low * (1 + DECISIVE_GAIN) + 1e-12]
+    return min(close, key=lambda c: (len(c), errors[c]))
+
+
+def decisive_rereading(fmt: Format, tensors: Tensors, reference: torch.Tensor,
+                       stored_error: float) -> Attribution | None:
+    """An exact re-reading that brings the layer decisively closer to `reference` than the stored reading, at any
+    error ratio (a uniform-weight layer with linear scales errs only 1.35x its expected error, yet reading its
+    scales swizzled gives back the baseline exactly). Tried on probe tiles, confirmed on the whole layer."""
+    if not isinstance(fmt, NVFP4) or not math.isfinite(stored_error) or stored_error <= 0:
+        return None
+    probe = _probe_errors(fmt, tensors, reference)
+    if probe is None or () not in probe:
+        return None
+    stored = probe.pop(())
+    if not probe:
+        return None
+    best = simplest_best(probe)
+    if not probe[best] < stored * (1 - DECISIVE_GAIN):
+        return None
+    whole = _try(lambda: _decode(fmt, reread(tensors, best), tuple(reference.shape)), reference)
+    if whole is None or not whole < stored_error * (1 - DECISIVE_GAIN):
+        return None
+    errors: dict[str, float | None] = {JOIN.join(c): e for c, e in probe.items()}
+    errors[JOIN.join(best)] = whole
+    return Attribution(cause=best[0], errors=errors, together_with=best[1:])
 
 
 def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
@@ -174,8 +272,8 @@ def attribute(
     shape = tuple(reference.shape)
     errors: dict[str, float | None] = {}
     if isinstance(fmt, NVFP4):
-        for cause, reread in NVFP4_REREADINGS.items():
-            errors[cause] = _try(lambda r=reread: _decode(fmt, r(tensors), shape), reference)
+        for cause, reading in NVFP4_REREADINGS.items():
+            errors[cause] = _try(lambda r=reading: _decode(fmt, r(tensors), shape), reference)
     square = len(shape) == 2 and shape[0] == shape[1]
     errors["transposed-weight"] = (
         _try(lambda: decoded.transpose(0, 1), reference) if decoded is not None and square else None
@@ -189,6 +287,12 @@ def attribute(
         c: e for c, e in errors.items() if e is not None and not far_above(e, expected_for.get(c, expected))
     }
     if isinstance(fmt, NVFP4):
+        for combo in (c for c in NVFP4_READINGS if len(c) > 1):
+            name = JOIN.join(combo)
+            errors[name] = _try(lambda c=combo: _decode(fmt, reread(tensors, c), shape), reference)
+            if errors[name] is not None and not far_above(errors[name], expected):
+                specific[name] = errors[name]
+    if isinstance(fmt, NVFP4):
         errors["stale-scale"] = _try(lambda: nvfp4_block_refit(tensors, reference), reference)
         signs = _safe(lambda: nvfp4_sign_agreement(tensors, reference))
     else:
@@ -196,11 +300,9 @@ def attribute(
             else None
         signs = None
     if specific:
-        cause = min(specific, key=lambda c: specific[c])
-    elif not far_above(errors["stale-scale"], expected):
-        cause = "stale-scale"
-    else:
-        cause = "excess-error"
+        causes = simplest_best({tuple(c.split(JOIN)): e for c, e in specific.items()})
+        return Attribution(cause=causes[0], errors=errors, sign_agreement=signs, together_with=causes[1:])
+    cause = "stale-scale" if not far_above(errors["stale-scale"], expected) else "excess-error"
     return Attribution(cause=cause, errors=errors, sign_agreement=signs)
 
 

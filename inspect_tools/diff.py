@@ -754,8 +754,7 @@ def compare_values(
             rows.append({"layer": pair.mine.name, "key": pair.key, "status": "unreadable", "note": str(exc)})
             continue
         rows.append(result.to_json())
-        finding = roundtrip.finding_for(result, mine.path)
-        if finding is not None:
+        for finding in roundtrip.findings_for(result, mine.path):
             if result.status == "unreadable":
                 message = f"MINE's layer {result.note}"
             else:

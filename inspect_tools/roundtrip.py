@@ -20,14 +20,22 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from inspect_tools.align import Alignment, LayerPair, align_layers
-from inspect_tools.attribution import Attribution, attribute, far_above, limit, relative_error
+from inspect_tools.attribution import (
+    JOIN,
+    Attribution,
+    attribute,
+    decisive_rereading,
+    far_above,
+    limit,
+    relative_error,
+)
 from inspect_tools.errors import InputError, UsageError
 from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs import formats
@@ -404,6 +412,10 @@ def check_pair(
     if far_above(error, result.expected):
         result.status = "far-above"
         result.attribution = attribute(fmt, tensors, reference, result.expected, decoded, result.ref_error)
+    elif error is not None and (reading := decisive_rereading(fmt, tensors, reference, error)) is not None:
+        result.status, result.attribution = "far-above", reading
+        result.note = f"within the limit, but re-read as {' + '.join(reading.causes)} it errs " \
+                      f"{reading.errors[JOIN.join(reading.causes)]:.3g}"
     crop = None
     if heatmap and decoded is not None:
         values = (decoded - reference).abs()[:HEATMAP_ROWS, :HEATMAP_COLS].float().cpu()
@@ -450,13 +462,14 @@ def finding_for(result: LayerResult, path: Path, ref_path: Path | None = None) -
     if result.status == "far-above":
         assert result.attribution is not None and result.expected is not None
         stored = result.metrics.rel_error if result.metrics else None
-        what = CAUSE_VERDICT[result.cause or "excess-error"][0]
+        what = " and ".join(CAUSE_VERDICT[c][0] for c in result.attribution.causes)
         shown = f"{stored:.3g}" if stored is not None and math.isfinite(stored) else "undecodable"
+        within = f" ({result.note})" if result.note and stored is not None and stored <= limit(result.expected) else ""
         return Finding(
             rule=RULE_DECODES_WRONGLY, cause=result.attribution.cause, severity=Severity.ERROR, file=str(path),
             layer=result.name,
-            message=f"relative error {shown} vs expected {result.expected:.3g} (limit {limit(result.expected):.3g}): "
-            f"{what}",
+            message=f"relative error {shown} vs expected {result.expected:.3g} (limit {limit(result.expected):.3g})"
+            f"{within}: {what}",
             evidence={
                 "ref_layer": result.ref_name,
                 "stored": _json_float(stored),
@@ -480,6 +493,16 @@ def finding_for(result: LayerResult, path: Path, ref_path: Path | None = None) -
 
 
 # --- the whole run ------------------------------------------------------------------------------------------
+
+
+def findings_for(result: LayerResult, path: Path, ref_path: Path | None = None) -> list[Finding]:
+    """finding_for, plus one finding per further cause of a layer with several (each cause has its own remedy, and
+    `nvdiag fix` plans repairs per finding)."""
+    finding = finding_for(result, path, ref_path)
+    if finding is None:
+        return []
+    extra = result.attribution.together_with if result.attribution and finding.rule == RULE_DECODES_WRONGLY else ()
+    return [finding] + [replace(finding, cause=cause, evidence=dict(finding.evidence)) for cause in extra]
 
 
 def select_pairs(pairs: list[LayerPair], layers: str | None = None, sample: int | None = None) -> list[LayerPair]:
@@ -532,9 +555,7 @@ def roundtrip(
         result.layers.append(layer_result)
         if crop is not None:
             kept = sorted([*kept, (layer_result.ratio or 0.0, crop)], key=lambda x: -x[0])[:heatmaps]
-        finding = finding_for(layer_result, mine.path, ref.path)
-        if finding is not None:
-            result.findings.append(finding)
+        result.findings += findings_for(layer_result, mine.path, ref.path)
         if progress is not None:
             progress(i + 1, len(pairs), pair.mine.name)
     result.heatmaps = [h for _, h in kept]

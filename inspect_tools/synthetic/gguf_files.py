@@ -106,6 +106,7 @@ def write_gguf(
     dims: dict[str, int] | None = None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    statistic: str = "structured",
 ) -> Path:
     """A city96-style GGUF of `variant` (native names, 5-D patch_embedding left out)."""
     profile = profile_for(variant)
@@ -114,7 +115,7 @@ def write_gguf(
     tmp = path.with_name(path.name + ".tmp")
     writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH[profile.family])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for key, tensor in float_state_dict(variant, dims, dtype, "native", seed).items():
+    for key, tensor in float_state_dict(variant, dims, dtype, "native", seed, statistic).items():
         ggml_type = city96_type(profile.family, key, tuple(tensor.shape), qtype, dtype)
         if ggml_type is None or tensor.numel() == 0:
             continue

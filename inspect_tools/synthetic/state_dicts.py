@@ -49,11 +49,13 @@ def float_state_dict(
     dtype: torch.dtype = torch.float32,
     naming: str = "native",
     seed: int = 0,
+    statistic: str = "structured",
 ) -> dict[str, torch.Tensor]:
-    """Every tensor of `variant` with realistic values; keys in `naming` ("native" or "diffusers")."""
+    """Every tensor of `variant` with realistic values; keys in `naming` ("native" or "diffusers"); `statistic`:
+    the weight statistic of the linears (values.STATISTICS)."""
     profile = profile_for(variant)
     return {
-        rename(profile, key, naming): tensor_value(key, shape, seed).to(dtype)
+        rename(profile, key, naming): tensor_value(key, shape, seed, statistic).to(dtype)
         for key, shape in shapes_for(variant, dims).items()
     }
 

@@ -10,6 +10,7 @@ other tensors are generated, on the order, or on the naming scheme it is written
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 
 import torch
 
@@ -34,11 +35,52 @@ def linear_weight(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
     return base * columns * rows.unsqueeze(1)
 
 
-def tensor_value(name: str, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """float32 values for the tensor `name` (a native key) of `shape`."""
+def _student_t(shape: tuple[int, int], gen: torch.Generator, dof: int) -> torch.Tensor:
+    chi2 = (torch.randn((dof, *shape), generator=gen) ** 2).sum(0)
+    return torch.randn(shape, generator=gen) / torch.sqrt(chi2 / dof)
+
+
+def _column_outliers(shape: tuple[int, int], gen: torch.Generator, gain: float) -> torch.Tensor:
+    out_f, in_f = shape
+    columns = torch.ones(in_f)
+    columns[torch.randperm(in_f, generator=gen)[: max(1, in_f // 100)]] = gain
+    return torch.randn(shape, generator=gen) / in_f**0.5 * columns
+
+
+def _per_head(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """128-row heads with their own log-normal gain and Student-t(4) tails (attention projections)."""
+    out_f, in_f = shape
+    heads = -(-out_f // 128)
+    gains = torch.exp(torch.randn(heads, generator=gen)).repeat_interleave(128)[:out_f]
+    return _student_t(shape, gen, 4) / in_f**0.5 * gains.unsqueeze(1)
+
+
+def _equal_scales(shape: tuple[int, int], gen: torch.Generator) -> torch.Tensor:
+    """Every value +-c: every 16-element block has the same amax, so every block scale is the same byte."""
+    signs = torch.randint(0, 2, shape, generator=gen).to(torch.float32) * 2 - 1
+    return signs / shape[1] ** 0.5
+
+
+# Weight statistics of the fixture family: a diagnosis tuned to one generator is not a diagnosis. "structured" is the
+# trained-transformer look above; the others are what other models and initialisations give.
+STATISTICS: dict[str, Callable[[tuple[int, int], torch.Generator], torch.Tensor]] = {
+    "structured": linear_weight,
+    "gaussian": lambda shape, gen: torch.randn(shape, generator=gen) / shape[1] ** 0.5,
+    "uniform": lambda shape, gen: (torch.rand(shape, generator=gen) * 2 - 1) / shape[1] ** 0.5,  # kaiming-uniform
+    "student-t": lambda shape, gen: _student_t(shape, gen, 3) / shape[1] ** 0.5,
+    "per-head": _per_head,
+    "weak-outliers": lambda shape, gen: _column_outliers(shape, gen, 3.0),
+    "strong-outliers": lambda shape, gen: _column_outliers(shape, gen, 100.0),
+    "equal-scales": _equal_scales,
+}
+
+
+def tensor_value(name: str, shape: tuple[int, ...], seed: int = 0, statistic: str = "structured") -> torch.Tensor:
+    """float32 values for the tensor `name` (a native key) of `shape`; `statistic` (a STATISTICS key) shapes the
+    2-D linear weights."""
     gen = generator(seed, name)
     if len(shape) == 2 and name.endswith(".weight"):
-        return linear_weight((shape[0], shape[1]), gen)
+        return STATISTICS[statistic]((shape[0], shape[1]), gen)
     if any(d == 0 for d in shape):  # marker keys such as __index_timestep_zero__
         return torch.zeros(shape)
     if len(shape) == 1:

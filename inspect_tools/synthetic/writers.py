@@ -66,19 +66,21 @@ def write_float(
     seed: int = 0,
     sharded: int | None = None,
     prefix: str = "",
+    statistic: str = "structured",
 ) -> Path:
     """A plain float checkpoint. sharded=N: `path` is a folder receiving N shards + index.json (returned)."""
-    tensors = {prefix + k: v for k, v in float_state_dict(variant, dims, dtype, naming, seed).items()}
+    tensors = {prefix + k: v for k, v in float_state_dict(variant, dims, dtype, naming, seed, statistic).items()}
     if sharded:
         return write_sharded(tensors, path, sharded)
     return save_safetensors(tensors, path)
 
 
 def _plan(variant: str, dims: dict[str, int] | None, dtype: torch.dtype, seed: int, codec: formats.Format,
-          conf: dict, selection: Callable[[str], bool] | None, naming: str, prefix: str, markers: str) -> MixedPlan:
+          conf: dict, selection: Callable[[str], bool] | None, naming: str, prefix: str, markers: str,
+          statistic: str = "structured") -> MixedPlan:
     profile = profile_for(variant)
     chosen = selected(variant, dims, selection)
-    source, quantized = _quantized_model(variant, dims, dtype, seed, codec, tuple(chosen))
+    source, quantized = _quantized_model(variant, dims, dtype, seed, codec, tuple(chosen), statistic)
     plan = MixedPlan(profile=profile, source=source, codec=codec, conf=conf, tensors=dict(quantized),
                      quantized=list(chosen), markers=markers, naming=naming, prefix=prefix)
     plan.targets = list(plan.quantized)
@@ -92,10 +94,10 @@ _CACHE_SIZE = 8
 
 
 def _quantized_model(variant: str, dims: dict[str, int] | None, dtype: torch.dtype, seed: int,
-                     codec: formats.Format, chosen: tuple[str, ...]) -> tuple[dict, dict]:
-    key = (variant, tuple(sorted((dims or {}).items())), dtype, seed, type(codec).__name__, chosen)
+                     codec: formats.Format, chosen: tuple[str, ...], statistic: str) -> tuple[dict, dict]:
+    key = (variant, tuple(sorted((dims or {}).items())), dtype, seed, type(codec).__name__, chosen, statistic)
     if key not in _CACHE:
-        source = float_state_dict(variant, dims, dtype, "native", seed)
+        source = float_state_dict(variant, dims, dtype, "native", seed, statistic)
         plan = MixedPlan(profile=profile_for(variant), source=source, codec=codec, conf={})
         for base in chosen:
             plan.quantize(base)
@@ -135,13 +137,15 @@ def nvfp4_mixed_plan(
     fault_layers: list[str] | None = None,
     seed: int = 0,
     full_precision_mm: bool = False,
+    statistic: str = "structured",
 ) -> MixedPlan:
     """The NVFP4 mixed file before writing (see write_nvfp4_mixed); tests read `.quantized` and `.source`.
     full_precision_mm: every marker says "full_precision_matrix_mult": true (W4A16 on Blackwell)."""
     conf: dict[str, object] = {"format": "nvfp4"}
     if full_precision_mm:
         conf["full_precision_matrix_mult"] = True
-    plan = _plan(variant, dims, dtype, seed, formats.get("nvfp4")(), conf, selection, naming, prefix, markers)
+    plan = _plan(variant, dims, dtype, seed, formats.get("nvfp4")(), conf, selection, naming, prefix, markers,
+                 statistic)
     _add_input_scales(plan, input_scale)
     if fault_layers is not None:
         plan.targets = [b for b in fault_layers if b in plan.quantized]
@@ -172,10 +176,11 @@ def write_fp8_comfy(
     naming: str = "native",
     prefix: str = "",
     seed: int = 0,
+    statistic: str = "structured",
 ) -> Path:
     """comfy_quant float8_e4m3fn: weight F8_E4M3 + weight_scale F32 0-d (amax/448) + marker, same selection."""
     plan = _plan(variant, dims, dtype, seed, formats.get("float8_e4m3fn")(), {"format": "float8_e4m3fn"},
-                 selection, naming, prefix, markers)
+                 selection, naming, prefix, markers, statistic)
     tensors, metadata = plan.finish()
     return save_safetensors(tensors, path, metadata)
 
