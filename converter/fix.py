@@ -383,8 +383,8 @@ def plan_fix(model: CheckpointModel, findings: list[Finding], only: set[str] | N
                                               f.layer or ""))
     for f in ordered:
         key = _dedupe_key(f)
-        if key in p.done:
-            continue
+        if key in p.done or f.severity < Severity.WARNING:
+            continue  # an info finding states what lint could not decide (NV204 inconclusive): nothing to repair
         handler = HANDLERS.get(f.cause)
         if handler is None:
             reason, remedy = NOT_FIXABLE.get(f.cause, ("no lossless remedy is known", "re-convert with nvdiag convert"))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import comfy_kitchen as ck
 import pytest
 import torch
 
 from inspect_tools.lint import LintConfig, lint_paths
 from inspect_tools.synthetic import marker_tensor, save_safetensors
 from inspect_tools.synthetic.values import linear_weight
+from reference_specs.findings import Severity
 from reference_specs.formats.nvfp4 import NVFP4, unswizzle
 from reference_specs.rules.scale_layout import structure_score
 
@@ -62,16 +64,57 @@ def test_single_structured_layer_in_swizzled_layout_passes(shape: tuple[int, int
     assert probe_findings(write_layers(tmp_path / "swz.safetensors", [(weights(shape, True), False)])) == []
 
 
+UNPADDED_SHAPES = [(128, 128), (256, 256), (256, 1024), (1024, 256)]  # scale matrices need no padding slot
+
+
+def says_undeterminable(findings: list) -> bool:
+    """lint's answer when it cannot tell: one info finding pointing at roundtrip, never a silent pass."""
+    return (len(findings) == 1 and findings[0].severity == Severity.INFO and findings[0].evidence["verdict"] ==
+            "inconclusive" and "nvdiag roundtrip" in findings[0].message)
+
+
 @pytest.mark.parametrize("linear", [False, True])
-def test_iid_weights_never_give_a_verdict(linear: bool, tmp_path: Path) -> None:
-    layers = [(weights(shape, structured=False, seed=i), linear) for i, shape in enumerate(SMALL_SHAPES)]
-    assert probe_findings(write_layers(tmp_path / "iid.safetensors", layers)) == []
+def test_iid_weights_without_padding_are_said_to_be_undeterminable(linear: bool, tmp_path: Path) -> None:
+    layers = [(weights(shape, structured=False, seed=i), linear) for i, shape in enumerate(UNPADDED_SHAPES)]
+    assert says_undeterminable(probe_findings(write_layers(tmp_path / "iid.safetensors", layers)))
 
 
-def test_one_tile_column_is_inconclusive(tmp_path: Path) -> None:
+def test_one_tile_column_is_undeterminable(tmp_path: Path) -> None:
     """in=64 gives 4 scale columns: the two readings differ by a row permutation only, so no layer is scored."""
     path = write_layers(tmp_path / "narrow.safetensors", [(weights((256, 64), True), True)])
-    assert probe_findings(path) == []
+    assert says_undeterminable(probe_findings(path))
+
+
+PADDED_SHAPES = [(96, 320), (200, 72), (300, 1000)]  # rows not a multiple of 128, or in/16 not a multiple of 4
+def _per_head(g: torch.Generator, shape: tuple[int, int]) -> torch.Tensor:
+    gains = torch.exp(torch.randn(shape[0] // 8 + 1, generator=g)).repeat_interleave(8)[: shape[0], None]
+    return torch.randn(shape, generator=g) * gains
+
+
+STATISTICS_WITHOUT_STRUCTURE = {
+    "gaussian": lambda g, shape: torch.randn(shape, generator=g),
+    "uniform": lambda g, shape: torch.rand(shape, generator=g) * 2 - 1,
+    "per-head": _per_head,
+}
+
+
+@pytest.mark.parametrize("stat", STATISTICS_WITHOUT_STRUCTURE)
+@pytest.mark.parametrize("shape", PADDED_SHAPES)
+def test_padding_slots_decide_the_layout_whatever_the_weights(stat: str, shape: tuple[int, int],
+                                                              tmp_path: Path) -> None:
+    """comfy-kitchen pads the swizzled scales with zeros: only the right reading has zero padding slots."""
+    w = STATISTICS_WITHOUT_STRUCTURE[stat](torch.Generator().manual_seed(3), shape)
+    qdata, block = ck.quantize_nvfp4(w, w.abs().amax() / 2688, pad_16x=True)
+    for linear in (False, True):
+        tensors = {"layers.0.weight": qdata, "layers.0.weight_scale_2": (w.abs().amax() / 2688).reshape(()),
+                   "layers.0.weight_scale": unswizzle(block) if linear else block,
+                   "layers.0.comfy_quant": marker_tensor({"format": "nvfp4"})}
+        findings = probe_findings(save_safetensors(tensors, tmp_path / f"{linear}.safetensors"))
+        if linear:
+            (finding,) = findings
+            assert finding.severity == Severity.ERROR and finding.evidence["basis"] == "padding"
+        else:
+            assert findings == []
 
 
 def test_aggregate_evidence_over_many_layers(tmp_path: Path) -> None:

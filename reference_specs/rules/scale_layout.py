@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from reference_specs.findings import Finding
+from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import BLOCK, block_scale_shape
 from reference_specs.layer import Layer
 from reference_specs.rules.base import NVFP4, ModelView, Rule, RuleContext
@@ -93,6 +93,35 @@ def score_layer(layer: Layer, ctx: RuleContext) -> LayerScore | None:
     return LayerScore(layer.name, round(s, 4), round(lin, 4))
 
 
+def padding_reading(layer: Layer, ctx: RuleContext) -> str | None:
+    """'swizzled' or 'linear' when exactly one reading leaves every padding slot zero, None when the layer has no
+    padding or both (or neither) readings do.
+
+    The swizzled layout pads the [out, in/16] scales to [roundup(out, 128), roundup(in/16, 4)] with zeros
+    (comfy-kitchen's to_blocked, cuBLAS's layout); a row-major writer that pads to the same shape puts its zeros
+    at the end instead. Read the wrong way, real scales land in the padding slots. This holds for every weight
+    statistic, where the structure score needs structured weights."""
+    stored_shape, dims = layer.shape("weight_scale"), nvfp4_dims(layer, ctx)
+    if stored_shape is None or dims is None or stored_shape != block_scale_shape(*dims):
+        return None
+    rows, cols = dims[0], -(-dims[1] // BLOCK)
+    if (rows, cols) == tuple(stored_shape):
+        return None  # no padding slot: nothing to read
+    stored = load_block_scales(layer)
+    if stored is None or not bool(stored.any()):
+        return None
+
+    def padding_is_zero(logical: torch.Tensor) -> bool:  # noqa: F821 - torch only under TYPE_CHECKING
+        return not bool(logical[rows:].any()) and not bool(logical[:, cols:].any())
+
+    swizzled = as_swizzled(stored, *stored.shape)
+    if swizzled is None:
+        return None
+    readings = {"swizzled": padding_is_zero(swizzled), "linear": padding_is_zero(stored)}
+    zero = [name for name, ok in readings.items() if ok]
+    return zero[0] if len(zero) == 1 else None
+
+
 def _sample(layers: list[Layer], limit: int) -> list[Layer]:
     if len(layers) <= limit:
         return layers
@@ -103,18 +132,25 @@ def _sample(layers: list[Layer], limit: int) -> list[Layer]:
 def probe(model: ModelView, ctx: RuleContext) -> dict[str, object]:
     """Score a sample of the NVFP4 layers and aggregate: the evidence behind NV204's verdict."""
     candidates = [layer for layer in ctx.layers_of(NVFP4) if layer.has("weight_scale")]
-    scores = [s for layer in _sample(candidates, MAX_PROBE_LAYERS) if (s := score_layer(layer, ctx)) is not None]
+    sampled = _sample(candidates, MAX_PROBE_LAYERS)
+    padded = [p for layer in sampled if (p := padding_reading(layer, ctx)) is not None]
+    scores = [s for layer in sampled if (s := score_layer(layer, ctx)) is not None]
     diffs = [s.difference for s in scores]
     favour_linear = sum(d < -LAYER_MARGIN for d in diffs)
     favour_swizzled = sum(d > LAYER_MARGIN for d in diffs)
     median = statistics.median(diffs) if diffs else 0.0
-    verdict = "inconclusive"
-    if diffs and median < -VERDICT_MARGIN and favour_linear >= VERDICT_SHARE * len(diffs):
-        verdict = "linear"
+    verdict, basis = "inconclusive", None
+    if padded and len(set(padded)) == 1:
+        verdict, basis = padded[0], "padding"
+    elif diffs and median < -VERDICT_MARGIN and favour_linear >= VERDICT_SHARE * len(diffs):
+        verdict, basis = "linear", "structure"
     elif diffs and median > VERDICT_MARGIN and favour_swizzled >= VERDICT_SHARE * len(diffs):
-        verdict = "swizzled"
+        verdict, basis = "swizzled", "structure"
     return {
         "verdict": verdict,
+        "basis": basis,
+        "layers_candidate": len(candidates),
+        "layers_with_padding": len(padded),
         "layers_scored": len(scores),
         "layers_favouring_swizzled": favour_swizzled,
         "layers_favouring_linear": favour_linear,
@@ -147,20 +183,32 @@ class ScaleLayoutLinear(Rule):
 
 How it is detected: each sampled layer's block scales are read both ways (as swizzled and as row-major) and scored
 by how much of the variance of log2(scale) row means + column means explain (adjusted R^2). Real weights give the
-right reading far more structure. The verdict needs a clear median difference agreed by most layers; random or
-featureless weights give no verdict and no finding. The evidence lists the scores."""
+right reading far more structure. The verdict needs a clear median difference agreed by most layers. Before that,
+layers whose scale matrix has padding slots (out not a multiple of 128, or in/16 not a multiple of 4) are read
+exactly: the swizzled layout leaves those slots zero, a row-major writer leaves its zeros at the end, so only the
+right reading has zero padding, whatever the weights look like. Where neither gives a verdict (i.i.d., uniform
+or per-head weights of unpadded layers), NV204 says so as an info finding instead of passing silently: a roundtrip
+against any reference decides the layout exactly. The evidence lists the scores."""
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         evidence = probe(model, ctx)
-        if evidence["verdict"] != "linear":
-            return
-        yield self.finding(
-            f"block scales read as row-major have far more structure than as swizzled "
-            f"({evidence['layers_favouring_linear']} of {evidence['layers_scored']} layers, median score difference "
-            f"{evidence['median_difference']}): the file uses the linear layout ComfyUI misreads",
-            None,
-            evidence,
-        )
+        if evidence["verdict"] == "linear" and evidence["basis"] == "padding":
+            yield self.finding(
+                f"read as swizzled, the block scales put real values in the padding slots; read row-major they leave "
+                f"them zero ({evidence['layers_with_padding']} padded layers agree): the file uses the linear layout "
+                "ComfyUI misreads", None, evidence)
+        elif evidence["verdict"] == "linear":
+            yield self.finding(
+                f"block scales read as row-major have far more structure than as swizzled "
+                f"({evidence['layers_favouring_linear']} of {evidence['layers_scored']} layers, median score "
+                f"difference {evidence['median_difference']}): the file uses the linear layout ComfyUI misreads",
+                None, evidence)
+        elif evidence["verdict"] == "inconclusive" and evidence["layers_candidate"]:
+            yield self.finding(
+                "layout not determinable from the block scales alone (no padding slots to read, and these weights "
+                "give neither reading more structure): run `nvdiag roundtrip` against any reference you have "
+                "(the FP16, FP8 or GGUF file, or the source); it decides the layout layer by layer",
+                None, evidence, severity=Severity.INFO)
 
 
 class ScaleLayoutUnpadded(Rule):
