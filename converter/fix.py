@@ -9,6 +9,9 @@ Decisions (documented in the command's help too):
 - Nothing is written when an ERROR finding cannot be repaired: the result could not pass the gate anyway.
 - Warnings and infos that cannot be repaired do not block; they are listed.
 - Nothing to repair: OUT is not written (a byte copy helps nobody); exit 0.
+- Without --against, repairs that change decoded values (layout, nibbles, reciprocal scale) are written, but
+  nothing has checked the values (a second fault, such as swapped nibbles, is invisible to lint): the verdict says
+  NOT VERIFIED with the command that checks, and the exit code is 1.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ FIXABLE: dict[str, str] = {
     "input-scale-implausible": "weight-derived input_scale dropped (absent = dynamic activation scale)",
     "wrong-dtype": "scale re-stored in the dtype its role requires (values unchanged)",
 }
+
+# Repairs that change what the file decodes to: only a reference can confirm the result (fix's verdict says so).
+VALUE_CAUSES = ("scale-layout-linear", "nibble-order", "scale2-reciprocal")
 
 # What to do about causes fix never repairs (the plan's "not fixable here" list).
 NOT_FIXABLE: dict[str, tuple[str, str]] = {
@@ -455,8 +461,16 @@ class FixResult:
         return any(f.severity >= Severity.ERROR for f in self.gate_findings)
 
     @property
+    def unverified(self) -> list[str]:
+        """Repaired causes that change decoded values, made without a reference: nothing checked that the values
+        now decode right (a file with linear scales AND swapped nibbles shows lint only the layout)."""
+        if self.against:
+            return []
+        return sorted({r.cause for r in self.plan.repairs} & set(VALUE_CAUSES))
+
+    @property
     def exit_code(self) -> int:
-        return 1 if self.plan.blocking or self.refused else 0
+        return 1 if self.plan.blocking or self.refused or (self.unverified and not self.dry_run) else 0
 
     def verdict(self) -> str:
         repaired = ", ".join(f"{c} ({n})" for c, n in self.plan.repaired_causes().items())
@@ -475,10 +489,18 @@ class FixResult:
                          f"source the file was made from: {again}")
             return said
         if self.dry_run:
-            return f"would repair {repaired}"
+            return f"would repair {repaired}" + self._unverified_note()
         if self.refused:
             return f"the repaired file does not pass the gate ({len(self.gate_findings)} finding(s)); nothing written"
-        return f"repaired {repaired}; wrote {self.out}"
+        return f"repaired {repaired}; wrote {self.out}" + self._unverified_note()
+
+    def _unverified_note(self) -> str:
+        if not self.unverified:
+            return ""
+        check = shlex.join(["nvdiag", "roundtrip", str(self.out), "--against", "SRC"])
+        return (f"; NOT VERIFIED: {', '.join(self.unverified)} change(s) decoded values and no reference was given, "
+                "so nothing checked that the file now decodes right (swapped nibbles and stale scales are invisible "
+                f"without one): {check}, or fix again with --against SRC")
 
 
 def collect_findings(model: CheckpointModel, against: CheckpointModel | None = None) -> list[Finding]:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from converter.fix import PROVENANCE_KEY, fix_checkpoint
+from converter.fix import PROVENANCE_KEY, VALUE_CAUSES, fix_checkpoint
 from inspect_tools.cli import main
 from inspect_tools.layers import open_model
 from inspect_tools.lint import lint_model
@@ -79,7 +79,11 @@ def test_fix_gives_back_the_good_file(fault: str, files: dict[str, Path], tmp_pa
 
     result = fix_checkpoint(broken, out, against=files["ref"] if needs_ref else None)
 
-    assert result.exit_code == 0 and result.written, result.verdict()
+    assert result.written, result.verdict()
+    # a repair that changes decoded values, made without a reference, is written but reported unverified (exit 1)
+    unverified = not needs_ref and fault in VALUE_CAUSES
+    assert result.exit_code == (1 if unverified else 0), result.verdict()
+    assert ("NOT VERIFIED" in result.verdict()) == unverified
     assert sha(broken) == before
     assert_clean(out, files["ref"])
     good, good_meta = read(files[good_name])
@@ -98,6 +102,21 @@ def test_fix_gives_back_the_good_file(fault: str, files: dict[str, Path], tmp_pa
     cause = "input-scale-implausible" if fault == "weight-derived-input-scale" else (
         "invalid-quant-marker" if fault == "metadata-prefix" else fault)
     assert cause in provenance["repaired"] and provenance["tool"] == "nvdiag fix"
+
+
+def test_without_a_reference_a_second_fault_is_not_claimed_repaired(files: dict[str, Path], tmp_path: Path) -> None:
+    """Linear scales AND swapped nibbles (a hand-renamed ModelOpt export): lint sees only the layout. fix repairs
+    it, but must not call the file repaired; the reference then finds and repairs the nibbles."""
+    broken = write_nvfp4_mixed(tmp_path / "broken.safetensors", VARIANT, faults=["scale-layout-linear", "nibble-order"])
+    half = tmp_path / "half.safetensors"
+    result = fix_checkpoint(broken, half)
+    assert result.written and result.exit_code == 1
+    assert "NOT VERIFIED" in result.verdict() and "nvdiag roundtrip" in result.verdict()
+    assert {f.cause for f in run_roundtrip(half, files["ref"]).findings} == {"nibble-order"}
+    whole = tmp_path / "whole.safetensors"
+    again = fix_checkpoint(half, whole, against=files["ref"])
+    assert again.exit_code == 0 and again.written, again.verdict()
+    assert_clean(whole, files["ref"])
 
 
 def test_reciprocal_inversion_is_bit_exact_or_says_so(tmp_path: Path, files: dict[str, Path]) -> None:

@@ -107,8 +107,10 @@ def fix_command(
 
     OUT is written through a temporary file and published only when it lints clean (and roundtrips clean
     against --against). Exit codes: 0 written and clean, or nothing to repair (no file written), or a dry run whose
-    plan can be carried out; 1 error findings that cannot be repaired (nothing written) or the repaired file
-    failed the gate; 2 unreadable input or a refused OUT.
+    plan can be carried out; 1 error findings that cannot be repaired (nothing written), the repaired file
+    failed the gate, or value repairs (layout, nibbles, reciprocal scale) were written without --against, so
+    nothing verified that the file now decodes right (the verdict says NOT VERIFIED and how to check); 2
+    unreadable input or a refused OUT.
 
     Examples:
 
