@@ -114,6 +114,8 @@ def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 # The per-tensor scale's divisor: the largest block scale (FP8 E4M3) times the largest code (E2M1).
 SCALE_DIVISOR = F8_E4M3_MAX * F4_E2M1_MAX
+
+
 def scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype | str) -> torch.Tensor:
     """amax(|W|) / 2688 exactly as ComfyUI computes it for a weight of `dtype`, float32 0-d; may be 0.
 
