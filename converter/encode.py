@@ -2,8 +2,9 @@
 
 Quantizing goes through ENCODERS (action -> function), a module-level table on purpose: tests swap in a broken
 encoder there to prove the gate refuses what it writes. The encoders are the fast chunked ones from
-reference_specs/formats/fast_encode.py, bit-identical to the reference codecs (and to comfy-kitchen's quantizer) for
-the same per-tensor scale, on the CPU and on CUDA alike.
+reference_specs/formats/fast_encode.py, bit-identical to the reference codecs and to what ComfyUI writes when it
+quantizes the same tensor in the source's own dtype (FP32, BF16 or F16: the per-tensor scale is rounded the way
+ComfyUI rounds it for that dtype), on the CPU and on CUDA alike; see README, "What bit-identical means".
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ Encoder = Callable[[torch.Tensor, str], dict[str, torch.Tensor]]
 
 
 def encode_nvfp4(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Float weight [out, in] (any float dtype; FP32 is never rounded first) -> weight, weight_scale, weight_scale_2,
-    on the CPU. `weight` may already live on `device` (the GPU path stages it there)."""
+    """Float weight [out, in] (any float dtype, never rounded to another first: its dtype decides how weight_scale_2
+    rounds, as in ComfyUI) -> weight, weight_scale, weight_scale_2, on the CPU. `weight` may already live on `device`
+    (the GPU path stages it there)."""
     out = fast_encode.encode_nvfp4(weight, device=device)
     out["weight_scale_2"] = out["weight_scale_2"].to(torch.float32).reshape(())
     return out

@@ -199,7 +199,7 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     rows, cols = source.reader.tensors[name].shape
     if amax is None:
         amax = source_amax(source.reader, name)
-    scale = expected_scale(slug, amax)
+    scale = fast_encode.default_scale(slug, amax, source.reader.tensors[name].dtype)  # rounded as ComfyUI does
     stored = written.load(SCALE_ROLE[slug]).to(torch.float32).reshape(())
     if not abs(float(stored) - float(scale)) <= SCALE_TOLERANCE * float(scale):
         return [_finding(path, lp.name, f"{SCALE_ROLE[slug]} is {float(stored):.6g}, the source's amax gives "

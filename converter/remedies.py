@@ -7,6 +7,7 @@ says whether the transformation was exact. Every function leaves its input tenso
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +20,26 @@ if TYPE_CHECKING:
 NVFP4_MARKER: dict[str, Any] = {"format": "nvfp4"}
 FP8_MARKER: dict[str, Any] = {"format": "float8_e4m3fn"}
 
+# The divisors D of the per-tensor scales ComfyUI reads, scale = amax / D: 448 * 6 for NVFP4 (weight_scale_2, and an
+# NVFP4 layer's input_scale), 448 for FP8 E4M3. A reciprocal scale is D / amax.
+NVFP4_DIVISOR = 2688.0
+FP8_DIVISOR = 448.0
+RECIPROCAL_DIVISORS = (NVFP4_DIVISOR, FP8_DIVISOR)
+# How far around the float64 guess preimages are looked for: those of a float32 quotient lie within about 2 ulps of
+# it (tests/test_fix_remedies.py checks that 16 finds no more than 4 does).
+_SEARCH_ULPS = 4
+
+
 @dataclass(frozen=True)
 class Inverted:
-    """A reconstructed per-tensor scale and whether it is provably the value the fault started from."""
+    """A reconstructed per-tensor scale and whether it is provably the value the fault started from.
+    ulps: 0 when exact, else the largest distance in float32 ulps from `value` to a scale the stored value can come
+    from (-1 when it can come from none: not made by float32 arithmetic)."""
 
     value: torch.Tensor
     exact: bool
     note: str
+    ulps: int = 0
 
 
 def logical_dims(packed_shape: tuple[int, ...]) -> tuple[int, int]:
@@ -60,38 +74,73 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return ((packed & 0x0F) << 4) | (packed >> 4)
 
 
-def _float32_neighbours(x: torch.Tensor, steps: int = 2) -> list[torch.Tensor]:
-    """x and the float32 values up to `steps` ulps either side (positive finite x)."""
+def _float32_around(x: float, steps: int = _SEARCH_ULPS) -> torch.Tensor:
+    """The positive finite float32 values within `steps` ulps of float32(x), ascending."""
     import torch
 
-    bits = x.to(torch.float32).reshape(1).view(torch.int32)
-    return [(bits + d).view(torch.float32).reshape(()) for d in range(-steps, steps + 1)]
+    bits = torch.tensor(x, dtype=torch.float32).reshape(1).view(torch.int32)
+    near = (bits + torch.arange(-steps, steps + 1, dtype=torch.int32)).view(torch.float32)
+    return near[torch.isfinite(near) & (near > 0)]
 
 
-def invert_reciprocal_scale(stored: torch.Tensor) -> Inverted:
+def reciprocal_origins(r: torch.Tensor, divisors: tuple[float, ...] = RECIPROCAL_DIVISORS,
+                       steps: int = _SEARCH_ULPS) -> torch.Tensor:
+    """Every float32 scale s that a stored reciprocal r (float32 0-d, positive) can have been made from, sorted:
+    - r = float32(1 / s): an encoder inverted the scale it used (nvdiag's synthetic fault);
+    - r = float32(D / amax) for a float32 amax, whose scale is s = float32(amax / D) (a global scale as compressed-
+      tensors and ModelOpt-style exports store it), for each divisor D.
+    Float32 arithmetic throughout; a quotient computed in float64 and then rounded to float32 has the same bits (a
+    float64 holds more than twice float32's 24 bits, so the double rounding of a quotient is innocuous)."""
+    import torch
+
+    candidates = _float32_around(1.0 / float(r), steps)
+    found = [candidates[(torch.ones((), dtype=torch.float32) / candidates) == r]]
+    for d in divisors:
+        divisor = torch.tensor(d, dtype=torch.float32)
+        amax = _float32_around(d / float(r), steps)
+        amax = amax[(divisor / amax) == r]
+        found.append(amax / divisor)
+    return torch.unique(torch.cat(found))
+
+
+def _ulps_apart(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in float32 ulps (positive values: the int32 bit patterns are ordered like the values)."""
+    import torch
+
+    return (a.to(torch.float32).view(torch.int32).long() - b.to(torch.float32).view(torch.int32).long()).abs()
+
+
+def invert_reciprocal_scale(stored: torch.Tensor, divisors: tuple[float, ...] = RECIPROCAL_DIVISORS) -> Inverted:
     """A per-tensor scale stored as the reciprocal (encode multiplier 1/s, e.g. 2688/amax) -> the decode
     multiplier s (amax/2688) ComfyUI wants, as float32 0-d.
 
-    The fault computes r = float32(1 / s) (inspect_tools/synthetic/checkpoints.py, fault "scale2-reciprocal").
-    float32 division rounds, so 1/r may miss s by an ulp: every float32 candidate near 1/r whose own reciprocal
-    rounds back to r is a preimage. One preimage: the inversion is exact. Several: the original cannot be told
-    apart from its neighbours, the nearest to 1/r is taken and the result is flagged as not exact.
+    Exact means: every way the stored r can have been made (reciprocal_origins: 1/s, or D/amax for each divisor in
+    `divisors`) leads back to this one float32 s, so whichever it was, s is bit for bit the scale the file should
+    hold. Pass only the divisor of the layer's format when it is known (NVFP4_DIVISOR for weight_scale_2, FP8_DIVISOR
+    for an FP8 weight_scale): fewer origins, more inversions proven exact. Otherwise the origin nearest 1/r is taken
+    and the result is flagged not exact, with the number of ulps by which it may miss.
     """
     import torch
 
     r = stored.to(torch.float32).reshape(())
     if not bool(torch.isfinite(r)) or float(r) <= 0.0:
         raise ValueError(f"reciprocal scale {float(r)!r} is not a positive finite number")
-    guess = (1.0 / r.to(torch.float64)).to(torch.float32)
-    preimages = [c for c in _float32_neighbours(guess) if bool((1.0 / c) == r)]
-    if len(preimages) == 1:
-        return Inverted(preimages[0].clone(), True, "exact: the only float32 whose reciprocal is the stored value")
-    if not preimages:
-        # Not produced by float32 division (e.g. computed in float64 then rounded): the nearest value is the best.
-        return Inverted(guess, False, "not exact: no float32 value has the stored reciprocal; nearest taken")
-    return Inverted(
-        guess, False, f"not exact: {len(preimages)} float32 values share the stored reciprocal; nearest taken"
-    )
+    one_over = 1.0 / float(r)
+    if not math.isfinite(float(torch.tensor(one_over, dtype=torch.float32))):
+        raise ValueError(f"reciprocal scale {float(r)!r} has no finite float32 reciprocal")
+    origins = reciprocal_origins(r, divisors)
+    if origins.numel() == 1:
+        return Inverted(origins[0].clone(), True, "exact: every way the stored reciprocal can be made gives this "
+                                                  "float32 scale")
+    if origins.numel() == 0:
+        # Not produced by float32 arithmetic from a float32 scale or amax: the nearest value is the best.
+        guess = torch.tensor(one_over, dtype=torch.float32)
+        return Inverted(guess, False, "not exact: no float32 scale or amax gives the stored value; nearest to its "
+                                      "reciprocal taken", -1)
+    value = origins[torch.argmin((origins.double() - one_over).abs())].clone()
+    ulps = int(_ulps_apart(origins, value).max())
+    return Inverted(value, False, f"not exact: {origins.numel()} float32 scales give the stored value; the one "
+                                  f"nearest its reciprocal taken, within {ulps} ulp of each", ulps)
 
 
 def cast_block_scale_to_fp8(scales: torch.Tensor) -> torch.Tensor | None:

@@ -1,4 +1,5 @@
-"""Typed errors for bad input. The CLI turns every one of them into one line on stderr and exit code 2."""
+"""Typed errors for bad input. The CLI turns every one of them into one line on stderr and exit code 2; the one
+exception is InternalError (a bug in nvdiag, exit 3), kept apart so that a crash never reads as the user's fault."""
 
 from __future__ import annotations
 
@@ -31,3 +32,10 @@ class UsageError(NvdiagError):
 
 class OutputError(NvdiagError):
     """The output cannot be written (would overwrite an input, no disk space, folder missing)."""
+
+
+class InternalError(NvdiagError):
+    """A bug in nvdiag found while running (a lint rule that crashed on a file that was read without error): exit 3,
+    never 2, so that scripts and users do not take it for bad input, with a request to report it."""
+
+    exit_code = 3

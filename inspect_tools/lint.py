@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inspect_tools.errors import InputError, NvdiagError, UsageError
+from inspect_tools.errors import InputError, InternalError, NvdiagError, UsageError
 from inspect_tools.layers import CheckpointModel, open_model
 from reference_specs.findings import Finding, Severity
 from reference_specs.rules import RULES, Rule, RuleContext, rules_for
@@ -178,13 +178,21 @@ def resolve_config(
 
 
 def _run_rule(rule: Rule, model: CheckpointModel, ctx: RuleContext) -> list[Finding]:
+    """One rule's findings. A read error stays the input's fault (exit 2): the readers raise InputError for
+    anything unreadable (truncated, changed while open, malformed), and an OSError is the file system's. Any other
+    exception escaped the rule's own code on data that was read fine: that is a bug in nvdiag (exit 3), reported as
+    such with the rule's id, never disguised as a bad file."""
     try:
         return list(rule.check(model, ctx))
     except NvdiagError:
         raise
-    except (ValueError, RuntimeError, TypeError, IndexError, KeyError) as exc:
-        # Tensor data so broken that a check cannot even run is unreadable input, not an nvdiag crash.
-        raise InputError(f"{rule.id} {rule.name} could not read the file: {exc}", str(model.path)) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read: {exc.strerror or exc}", str(model.path)) from exc
+    except Exception as exc:  # anything else is the rule's own failure
+        detail = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise InternalError(f"rule {rule.id} ({rule.name}) crashed: {type(exc).__name__}"
+                            f"{': ' + detail if detail else ''}; this is a bug in nvdiag, please report it "
+                            "(run with --debug for the traceback)", str(model.path)) from exc
 
 
 def lint_model(model: CheckpointModel, config: LintConfig | None = None) -> list[Finding]:

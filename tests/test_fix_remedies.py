@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 from comfy_kitchen.float_utils import swap_nibbles as ck_swap_nibbles
 from comfy_kitchen.float_utils import to_blocked as ck_to_blocked
@@ -61,20 +63,79 @@ def test_swap_nibbles_matches_comfy_kitchen_and_is_its_own_inverse():
     assert torch.equal(remedies.swap_nibbles(good["weight"]), low_first)
 
 
-def test_invert_reciprocal_scale_recovers_the_decode_multiplier_exactly():
+def real_looking_amax(n: int, seed: int = 0) -> np.ndarray:
+    """float32 max |w| of real weight tensors: log-uniform from 1e-3 to 1e2."""
+    return (10.0 ** np.random.default_rng(seed).uniform(-3.0, 2.0, n)).astype(np.float32)
+
+
+def f32_quotient(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    """a / b rounded once to float32, computed two independent ways that must agree: an IEEE float32 division, and
+    a float64 division rounded to float32 (float64 holds more than twice float32's bits: no double-rounding error)."""
+    in32 = np.float32(a) / np.float32(b)
+    in64 = (np.float64(np.float32(a)) / np.float64(np.float32(b))).astype(np.float32)
+    assert np.array_equal(in32.view(np.int32), in64.view(np.int32))
+    return in32
+
+
+def ulps(a: torch.Tensor, b: np.float32) -> int:
+    return abs(int(a.to(torch.float32).reshape(1).view(torch.int32)) - int(np.float32(b).view(np.int32)))
+
+
+def check_inversions(stored: np.ndarray, wanted: np.ndarray, divisors: tuple[float, ...]) -> tuple[int, int]:
+    """Invert every stored reciprocal; 'exact' must be bit-exact, 'within N ulp' must hold. (exact, not exact)."""
     exact = 0
-    for seed in range(50):
-        scale_2 = _good(32, 32, seed)["weight_scale_2"]
-        broken = torch.tensor(1.0, dtype=torch.float32) / scale_2
-        inverted = remedies.invert_reciprocal_scale(broken)
+    for r, s in zip(stored, wanted, strict=True):
+        inverted = remedies.invert_reciprocal_scale(torch.tensor(r), divisors)
         assert inverted.value.dtype == torch.float32 and inverted.value.shape == ()
         if inverted.exact:
             exact += 1
-            assert _bytes(inverted.value) == _bytes(scale_2)
+            assert ulps(inverted.value, s) == 0, (float(r), float(s), float(inverted.value))
         else:
-            assert "not exact" in inverted.note
-            assert abs(float(inverted.value) - float(scale_2)) <= 2 * torch.finfo(torch.float32).eps * float(scale_2)
-    assert exact >= 25  # most float32 reciprocals have a single preimage
+            assert "not exact" in inverted.note and f"within {inverted.ulps} ulp" in inverted.note
+            assert ulps(inverted.value, s) <= inverted.ulps
+    return exact, len(stored) - exact
+
+
+def test_a_reciprocal_2688_over_amax_is_called_exact_only_when_it_is():
+    # the real fault: a global scale 2688/amax stored where ComfyUI wants amax/2688 (issue 15: 2594 of 20000 such
+    # values were called exact although 1 ulp off)
+    amax = real_looking_amax(4000)
+    stored, wanted = f32_quotient(2688.0, amax), f32_quotient(amax, 2688.0)
+    for divisors in (remedies.RECIPROCAL_DIVISORS, (remedies.NVFP4_DIVISOR,)):
+        exact, inexact = check_inversions(stored, wanted, divisors)
+        assert exact and inexact  # both outcomes occur on real values: neither is vacuous
+
+
+def test_a_reciprocal_of_an_fp8_scale_is_called_exact_only_when_it_is():
+    amax = real_looking_amax(2000, seed=1)
+    stored, wanted = f32_quotient(448.0, amax), f32_quotient(amax, 448.0)
+    for divisors in (remedies.RECIPROCAL_DIVISORS, (remedies.FP8_DIVISOR,)):
+        exact, inexact = check_inversions(stored, wanted, divisors)
+        assert exact and inexact
+
+
+def test_a_reciprocal_1_over_scale_is_called_exact_only_when_it_is():
+    # nvdiag's synthetic fault: the float32 reciprocal of the scale the encoder used
+    scale = f32_quotient(real_looking_amax(2000, seed=2), 2688.0)
+    exact, inexact = check_inversions(f32_quotient(1.0, scale), scale, remedies.RECIPROCAL_DIVISORS)
+    assert exact and inexact
+
+
+def test_the_preimage_search_is_wide_enough():
+    for r in f32_quotient(2688.0, real_looking_amax(300, seed=3)):
+        r = torch.tensor(r)
+        assert torch.equal(remedies.reciprocal_origins(r), remedies.reciprocal_origins(r, steps=16))
+
+
+def test_a_value_no_float32_arithmetic_makes_is_not_exact():
+    # r such that no float32 s has float32(1/s) == r and no float32 amax has float32(D/amax) == r: found by search
+    for r in f32_quotient(2688.0, real_looking_amax(2000, seed=4)).view(np.int32) + 1:
+        stored = torch.tensor(np.int32(r).view(np.float32))
+        if remedies.reciprocal_origins(stored).numel() == 0:
+            inverted = remedies.invert_reciprocal_scale(stored)
+            assert not inverted.exact and inverted.ulps == -1 and "no float32" in inverted.note
+            return
+    pytest.skip("every value searched has a float32 origin")
 
 
 def test_invert_reciprocal_scale_rejects_non_positive_values():

@@ -151,3 +151,57 @@ def test_header_only_on_a_14b_sized_file_is_instant(tmp_path: Path, capsys) -> N
     code, out, _ = run([str(path), "--header-only", "--format", "json"], capsys)
     assert code == 0 and json.loads(out)["summary"]["layers"] > 600
     assert time.perf_counter() - start < 3.0
+
+
+def _crash(model: object, ctx: object) -> list:
+    raise IndexError("index 7 is out of bounds for dimension 0 with size 4")
+
+
+def test_a_crashing_rule_is_an_internal_error_naming_the_rule_not_bad_input(wan_nvfp4_mixed: Path, monkeypatch,
+                                                                           capsys) -> None:
+    rule = next(r for r in RULES if r.id == "NV204")
+    monkeypatch.setattr(rule, "check", _crash)
+    for fmt in ("text", "json"):
+        code, _, err = run([str(wan_nvfp4_mixed), "--format", fmt], capsys)
+        assert code == 3  # neither 1 (findings) nor 2 (bad input): scripts can tell a bug apart
+        line = err.strip()
+        assert "\n" not in line and line.startswith("nvdiag: internal error: ")
+        assert "rule NV204" in line and "crashed: IndexError: index 7" in line and "bug in nvdiag" in line
+        assert "could not read" not in line and "Traceback" not in err
+
+
+def test_a_crashing_rule_is_reported_by_the_engine_too(wan_nvfp4_mixed: Path, monkeypatch) -> None:
+    from inspect_tools.errors import InputError, InternalError
+    from inspect_tools.layers import open_model
+    from inspect_tools.lint import lint_model
+
+    monkeypatch.setattr(next(r for r in RULES if r.id == "NV101"), "check", _crash)
+    with open_model(wan_nvfp4_mixed) as model, pytest.raises(InternalError) as caught:
+        lint_model(model)
+    assert not isinstance(caught.value, InputError) and isinstance(caught.value.__cause__, IndexError)
+
+
+def test_a_truncated_file_is_still_unreadable_input(wan_nvfp4_mixed: Path, tmp_path: Path, capsys) -> None:
+    truncated = tmp_path / "truncated.safetensors"
+    data = wan_nvfp4_mixed.read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    code, _, err = run([str(truncated)], capsys)
+    assert code == 2
+    line = err.strip()
+    assert "\n" not in line and line.startswith("nvdiag: error: ") and "truncated.safetensors" in line
+    assert "internal error" not in line and "Traceback" not in err
+
+
+def test_a_file_truncated_while_rules_read_it_is_unreadable_input(wan_nvfp4_mixed: Path, tmp_path: Path) -> None:
+    from inspect_tools.errors import InputError, InternalError
+    from inspect_tools.layers import open_model
+    from inspect_tools.lint import lint_model
+
+    shrinking = tmp_path / "shrinking.safetensors"
+    shrinking.write_bytes(wan_nvfp4_mixed.read_bytes())
+    with open_model(shrinking) as model:
+        with shrinking.open("r+b") as fh:  # the header was read; the tensor bytes go away before a rule reads them
+            fh.truncate(4096)
+        with pytest.raises(InputError) as caught:
+            lint_model(model)
+    assert not isinstance(caught.value, InternalError) and "truncated" in str(caught.value)

@@ -1,7 +1,8 @@
 """The `nvdiag` command: a thin typer app. Parses, calls, renders. The only composition root.
 
 Each subcommand lives in its own module below and registers itself on `app`; bad input never gives a traceback:
-NvdiagError becomes one line on stderr and exit code 2 (`--debug` shows the traceback).
+NvdiagError becomes one line on stderr and exit code 2, InternalError (a bug in nvdiag, e.g. a crashed lint rule)
+one line and exit code 3 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import traceback
 
 import typer
 
-from inspect_tools.errors import NvdiagError
+from inspect_tools.errors import InternalError, NvdiagError
 from inspect_tools.interrupts import command_scope
 
 app = typer.Typer(
@@ -74,7 +75,7 @@ from inspect_tools.cli import (  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point: run the app, map NvdiagError to exit 2 with one line."""
+    """Console-script entry point: run the app, map NvdiagError to its exit code (2; InternalError 3) with one line."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     except NvdiagError as exc:
         if debug:  # the traceback is extra: the line and the exit code stay what scripts expect
             traceback.print_exc()
-        print(f"nvdiag: error: {exc}{_what_to_do(exc)}", file=sys.stderr)
+        kind = "internal error" if isinstance(exc, InternalError) else "error"
+        print(f"nvdiag: {kind}: {exc}{_what_to_do(exc)}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:  # the environment, not a bug: unwritable folder, disk full, permission denied
         if debug:

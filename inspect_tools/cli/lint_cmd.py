@@ -116,7 +116,8 @@ def lint_command(
 ) -> None:
     """Check checkpoints against the rules ComfyUI actually applies; every finding names its cause.
 
-    Exit 0 when nothing at or above --fail-on was found, 1 otherwise, 2 for unreadable input or bad options.
+    Exit 0 when nothing at or above --fail-on was found, 1 otherwise, 2 for unreadable input or bad options,
+    3 when a rule itself crashed (a bug in nvdiag: the message names the rule; please report it).
     Defaults come from \\[tool.nvdiag] (select, ignore, fail-on) in the nearest
     pyproject.toml that has one (the text output names it); the command line wins: --select replaces the file's
     select and ignore, --ignore adds to its ignore.

@@ -3,7 +3,8 @@
 - A GGUF file or a diffusers-named / sharded source becomes a plain state dict with ComfyUI-native names and float
   values (GGUF blocks dequantized by gguf-py), which `comfy.sd.load_diffusion_model_state_dict` takes.
 - The baseline is the file as it should be: the reference's values encoded into the file's own per-layer formats by
-  comfy-kitchen (the codec ComfyUI itself uses: NVFP4 with the per-tensor scale amax/2688, FP8 with amax/448) and cast
+  comfy-kitchen (the codec ComfyUI itself uses: NVFP4 with the per-tensor scale amax/2688, FP8 with amax/448, each
+  computed on the reference in its own dtype as ComfyUI computes it) and cast
   to the file's dtypes elsewhere. What ComfyUI renders from it is the error a correct file of that layer selection
   gives, so the file's error is judged against an independent implementation, never against nvdiag's own encoder.
 """
@@ -93,23 +94,37 @@ def _squared_error(decoded: torch.Tensor, w: torch.Tensor) -> tuple[float, float
 
 
 def _nvfp4_encode(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """comfy-kitchen's NVFP4 encoding of a float weight (per-tensor scale amax/2688) and what it decodes to."""
+    """comfy-kitchen's NVFP4 encoding of a float weight and what it decodes to: TensorCoreNVFP4Layout.quantize, the
+    layout ComfyUI registers unchanged, on the weight in its own dtype (a BF16 weight gets the BF16-rounded per-tensor
+    scale amax/2688 that ComfyUI gives it)."""
     import comfy_kitchen as ck
+    from comfy_kitchen.tensor import TensorCoreNVFP4Layout
 
-    w = weight.float()
-    scale = torch.amax(w.abs()).to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)
-    qdata, block_scale = ck.quantize_nvfp4(w, scale, pad_16x=True)
-    decoded = ck.dequantize_nvfp4(qdata, scale, block_scale, output_type=torch.float32)[: w.shape[0], : w.shape[1]]
-    return {"weight": qdata, "weight_scale": block_scale, "weight_scale_2": scale}, decoded
+    qdata, params = TensorCoreNVFP4Layout.quantize(weight)
+    scale = params.scale.reshape(())
+    decoded = ck.dequantize_nvfp4(qdata, scale, params.block_scale, output_type=torch.float32)
+    return {"weight": qdata, "weight_scale": params.block_scale, "weight_scale_2": scale}, \
+        decoded[: weight.shape[0], : weight.shape[1]]
 
 
 def _fp8_encode(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """comfy-kitchen's FP8 E4M3 encoding of a float weight (per-tensor scale amax/448) and what it decodes to."""
+    """ComfyUI's FP8 E4M3 encoding of a float weight (per-tensor scale amax/448) and what it decodes to: its own
+    TensorCoreFP8E4M3Layout (comfy/quant_ops.py: the scale in float32, clamped for F16 weights so that the F16
+    reciprocal stays finite) when ComfyUI is imported, which it is wherever a baseline is rendered; comfy-kitchen's
+    quantize_per_tensor_fp8 with that scale rule otherwise."""
     import comfy_kitchen as ck
 
-    w = weight.float()
-    scale = torch.amax(w.abs()).to(torch.float32) / F8_E4M3_MAX
-    qdata = ck.quantize_per_tensor_fp8(w, scale)
+    try:
+        from comfy.quant_ops import TensorCoreFP8E4M3Layout
+    except ImportError:
+        TensorCoreFP8E4M3Layout = None  # noqa: N806
+    if TensorCoreFP8E4M3Layout is not None:
+        qdata, params = TensorCoreFP8E4M3Layout.quantize(weight, scale="recalculate")
+        scale = params.scale.reshape(())
+    else:
+        w = weight.float()
+        scale = torch.amax(w.abs()).to(torch.float32) / F8_E4M3_MAX
+        qdata = ck.quantize_per_tensor_fp8(w, scale)
     decoded = ck.dequantize_per_tensor_fp8(qdata, scale, output_type=torch.float32)
     return {"weight": qdata, "weight_scale": scale}, decoded
 

@@ -31,6 +31,20 @@ class TorchDtype:
         return getattr(torch, self.name)
 
 
+# Source dtypes by safetensors name, for callers that know a weight only by its header (the gate). Anything else
+# (GGUF block types) is dequantized to float32 before it is encoded, so it divides in float32.
+_FLOAT_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def source_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """The torch dtype a weight of this dtype (torch, or a safetensors name) is encoded in: non-float -> float32."""
+    import torch
+
+    if isinstance(dtype, str):
+        return getattr(torch, _FLOAT_DTYPES.get(dtype, "float32"))
+    return dtype if dtype.is_floating_point and dtype.itemsize >= 2 else torch.float32
+
+
 @dataclass(frozen=True)
 class RoleSpec:
     """One tensor of a format's signature. dtypes: safetensors dtype names accepted, preferred first."""

@@ -1,7 +1,10 @@
 """Fast NVFP4 and FP8 encoders: the same arithmetic as the reference codecs, organised for speed.
 
-Bit-identical to NVFP4.quantize / FP8E4M3.quantize (and so to comfy-kitchen's quantize_nvfp4 + to_blocked and
-quantize_per_tensor_fp8) for the same per-tensor scale. What makes them fast:
+Bit-identical to NVFP4.quantize / FP8E4M3.quantize, and so to what ComfyUI writes for the same tensor in its own
+dtype (comfy-kitchen's TensorCoreNVFP4Layout.quantize; ComfyUI's TensorCoreFP8E4M3Layout.quantize), default scales
+included: those are divided as ComfyUI divides them, for FP32, BF16 and F16 weights alike (nvfp4.scale_from_amax,
+fp8.comfy_fp8_scale), except where ComfyUI's scale would be 0 (nvfp4.encoding_scale_from_amax,
+fp8.fp8_encoding_scale). tests/test_codec_matches_comfy_kitchen.py holds the proof. What makes them fast:
 - the weight is processed in row chunks of about 2 MiB of float32, so every pass over a chunk stays in cache, and
   all work buffers are allocated once and reused (no full-size temporaries);
 - one |x| buffer serves the block maxima, the division and the rounding; the sign comes from the input's sign bit
@@ -12,20 +15,22 @@ quantize_per_tensor_fp8) for the same per-tensor scale. What makes them fast:
 On CUDA, PyTorch divides by a CPU scalar (a Python number) as a multiplication by its float32 reciprocal
 (BinaryDivTrueKernel.cu: "this may lose one bit of precision"), which is not the reference's rounding: every divisor
 here is therefore a tensor on the weight's device, or the division runs on the CPU.
-A float input of any dtype is converted chunk by chunk; FP32 stays FP32 until it is encoded.
+A float input of any dtype is converted chunk by chunk (exactly: BF16/F16/FP32 values all fit in float32); its amax
+stays in its own dtype, which decides how the default scale rounds.
 """
 
 from __future__ import annotations
 
 import torch
 
-from reference_specs.formats.fp8 import fp8_max
+from reference_specs.formats.fp8 import fp8_encoding_scale, fp8_max
 from reference_specs.formats.nvfp4 import (
     BLOCK,
     F4_E2M1_MAX,
     F8_E4M3_MAX,
     block_scale_shape,
     checked_scale,
+    encoding_scale_from_amax,
     packed_shape,
     roundup,
 )
@@ -49,12 +54,13 @@ def _chunk_rows(rows: int, cols: int, device: torch.device, chunk_rows: int | No
 
 
 def _abs_max(weight: torch.Tensor, chunk: int) -> torch.Tensor:
-    """amax(|W|) as float32 on the weight's device, chunk by chunk (no full-size |W| temporary)."""
-    amax = torch.zeros((), dtype=torch.float32, device=weight.device)
+    """amax(|W|) in the weight's own dtype (exact: it is one of its values) on the CPU, chunk by chunk (no full-size
+    |W| temporary). The dtype matters: ComfyUI divides it by 2688 in that dtype (nvfp4.scale_from_amax)."""
+    amax = torch.zeros((), dtype=weight.dtype, device=weight.device)
     for start in range(0, weight.shape[0], chunk):
         lo, hi = torch.aminmax(weight[start : start + chunk])
-        amax = torch.maximum(amax, torch.maximum(-lo.to(torch.float32), hi.to(torch.float32)))
-    return amax
+        amax = torch.maximum(amax, torch.maximum(-lo, hi))
+    return amax.cpu()
 
 
 def _float_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -66,10 +72,10 @@ def _float_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_scale(weight: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
-    """The default per-tensor scale amax/2688 (1.0 for an all-zero weight, see nvfp4.encoding_scale), float32 0-d."""
+    """The default per-tensor scale, float32 0-d: amax/2688 divided in the weight's dtype as ComfyUI does, 1.0 for an
+    all-zero weight (nvfp4.encoding_scale_from_amax). Divided on the CPU: see the module docstring."""
     chunk = _chunk_rows(weight.shape[0], weight.shape[1], weight.device, chunk_rows)
-    scale = _abs_max(weight, chunk).cpu() / (F8_E4M3_MAX * F4_E2M1_MAX)  # on the CPU: see the module docstring
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return encoding_scale_from_amax(_abs_max(weight, chunk), weight.dtype)
 
 
 def swizzle_tiles(scales: torch.Tensor) -> torch.Tensor:
@@ -162,10 +168,19 @@ def encode_nvfp4(
 def fp8_scale(
     weight: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, chunk_rows: int | None = None
 ) -> torch.Tensor:
-    """amax/fp8_max as float32 0-d (1.0 for an all-zero weight, see fp8.fp8_per_tensor_scale)."""
+    """amax/fp8_max as ComfyUI computes it (fp8.comfy_fp8_scale), float32 0-d; 1.0 for an all-zero FP32/BF16
+    weight (fp8.fp8_encoding_scale). On the CPU: see the module docstring."""
     chunk = _chunk_rows(weight.shape[0], weight.shape[1], weight.device, chunk_rows)
-    scale = _abs_max(weight, chunk).cpu() / fp8_max(dtype)  # on the CPU: see the module docstring
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return fp8_encoding_scale(_abs_max(weight, chunk), weight.dtype, dtype)
+
+
+def default_scale(slug: str, amax: torch.Tensor | float, source: torch.dtype | str) -> torch.Tensor:
+    """The per-tensor scale the encoders write by default for a source weight of this amax and dtype (torch dtype or
+    safetensors name), by format slug ("nvfp4", "float8_e4m3fn", "float8_e5m2"): what a checker of a written file
+    should expect, without encoding anything."""
+    if slug == "nvfp4":
+        return encoding_scale_from_amax(amax, source)
+    return fp8_encoding_scale(amax, source, getattr(torch, slug))
 
 
 def encode_fp8(

@@ -2,7 +2,8 @@
 
 Facts (shared/research/comfyui-load-path.md, Q2 and Misc; comfy-kitchen tensor/fp8.py, backends/eager/quantization.py):
 - `.weight` F8_E4M3 (or F8_E5M2) [out, in], no padding.
-- `.weight_scale` F32 0-d: the decode multiplier, default amax(|W|) / fp8_max (448 for E4M3, 57344 for E5M2).
+- `.weight_scale` F32 0-d: the decode multiplier, default amax(|W|) / fp8_max (448 for E4M3, 57344 for E5M2), as
+  ComfyUI computes it (comfy_fp8_scale: in float32, with a reciprocal clamp for F16 sources).
 - optional `.input_scale` F32 0-d (absent: ComfyUI uses 1.0 for activations), optional `.bias`.
 - quantize = clamp(W * (1 / scale), -fp8_max, fp8_max) cast to FP8 (round to nearest even); the multiplication by the
   reciprocal (not a division) is what comfy-kitchen does, so it is what bit-identity requires.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from reference_specs.formats.base import Format, RoleSpec, TorchDtype
+from reference_specs.formats.base import Format, RoleSpec, TorchDtype, source_dtype
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -38,19 +39,48 @@ def fp8_max(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
-def fp8_per_tensor_scale(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """amax(|W|) / fp8_max as a float32 0-d tensor.
+def comfy_fp8_scale(amax: torch.Tensor | float, source: torch.dtype | str,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The FP8 weight scale ComfyUI computes for a weight of dtype `source` with this amax, float32 0-d; may be 0.
 
-    An all-zero weight would give 0, and comfy-kitchen's 1/0 then turns every element into NaN; 1.0 is used instead:
-    it is finite and positive (no non-finite-scale finding) and the weight still decodes to exact zeros.
+    ComfyUI replaces comfy-kitchen's FP8 layout with its own (comfy/quant_ops.py, _TensorCoreFP8LayoutBase.quantize,
+    scale="recalculate"): amax widened to float32, divided by fp8_max in float32 (not in the source dtype, as
+    comfy-kitchen's own TensorCoreFP8Layout does); then, for a source other than FP32 or BF16 (F16, F64), the scale
+    becomes 1 / clamp(1 / scale, finfo(source).min, finfo(source).max) in float32, so the reciprocal the encoder
+    multiplies by (cast to the source dtype) stays finite: an F16 weight with amax < 448/65504 gets about 1/65504.
+    The same torch operations run here on the CPU. source: torch dtype or safetensors name (non-float -> float32).
     dtype: the FP8 dtype, float8_e4m3fn when None.
     """
     import torch
 
     dtype = torch.float8_e4m3fn if dtype is None else dtype
-    amax = weight.abs().amax().to(torch.float32) if weight.numel() else torch.zeros((), dtype=torch.float32)
-    scale = (amax / fp8_max(dtype)).reshape(())
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    amax = amax if isinstance(amax, torch.Tensor) else torch.tensor(float(amax), dtype=torch.float64)
+    scale = amax.detach().to("cpu", torch.float32).reshape(()) / fp8_max(dtype)
+    src = source_dtype(source)
+    if src not in (torch.float32, torch.bfloat16):
+        info = torch.finfo(src)
+        scale = 1.0 / torch.clamp(1.0 / scale, min=info.min, max=info.max)
+    return scale
+
+
+def fp8_encoding_scale(amax: torch.Tensor | float, source: torch.dtype | str,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The FP8 weight_scale nvdiag writes: ComfyUI's (comfy_fp8_scale) bit for bit wherever it is positive; 1.0 for
+    an all-zero FP32/BF16 weight, where ComfyUI's 0 makes its encoder compute 0 * (1/0) = NaN for every element (1.0
+    is finite and positive, and the weight still decodes to exact zeros). What the gate expects the scale to be."""
+    import torch
+
+    scale = comfy_fp8_scale(amax, source, dtype)
+    return scale if scale > 0 else torch.ones((), dtype=torch.float32)
+
+
+def fp8_per_tensor_scale(weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The FP8 scale nvdiag encodes this weight with (fp8_encoding_scale of its amax and dtype), float32 0-d.
+    dtype: the FP8 dtype, float8_e4m3fn when None."""
+    import torch
+
+    amax = weight.abs().amax() if weight.numel() else torch.zeros((), dtype=weight.dtype)
+    return fp8_encoding_scale(amax, weight.dtype, dtype)
 
 
 def quantize_fp8(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from reference_specs.formats.base import Format, RoleSpec
+from reference_specs.formats.base import Format, RoleSpec, source_dtype
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -112,23 +112,58 @@ def pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return out
 
 
-def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
-    """The decode multiplier ComfyUI expects in weight_scale_2: amax(|W|) / (448 * 6), float32 0-d."""
-    import torch
-
-    return (weight.abs().amax().to(torch.float32) / (F8_E4M3_MAX * F4_E2M1_MAX)).reshape(())
+# The per-tensor scale's divisor: the largest block scale (FP8 E4M3) times the largest code (E2M1).
+SCALE_DIVISOR = F8_E4M3_MAX * F4_E2M1_MAX
 
 
-def encoding_scale(weight: torch.Tensor) -> torch.Tensor:
-    """The per-tensor scale nvdiag encodes with: per_tensor_scale, except that an all-zero weight gets 1.0.
+def scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype | str) -> torch.Tensor:
+    """amax(|W|) / 2688 exactly as ComfyUI computes it for a weight of `dtype`, float32 0-d; may be 0.
 
-    comfy-kitchen's default scale of an all-zero weight is 0, and 0/0 then makes every block scale NaN. 1.0 is
-    finite and positive (no non-finite-scale finding) and, with every block scale 0, still decodes to exact zeros.
+    ComfyUI quantizes to NVFP4 with comfy-kitchen's TensorCoreNVFP4Layout.quantize (comfy/quant_ops.py registers it
+    unchanged), whose default scale is `torch.amax(tensor.abs()) / (448 * 6)`: a 0-d tensor of the WEIGHT's dtype
+    divided by a Python number, so the quotient is rounded to that dtype, and only then widened to float32
+    (Params keeps scale as float32). So FP32: amax/2688 rounded once to float32; BF16: rounded to BF16 (8 significant
+    bits, up to 2^-9 relative from the float32 quotient); F16: rounded to F16, subnormal below 2^-14 (amax < 0.165)
+    and 0 below 2^-25 (amax < 8.0e-5). The division runs here as the same torch operation on the CPU, so it rounds
+    as comfy-kitchen's eager (CPU) quantizer does. amax: max |w| of a weight of that dtype (so exact in it).
     """
     import torch
 
-    scale = per_tensor_scale(weight) if weight.numel() else torch.zeros((), dtype=torch.float32)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    amax = amax if isinstance(amax, torch.Tensor) else torch.tensor(float(amax), dtype=torch.float64)
+    amax = amax.detach().to("cpu", source_dtype(dtype)).reshape(())
+    return (amax / SCALE_DIVISOR).to(torch.float32)
+
+
+def encoding_scale_from_amax(amax: torch.Tensor | float, dtype: torch.dtype | str) -> torch.Tensor:
+    """The per-tensor scale nvdiag writes into weight_scale_2 for a weight of this amax and dtype, float32 0-d:
+    ComfyUI's own (scale_from_amax), bit for bit, wherever that is positive. Where it is 0, comfy-kitchen's encoder
+    divides by 0 (NaN block scales, or every element 0), so nvdiag writes instead:
+    - an all-zero weight: 1.0 (finite and positive, no non-finite-scale finding; every block scale is 0 so the weight
+      still decodes to exact zeros);
+    - a non-zero F16 weight whose amax/2688 underflows F16 (amax < 8.0e-5): the float32 quotient.
+    This is what the gate expects the written scale to be (converter/gate.py)."""
+    import torch
+
+    scale = scale_from_amax(amax, dtype)
+    if scale > 0:
+        return scale
+    wide = scale_from_amax(amax, torch.float32)
+    return wide if wide > 0 else torch.ones((), dtype=torch.float32)
+
+
+def per_tensor_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The decode multiplier ComfyUI computes for this weight: amax(|W|) / (448 * 6) in the weight's dtype, as
+    float32 0-d (scale_from_amax); 0 for an all-zero weight."""
+    return scale_from_amax(weight.abs().amax(), weight.dtype)
+
+
+def encoding_scale(weight: torch.Tensor) -> torch.Tensor:
+    """The per-tensor scale nvdiag encodes this weight with: per_tensor_scale where it is positive, see
+    encoding_scale_from_amax for the all-zero (1.0) and F16-underflow cases."""
+    import torch
+
+    amax = weight.abs().amax() if weight.numel() else torch.zeros((), dtype=weight.dtype)
+    return encoding_scale_from_amax(amax, weight.dtype)
 
 
 def checked_scale(scale_2: torch.Tensor) -> torch.Tensor:
