@@ -33,8 +33,8 @@ from inspect_tools.lint import LintConfig, lint_model
 from inspect_tools.readers.safetensors_dtypes import DTYPES
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
-from reference_specs.formats.fp8 import fp8_max
-from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX
+from reference_specs.formats.fp8 import fp8_encoding_scale, fp8_max
+from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX, encoding_scale_from_amax
 
 GATE_RULE = "CONVERT-ROUNDTRIP"
 MARKER_RULE = "CONVERT-MARKER"
@@ -152,10 +152,13 @@ def source_amax(reader: Any, name: str) -> float:
     return amax
 
 
-def expected_scale(slug: str, amax: float) -> torch.Tensor:
-    """The per-tensor scale the formats package derives from this amax (1.0 for an all-zero weight), float32 0-d."""
-    scale = torch.tensor(amax, dtype=torch.float32) / SCALE_MAX[slug]
-    return scale if scale > 0 else torch.ones((), dtype=torch.float32)
+def expected_scale(slug: str, amax: float, source_dtype: str) -> torch.Tensor:
+    """The per-tensor scale the format's own rules give a source weight of this amax and safetensors dtype, float32
+    0-d: ComfyUI's rounding (BF16 sources get a BF16-rounded amax/2688), 1.0 for an all-zero weight. Taken from the
+    format modules, not from the fast encoder under test."""
+    if slug == "nvfp4":
+        return encoding_scale_from_amax(amax, source_dtype)
+    return fp8_encoding_scale(amax, source_dtype, getattr(torch, slug))
 
 
 def written_tile(layer: Any, reader: Any, slug: str, start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -199,7 +202,7 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     rows, cols = source.reader.tensors[name].shape
     if amax is None:
         amax = source_amax(source.reader, name)
-    scale = fast_encode.default_scale(slug, amax, source.reader.tensors[name].dtype)  # rounded as ComfyUI does
+    scale = expected_scale(slug, amax, source.reader.tensors[name].dtype)
     stored = written.load(SCALE_ROLE[slug]).to(torch.float32).reshape(())
     if not abs(float(stored) - float(scale)) <= SCALE_TOLERANCE * float(scale):
         return [_finding(path, lp.name, f"{SCALE_ROLE[slug]} is {float(stored):.6g}, the source's amax gives "
