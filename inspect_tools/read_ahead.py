@@ -73,7 +73,12 @@ class _FreshBuffers:
     def acquire(self, nbytes: int) -> torch.Tensor:
         import torch
 
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        if self.pinned:
+            try:
+                return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            except RuntimeError:  # memory that cannot be locked: the same bytes, copied more slowly
+                self.pinned = False
+        return torch.empty(nbytes, dtype=torch.uint8)
 
     def release(self, buf: torch.Tensor) -> None:
         pass

@@ -138,3 +138,16 @@ def test_a_file_cut_short_after_it_was_opened_is_still_an_input_error(src, tmp_p
 def test_the_roundtrip_command_warms_and_stops(src, converted, capsys) -> None:
     assert main(["roundtrip", str(converted), "--against", str(src), "--format", "json"]) == 0
     assert prefetch._active is None  # stopped when the command ended
+
+
+def test_read_ahead_falls_back_to_pageable_buffers_where_memory_cannot_be_pinned(monkeypatch) -> None:
+    empty = torch.empty
+
+    def refuse_pinning(*args, pin_memory: bool = False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cannot pin")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinning)
+    buffers = read_ahead._FreshBuffers(pinned=True)
+    assert buffers.acquire(4096).numel() == 4096 and not buffers.pinned
