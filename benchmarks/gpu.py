@@ -1,18 +1,19 @@
-"""GPU conversion benchmark: `python -m benchmarks.gpu [--size-gb 4] [--reps 3] [--variant NAME:KEY=VALUE,...]
-[--roundtrip] [--dir DIR] [--json FILE]`.
+"""GPU benchmark of the whole commands: `python -m benchmarks.gpu [--size-gb 4] [--reps 3] [--tree NAME=DIR ...]
+[--no-roundtrip] [--cpu-gb 2] [--cpu-reps 2] [--dir DIR] [--json FILE]`.
 
-On a machine with CUDA, in one run:
-  cpu       `convert --device cpu` (warm cache): the reference output
-  cold      --reps repetitions, interleaved (the order rotates each repetition), each from a cold cache (the source
-            files' pages dropped with posix_fadvise DONTNEED after an fsync): a plain read (`cat > /dev/null`) and
-            `convert --device cuda` in a fresh process for every variant, each output's sha256 checked against
-            the cpu one
-  roundtrip (--roundtrip) `roundtrip --device cuda` of the cuda output against the source
-and prints medians: seconds inside the conversion (convert() and the output's close), seconds of the whole process
-(interpreter start and imports too), peak RSS, and the median over repetitions of cat / convert (target >= 0.8).
-A variant sets converter.stages switches in its child (NVDIAG_GPU_SET="GPU_EARLY_READ=0,GPU_PIN_ARENA=0"), so
-old and new behaviour are compared in one run: `--variant old:GPU_EARLY_READ=0`. The variant "new" (defaults) always
-runs.
+Everything is timed as users run it: the `nvdiag` command in a fresh process (interpreter start, imports, CUDA
+start and teardown included). On a machine with CUDA, in one run:
+  cpu       `nvdiag convert --device cpu` (warm cache): the reference output
+  cold      --reps repetitions, interleaved (the order rotates each repetition), each from a cold cache (the files'
+            pages dropped with posix_fadvise DONTNEED after an fsync): a plain read (`cat > /dev/null`) of the
+            source, and for every code tree `nvdiag convert --device cuda` (its output's sha256 checked against the
+            cpu one) then `nvdiag roundtrip --device cuda` of that output against the source (both cold)
+  cpu ratio (--cpu-gb > 0) on a source of that size, warm cache: `nvdiag convert --device cpu` and `nvdiag roundtrip
+            --device cpu` of its output, --cpu-reps times per tree
+and prints medians: seconds of the process, seconds the command reports for itself, peak RSS (the child's
+ru_maxrss), cat / convert (target >= 0.85), roundtrip / convert (targets: cuda <= 1.1, cpu <= 1.2).
+A tree is a checkout of nvdiag: `--tree base=/path/to/old/checkout` runs the old code beside this one ("new", always
+run) on the same files in the same run.
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from benchmarks.convert import VARIANT, generate
 
-from benchmarks.convert import child_main, generate, measure
-
-SETTINGS_ENV = "NVDIAG_GPU_SET"
+ROOT = Path(__file__).resolve().parents[1]
+CLI = "from inspect_tools.cli import run; run()"
 
 
 def source_files(index: Path) -> list[Path]:
@@ -65,155 +65,189 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def timed_roundtrip(out: Path, src: Path, device: str, sample: int | None) -> dict:
-    from inspect_tools.roundtrip import run_roundtrip
-
-    started = time.perf_counter()
-    result = run_roundtrip(out, src, device=device, sample=sample)
-    seconds = time.perf_counter() - started
-    return {"seconds": seconds, "layers": len(result.layers), "findings": len(result.findings),
-            "worst": max((r.error for r in result.layers), default=None),
-            "errors": {r.name: r.error for r in result.layers}}
+def tree_env(tree: Path) -> dict[str, str]:
+    """The environment of a child that runs `tree`'s code: the tree first on the path, the rest (site packages, a
+    ComfyUI copy) kept."""
+    rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
 
 
-def apply_settings(settings: str) -> None:
-    """Set converter.stages switches from "KEY=VALUE,..." (values: integers; 0/1 for the boolean switches)."""
-    from converter import stages
-
-    for item in filter(None, (part.strip() for part in settings.split(","))):
-        key, _, value = item.partition("=")
-        if not hasattr(stages, key):
-            raise SystemExit(f"{SETTINGS_ENV}: converter.stages has no switch {key!r}")
-        current = getattr(stages, key)
-        setattr(stages, key, bool(int(value)) if isinstance(current, bool) else type(current)(int(value)))
-
-
-def child(src: Path, out: Path) -> None:
-    """One cuda conversion in this (fresh) process, with the switches of NVDIAG_GPU_SET."""
-    apply_settings(os.environ.get(SETTINGS_ENV, ""))
-    child_main("nvdiag-cuda", src, out)
-
-
-def cold_convert(src: Path, out: Path, files: list[Path], settings: str) -> dict:
-    """A cuda conversion in a fresh process from a cold cache: its own timing, and the whole process's."""
-    out.unlink(missing_ok=True)
-    drop_cache(files)
-    env = {**os.environ, SETTINGS_ENV: settings}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--child", str(src), str(out)],
-                          capture_output=True, text=True, check=False, env=env)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"cuda conversion ({settings or 'defaults'}) failed:\n{proc.stderr[-2000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["process_s"] = wall
-    return result
+def run_child(tree: Path, *args: str) -> dict:
+    """One `nvdiag ARGS --format json` in a fresh process of `tree`'s code: its seconds, its own peak RSS (os.wait4
+    on the child) and its JSON document."""
+    with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full stderr pipe would block the child
+        started = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-c", CLI, *args, "--format", "json"], cwd=tree,
+                                env=tree_env(tree), stdout=subprocess.PIPE, stderr=err)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - started
+        proc.stdout.close()
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        if code not in (0, 1):
+            err.seek(0)
+            raise SystemExit(f"nvdiag {' '.join(args)} ({tree}) failed with {code}:\n"
+                             f"{err.read().decode(errors='replace')[-2000:]}")
+    return {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024, "doc": json.loads(out)}
 
 
-def parse_variants(specs: list[str]) -> dict[str, str]:
-    variants = {"new": ""}
+def convert_cmd(tree: Path, src: Path, out: Path, device: str) -> dict:
+    r = run_child(tree, "convert", str(src), str(out), "--preset", VARIANT, "--device", device, "--force")
+    r["seconds"] = r.pop("doc")["convert"]["seconds"]
+    return r
+
+
+def roundtrip_cmd(tree: Path, out: Path, src: Path, device: str) -> dict:
+    r = run_child(tree, "roundtrip", str(out), "--against", str(src), "--device", device)
+    summary = r.pop("doc")["summary"]
+    r.update(checked=summary["checked"], wrong=summary["decode_wrongly"], worst=summary["worst_rel_error"])
+    return r
+
+
+def parse_trees(specs: list[str]) -> dict[str, Path]:
+    trees = {"new": ROOT}
     for spec in specs:
-        name, _, settings = spec.partition(":")
-        variants[name] = settings
-    return variants
+        name, _, folder = spec.partition("=")
+        if not name or not folder:
+            raise SystemExit(f"--tree {spec!r}: expected NAME=DIR")
+        trees[name] = Path(folder).resolve()
+    return trees
 
 
-def cold_series(src: Path, out: Path, files: list[Path], variants: dict[str, str], reps: int,
-                reference: str) -> dict[str, list[dict]]:
-    """reps interleaved cold runs of cat and of every variant; the order rotates so no variant always runs first."""
-    names = ["cat", *variants]
+def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path], reps: int, reference: str,
+                roundtrip: bool) -> dict[str, list[dict]]:
+    """reps interleaved cold runs of cat and of every tree's convert (+ roundtrip); the order rotates."""
+    names = ["cat", *trees]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names[rep % len(names):] + names[: rep % len(names)]:
+            drop_cache(files)
             if name == "cat":
-                drop_cache(files)
                 runs["cat"].append({"seconds": plain_read(files)})
+                print(f"rep {rep} cat          {runs['cat'][-1]['seconds']:6.2f} s", flush=True)
                 continue
-            r = cold_convert(src, out, files, variants[name])
+            out = work / f"cuda-{name}.safetensors"
+            r = convert_cmd(trees[name], src, out, "cuda")
             r["identical"] = sha256(out) == reference
+            if roundtrip:
+                drop_cache([*files, out])
+                r["roundtrip"] = roundtrip_cmd(trees[name], out, src, "cuda")
             runs[name].append(r)
-            print(f"rep {rep} {name:10s} convert {r['seconds']:6.2f} s  process {r['process_s']:6.2f} s  "
-                  f"peak RSS {r['peak_rss_mb']:6.0f} MB  identical {r['identical']}  {r.get('phases', '')}",
-                  flush=True)
-        print(f"rep {rep} cat        {runs['cat'][-1]['seconds']:6.2f} s", flush=True)
+            rt = r.get("roundtrip")
+            print(f"rep {rep} {name:12s} convert process {r['process_s']:6.2f} s (in command {r['seconds']:6.2f} s, "
+                  f"peak RSS {r['peak_rss_mb']:5.0f} MB, identical {r['identical']})"
+                  + (f"  roundtrip process {rt['process_s']:6.2f} s (peak RSS {rt['peak_rss_mb']:5.0f} MB, "
+                     f"{rt['checked']} checked, {rt['wrong']} wrong)" if rt else ""), flush=True)
+            out.unlink()
     return runs
 
 
 def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
-    """Medians per variant; the ratio is cat / convert per repetition (each against the cat of its own round)."""
+    """Medians per tree; each ratio is taken per repetition (against the cat of its own round), then the median."""
     cats = [r["seconds"] for r in runs["cat"]]
-    summary = {"cat": {"median_s": statistics.median(cats), "runs_s": cats}}
+    summary: dict[str, dict] = {"cat": {"median_s": statistics.median(cats), "runs_s": cats}}
+    print(f"medians over {len(cats)} cold repetitions, source {gb:.2f} GB: cat {summary['cat']['median_s']:.2f} s "
+          f"({gb / summary['cat']['median_s']:.2f} GB/s)")
     for name, rs in runs.items():
         if name == "cat":
             continue
-        summary[name] = {
-            "median_s": statistics.median(r["seconds"] for r in rs),
-            "median_process_s": statistics.median(r["process_s"] for r in rs),
-            "median_ratio": statistics.median(c / r["seconds"] for c, r in zip(cats, rs, strict=True)),
-            "median_process_ratio": statistics.median(c / r["process_s"] for c, r in zip(cats, rs, strict=True)),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+        s = summary[name] = {
+            "convert_process_s": statistics.median(r["process_s"] for r in rs),
+            "convert_in_command_s": statistics.median(r["seconds"] for r in rs),
+            "cat_over_process": statistics.median(c / r["process_s"] for c, r in zip(cats, rs, strict=True)),
+            "cat_over_in_command": statistics.median(c / r["seconds"] for c, r in zip(cats, rs, strict=True)),
+            "convert_peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "identical": all(r["identical"] for r in rs),
-            "runs_s": [r["seconds"] for r in rs],
+            "convert_runs_s": [r["process_s"] for r in rs],
         }
-    print(f"medians over {len(cats)} cold repetitions, source {gb:.2f} GB: cat {summary['cat']['median_s']:.2f} s "
-          f"({gb / summary['cat']['median_s']:.2f} GB/s)")
-    for name, s in summary.items():
-        if name != "cat":
-            print(f"  {name:10s} convert {s['median_s']:6.2f} s  process {s['median_process_s']:6.2f} s  "
-                  f"cat/convert {s['median_ratio']:.2f}  cat/process {s['median_process_ratio']:.2f}  "
-                  f"peak RSS {s['peak_rss_mb']:.0f} MB  byte-identical to cpu: {s['identical']}  (target >= 0.8)")
+        line = (f"  {name:12s} convert process {s['convert_process_s']:6.2f} s (in command "
+                f"{s['convert_in_command_s']:6.2f} s)  cat/process {s['cat_over_process']:.2f} (target >= 0.85)  "
+                f"cat/in-command {s['cat_over_in_command']:.2f}  peak RSS {s['convert_peak_rss_mb']:.0f} MB  "
+                f"byte-identical to cpu: {s['identical']}")
+        if all("roundtrip" in r for r in rs):
+            s.update(roundtrip_process_s=statistics.median(r["roundtrip"]["process_s"] for r in rs),
+                     roundtrip_over_convert=statistics.median(r["roundtrip"]["process_s"] / r["process_s"]
+                                                              for r in rs),
+                     roundtrip_peak_rss_mb=max(r["roundtrip"]["peak_rss_mb"] for r in rs),
+                     roundtrip_runs_s=[r["roundtrip"]["process_s"] for r in rs])
+            line += (f"\n  {'':12s} roundtrip process {s['roundtrip_process_s']:6.2f} s  roundtrip/convert "
+                     f"{s['roundtrip_over_convert']:.2f} (target <= 1.1)  peak RSS {s['roundtrip_peak_rss_mb']:.0f} MB")
+        print(line)
     return summary
 
 
-def roundtrips(out: Path, src: Path) -> dict:
-    report = {"roundtrip_cuda": timed_roundtrip(out, src, "cuda", None),
-              "roundtrip_cpu_sample8": timed_roundtrip(out, src, "cpu", 8)}
-    same = [n for n, e in report["roundtrip_cpu_sample8"]["errors"].items()
-            if abs(e - report["roundtrip_cuda"]["errors"].get(n, float("nan"))) <= 1e-6 * max(e, 1e-12)]
-    report["roundtrip_cpu_matches_cuda"] = f"{len(same)}/{report['roundtrip_cpu_sample8']['layers']}"
-    for r in (report["roundtrip_cuda"], report["roundtrip_cpu_sample8"]):
-        r.pop("errors")
-    print(f"roundtrip --device cuda: {report['roundtrip_cuda']}; cpu on 8 layers: "
-          f"{report['roundtrip_cpu_sample8']}, same errors on {report['roundtrip_cpu_matches_cuda']}")
+def cpu_ratio(work: Path, size_gb: float, trees: dict[str, Path], reps: int) -> dict[str, dict]:
+    """CPU convert and CPU roundtrip of its output, processes on a warm cache, per tree: roundtrip / convert."""
+    src = generate(work / "cpu-src", size_gb)
+    for p in source_files(src):
+        with p.open("rb") as f:
+            while f.read(64 << 20):
+                pass
+    gb = sum(p.stat().st_size for p in source_files(src)) / 1e9
+    report: dict[str, dict] = {}
+    for rep in range(reps):
+        for name, tree in trees.items():
+            out = work / f"cpu-{name}.safetensors"
+            c = convert_cmd(tree, src, out, "cpu")
+            r = roundtrip_cmd(tree, out, src, "cpu")
+            entry = report.setdefault(name, {"convert_s": [], "roundtrip_s": [], "ratios": []})
+            entry["convert_s"].append(c["process_s"])
+            entry["roundtrip_s"].append(r["process_s"])
+            entry["ratios"].append(r["process_s"] / c["process_s"])
+            print(f"cpu rep {rep} {name:12s} convert process {c['process_s']:6.2f} s  roundtrip process "
+                  f"{r['process_s']:6.2f} s ({r['checked']} checked, {r['wrong']} wrong)", flush=True)
+            out.unlink()
+    print(f"cpu, {gb:.2f} GB source, warm cache, medians:")
+    for name, entry in report.items():
+        entry["median_ratio"] = statistics.median(entry["ratios"])
+        print(f"  {name:12s} convert {statistics.median(entry['convert_s']):6.2f} s  roundtrip "
+              f"{statistics.median(entry['roundtrip_s']):6.2f} s  roundtrip/convert {entry['median_ratio']:.2f} "
+              "(target <= 1.2)")
     return report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size-gb", type=float, default=4.0)
+    parser.add_argument("--size-gb", type=float, default=4.0, help="GPU source size (0: skip the GPU series)")
     parser.add_argument("--reps", type=int, default=3, help="cold repetitions of each measurement")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
-                        help="also convert with these converter.stages switches (repeatable)")
-    parser.add_argument("--roundtrip", action="store_true", help="also time roundtrip of the cuda output")
+    parser.add_argument("--tree", action="append", default=[], metavar="NAME=DIR",
+                        help="also run the nvdiag checkout in DIR (repeatable)")
+    parser.add_argument("--no-roundtrip", action="store_true", help="time convert only")
+    parser.add_argument("--cpu-gb", type=float, default=0.0, help="also the CPU roundtrip/convert ratio at this size")
+    parser.add_argument("--cpu-reps", type=int, default=2)
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("SRC", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        child(Path(args.child[0]), Path(args.child[1]))
-        return
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: this benchmark measures the --device cuda path")
+    import torch
+
+    trees = parse_trees(args.tree)
     work = args.dir or Path(tempfile.mkdtemp(prefix="nvdiag-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    report: dict = {"cpu_cores": os.cpu_count(), "torch": torch.__version__, "trees": {k: str(v) for k, v in
+                                                                                       trees.items()}}
     try:
-        t0 = time.perf_counter()
-        src = generate(work / "src", args.size_gb)
-        files = source_files(src)
-        size = sum(p.stat().st_size for p in files)
-        gb = size / 1e9
-        report: dict = {"device": torch.cuda.get_device_name(), "cpu_cores": os.cpu_count(),
-                        "torch": torch.__version__, "source_bytes": size, "generate_s": time.perf_counter() - t0}
-        print(f"{report['device']}, {report['cpu_cores']} cores, source {gb:.2f} GB FP32", flush=True)
-        out_cpu, out_gpu = work / "cpu.safetensors", work / "cuda.safetensors"
-        report["cpu"] = measure("nvdiag", src, out_cpu, keep=True)
-        print(f"convert --device cpu (warm) {report['cpu']['seconds']:.2f} s", flush=True)
-        runs = cold_series(src, out_gpu, files, parse_variants(args.variant), args.reps, sha256(out_cpu))
-        report["runs"] = runs
-        report["summary"] = summarize(runs, gb)
-        if args.roundtrip:
-            report.update(roundtrips(out_gpu, src))
-        print(json.dumps(report["summary"]))
+        if args.size_gb > 0:
+            if not torch.cuda.is_available():
+                raise SystemExit("no CUDA device: this benchmark measures the --device cuda path")
+            report["device"] = torch.cuda.get_device_name()
+            t0 = time.perf_counter()
+            src = generate(work / "src", args.size_gb)
+            files = source_files(src)
+            size = sum(p.stat().st_size for p in files)
+            report.update(source_bytes=size, generate_s=time.perf_counter() - t0)
+            print(f"{report['device']}, {report['cpu_cores']} cores, source {size / 1e9:.2f} GB FP32 "
+                  f"(generated in {report['generate_s']:.0f} s)", flush=True)
+            out_cpu = work / "cpu.safetensors"
+            report["cpu"] = convert_cmd(ROOT, src, out_cpu, "cpu")
+            reference = sha256(out_cpu)
+            out_cpu.unlink()
+            print(f"convert --device cpu (warm) process {report['cpu']['process_s']:.2f} s", flush=True)
+            runs = cold_series(src, work, files, trees, args.reps, reference, not args.no_roundtrip)
+            report["runs"] = runs
+            report["summary"] = summarize(runs, size / 1e9)
+            shutil.rmtree(work / "src", ignore_errors=True)
+        if args.cpu_gb > 0:
+            report["cpu_ratio"] = cpu_ratio(work, args.cpu_gb, trees, args.cpu_reps)
         if args.json:
             args.json.write_text(json.dumps(report, indent=1))
     finally:

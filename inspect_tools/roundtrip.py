@@ -38,6 +38,7 @@ from inspect_tools.attribution import (
 )
 from inspect_tools.errors import InputError, UsageError
 from inspect_tools.layers import CheckpointModel, open_model
+from inspect_tools.read_ahead import read_ahead
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats import fast_encode
@@ -550,7 +551,7 @@ def roundtrip(
         quantized_pairs=sum(p.mine.is_quantized and p.mine.has("weight") for p in alignment.pairs),
     )
     kept: list[tuple[float, Heatmap]] = []
-    for i, pair in enumerate(pairs):
+    for i, pair in enumerate(read_ahead(pairs, mine, ref, dev)):  # I/O only: the next pairs are read meanwhile
         layer_result, crop = _check_one(pair, ref, dev, heatmap=heatmaps > 0)
         result.layers.append(layer_result)
         if crop is not None:

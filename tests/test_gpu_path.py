@@ -12,6 +12,7 @@ import torch
 
 from converter import gpu_io, pipeline, stages
 from converter.pipeline import convert
+from inspect_tools.readers import chunked
 from inspect_tools.roundtrip import run_roundtrip
 from inspect_tools.synthetic import write_float
 from reference_specs.formats import fast_encode
@@ -84,7 +85,7 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
     from inspect_tools.readers import open_checkpoint
     from inspect_tools.readers.safetensors_dtypes import DTYPES
 
-    monkeypatch.setattr(gpu_io, "CHUNK_BYTES", 2 * gpu_io.ALIGN)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 2 * gpu_io.ALIGN)
     with open_checkpoint(src) as reader:
         if cold:
             drop_cache(src.parent)
@@ -117,7 +118,7 @@ def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, thr
     assert convert(src, reference, VARIANT).written
     monkeypatch.setattr(stages, "BufferPool", Unpinned)
     monkeypatch.setattr(pipeline, "Stages", ChunkedStages)
-    monkeypatch.setattr(gpu_io, "CHUNK_BYTES", 4 * gpu_io.ALIGN)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * gpu_io.ALIGN)
     drop_cache(src.parent)
     out = tmp_path / "out.safetensors"
     assert convert(src, out, VARIANT, threads=threads).written

@@ -24,6 +24,7 @@ from inspect_tools.cli.output import (
     render,
 )
 from inspect_tools.cli.terminal_text import shown
+from inspect_tools.readers import prefetch
 from reference_specs.findings import Finding, Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported by the command itself: other commands start without it
@@ -154,9 +155,22 @@ def convert_cmd(
     Exit codes: 0 written, 1 refused (NaN/Inf in the source or the gate found an error; nothing published),
     2 bad input or usage.
     """
+    check_safetensors_out(out)
+    if device == "cuda" and not dry_run:
+        # the source is read into the page cache while torch, CUDA and the plan start (seconds, in a fresh process)
+        prefetch.warm_checkpoint(src)
+    try:
+        _convert_and_render(src, out, preset, dtype_16, input_scales, dry_run, force, device, fmt, sample, verify,
+                            comfyui)
+    finally:
+        prefetch.stop()
+
+
+def _convert_and_render(src: Path, out: Path, preset: str, dtype_16: str | None, input_scales: Path | None,
+                        dry_run: bool, force: bool, device: str, fmt: OutputFormat, sample: int, verify: bool,
+                        comfyui: str | None) -> None:
     from converter.pipeline import convert
 
-    check_safetensors_out(out)
     extra_gate = None
     if verify and not dry_run:
         from inspect_tools.comfyui.gate import comfyui_gate

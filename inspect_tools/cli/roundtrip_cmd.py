@@ -27,6 +27,8 @@ from inspect_tools.cli.output import format_number as _num
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import CheckpointModel, open_model
+from inspect_tools.read_ahead import quantized_pairs, warm_ranges
+from inspect_tools.readers import prefetch
 from reference_specs.findings import Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
@@ -170,7 +172,6 @@ def roundtrip_command(
     Exit 0 when every layer is within its format's expected error, 1 on findings (a layer with NaN/Inf on either
     side is one) or when no pair could be measured, 2 on unreadable input or when nothing pairs at all.
     """
-    from inspect_tools.roundtrip import roundtrip
     from inspect_tools.writer import check_output_path
 
     check_glob(layers)
@@ -186,6 +187,10 @@ def roundtrip_command(
         inputs = mine.reader.files + ref.reader.files
         if report is not None:
             check_output_path(report, inputs)  # refuse a report over an input now, not after the long part
+        if layers is None and sample is None:  # every pair is read: start reading while torch is imported
+            prefetch.start(warm_ranges(quantized_pairs(mine, ref), mine, ref))
+        from inspect_tools.roundtrip import roundtrip
+
         bar, update = _progress_bar()
         if bar is not None:
             bar.start()
@@ -193,6 +198,7 @@ def roundtrip_command(
             result = roundtrip(mine, ref, layers=layers, sample=sample, device=device,
                                heatmaps=HEATMAPS if report else 0, progress=update)
         finally:
+            prefetch.stop()
             if bar is not None:
                 bar.stop()
         if not result.checked and not result.layers:

@@ -84,6 +84,14 @@ class CheckpointReader(ABC):
         """The tensor's stored bytes, as they are in the file. For tiny tensors read without torch (comfy_quant
         markers while a model is built from headers)."""
 
+    def offer(self, name: str, tensor: torch.Tensor) -> bool:
+        """Take `name`'s stored tensor, read ahead by someone else (inspect_tools.read_ahead): the next load(name)
+        returns it instead of reading the file again. False where this reader does not take one (GGUF)."""
+        return False
+
+    def forget(self, name: str) -> None:  # noqa: B027 - optional hook
+        """Drop a tensor offered but not loaded."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
 

@@ -192,6 +192,7 @@ class SafetensorsReader(CheckpointReader):
         metadata, tensors = parse_safetensors(path)
         super().__init__(path=path, kind="safetensors", metadata=dict(metadata), tensors=tensors)
         self._fh: Any = None
+        self._offered: dict[str, torch.Tensor] = {}  # read ahead, handed out once by load()
 
     def _handle(self) -> Any:
         if self._fh is None:
@@ -209,8 +210,20 @@ class SafetensorsReader(CheckpointReader):
 
     def load(self, name: str) -> torch.Tensor:
         info = self._info(name)
+        if (ahead := self._offered.pop(name, None)) is not None:
+            return ahead
         buf = read_exact(self._handle(), self.path, info.offset, info.nbytes)
         return bytes_to_tensor(buf, info.dtype, info.shape)
+
+    def offer(self, name: str, tensor: torch.Tensor) -> bool:
+        info = self._info(name)
+        if tuple(tensor.shape) != tuple(info.shape) or DTYPES[info.dtype].torch_dtype != tensor.dtype:
+            return False
+        self._offered[name] = tensor
+        return True
+
+    def forget(self, name: str) -> None:
+        self._offered.pop(name, None)
 
     def read_bytes(self, name: str) -> bytes:
         info = self._info(name)
@@ -225,6 +238,7 @@ class SafetensorsReader(CheckpointReader):
         return self.load(name).to(torch.float32)
 
     def close(self) -> None:
+        self._offered.clear()
         if self._fh is not None:
             self._fh.close()
             self._fh = None

@@ -133,6 +133,13 @@ class ShardedReader(CheckpointReader):
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         return self._owner[name].load_float(name)
 
+    def offer(self, name: str, tensor: torch.Tensor) -> bool:
+        return name in self._owner and self._owner[name].offer(name, tensor)
+
+    def forget(self, name: str) -> None:
+        if name in self._owner:
+            self._owner[name].forget(name)
+
     def read_bytes(self, name: str) -> bytes:
         if name not in self._owner:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")

@@ -1,0 +1,153 @@
+"""Reads moved earlier, never changed: the page-cache warmer that starts before torch is imported
+(inspect_tools.readers.prefetch) and roundtrip's read-ahead (inspect_tools.read_ahead)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from inspect_tools import read_ahead, roundtrip
+from inspect_tools.cli import main
+from inspect_tools.errors import InputError
+from inspect_tools.layers import open_model
+from inspect_tools.readers import open_checkpoint, prefetch
+from inspect_tools.synthetic import write_float
+
+VARIANT = "wan2.2-ti2v-5b"
+TINY = {"dim": 64, "ffn": 128, "text_dim": 64, "freq_dim": 64, "heads": 1, "blocks": 2}
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    return write_float(tmp_path_factory.mktemp("ahead") / "src", VARIANT, TINY, naming="diffusers", sharded=2)
+
+
+@pytest.fixture(scope="module")
+def converted(src, tmp_path_factory) -> Path:
+    from converter.pipeline import convert
+
+    out = tmp_path_factory.mktemp("ahead-out") / "out.safetensors"
+    assert convert(src, out, VARIANT).written
+    return out
+
+
+def test_the_warmer_reads_every_tensor_of_a_checkpoint_in_file_order(src) -> None:
+    warmer = prefetch.warm_checkpoint(src)
+    assert warmer is not None
+    warmer.stop()  # waits for the threads: the reading has ended either way
+    with open_checkpoint(src) as reader:
+        infos = sorted(reader.tensors.values(), key=lambda t: (str(t.file), t.offset))
+        total = sum(t.nbytes for t in infos)
+    warmer = prefetch.Warmer(prefetch.tensor_ranges(infos))
+    for thread in warmer.threads:
+        thread.join()
+    assert warmer.done_bytes == total and not warmer.alive
+    paths = [path for path, _, _ in warmer.ranges]
+    assert paths == sorted(paths, key=str)  # one shard after the other, each from its start
+
+
+def test_ranges_that_touch_are_read_as_one() -> None:
+    a, b = Path("a"), Path("b")
+    assert prefetch.merged([(a, 0, 10), (a, 10, 5), (a, 20, 1), (b, 21, 1), (b, 22, 0)]) == [
+        (a, 0, 15), (a, 20, 1), (b, 21, 1)]
+
+
+def test_a_reader_that_catches_up_stops_the_warmer(tmp_path) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(bytes(4 * prefetch.READ_BYTES))
+    piece = prefetch.READ_BYTES
+    warmer = prefetch.Warmer([(f, 0, 4 * piece)], limit=0)  # takes nothing: the test moves its frontier by hand
+    warmer.stop()
+    warmer._stop.clear()
+    warmer._next = 2  # the first two pieces are read
+    warmer.caught_up(f, piece + 1)  # a miss behind the frontier (an evicted page): warming goes on
+    assert not warmer._stop.is_set()
+    warmer.caught_up(tmp_path / "other.bin", 0)  # not one of its files
+    assert not warmer._stop.is_set()
+    warmer.caught_up(f, 2 * piece + 7)  # the reader is where the warmer would read next: it stops
+    assert warmer._stop.is_set()
+
+
+def test_what_is_not_a_safetensors_checkpoint_is_not_warmed(tmp_path) -> None:
+    (tmp_path / "x.txt").write_text("hello")
+    assert prefetch.warm_checkpoint(tmp_path / "x.txt") is None
+    assert prefetch.warm_checkpoint(tmp_path / "missing.safetensors") is None
+
+
+def test_an_offered_tensor_is_loaded_once_then_the_file_is_read_again(src) -> None:
+    with open_checkpoint(src) as reader:
+        info = next(t for t in reader.tensors.values() if t.dtype == "F32" and t.nbytes)
+        stored = reader.load(info.name)
+        ahead = stored.clone()
+        assert not reader.offer(info.name, ahead.reshape(-1)[:1])  # not this tensor's shape: refused
+        assert reader.offer(info.name, ahead)
+        assert reader.load(info.name) is ahead
+        again = reader.load(info.name)
+        assert again is not ahead and torch.equal(again, stored)
+        assert reader.offer(info.name, ahead)
+        reader.forget(info.name)
+        assert reader.load(info.name) is not ahead
+
+
+def test_roundtrip_reads_ahead_and_measures_the_same(src, converted, monkeypatch) -> None:
+    with open_model(converted) as mine, open_model(src) as ref:
+        ahead = {r.name: (r.status, r.error) for r in roundtrip.roundtrip(mine, ref).layers}
+    monkeypatch.setattr(roundtrip, "read_ahead", lambda pairs, *_: iter(pairs))  # each read where it is used
+    with open_model(converted) as mine, open_model(src) as ref:
+        plain = {r.name: (r.status, r.error) for r in roundtrip.roundtrip(mine, ref).layers}
+    assert ahead == plain and len(ahead) > 0
+
+
+def test_read_ahead_reads_what_roundtrip_loads_and_offers_it(src, converted) -> None:
+    with open_model(converted) as mine, open_model(src) as ref:
+        pairs = read_ahead.quantized_pairs(mine, ref)
+        assert pairs == roundtrip.select_pairs(roundtrip.align_layers(mine, ref).pairs)
+        assert read_ahead.UNUSED_ROLES == roundtrip.UNUSED_ROLES
+        with read_ahead.ReadAhead(pairs, mine, ref, budget=0) as ahead:
+            ahead.before(0)
+            ref_weight = pairs[0].ref.tensors["weight"].name
+            loaded = ref.reader.load(ref_weight)  # served from what was read ahead...
+            assert ref.reader.load(ref_weight) is not loaded  # ...once
+            assert torch.equal(loaded, ref.reader.load(ref_weight))
+            ahead.after(0)
+            assert 1 in ahead._pending  # the next pair is being read already
+
+
+def test_a_file_cut_short_after_it_was_opened_is_still_an_input_error(src, tmp_path) -> None:
+    """A read ahead that fails is not offered: the measurement's own read reports the file."""
+    import shutil
+
+    from converter.pipeline import convert
+
+    copy = tmp_path / "src"
+    shutil.copytree(src.parent, copy)
+    index = copy / src.name
+    out = tmp_path / "out.safetensors"
+    assert convert(index, out, VARIANT).written
+    with open_model(out) as mine, open_model(index) as ref:
+        weight = read_ahead.quantized_pairs(mine, ref)[-1].ref.tensors["weight"].name
+        last = ref.reader.tensors[weight]
+        os.truncate(last.file, last.offset + 1)
+        with pytest.raises(InputError, match="shorter than its header"):
+            roundtrip.roundtrip(mine, ref)
+
+
+def test_the_roundtrip_command_warms_and_stops(src, converted, capsys) -> None:
+    assert main(["roundtrip", str(converted), "--against", str(src), "--format", "json"]) == 0
+    assert prefetch._active is None  # stopped when the command ended
+
+
+def test_read_ahead_falls_back_to_pageable_buffers_where_memory_cannot_be_pinned(monkeypatch) -> None:
+    empty = torch.empty
+
+    def refuse_pinning(*args, pin_memory: bool = False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("cannot pin")
+        return empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refuse_pinning)
+    buffers = read_ahead._FreshBuffers(pinned=True)
+    assert buffers.acquire(4096).numel() == 4096 and not buffers.pinned
