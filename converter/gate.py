@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from inspect_tools.attribution import relative_error
 from inspect_tools.layers import MAX_MARKER_BYTES, decode_marker_bytes, open_model
 from inspect_tools.lint import LintConfig, lint_model
 from inspect_tools.readers.safetensors_dtypes import DTYPES
@@ -94,18 +95,6 @@ def sample_evenly(items: list, n: int) -> list:
         return [items[len(items) // 2]]
     step = (len(items) - 1) / (n - 1)
     return [items[round(i * step)] for i in range(n)]
-
-
-def relative_error(decoded: torch.Tensor, reference: torch.Tensor) -> float:
-    """||decoded - reference|| / ||reference|| (Frobenius), 0 for an all-zero reference decoded exactly.
-    The same definition as inspect_tools.roundtrip's metric, in float32: the gate compares errors of ~0.1 against
-    each other with a 1.5x margin, far above float32 rounding of a norm."""
-    ref = reference.to(torch.float32)
-    diff = torch.linalg.vector_norm(decoded.to(torch.float32) - ref)
-    norm = torch.linalg.vector_norm(ref)
-    if norm == 0:
-        return 0.0 if diff == 0 else float("inf")
-    return float(diff / norm)
 
 
 def row_tiles(rows: int, cols: int, budget: int = LAYER_ELEMENTS) -> list[tuple[int, int]]:
