@@ -57,6 +57,8 @@ NOT_FIXABLE: dict[str, tuple[str, str]] = {
                     "re-convert from the source with nvdiag convert"),
     "excess-error": ("the error has no attributable cause, so no lossless transformation is known",
                      "re-convert from the source with nvdiag convert"),
+    "reference-mismatch": ("the reference is not the weights the file was made from; nothing to repair is proven",
+                           "fix again with --against the file's own source"),
     "transposed-weight": ("a quantized weight's blocks run along the wrong axis; transposing cannot regroup them",
                           "re-convert from the source with nvdiag convert"),
     "missing-block-scale": ("the block scales are not in the file", "re-convert from the source with nvdiag convert"),

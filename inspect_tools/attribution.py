@@ -70,6 +70,7 @@ class Attribution:
     errors: dict[str, float | None] = field(default_factory=dict)
     sign_agreement: float | None = None
     together_with: tuple[str, ...] = ()  # further causes of the same layer (a combined re-reading fitted)
+    row_factors: tuple[float, float] | None = None  # reference-mismatch: REF's rows = stored rows x [min, max]
 
     @property
     def causes(self) -> tuple[str, ...]:
@@ -81,6 +82,8 @@ class Attribution:
             out["sign_agreement"] = round(self.sign_agreement, 4)
         if self.together_with:
             out["causes"] = list(self.causes)
+        if self.row_factors is not None:
+            out["row_factors"] = [round(f, 6) for f in self.row_factors]
         return out
 
 
@@ -214,6 +217,17 @@ def decisive_rereading(fmt: Format, tensors: Tensors, reference: torch.Tensor,
     return Attribution(cause=best[0], errors=errors, together_with=best[1:])
 
 
+def nvfp4_refit_scales(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
+    """The per-block scale [rows, cols/16] that best fits `reference` with the stored codes (least squares)."""
+    values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
+    rows, cols = values.shape
+    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
+    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
+    num = (blocks * ref).sum(-1)
+    den = (blocks * blocks).sum(-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+
+
 def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
     """Decode the stored codes with the per-block scale that best fits `reference` (least squares).
 
@@ -221,13 +235,22 @@ def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor
     """
     values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
     rows, cols = values.shape
-    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
-    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
-    num = (blocks * ref).sum(-1)
-    den = (blocks * blocks).sum(-1)
-    scale = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-    fitted = (blocks * scale.unsqueeze(-1)).reshape(rows, cols)
+    scale = nvfp4_refit_scales(tensors, reference)
+    fitted = (values.reshape(rows, cols // BLOCK, BLOCK) * scale.unsqueeze(-1)).reshape(rows, cols)
     return fitted[: reference.shape[0], : reference.shape[1]]
+
+
+def row_refit(decoded: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the stored decode with each row times the factor that best fits `reference`'s row, those factors).
+
+    A reference whose rows are the file's rows times one factor each (a re-normalised or rescaled copy, a per-channel
+    merge) fits this exactly as well as the file fits its own source; stale scales (scales of other data) vary from
+    block to block within a row and do not fit."""
+    dec, ref = decoded.to(torch.float32), reference.to(torch.float32)
+    den = (dec * dec).sum(1)
+    factors = torch.where(den > 0, (dec * ref).sum(1) / torch.where(den > 0, den, torch.ones_like(den)),
+                          torch.ones_like(den))
+    return dec * factors[:, None], factors
 
 
 def nvfp4_sign_agreement(tensors: Tensors, reference: torch.Tensor) -> float | None:
@@ -310,6 +333,15 @@ def attribute(
         causes = simplest_best({tuple(c.split(JOIN)): e for c, e in specific.items()})
         return Attribution(cause=causes[0], errors=errors, sign_agreement=signs, together_with=causes[1:])
     cause = "stale-scale" if not far_above(errors["stale-scale"], expected) else "excess-error"
+    if decoded is not None and decoded.dim() == 2:
+        fitted, factors = row_refit(decoded, reference)
+        errors["reference-rows-rescaled"] = _try(lambda: fitted, reference)
+        # one factor for every row is what a wrong per-tensor scale in the file gives: only factors that differ
+        # from row to row, which no per-tensor fault can produce, clear the file
+        varies = float(factors.max()) > 1.01 * float(factors.min()) > 0
+        if varies and not far_above(errors["reference-rows-rescaled"], expected):
+            return Attribution(cause="reference-mismatch", errors=errors, sign_agreement=signs,
+                               row_factors=(float(factors.min()), float(factors.max())))
     return Attribution(cause=cause, errors=errors, sign_agreement=signs)
 
 

@@ -76,6 +76,9 @@ CAUSE_VERDICT: dict[str, tuple[str, str]] = {
                     "(nvdiag convert)"),
     "excess-error": ("the error is far above what the format gives, cause not attributable",
                      "re-quantize from the float source (nvdiag convert)"),
+    "reference-mismatch": ("REF disagrees: its rows are this layer's rows rescaled, so REF is not the weights the "
+                           "file was made from (nothing wrong is proven about the file)",
+                           "compare against the weights the file was made from"),
 }
 
 
@@ -206,7 +209,12 @@ class RoundtripResult:
 
     @property
     def wrong(self) -> list[LayerResult]:
-        return [r for r in self.layers if r.status == "far-above"]
+        return [r for r in self.layers if r.status == "far-above" and r.cause != "reference-mismatch"]
+
+    @property
+    def disagreeing(self) -> list[LayerResult]:
+        """Layers where REF, not the file, is the odd one out (its rows are the file's rows rescaled)."""
+        return [r for r in self.layers if r.status == "far-above" and r.cause == "reference-mismatch"]
 
     @property
     def not_comparable(self) -> list[LayerResult]:
@@ -233,7 +241,14 @@ class RoundtripResult:
         return head + ("; " + self._measured_verdict() if self.checked else "")
 
     def _measured_verdict(self) -> str:
-        checked, wrong = len(self.checked), self.wrong
+        verdict = self._file_verdict()
+        if not self.disagreeing:
+            return verdict
+        what, remedy = CAUSE_VERDICT["reference-mismatch"]
+        return f"{verdict}; {len(self.disagreeing)} layer(s): {what}: {remedy}"
+
+    def _file_verdict(self) -> str:
+        checked, wrong = len(self.checked) - len(self.disagreeing), self.wrong
         if self.not_comparable:
             head = self._not_comparable_verdict()
             return head if not wrong else f"{head}; {len(wrong)} of {checked} measured layers decode wrongly"
@@ -471,9 +486,13 @@ def finding_for(result: LayerResult, path: Path, ref_path: Path | None = None) -
         what = " and ".join(CAUSE_VERDICT[c][0] for c in result.attribution.causes)
         shown = f"{stored:.3g}" if stored is not None and math.isfinite(stored) else "undecodable"
         within = f" ({result.note})" if result.note and stored is not None and stored <= limit(result.expected) else ""
+        mismatch = result.attribution.cause == "reference-mismatch"
+        if mismatch and result.attribution.row_factors is not None:
+            low, high = result.attribution.row_factors
+            what += f" (per-row factors {low:.3g} to {high:.3g})"
         return Finding(
-            rule=RULE_DECODES_WRONGLY, cause=result.attribution.cause, severity=Severity.ERROR, file=str(path),
-            layer=result.name,
+            rule=RULE_DECODES_WRONGLY, cause=result.attribution.cause,
+            severity=Severity.WARNING if mismatch else Severity.ERROR, file=str(path), layer=result.name,
             message=f"relative error {shown} vs expected {result.expected:.3g} (limit {limit(result.expected):.3g})"
             f"{within}: {what}",
             evidence={

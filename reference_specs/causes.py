@@ -29,6 +29,8 @@ CAUSES: dict[str, str] = {
     "comfyui-ignored-tensors": "ComfyUI loaded the file but left tensors of it unused (logged as left-over keys)",
     "compute-overflow": "ComfyUI's output is not finite for a correct file too: the model overflows in the compute "
     "dtype (float16 on most GPUs) on these inputs, whatever the file holds",
+    "reference-mismatch": "REF is not the weights the file was made from (rows rescaled, a fine-tune, another "
+    "version): the file encodes its own weights consistently, nothing wrong is proven about it",
     "activation-sensitive-w4a4": "with activations quantized to 4 bits (W4A4, Blackwell) the output error is far "
     "above the W4A16 error: layers that need full_precision_matrix_mult, a calibrated input_scale or more bits",
 }

@@ -22,7 +22,13 @@ from converter.fix import fix_checkpoint
 from inspect_tools.layers import open_model
 from inspect_tools.lint import lint_model
 from inspect_tools.roundtrip import run_roundtrip
-from inspect_tools.synthetic import nvfp4_mixed_plan, save_safetensors, write_float, write_fp8_comfy
+from inspect_tools.synthetic import (
+    float_state_dict,
+    nvfp4_mixed_plan,
+    save_safetensors,
+    write_float,
+    write_fp8_comfy,
+)
 from inspect_tools.synthetic.gguf_files import write_gguf
 from inspect_tools.synthetic.values import STATISTICS
 from reference_specs.findings import Severity
@@ -102,3 +108,19 @@ def test_fix_with_the_source_repairs_combined_faults_to_what_comfy_kitchen_decod
             stored = {role: layer.load(role) for role in ("weight", "weight_scale", "weight_scale_2")}
             assert torch.equal(ck_decode({f"{base}.{r}": t for r, t in stored.items()}, base),
                                ck_decode(correct, base))
+
+
+def test_a_reference_with_rescaled_rows_is_not_blamed_on_the_file(family, tmp_path) -> None:
+    """REF = the source with every row of the quantized layers multiplied by its own factor (a re-normalised copy):
+    the correct file must not be called broken; roundtrip says REF disagrees, as a warning."""
+    stat, _, files = family
+    source = float_state_dict(VARIANT, statistic=stat)
+    gen = torch.Generator().manual_seed(5)
+    for base in LAYERS:
+        weight = source[f"{base}.weight"]
+        source[f"{base}.weight"] = weight * torch.exp2(torch.rand(weight.shape[0], 1, generator=gen) * 2 - 1)
+    ref = save_safetensors(source, tmp_path / "rescaled.safetensors")
+    result = run_roundtrip(files[()], ref)
+    assert [f for f in result.findings if f.severity >= Severity.ERROR] == []
+    assert {f.cause for f in result.findings} <= {"reference-mismatch"}
+    assert result.wrong == []
