@@ -74,8 +74,10 @@ CAUSE_VERDICT: dict[str, tuple[str, str]] = {
                           "re-quantize from the float source (nvdiag convert)"),
     "stale-scale": ("the scales do not belong to the packed data", "re-quantize these layers from the float source "
                     "(nvdiag convert)"),
-    "excess-error": ("the error is far above what the format gives, cause not attributable",
-                     "re-quantize from the float source (nvdiag convert)"),
+    "excess-error": ("the error is far above what the format gives and no re-reading of the bytes explains it: "
+                     "the values are wrong, or REF is not the weights the file was made from (a fine-tune, "
+                     "another version)", "re-quantize from the float source (nvdiag convert), or compare against "
+                     "the file's own source"),
     "reference-mismatch": ("REF disagrees: its rows are this layer's rows rescaled, so REF is not the weights the "
                            "file was made from (nothing wrong is proven about the file)",
                            "compare against the weights the file was made from"),

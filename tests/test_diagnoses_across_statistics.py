@@ -124,3 +124,16 @@ def test_a_reference_with_rescaled_rows_is_not_blamed_on_the_file(family, tmp_pa
     assert [f for f in result.findings if f.severity >= Severity.ERROR] == []
     assert {f.cause for f in result.findings} <= {"reference-mismatch"}
     assert result.wrong == []
+
+
+def test_lint_never_passes_silently_on_the_layout_question(family) -> None:
+    """Without a reference lint either decides the layout (no false alarm on a correct file) or says it cannot."""
+    _, _, files = family
+    for faults in ((), ("scale-layout-linear",)):
+        with open_model(files[faults]) as model:
+            probe = [f for f in lint_model(model) if f.rule == "NV204"]
+        if faults:
+            assert len(probe) == 1 and (probe[0].severity == Severity.ERROR or probe[0].evidence["verdict"] ==
+                                        "inconclusive")
+        else:
+            assert all(f.severity == Severity.INFO for f in probe)
