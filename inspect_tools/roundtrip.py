@@ -578,7 +578,7 @@ def roundtrip(
     )
     kept: list[tuple[float, Heatmap]] = []
     for i, pair in enumerate(read_ahead(pairs, mine, ref, dev)):  # I/O only: the next pairs are read meanwhile
-        layer_result, crop = _check_one(pair, ref, dev, heatmap=heatmaps > 0)
+        layer_result, crop = _check_one(pair, mine, ref, dev, heatmap=heatmaps > 0)
         result.layers.append(layer_result)
         if crop is not None:
             kept = sorted([*kept, (layer_result.ratio or 0.0, crop)], key=lambda x: -x[0])[:heatmaps]
@@ -615,14 +615,24 @@ def nothing_to_compare(mine: CheckpointModel, ref: CheckpointModel, alignment: A
 
 
 def _check_one(
-    pair: LayerPair, ref: CheckpointModel, device: torch.device, heatmap: bool
+    pair: LayerPair, mine: CheckpointModel, ref: CheckpointModel, device: torch.device, heatmap: bool
 ) -> tuple[LayerResult, Heatmap | None]:
     try:
         return check_pair(pair, ref, device, heatmap)
     except InputError:
         raise
     except (OSError, ValueError, RuntimeError) as exc:  # truncated data, dtype views that do not fit...
-        raise InputError(f"layer {pair.mine.name} (vs {pair.ref.name}) cannot be read: {exc}") from None
+        side, layer = (mine, pair.mine) if not _loads(pair.mine) else (ref, pair.ref)
+        raise InputError(f"layer {layer.name} cannot be read: {exc}", str(side.path)) from None
+
+
+def _loads(layer: Layer) -> bool:
+    """Whether every tensor of `layer` can be read (to name the file whose layer failed)."""
+    try:
+        load_roles(layer, torch.device("cpu"))
+    except (OSError, ValueError, RuntimeError, InputError):
+        return False
+    return True
 
 
 def run_roundtrip(path: str | Path, against: str | Path, **options: Any) -> RoundtripResult:

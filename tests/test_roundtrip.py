@@ -119,3 +119,35 @@ def test_sample_picks_first_and_last():
 
     pairs = [P(i) for i in range(10)]
     assert [p.key for p in select_pairs(pairs, sample=3)] == ["l0", "l4", "l9"]
+
+
+@pytest.mark.parametrize("side", ["mine", "ref"])
+def test_a_layer_that_cannot_be_read_names_its_file(tmp_path, side):
+    """A file cut short after it was opened (the data under the header is gone): one error line naming that file."""
+    from inspect_tools.errors import InputError
+    from inspect_tools.layers import open_model
+    from inspect_tools.roundtrip import roundtrip
+
+    mine_path, ref_path = write_pair(tmp_path)
+    with open_model(mine_path) as mine, open_model(ref_path) as ref:
+        victim = mine_path if side == "mine" else ref_path
+        with open(victim, "r+b") as f:
+            f.truncate(victim.stat().st_size // 2)
+        with pytest.raises(InputError) as caught:
+            roundtrip(mine, ref)
+    assert caught.value.path == str(victim)
+
+
+def test_an_undecodable_pair_names_the_file_whose_tensors_do_not_load(tmp_path, monkeypatch):
+    import inspect_tools.roundtrip as rt
+    from inspect_tools.errors import InputError
+
+    mine_path, ref_path = write_pair(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("shape '[-1, 8]' is invalid")
+
+    monkeypatch.setattr(rt, "check_pair", broken)
+    with pytest.raises(InputError) as caught:  # PATH's tensors load: the failing side is REF
+        run_roundtrip(mine_path, ref_path)
+    assert caught.value.path == str(ref_path) and "cannot be read: shape" in caught.value.message
