@@ -270,13 +270,14 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
     detection = model.detection
     profile = models.get_profile(detection.variant)
     sensitive = profile.sensitive if profile is not None else None
+    read_axes = profile.read_axes if profile is not None else None
     width = model_width(detection)
     input_scales = dict(input_scales or {})
     plan = ConversionPlan(layers=[], preset=preset, detection=detection, metadata=source_metadata(model.metadata))
     seen: dict[str, str] = {}
     views = []
     for layer in model.layers.values():
-        view = view_of(layer, sensitive)
+        view = view_of(layer, sensitive, read_axes)
         if view.name in seen:
             raise InputError(f"{layer.name} and {seen[view.name]} both map to the ComfyUI name {view.name}",
                              str(model.path))

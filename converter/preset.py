@@ -24,6 +24,9 @@ Formats: nvfp4 | nvfp4-w4a16 | fp8 | fp8-w8a16 | keep (source precision) | bf16 
 may override) | f32.
 A quantizing rule (nvfp4*, fp8*) only ever matches an eligible layer (a 2-D floating-point `.weight`); on any other
 layer it is skipped and the next rule is tried, so `match = "*"` + `format = "nvfp4"` means "every eligible linear".
+A weight whose shape ComfyUI reads to build the model (Qwen Image and Flux `img_in`, Flux `txt_in` and
+`vector_in.in_layer`: the architecture profile's shape_reads) is not eligible for a format that would store another
+shape there (NVFP4 halves dim 1): ComfyUI would build the wrong model and fail at the first step.
 
 W4A4 or W4A16 on Blackwell: there ComfyUI multiplies a plain nvfp4 layer with its activations quantized to NVFP4
 too (W4A4); every other GPU dequantizes the weight and multiplies in the compute dtype. `nvfp4-w4a16` stores the same
@@ -66,6 +69,8 @@ from typing import Any
 
 from converter.hand_written import MAX_PRESET_BYTES, MAX_TOML_DEPTH, read_bounded, toml_nesting_depth
 from inspect_tools.errors import InputError, UsageError
+from reference_specs.formats.nvfp4 import packed_shape
+from reference_specs.models.base import changed_reads
 
 # Quantizing decision -> (codec that encodes the weight, whether ComfyUI is told to multiply in full precision).
 QUANT_DECISIONS: dict[str, tuple[str, bool]] = {
@@ -110,6 +115,7 @@ class LayerView:
     dtype: str = "F32"
     has_weight: bool = True
     sensitive_reason: str | None = None
+    shape_reads: dict[int, str] = field(default_factory=dict, hash=False)  # axes ComfyUI reads off the weight
 
     @property
     def linear(self) -> bool:
@@ -152,6 +158,10 @@ class Rule:
             return "name does not match"  # the pattern itself is already in describe()
         if self.format in QUANT_FORMATS and not layer.linear:
             return f"{self.format} applies only to 2-D floating-point weights"
+        if self.format in QUANT_FORMATS and (broken := read_shape_changes(self.format, layer)):
+            stored = list(stored_weight_shape(codec_of(self.format), layer.shape))
+            return (f"ComfyUI reads {', '.join(broken.values())} off this weight's shape: {self.format} would store "
+                    f"it as {stored} instead of {list(layer.shape)} (ComfyUI would build the wrong model)")
         c = self.conditions
         if "linear" in c and layer.linear != c["linear"]:
             return f"linear is {layer.linear}"
@@ -182,6 +192,19 @@ def codec_of(decision: str) -> str | None:
     """The weight codec of a quantizing decision (nvfp4 or fp8), None for a kept layer."""
     entry = QUANT_DECISIONS.get(decision)
     return entry[0] if entry else None
+
+
+def stored_weight_shape(codec: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The `.weight` shape a codec writes for a [out, in] weight: NVFP4 packs (DESIGN.md output contract), FP8 keeps."""
+    return packed_shape(*shape) if codec == "nvfp4" and len(shape) == 2 else tuple(shape)
+
+
+def read_shape_changes(decision: str, layer: LayerView) -> dict[int, str]:
+    """What ComfyUI would read wrong off `layer`'s weight if `decision` quantized it: {axis: what}, {} when safe."""
+    codec = codec_of(decision)
+    if codec is None or not layer.shape_reads:
+        return {}
+    return changed_reads(layer.shape_reads, layer.shape, stored_weight_shape(codec, layer.shape))
 
 
 def full_precision_mm(decision: str) -> bool:
@@ -443,8 +466,10 @@ def dumps_preset(preset: Preset) -> str:
 
 # ---------------------------------------------------------------------------------------------- layers
 
-def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None) -> LayerView:
-    """A reference_specs.layer.Layer -> the LayerView rules see (native name, main tensor)."""
+def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None,
+            read_axes: Callable[[str], dict[int, str]] | None = None) -> LayerView:
+    """A reference_specs.layer.Layer -> the LayerView rules see (native name, main tensor). sensitive / read_axes:
+    the architecture profile's methods of those names (None: no profile)."""
     name = layer.native_name or layer.name
     main = layer.tensors.get("weight") or layer.tensors.get("value") or next(iter(layer.tensors.values()))
     return LayerView(
@@ -453,4 +478,5 @@ def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None) ->
         dtype=main.dtype,
         has_weight="weight" in layer.tensors,
         sensitive_reason=sensitive(name) if sensitive else None,
+        shape_reads=dict(read_axes(name)) if read_axes else {},
     )

@@ -7,7 +7,7 @@ and comfyui-load-path.md (Q5: how ComfyUI detects the model).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,13 @@ def module_name(name: str) -> str:
     return name
 
 
+def changed_reads(reads: dict[int, str], logical: tuple[int, ...], stored: tuple[int, ...]) -> dict[int, str]:
+    """The axes ComfyUI reads (`reads`, from read_axes) whose stored size differs from the logical one: what
+    ComfyUI would get wrong about the model if the weight were stored with shape `stored`."""
+    return {axis: what for axis, what in reads.items()
+            if axis < len(logical) and (axis >= len(stored) or stored[axis] != logical[axis])}
+
+
 class ArchitectureProfile:
     """Base class. Subclasses fill in the class attributes and the methods below."""
 
@@ -60,6 +67,11 @@ class ArchitectureProfile:
 
     # dims that make a model smaller than the real one (width, depth): any of them off full_dims = scaled down
     _size_dims: tuple[str, ...] = ()
+    # Weights whose stored shape ComfyUI reads to build the model (comfy/model_detection.py, detect_unet_config):
+    # module base name -> {axis of its .weight: what ComfyUI takes from it}. Quantizing such a weight into a format
+    # that stores another shape (NVFP4 packs two values per byte: dim 1 halves, rows pad to 16) makes ComfyUI build
+    # the wrong model ("mat1 and mat2 shapes cannot be multiplied"): presets never do it, lint reports it (NV305).
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {}
 
     def detection(self, dims: dict[str, int]) -> Detection:
         """This profile's Detection for dims read off a file, flagged scaled_down when narrower or shallower."""
@@ -83,6 +95,10 @@ class ArchitectureProfile:
 
     def is_diffusers_name(self, name: str) -> bool:
         return False
+
+    def read_axes(self, layer_name: str) -> dict[int, str]:
+        """The axes of this layer's weight whose size ComfyUI reads (see shape_reads); {} for most layers."""
+        return self.shape_reads.get(module_name(self.to_native(layer_name)), {})
 
     def sensitive(self, layer_name: str) -> str | None:
         """Why a layer (native base name) must stay high precision, or None. E.g. 'modulation', 'embedding'."""

@@ -32,6 +32,14 @@ class Flux1Dev(ArchitectureProfile):
     small_dims = {"dim": 256, "double_blocks": 2, "single_blocks": 2, "in_channels": 64, "context_dim": 256,
                   "vec_dim": 256, "mlp_ratio": 4, "heads": 2}
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "double_blocks", "single_blocks")
+    # comfy/model_detection.py (Flux branch, ComfyUI 0.8.0): in_channels = img_in.weight.shape[1] // patch_size**2,
+    # hidden_size = img_in/txt_in .weight.shape[0], context_in_dim = txt_in.weight.shape[1],
+    # vec_in_dim = vector_in.in_layer.weight.shape[1]
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {
+        "img_in": {0: "hidden_size", 1: "in_channels (x patch_size^2)"},
+        "txt_in": {0: "hidden_size", 1: "context_in_dim"},
+        "vector_in.in_layer": {1: "vec_in_dim"},
+    }
 
     def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
         d = dims["dim"]

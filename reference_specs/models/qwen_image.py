@@ -22,6 +22,9 @@ _EMBEDDINGS = ("img_in", "txt_in", "time_text_embed.")
 class QwenImageProfile(ArchitectureProfile):
     family = "qwen_image"
     edit: ClassVar[bool] = False
+    # comfy/model_detection.py (Qwen Image branch, ComfyUI 0.8.0): in_channels = img_in.weight.shape[1]; the depth
+    # is counted from the keys, nothing else is read from a shape
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {"img_in": {1: "in_channels"}}
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "blocks")
 
     def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:

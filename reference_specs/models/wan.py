@@ -74,6 +74,15 @@ class WanProfile(ArchitectureProfile):
     family = "wan"
     # dims that make a model "the real one"; narrower or shallower fixtures are scaled down
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "ffn", "blocks")
+    # comfy/model_detection.py (Wan branch, ComfyUI 0.8.0): dim = head.modulation.shape[-1] (a parameter, never
+    # quantized), out_dim = head.head.weight.shape[0] // 4, ffn_dim = blocks.0.ffn.0.weight.shape[0],
+    # in_dim = patch_embedding.weight.shape[1] (a 5-D conv, never quantized). Rows survive NVFP4 packing when they
+    # are a multiple of 16 (every real WAN's are), so ffn.0 and the head may be quantized; a packed in_dim never is.
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {
+        "head.head": {0: "out_dim (rows / 4)"},
+        "blocks.0.ffn.0": {0: "ffn_dim"},
+        "patch_embedding": {1: "in_dim"},
+    }
 
     def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
         d, f, t, fr = dims["dim"], dims["ffn"], dims["text_dim"], dims["freq_dim"]
