@@ -11,7 +11,7 @@ import torch
 from converter import plan as plan_module
 from converter.pipeline import convert
 from converter.plan import build_plan
-from converter.preset import LayerView, load_builtin, loads_preset
+from converter.preset import LayerView, load_builtin, loads_preset, view_of
 from inspect_tools.layers import open_model
 from inspect_tools.lint import LintConfig, lint_paths
 from inspect_tools.synthetic import write_float, write_fp8_comfy, write_header_only, write_nvfp4_mixed
@@ -86,9 +86,7 @@ def test_convert_all_on_qwen_keeps_img_in(qwen_src: Path, tmp_path: Path) -> Non
 
 def test_gate_refuses_a_plan_that_packs_img_in(qwen_src: Path, tmp_path: Path, monkeypatch) -> None:
     """Force the plan past the preset's eligibility check: the gate reads the written file back and refuses it."""
-    unguarded = plan_module.view_of
-    monkeypatch.setattr(plan_module, "view_of", lambda layer, sensitive=None, read_axes=None:
-                        unguarded(layer, sensitive))
+    monkeypatch.setattr(plan_module, "profile_view", lambda layer, profile: view_of(layer, profile.sensitive))
     out = tmp_path / "out.safetensors"
     result = convert(qwen_src, out, "all")
     assert {lp.name: lp.action for lp in result.plan.layers}["img_in"] == "nvfp4"

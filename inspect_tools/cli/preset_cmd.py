@@ -21,7 +21,7 @@ from converter.preset import (
     dumps_preset,
     load_builtin,
     load_preset,
-    view_of,
+    profile_view,
 )
 from inspect_tools.cli import app
 from inspect_tools.cli.output import FORMAT_HELP, TABLE_ROWS, console, github_notice, print_json
@@ -101,10 +101,8 @@ def _file_decisions(preset: Preset, path: str):
     """[(LayerView, Decision)] for every layer of the checkpoint at `path`, plus its detection."""
     with open_model(path) as model:
         profile = models.get_profile(model.detection.variant)
-        sensitive, read_axes = (profile.sensitive, profile.read_axes) if profile is not None else (None, None)
         width = model_width(model.detection)
-        views = sorted((view_of(layer, sensitive, read_axes) for layer in model.layers.values()),
-                       key=lambda v: v.name)
+        views = sorted((profile_view(layer, profile) for layer in model.layers.values()), key=lambda v: v.name)
         return [(v, preset.decide(v, width)) for v in views], model.detection, preset.unmatched_rules(views)
 
 
@@ -176,9 +174,8 @@ def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, i
     if on is not None:
         with open_model(on) as model:
             profile = models.get_profile(model.detection.variant)
-            sensitive, read_axes = (profile.sensitive, profile.read_axes) if profile is not None else (None, None)
             for candidate in model.layers.values():
-                view = view_of(candidate, sensitive, read_axes)
+                view = profile_view(candidate, profile)
                 if layer in (view.name, candidate.name):
                     return view, model_width(model.detection), f"shape from {on}"
         raise UsageError(f"no layer {layer!r} in {on}")
@@ -191,7 +188,7 @@ def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, i
             key = layer if role == "value" else f"{layer}.{role}"
             if key in shapes:
                 return (LayerView(layer, tuple(shapes[key]), "F32", role == "weight", profile.sensitive(layer),
-                                  dict(profile.read_axes(layer))),
+                                  dict(profile.read_axes(layer)), profile.is_table(layer)),
                         profile.full_dims.get("dim"), f"shape from the {variant} profile")
     return LayerView(layer, (4096, 4096)), None, "shape unknown: assumed a 2-D 4096x4096 linear (pass --on FILE)"
 

@@ -24,9 +24,11 @@ class Detection:
     prefix: str = ""
     dims: dict[str, int] = field(default_factory=dict)
     scaled_down: bool = False  # fewer blocks or narrower than the real model (synthetic fixtures)
+    # what the diffusers config.json beside the weights decided, when the keys alone could not (e.g. "zero_cond_t")
+    config: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "family": self.family,
             "variant": self.variant,
             "naming": self.naming,
@@ -34,6 +36,9 @@ class Detection:
             "dims": dict(self.dims),
             "scaled_down": self.scaled_down,
         }
+        if self.config:
+            doc["config"] = self.config
+        return doc
 
 
 UNKNOWN = Detection(family="unknown", variant="unknown")
@@ -95,6 +100,26 @@ class ArchitectureProfile:
 
     def is_diffusers_name(self, name: str) -> bool:
         return False
+
+    # Tensors without weights that ComfyUI detects the variant by (key presence only): name -> (dtype, shape) as
+    # ComfyUI's own model registers them. A conversion writes them when the source lacks them (diffusers folders
+    # carry the variant in config.json instead).
+    marker_tensors: ClassVar[dict[str, tuple[str, tuple[int, ...]]]] = {}
+    # 2-D weights that are lookup tables (nn.Embedding), not Linear layers: never quantized (ComfyUI's quantized
+    # operations are Linear layers; an Embedding would load the packed bytes as its table)
+    tables: ClassVar[tuple[str, ...]] = ()
+
+    def variant_from_config(self, found: Detection, config: dict[str, Any]) -> tuple[str, str] | None:
+        """(variant, why) when the diffusers config.json beside the weights (the transformer's config: ground truth
+        for what the keys cannot show) names another variant of this family than the keys did; None otherwise."""
+        return None
+
+    def could_also_be(self, found: Detection) -> tuple[str, ...]:
+        """Other variants a file with these keys may be, when nothing but the keys is known (no config.json)."""
+        return ()
+
+    def is_table(self, layer_name: str) -> bool:
+        return module_name(self.to_native(layer_name)) in self.tables
 
     def read_axes(self, layer_name: str) -> dict[int, str]:
         """The axes of this layer's weight whose size ComfyUI reads (see shape_reads); {} for most layers."""

@@ -158,6 +158,12 @@ class WanProfile(ArchitectureProfile):
             return None
         return self.detection(dims)
 
+    def could_also_be(self, found: Detection) -> tuple[str, ...]:
+        # without patch_embedding (city96 GGUF files) the A14B experts' in_dim is unknown: T2V was assumed
+        if found.variant == Wan22T2VA14B.variant and "in_dim" not in found.dims:
+            return (Wan22I2VA14B.variant,)
+        return ()
+
     def to_native(self, name: str) -> str:
         return _rename(name, _BLOCK_TO_NATIVE, _GLOBAL_TO_NATIVE)
 

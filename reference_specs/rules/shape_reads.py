@@ -40,7 +40,8 @@ refuses a plan that would."""
             if not reads or stored is None:
                 continue
             logical = ctx.expected_weight_shape(layer) or _logical_shape(layer)
-            if logical is None or (layer.format == NVFP4 and len(logical) == 2 and tuple(stored) != packed_shape(*logical)):
+            if logical is None or (layer.format == NVFP4 and len(logical) == 2
+                                   and tuple(stored) != packed_shape(*logical)):
                 continue  # not the format's own shape for this weight: NV106 / NV107 say what is wrong with it
             broken = changed_reads(reads, tuple(logical), tuple(stored))
             if broken:
