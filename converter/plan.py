@@ -277,8 +277,12 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
     """CheckpointModel + preset -> the full output plan. Layers in name order, so output is deterministic."""
     check_source(model)
     detection = model.detection
-    check_architecture(preset, detection, model)
     profile = models.get_profile(detection.variant)
+    if detection.naming == "diffusers" and profile is not None and not profile.diffusers_convertible:
+        raise InputError(f"{profile.display_name} under diffusers names: ComfyUI loads them only by fusing q/k/v "
+                         "itself, without the scale and marker tensors of a quantized file; convert the original "
+                         "(BFL-named) checkpoint instead", str(model.path))
+    check_architecture(preset, detection, model)
     width = model_width(detection)
     own_16 = preset.source == "builtin"  # the built-in presets' bf16 means "16-bit" (see _kept_dtype)
     input_scales = dict(input_scales or {})

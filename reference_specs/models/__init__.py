@@ -79,13 +79,18 @@ def _detect_diffusers(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
     return None
 
 
+def _detect_unmapped(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+    """Models recognized under diffusers names nvdiag cannot rename (diffusers Flux: fused q/k/v in BFL's)."""
+    return next((found for p in PROFILES if (found := p.detect_diffusers_names(shapes)) is not None), None)
+
+
 def detect(shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None = None) -> Detection:
     """Detect the architecture of a checkpoint from its tensor names and shapes (any prefix, native or diffusers
     names), and from the diffusers `config` (the transformer's config.json beside the weights) where the keys
     cannot tell variants apart. Returns UNKNOWN when no profile matches."""
     prefix = find_prefix(list(shapes))
     stripped = _strip(shapes, prefix)
-    found = _detect_native(stripped) or _detect_diffusers(stripped)
+    found = _detect_native(stripped) or _detect_diffusers(stripped) or _detect_unmapped(stripped)
     if found is None:
         return UNKNOWN
     found = replace(found, prefix=prefix)

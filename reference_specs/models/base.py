@@ -109,6 +109,13 @@ class ArchitectureProfile:
     # operations are Linear layers; an Embedding would load the packed bytes as its table)
     tables: ClassVar[tuple[str, ...]] = ()
 
+    # Whether to_native maps every diffusers name of this model 1:1 (convert can write ComfyUI names from them)
+    diffusers_convertible: ClassVar[bool] = True
+
+    def detect_diffusers_names(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+        """Recognize this model under diffusers names that to_native cannot map (naming "diffusers"); None."""
+        return None
+
     def variant_from_config(self, found: Detection, config: dict[str, Any]) -> tuple[str, str] | None:
         """(variant, why) when the diffusers config.json beside the weights (the transformer's config: ground truth
         for what the keys cannot show) names another variant of this family than the keys did; None otherwise."""
