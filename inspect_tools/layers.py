@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inspect_tools.errors import InputError
 from inspect_tools.model_config import read_config_beside
 from inspect_tools.readers import CheckpointReader, open_checkpoint
 from inspect_tools.readers.bounded_json import loads_bounded
@@ -173,6 +174,9 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
     config = read_config_beside(reader.path) if reader.kind != "gguf" else None
     file_markers["config"] = config
     detection = models.detect(shapes, config)
+    conflict = models.config_conflict(detection, config) if config is not None else None
+    if conflict is not None:  # the variant would be read off a config that is not these weights'
+        raise InputError(f"{conflict}: the config.json beside the weights must be theirs", str(reader.path))
     for layer in layers.values():
         if layer.has("comfy_quant"):
             _read_tensor_marker(reader, layer)
@@ -195,4 +199,9 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
 
 def open_model(path: str | Path) -> CheckpointModel:
     """Open a checkpoint and build its Layer model (headers and tiny marker tensors only)."""
-    return build_model(open_checkpoint(path))
+    reader = open_checkpoint(path)
+    try:
+        return build_model(reader)
+    except BaseException:
+        reader.close()
+        raise

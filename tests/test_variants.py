@@ -157,3 +157,17 @@ def test_a_gguf_preset_fits_the_variants_the_gguf_cannot_tell_apart(qwen_folders
     assert convert(qwen_folders["qwen-image-edit-2511"], out, preset).written
     with safe_open(str(out), "pt") as f:
         assert EDIT_MARKER in f.keys()
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"_class_name": "WanTransformer3DModel", "in_channels": 64}, "describes a WanTransformer3DModel, the weights are "
+                                                                   "Qwen Image 2512"),
+    ({**transformer_config("qwen-image-edit-2511", QWEN_SMALL), "num_layers": 60}, "says num_layers 60, the weights "
+                                                                                   "have 1"),
+])
+def test_a_config_that_is_not_these_weights_is_refused(tmp_path: Path, capsys, config: dict, message: str) -> None:
+    """The variant is read off the config only when it is the weights' own: another class or other dims refuse."""
+    folder = write_transformer_folder(tmp_path / "transformer", "qwen-image-2512", QWEN_SMALL, config=config)
+    assert main(["inspect", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1

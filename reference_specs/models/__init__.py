@@ -102,6 +102,12 @@ def detect(shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None = N
     return found
 
 
+def config_conflict(detection: Detection, config: dict[str, Any]) -> str | None:
+    """Why a diffusers config.json beside the weights cannot be theirs (another model class, other dims), or None."""
+    profile = get_profile(detection.variant)
+    return profile.config_conflict(detection, config) if profile is not None else None
+
+
 def could_also_be(detection: Detection) -> tuple[str, ...]:
     """Variants other than detection.variant a file with the same keys may be, when nothing else is known."""
     profile = get_profile(detection.variant)
@@ -124,6 +130,7 @@ __all__ = [
     "PROFILES",
     "UNKNOWN",
     "ArchitectureProfile",
+    "config_conflict",
     "could_also_be",
     "Detection",
     "detect",

@@ -111,6 +111,20 @@ class ArchitectureProfile:
 
     # Whether to_native maps every diffusers name of this model 1:1 (convert can write ComfyUI names from them)
     diffusers_convertible: ClassVar[bool] = True
+    # The diffusers model class (config.json `_class_name`) and which config keys hold which of our dims
+    diffusers_class: ClassVar[str] = ""
+    config_dims: ClassVar[dict[str, str]] = {}
+
+    def config_conflict(self, found: Detection, config: dict[str, Any]) -> str | None:
+        """Why `config` (a diffusers config.json) cannot describe the weights detected as `found`, or None."""
+        name = config.get("_class_name")
+        if name != self.diffusers_class:
+            return f"config.json describes a {name}, the weights are {self.display_name}"
+        for key, dim in self.config_dims.items():
+            value, have = config.get(key), found.dims.get(dim)
+            if isinstance(value, int) and have is not None and value != have:
+                return f"config.json says {key} {value}, the weights have {have}"
+        return None
 
     def detect_diffusers_names(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
         """Recognize this model under diffusers names that to_native cannot map (naming "diffusers"); None."""

@@ -111,6 +111,8 @@ class Flux1Dev(ArchitectureProfile):
         dims = self.read_dims(shapes)
         return self.detection(dims)
 
+    diffusers_class: ClassVar[str] = "FluxTransformer2DModel"
+    config_dims: ClassVar[dict[str, str]] = {"num_layers": "double_blocks", "num_single_layers": "single_blocks"}
     # nvdiag has no map from the diffusers names (the q/k/v are fused in BFL's): see the module docstring
     diffusers_convertible: ClassVar[bool] = False
 

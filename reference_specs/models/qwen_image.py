@@ -29,6 +29,8 @@ _EMBEDDINGS = ("img_in", "txt_in", "time_text_embed.")
 
 class QwenImageProfile(ArchitectureProfile):
     family = "qwen_image"
+    diffusers_class: ClassVar[str] = DIFFUSERS_CLASS
+    config_dims: ClassVar[dict[str, str]] = {"in_channels": "in_channels", "num_layers": "blocks"}
     edit: ClassVar[bool] = False
     layered: ClassVar[bool] = False
     # Layered's addition_t_embedding is an nn.Embedding(2, dim): a lookup table, not a Linear

@@ -72,6 +72,9 @@ class WanProfile(ArchitectureProfile):
     """Shared by the three WAN 2.2 variants; subclasses pin (in_dim, out_dim) and the full dimensions."""
 
     family = "wan"
+    diffusers_class: ClassVar[str] = "WanTransformer3DModel"
+    config_dims: ClassVar[dict[str, str]] = {"in_channels": "in_dim", "out_channels": "out_dim", "num_layers": "blocks",
+                                             "ffn_dim": "ffn"}
     # dims that make a model "the real one"; narrower or shallower fixtures are scaled down
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "ffn", "blocks")
     # comfy/model_detection.py (Wan branch, ComfyUI 0.8.0): dim = head.modulation.shape[-1] (a parameter, never
