@@ -171,3 +171,10 @@ def test_a_config_that_is_not_these_weights_is_refused(tmp_path: Path, capsys, c
     assert main(["inspect", str(folder)]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_inspect_says_the_variant_came_from_the_config(qwen_folders: dict[str, Path], capsys) -> None:
+    assert main(["inspect", str(qwen_folders["qwen-image-edit-2511"])]) == 0
+    assert "qwen-image-edit-2511" in capsys.readouterr().out
+    assert main(["inspect", str(qwen_folders["qwen-image-edit-2511"]), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"]["config"] == "config.json: zero_cond_t true"
