@@ -95,3 +95,10 @@ def test_a_low_noise_expert_alone_is_refused(wan_folder: Path, tmp_path: Path, c
     (folder / "transformer_2").mkdir(parents=True)
     assert main(["convert", str(folder), str(tmp_path / "o.safetensors"), "--preset", A14B]) == 2
     assert "no transformer/" in capsys.readouterr().err
+
+
+def test_other_commands_point_into_the_model_folder(wan_folder: Path, capsys) -> None:
+    assert main(["inspect", str(wan_folder)]) == 2
+    err = capsys.readouterr().err
+    assert "a diffusers model folder: name its transformer/ or transformer_2/" in err
+    assert main(["inspect", str(wan_folder / "transformer_2")]) == 0
