@@ -85,3 +85,17 @@ def test_a_users_preset_means_what_it_says(fp16_src: Path, tmp_path: Path) -> No
     result = convert(fp16_src, tmp_path / "out.safetensors", mine)
     assert dtypes(tmp_path / "out.safetensors")["text_embedding.0.weight"] == "BF16"
     assert result.written
+
+
+def test_preset_show_says_the_bias_precision(gguf_guided, tmp_path: Path, capsys) -> None:
+    from inspect_tools.cli import main
+
+    path = tmp_path / "g.toml"
+    path.write_text(dumps_preset(preset_from_gguf(gguf_guided[0])))
+    assert main(["preset", "show", str(path), "--format", "json"]) == 0
+    import json
+
+    rows = json.loads(capsys.readouterr().out)["preset"]["rules"]
+    assert any(r.get("bias") == "f32" and r["format"] == "fp16" for r in rows)
+    assert main(["preset", "show", str(path)]) == 0
+    assert "fp16 (bias f32)" in capsys.readouterr().out

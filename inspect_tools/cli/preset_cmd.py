@@ -57,7 +57,7 @@ def _marker(decision: str) -> dict | None:
 def _rule_rows(preset: Preset) -> list[dict]:
     return [
         {"index": r.index, "pattern": r.pattern, "conditions": dict(r.conditions), "format": r.format,
-         "marker": _marker(r.format), "reason": r.reason}
+         "marker": _marker(r.format), "reason": r.reason, **({"bias": r.bias} if r.bias else {})}
         for r in preset.rules
     ]
 
@@ -149,7 +149,7 @@ def show_cmd(
         table.add_column(col, overflow="fold")
     for r in preset.rules:
         conds = " ".join(f"{k}={v}" for k, v in r.conditions.items())
-        table.add_row(str(r.index), r.pattern, conds, r.format, r.reason)
+        table.add_row(str(r.index), r.pattern, conds, r.format + (f" (bias {r.bias})" if r.bias else ""), r.reason)
     table.add_row("-", "default", "", preset.default, "no rule matched")
     out.print(table)
     for line in _legend([r.format for r in preset.rules]):
