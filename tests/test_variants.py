@@ -178,3 +178,28 @@ def test_inspect_says_the_variant_came_from_the_config(qwen_folders: dict[str, P
     assert "qwen-image-edit-2511" in capsys.readouterr().out
     assert main(["inspect", str(qwen_folders["qwen-image-edit-2511"]), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["architecture"]["config"] == "config.json: zero_cond_t true"
+
+
+@pytest.mark.parametrize(("variant", "preset", "method"), [
+    ("qwen-image-edit-2511", "qwen-image-edit-2511", "index_timestep_zero"),
+    ("qwen-image-layered", "all", "negative_index"),
+    ("qwen-image-2512", "all", None),  # `all` keeps img_in: ComfyUI reads in_channels off it
+])
+def test_comfyui_loads_the_converted_variant_as_itself(comfyui, tmp_path: Path, variant: str, preset: str,
+                                                       method: str | None) -> None:
+    """End to end in ComfyUI's own loader: ComfyUI builds Qwen Image at its real width (it reads only in_channels and
+    the depth), so this source is full width, one block deep, BF16."""
+    from inspect_tools.comfyui.loading import load
+
+    folder = write_transformer_folder(tmp_path / "transformer", variant, dtype=torch.bfloat16)
+    out = tmp_path / "out.safetensors"
+    assert convert(folder, out, preset).written
+    folder_files = list(folder.iterdir())
+    for path in folder_files:  # room on a small disk: ComfyUI needs only the converted file
+        path.unlink()
+    loaded = load(comfyui, out)
+    report = loaded.report
+    assert report.loaded, report.error
+    assert report.config.get("default_ref_method") == method
+    assert report.quantized.get("nvfp4") and not report.left_over
+    assert "img_in" in report.plain_layers and "txt_in" in report.quantized_layers or preset != "all"
