@@ -102,3 +102,14 @@ def test_other_commands_point_into_the_model_folder(wan_folder: Path, capsys) ->
     err = capsys.readouterr().err
     assert "a diffusers model folder: name its transformer/ or transformer_2/" in err
     assert main(["inspect", str(wan_folder / "transformer_2")]) == 0
+
+
+def test_comfyui_loads_each_expert(comfyui, wan_folder: Path, tmp_path: Path) -> None:
+    from inspect_tools.comfyui.loading import load
+
+    out = tmp_path / "wan.safetensors"
+    assert main(["convert", str(wan_folder), str(out), "--preset", A14B]) == 0
+    for label in ("high_noise", "low_noise"):
+        report = load(comfyui, tmp_path / f"wan_{label}.safetensors").report
+        assert report.loaded, report.error
+        assert (report.config["in_dim"], report.config["out_dim"]) == (16, 16) and report.quantized.get("nvfp4")

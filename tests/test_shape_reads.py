@@ -93,3 +93,20 @@ def test_gate_refuses_a_plan_that_packs_img_in(qwen_src: Path, tmp_path: Path, m
     assert result.refused and not out.exists()
     refused = [f for f in result.gate.findings if f.severity >= Severity.ERROR]
     assert [(f.rule, f.layer) for f in refused] == [("NV305", "img_in")]
+
+
+def test_comfyui_loads_flux_converted_with_all(comfyui, tmp_path: Path) -> None:
+    """ComfyUI reads hidden_size, in_channels, context_in_dim and vec_in_dim off these weights: it loads the file
+    with them plain and the rest NVFP4. Full width (ComfyUI fixes 24 heads of 128), one block of each kind, BF16."""
+    from inspect_tools.comfyui.loading import load
+    from reference_specs.models import get_profile
+
+    dims = {**get_profile("flux1-dev").full_dims, "double_blocks": 1, "single_blocks": 1}
+    src = write_float(tmp_path / "flux.safetensors", "flux1-dev", dims=dims, dtype=torch.bfloat16)
+    out = tmp_path / "out.safetensors"
+    assert convert(src, out, "all").written
+    report = load(comfyui, out).report
+    assert report.loaded, report.error
+    assert set(FLUX_IN_LAYERS) <= set(report.plain_layers)
+    assert "double_blocks.0.img_attn.qkv" in report.quantized_layers
+    assert (report.config["context_in_dim"], report.config["vec_in_dim"]) == (4096, 768)
