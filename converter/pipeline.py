@@ -125,6 +125,8 @@ def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str,
             out[t.name] = torch.frombuffer(bytearray(comfy_quant_bytes(lp.action)), dtype=torch.uint8)
         elif t.role == "input_scale":
             out[t.name] = torch.tensor(lp.input_scale, dtype=torch.float32)
+        elif t.role == "marker" and t.source is None:  # a variant marker the source lacked: key presence only
+            out[t.name] = torch.zeros(t.shape, dtype=enc.TORCH_DTYPE[t.dtype])
         elif lp.quantized and t.role in encoded:
             out[t.name] = encoded[t.role]
         else:

@@ -18,9 +18,9 @@ from converter.preset import (
     Preset,
     codec_of,
     full_precision_mm,
-    view_of,
+    profile_view,
 )
-from inspect_tools.errors import InputError
+from inspect_tools.errors import InputError, UsageError
 from reference_specs import models
 from reference_specs.formats.nvfp4 import block_scale_shape, packed_shape
 from reference_specs.layer import Layer
@@ -38,6 +38,7 @@ QUANT_METADATA_KEY = "_quantization_metadata"
 PROVENANCE_KEY = "nvdiag"
 # File-level marker tensors carried over verbatim (the Qwen edit 2511 marker is how ComfyUI detects that variant).
 PASSTHROUGH_MARKERS = ("__index_timestep_zero__",)
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
@@ -151,13 +152,17 @@ class ConversionPlan:
         return dict(sorted(out.items()))
 
 
-def _kept_dtype(src: str, action: str, dtype_16: str | None) -> str:
-    """Output dtype of a non-quantized tensor: floats follow the action, --dtype-16 rewrites any 16-bit result."""
+def _kept_dtype(src: str, action: str, dtype_16: str | None, own_16: bool = False) -> str:
+    """Output dtype of a non-quantized tensor: floats follow the action, --dtype-16 rewrites any 16-bit result.
+    own_16: a 16-bit source tensor asked to be 16-bit keeps its own type (the built-in presets' "bf16" means
+    "16-bit": an FP16 source's kept layers become BF16 only when asked, since FP16 -> BF16 drops 3 mantissa bits)."""
     if src not in FLOAT_DTYPES:
         return src
     dtype = src if action == "keep" else ACTION_DTYPE[action]
     if dtype_16 is not None and dtype in SIXTEEN_BIT:
         dtype = DTYPE_16[dtype_16]
+    elif own_16 and dtype in SIXTEEN_BIT and src in SIXTEEN_BIT:
+        dtype = src
     return dtype
 
 
@@ -166,8 +171,10 @@ def _role_key(native: str, role: str) -> str:
 
 
 def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | None,
-               input_scale: float | None) -> LayerPlan:
+               input_scale: float | None, own_16: bool = False) -> LayerPlan:
+    """own_16: 16-bit source tensors that the decision keeps 16-bit keep their own type (see _kept_dtype)."""
     action = decision.format
+    bias_action = decision.rule.bias if decision.rule is not None else None
     lp = LayerPlan(name=native, source=layer, action=action, decision=decision)
     if lp.quantized:
         out_f, in_f = layer.tensors["weight"].shape
@@ -190,14 +197,16 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
             lp.input_scale = input_scale if lp.codec == "nvfp4" else input_scale * FP8_FROM_NVFP4_INPUT_SCALE
             lp.tensors.append(PlannedTensor(f"{native}.input_scale", "input_scale", "F32", ()))
         for role, info in sorted(layer.tensors.items()):
-            if role != "weight":  # bias (and any other float companion) at its source dtype
+            if role != "weight":  # bias (and any other float companion) at its source dtype, unless the rule says
                 key = _role_key(native, role)
-                lp.tensors.append(PlannedTensor(key, role, info.dtype, tuple(info.shape), info.name))
+                dtype = _kept_dtype(info.dtype, bias_action, dtype_16, own_16) if bias_action and role == "bias" \
+                    else info.dtype
+                lp.tensors.append(PlannedTensor(key, role, dtype, tuple(info.shape), info.name))
         marker = comfy_quant_bytes(action)
         lp.tensors.append(PlannedTensor(f"{native}.comfy_quant", "comfy_quant", "U8", (len(marker),)))
         return lp
     for role, info in sorted(layer.tensors.items()):
-        dtype = _kept_dtype(info.dtype, action, dtype_16)
+        dtype = _kept_dtype(info.dtype, bias_action if bias_action and role == "bias" else action, dtype_16, own_16)
         lp.tensors.append(PlannedTensor(_role_key(native, role), role, dtype, tuple(info.shape), info.name))
     return lp
 
@@ -269,14 +278,19 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
     check_source(model)
     detection = model.detection
     profile = models.get_profile(detection.variant)
-    sensitive = profile.sensitive if profile is not None else None
+    if detection.naming == "diffusers" and profile is not None and not profile.diffusers_convertible:
+        raise InputError(f"{profile.display_name} under diffusers names: ComfyUI loads them only by fusing q/k/v "
+                         "itself, without the scale and marker tensors of a quantized file; convert the original "
+                         "(BFL-named) checkpoint instead", str(model.path))
+    check_architecture(preset, detection, model)
     width = model_width(detection)
+    own_16 = preset.source == "builtin"  # the built-in presets' bf16 means "16-bit" (see _kept_dtype)
     input_scales = dict(input_scales or {})
     plan = ConversionPlan(layers=[], preset=preset, detection=detection, metadata=source_metadata(model.metadata))
     seen: dict[str, str] = {}
     views = []
     for layer in model.layers.values():
-        view = view_of(layer, sensitive)
+        view = profile_view(layer, profile)
         if view.name in seen:
             raise InputError(f"{layer.name} and {seen[view.name]} both map to the ComfyUI name {view.name}",
                              str(model.path))
@@ -293,23 +307,55 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
                 plan.warnings.append(f"input scale for {view.name} ignored: the preset decides {decision.format} "
                                      "(full-precision matmul, its activations are never quantized)")
                 scale = None
-        plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale))
+        plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale, own_16))
     for info in model.reader:
         bare = info.name.rsplit(".", 1)[-1]
         if bare in PASSTHROUGH_MARKERS:
             plan.layers.append(LayerPlan(name=bare, source=None, action="marker", decision=None, tensors=[
                 PlannedTensor(bare, "marker", info.dtype, tuple(info.shape), info.name)]))
+    plan.layers += variant_markers(profile, plan)
     for name in sorted(input_scales):
         plan.warnings.append(f"input scale for {name} ignored: the preset does not quantize that layer")
-    plan.warnings += preset_warnings(preset, detection, [v for v, _ in views])
+    plan.warnings += preset_warnings(preset, detection, [v for v, _ in views], variant_unsure(model))
     return plan
 
 
-def preset_warnings(preset: Preset, detection: models.Detection, views: list) -> list[str]:
+def variant_unsure(model: Any) -> bool:
+    """A diffusers model folder's weights (diffusers' save_pretrained names them diffusion_pytorch_model*) without
+    the config.json that names the variant: look-alike variants (Qwen Image 2512 / Edit 2511) cannot be told."""
+    return model.file_markers.get("config") is None and model.path.name.startswith(DIFFUSERS_WEIGHTS)
+
+
+def variant_markers(profile: Any, plan: ConversionPlan) -> list[LayerPlan]:
+    """The marker tensors ComfyUI detects the variant by that the source lacks (a diffusers Qwen Image Edit 2511
+    says it in config.json; ComfyUI needs `__index_timestep_zero__`), generated as ComfyUI's own model registers
+    them. Without one, ComfyUI runs the file as another variant, silently."""
+    if profile is None:
+        return []
+    have = {lp.name for lp in plan.layers if lp.action == "marker"}
+    return [LayerPlan(name=name, source=None, action="marker", decision=None,
+                      tensors=[PlannedTensor(name, "marker", dtype, shape)])
+            for name, (dtype, shape) in sorted(profile.marker_tensors.items()) if name not in have]
+
+
+def check_architecture(preset: Preset, detection: models.Detection, model: Any) -> None:
+    """A preset written for other architectures is refused (exit 2): its rules name another model's layers, and for
+    look-alike variants (Qwen Image 2512 / Edit 2511) the mismatch says the user expects another model than the one
+    the file is, which ComfyUI would run."""
+    if not preset.architectures or detection.variant in preset.architectures:
+        return
+    why = f" ({detection.config})" if detection.config else ""
+    raise UsageError(f"preset {preset.name} is for {', '.join(preset.architectures)}, this checkpoint is "
+                     f"{detection.variant}{why}: use a preset for {detection.variant}, or a copy of this one with "
+                     f"{detection.variant!r} in its architectures", str(model.path))
+
+
+def preset_warnings(preset: Preset, detection: models.Detection, views: list, unsure: bool = False) -> list[str]:
     out = []
-    if preset.architectures and detection.variant not in preset.architectures:
-        out.append(f"preset {preset.name} was written for {', '.join(preset.architectures)}, "
-                   f"this checkpoint is {detection.variant}")
+    alternatives = models.could_also_be(detection) if unsure else ()
+    if alternatives:
+        out.append(f"detected {detection.variant} from the tensor names alone; {', '.join(alternatives)} has the "
+                   f"same tensors: put the model's diffusers config.json beside the weights to tell them apart")
     for rule in preset.unmatched_rules(views):
         out.append(f"preset {preset.name} {rule.describe()} matches no layer of this checkpoint")
     return out

@@ -8,7 +8,7 @@ is TOML (stdlib tomllib):
     name = "my-preset"
     description = "what it is for"
     default = "keep"
-    architectures = ["wan2.2-ti2v-5b"]     # optional: what it was written for (checked, warned about)
+    architectures = ["wan2.2-ti2v-5b"]     # optional: what it was written for (another variant is refused)
 
     [[rules]]
     match = "*.modulation"
@@ -21,9 +21,15 @@ is TOML (stdlib tomllib):
     min_dim = 1024
 
 Formats: nvfp4 | nvfp4-w4a16 | fp8 | fp8-w8a16 | keep (source precision) | bf16 | fp16 (16-bit; `--dtype-16`
-may override) | f32.
+may override; under the built-in presets a 16-bit source keeps its own 16-bit type) | f32.
+`bias = "keep" | "bf16" | "fp16" | "f32"` on a rule gives the layer's bias its own precision (a GGUF file stores
+biases F32 beside 16-bit weights, and `preset from-gguf` says so); without it the bias follows the layer's format
+(a quantized layer's bias keeps its source precision).
 A quantizing rule (nvfp4*, fp8*) only ever matches an eligible layer (a 2-D floating-point `.weight`); on any other
 layer it is skipped and the next rule is tried, so `match = "*"` + `format = "nvfp4"` means "every eligible linear".
+A weight whose shape ComfyUI reads to build the model (Qwen Image and Flux `img_in`, Flux `txt_in` and
+`vector_in.in_layer`: the architecture profile's shape_reads) is not eligible for a format that would store another
+shape there (NVFP4 halves dim 1): ComfyUI would build the wrong model and fail at the first step.
 
 W4A4 or W4A16 on Blackwell: there ComfyUI multiplies a plain nvfp4 layer with its activations quantized to NVFP4
 too (W4A4); every other GPU dequantizes the weight and multiplies in the compute dtype. `nvfp4-w4a16` stores the same
@@ -66,6 +72,8 @@ from typing import Any
 
 from converter.hand_written import MAX_PRESET_BYTES, MAX_TOML_DEPTH, read_bounded, toml_nesting_depth
 from inspect_tools.errors import InputError, UsageError
+from reference_specs.formats.nvfp4 import packed_shape
+from reference_specs.models.base import changed_reads
 
 # Quantizing decision -> (codec that encodes the weight, whether ComfyUI is told to multiply in full precision).
 QUANT_DECISIONS: dict[str, tuple[str, bool]] = {
@@ -81,6 +89,7 @@ FULL_PRECISION_KEY = "full_precision_matrix_mult"  # the rule key, spelled as in
 _FULL_PRECISION_DECISION = {"nvfp4": "nvfp4-w4a16", "fp8": "fp8-w8a16"}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 CONDITIONS = ("linear", "in_blocks", "sensitive", "ndim", "min_dim", "divisible_by", "max_numel")
+BIAS_FORMATS = ("keep", "bf16", "fp16", "f32")  # a rule's `bias` key: the precisions a kept tensor may have
 _BOOL_CONDITIONS = ("linear", "in_blocks", "sensitive")
 _TOP_KEYS = ("name", "description", "default", "architectures", "rules")
 # A `.N.` component: the layer is one of a stack of repeated blocks (blocks.3.ffn.0, transformer_blocks.0.attn.to_q).
@@ -110,10 +119,12 @@ class LayerView:
     dtype: str = "F32"
     has_weight: bool = True
     sensitive_reason: str | None = None
+    shape_reads: dict[int, str] = field(default_factory=dict, hash=False)  # axes ComfyUI reads off the weight
+    table: bool = False  # a 2-D lookup table (nn.Embedding), not a Linear: never quantized
 
     @property
     def linear(self) -> bool:
-        return self.has_weight and len(self.shape) == 2 and self.dtype in FLOAT_DTYPES
+        return self.has_weight and len(self.shape) == 2 and self.dtype in FLOAT_DTYPES and not self.table
 
     @property
     def in_blocks(self) -> bool:
@@ -132,6 +143,7 @@ class Rule:
     conditions: dict[str, Any] = field(default_factory=dict)
     reason: str = ""
     index: int = 0  # position in the preset, 1-based, for messages
+    bias: str | None = None  # the bias's own precision (BIAS_FORMATS); None: it follows the layer
 
     @property
     def pattern(self) -> str:
@@ -139,7 +151,8 @@ class Rule:
 
     def describe(self) -> str:
         conds = " ".join(f"{k}={v}" for k, v in self.conditions.items())
-        return f"rule {self.index}: {self.pattern}" + (f" [{conds}]" if conds else "") + f" -> {self.format}"
+        bias = f" (bias {self.bias})" if self.bias else ""
+        return f"rule {self.index}: {self.pattern}" + (f" [{conds}]" if conds else "") + f" -> {self.format}{bias}"
 
     def name_matches(self, name: str) -> bool:
         if self.regex is not None:
@@ -152,6 +165,10 @@ class Rule:
             return "name does not match"  # the pattern itself is already in describe()
         if self.format in QUANT_FORMATS and not layer.linear:
             return f"{self.format} applies only to 2-D floating-point weights"
+        if self.format in QUANT_FORMATS and (broken := read_shape_changes(self.format, layer)):
+            stored = list(stored_weight_shape(codec_of(self.format), layer.shape))
+            return (f"ComfyUI reads {', '.join(broken.values())} off this weight's shape: {self.format} would store "
+                    f"it as {stored} instead of {list(layer.shape)} (ComfyUI would build the wrong model)")
         c = self.conditions
         if "linear" in c and layer.linear != c["linear"]:
             return f"linear is {layer.linear}"
@@ -182,6 +199,19 @@ def codec_of(decision: str) -> str | None:
     """The weight codec of a quantizing decision (nvfp4 or fp8), None for a kept layer."""
     entry = QUANT_DECISIONS.get(decision)
     return entry[0] if entry else None
+
+
+def stored_weight_shape(codec: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The `.weight` shape a codec writes for a [out, in] weight: NVFP4 packs (DESIGN.md output contract), FP8 keeps."""
+    return packed_shape(*shape) if codec == "nvfp4" and len(shape) == 2 else tuple(shape)
+
+
+def read_shape_changes(decision: str, layer: LayerView) -> dict[int, str]:
+    """What ComfyUI would read wrong off `layer`'s weight if `decision` quantized it: {axis: what}, {} when safe."""
+    codec = codec_of(decision)
+    if codec is None or not layer.shape_reads:
+        return {}
+    return changed_reads(layer.shape_reads, layer.shape, stored_weight_shape(codec, layer.shape))
 
 
 def full_precision_mm(decision: str) -> bool:
@@ -264,7 +294,7 @@ def _keys(keys: set[str]) -> str:
 def _check_rule(raw: Any, index: int, where: str) -> Rule:
     if not isinstance(raw, dict):
         raise UsageError(f"rule {index} is not a table", where)
-    unknown = set(raw) - {"match", "regex", "format", "reason", FULL_PRECISION_KEY, *CONDITIONS}
+    unknown = set(raw) - {"match", "regex", "format", "reason", "bias", FULL_PRECISION_KEY, *CONDITIONS}
     if unknown:
         raise UsageError(f"rule {index}: unknown key(s) {_keys(unknown)}", where)
     fmt = raw.get("format")
@@ -274,6 +304,9 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         fmt = _with_full_precision(fmt, raw[FULL_PRECISION_KEY], index, where)
     if "match" in raw and "regex" in raw:
         raise UsageError(f"rule {index}: give either match (glob) or regex, not both", where)
+    if "bias" in raw and raw["bias"] not in BIAS_FORMATS:
+        raise UsageError(f"rule {index}: unknown bias format {_shown(raw['bias'])}; use one of "
+                         f"{', '.join(BIAS_FORMATS)}", where)
     for key in ("match", "regex", "reason"):
         if key in raw and not isinstance(raw[key], str):
             raise UsageError(f"rule {index}: {key} must be a string", where)
@@ -298,7 +331,7 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         conditions[key] = value
     return Rule(
         format=fmt, match=raw.get("match"), regex=raw.get("regex"), conditions=conditions,
-        reason=raw.get("reason", ""), index=index,
+        reason=raw.get("reason", ""), index=index, bias=raw.get("bias"),
     )
 
 
@@ -434,6 +467,8 @@ def dumps_preset(preset: Preset) -> str:
         else:
             lines.append(f"match = {_toml_str(rule.match or '*')}")
         lines.append(f"format = {_toml_str(rule.format)}")
+        if rule.bias:
+            lines.append(f"bias = {_toml_str(rule.bias)}")
         for key, value in rule.conditions.items():
             lines.append(f"{key} = {str(value).lower() if isinstance(value, bool) else value}")
         if rule.reason:
@@ -443,8 +478,11 @@ def dumps_preset(preset: Preset) -> str:
 
 # ---------------------------------------------------------------------------------------------- layers
 
-def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None) -> LayerView:
-    """A reference_specs.layer.Layer -> the LayerView rules see (native name, main tensor)."""
+def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None,
+            read_axes: Callable[[str], dict[int, str]] | None = None,
+            is_table: Callable[[str], bool] | None = None) -> LayerView:
+    """A reference_specs.layer.Layer -> the LayerView rules see (native name, main tensor). sensitive / read_axes /
+    is_table: the architecture profile's methods of those names (None: no profile)."""
     name = layer.native_name or layer.name
     main = layer.tensors.get("weight") or layer.tensors.get("value") or next(iter(layer.tensors.values()))
     return LayerView(
@@ -453,4 +491,13 @@ def view_of(layer: Any, sensitive: Callable[[str], str | None] | None = None) ->
         dtype=main.dtype,
         has_weight="weight" in layer.tensors,
         sensitive_reason=sensitive(name) if sensitive else None,
+        shape_reads=dict(read_axes(name)) if read_axes else {},
+        table=bool(is_table and is_table(name)),
     )
+
+
+def profile_view(layer: Any, profile: Any) -> LayerView:
+    """view_of with everything the architecture profile (or None) knows about the layer."""
+    if profile is None:
+        return view_of(layer)
+    return view_of(layer, profile.sensitive, profile.read_axes, profile.is_table)

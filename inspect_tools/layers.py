@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inspect_tools.errors import InputError
+from inspect_tools.model_config import read_config_beside
 from inspect_tools.readers import CheckpointReader, open_checkpoint
 from inspect_tools.readers.bounded_json import loads_bounded
 from reference_specs import formats, models
@@ -24,6 +26,7 @@ class CheckpointModel:
     container (reader kind: "safetensors" | "sharded" | "gguf"), scaled_fp8 (TensorInfo or None),
     quantization_metadata (parsed dict or None), quantization_metadata_error (str or None),
     metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool),
+    config (the diffusers config.json beside the weights, parsed, or None),
     marker_confs (layer name -> {"tensor": conf, "metadata": conf}: each source's conf as read, because
     `Layer.marker` keeps the tensor's when a layer has both and ComfyUI loads the metadata's)."""
 
@@ -167,7 +170,13 @@ def group_layers(reader: CheckpointReader) -> tuple[dict[str, Layer], dict[str, 
 def build_model(reader: CheckpointReader) -> CheckpointModel:
     layers, file_markers = group_layers(reader)
     shapes = {info.name: info.shape for info in reader}
-    detection = models.detect(shapes)
+    # a diffusers folder's config.json names the variant where the keys cannot (Qwen Image Edit 2511's zero_cond_t)
+    config = read_config_beside(reader.path) if reader.kind != "gguf" else None
+    file_markers["config"] = config
+    detection = models.detect(shapes, config)
+    conflict = models.config_conflict(detection, config) if config is not None else None
+    if conflict is not None:  # the variant would be read off a config that is not these weights'
+        raise InputError(f"{conflict}: the config.json beside the weights must be theirs", str(reader.path))
     for layer in layers.values():
         if layer.has("comfy_quant"):
             _read_tensor_marker(reader, layer)
@@ -190,4 +199,9 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
 
 def open_model(path: str | Path) -> CheckpointModel:
     """Open a checkpoint and build its Layer model (headers and tiny marker tensors only)."""
-    return build_model(open_checkpoint(path))
+    reader = open_checkpoint(path)
+    try:
+        return build_model(reader)
+    except BaseException:
+        reader.close()
+        raise

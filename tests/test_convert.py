@@ -112,6 +112,8 @@ def test_f32_layers_stay_f32_and_sixteen_bit_layers_follow_the_gguf(converted) -
             assert all(d == "F32" for k, d in dtypes.items() if k.rsplit(".", 1)[0] == name or k == name), name
         if action == "fp16":
             assert dtypes[f"{name}.weight"] == "F16"
+            # the GGUF holds every 1-D tensor at F32 (city96), biases of 16-bit weights included: per tensor
+            assert dtypes.get(f"{name}.bias", "F32") == "F32", name
     assert "f32" in decided.values() and "fp16" in decided.values()
 
 

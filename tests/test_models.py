@@ -196,5 +196,5 @@ def test_detection_is_fast_on_a_14b_header() -> None:
 
 
 def test_every_profile_is_registered_once() -> None:
-    assert len(set(VARIANTS)) == len(VARIANTS) == 6
+    assert len(set(VARIANTS)) == len(VARIANTS) == 7
     assert get_profile("no-such-model") is None

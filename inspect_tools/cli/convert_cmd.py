@@ -128,9 +128,12 @@ def convert_cmd(
     # readable=False: click's own check would answer an unreadable file with its multi-line usage text; the readers
     # report it in one line naming the file, as for every other bad input
     src: Path = typer.Argument(..., readable=False,
-                               help="FP32/FP16/BF16 source: .safetensors, index.json, or a sharded folder"),
-    out: Path = typer.Argument(..., readable=False, help="output .safetensors (ComfyUI-native NVFP4 mixed)"),
-    preset: str = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a .toml"),
+                               help="FP32/FP16/BF16 source: .safetensors, index.json, a sharded folder, or a diffusers "
+                                    "model folder (transformer/, and transformer_2/ for WAN 2.2 A14B)"),
+    out: Path = typer.Argument(..., readable=False, help="output .safetensors (ComfyUI-native NVFP4 mixed); for a "
+                               "two-expert model the name of both: OUT_high_noise.safetensors, OUT_low_noise...."),
+    preset: list[str] = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a "
+                                     ".toml; twice for a two-expert model: high-noise expert's, then low-noise's"),
     dtype_16: str | None = typer.Option(None, "--dtype-16", help="bf16 or fp16 for kept 16-bit layers"),
     input_scales: Path | None = typer.Option(None, "--input-scales", readable=False,
                                              help="calibrated input scales: JSON {layer: value} or a checkpoint"),
@@ -151,41 +154,84 @@ def convert_cmd(
       nvdiag convert wan_ti2v/ wan_ti2v_nvfp4.safetensors --preset wan2.2-ti2v-5b
       nvdiag convert model.safetensors out.safetensors --preset smart --dry-run
       nvdiag preset from-gguf model-Q4_0.gguf -o q4.toml && nvdiag convert src/ out.safetensors --preset q4.toml
+      nvdiag convert Wan2.2-T2V-A14B-Diffusers/ wan22_t2v_nvfp4.safetensors --preset wan2.2-t2v-a14b
+        (two experts: writes wan22_t2v_nvfp4_high_noise.safetensors from transformer/ and
+        wan22_t2v_nvfp4_low_noise.safetensors from transformer_2/; --preset twice gives each its own)
 
     Exit codes: 0 written, 1 refused (NaN/Inf in the source or the gate found an error; nothing published),
-    2 bad input or usage.
+    2 bad input or usage. Two experts are converted one after the other, each published once its own gate passes;
+    a refused one stops the run.
     """
     check_safetensors_out(out)
     if device == "cuda" and not dry_run:
         # the source is read into the page cache while torch, CUDA and the plan start (seconds, in a fresh process)
         prefetch.warm_checkpoint(src)
     try:
-        _convert_and_render(src, out, preset, dtype_16, input_scales, dry_run, force, device, fmt, sample, verify,
-                            comfyui)
+        _convert_all(src, out, preset, dtype_16, input_scales, dry_run, force, device, fmt, sample, verify, comfyui)
     finally:
         prefetch.stop()
 
 
-def _convert_and_render(src: Path, out: Path, preset: str, dtype_16: str | None, input_scales: Path | None,
-                        dry_run: bool, force: bool, device: str, fmt: OutputFormat, sample: int, verify: bool,
-                        comfyui: str | None) -> None:
+def _convert_all(src: Path, out: Path, preset: list[str] | None, dtype_16: str | None, input_scales: Path | None,
+                 dry_run: bool, force: bool, device: str, fmt: OutputFormat, sample: int, verify: bool,
+                 comfyui: str | None) -> None:
+    from converter.experts import expert_output, expert_presets, pipeline_experts
+    from inspect_tools.errors import OutputError
+
+    experts = pipeline_experts(src)
+    presets = expert_presets(preset, experts)
+    jobs = ([(e.source, expert_output(out, e), p, e.label) for e, p in zip(experts, presets, strict=True)]
+            if experts else [(src, out, presets[0], "")])
+    if not (dry_run or force):  # before any work: a two-expert run must not stop half-way on an existing file
+        for _, target, _, _ in jobs:
+            if target.exists():
+                raise OutputError("exists; pass --force to overwrite it", str(target))
+    options = {"dtype_16": dtype_16, "input_scales": input_scales, "dry_run": dry_run, "force": force,
+               "device": device, "progress": sys.stderr.isatty() and fmt == OutputFormat.text, "gate_sample": sample}
+    results: list[tuple[str, ConvertResult]] = []
+    for source, target, chosen, label in jobs:
+        result = _convert_one(source, target, chosen, options, verify and not dry_run, comfyui)
+        results.append((label, result))
+        if result.refused:
+            break
+    _render(fmt, results, dry_run, out)
+    raise typer.Exit(1 if any(r.refused for _, r in results) else 0)
+
+
+def _convert_one(src: Path, out: Path, preset: str, options: dict, verify: bool, comfyui: str | None):
     from converter.pipeline import convert
 
     extra_gate = None
-    if verify and not dry_run:
+    if verify:
         from inspect_tools.comfyui.gate import comfyui_gate
         from inspect_tools.comfyui.runtime import load_runtime
 
-        extra_gate = comfyui_gate(load_runtime(comfyui, device=device), src)  # no ComfyUI: exit 2 before any work
-    result = convert(src, out, preset, dtype_16=dtype_16, input_scales=input_scales, dry_run=dry_run, force=force,
-                     device=device, progress=sys.stderr.isatty() and fmt == OutputFormat.text, gate_sample=sample,
-                     extra_gate=extra_gate)
-    def document() -> dict:
+        # no ComfyUI: exit 2 before any work
+        extra_gate = comfyui_gate(load_runtime(comfyui, device=options["device"]), src)
+    return convert(src, out, preset, extra_gate=extra_gate, **options)
+
+
+def _render(fmt: OutputFormat, results: list[tuple[str, ConvertResult]], dry_run: bool, out: Path) -> None:
+    findings = [f for _, r in results for f in _findings(r)]
+
+    def entry(result: ConvertResult) -> dict:
         extra = {"convert": _summary(result)}
         if dry_run:
             extra["plan"] = _plan_rows(result)
-        return findings_document(_findings(result), layers=len(result.plan.layers), **extra)
+        return extra
 
-    render(fmt, _findings(result), document, lambda: _print_text(result), summary=lambda: _outcome(result),
-           file=str(out), title="nvdiag convert")
-    raise typer.Exit(1 if result.refused else 0)
+    def document() -> dict:
+        if len(results) == 1:
+            return findings_document(findings, layers=len(results[0][1].plan.layers), **entry(results[0][1]))
+        # a two-expert model: one entry per expert, in the order converted
+        return findings_document(findings, layers=sum(len(r.plan.layers) for _, r in results),
+                                 experts=[{"expert": label, **entry(r)} for label, r in results])
+
+    def text() -> None:
+        for label, result in results:
+            if label:
+                console().print(f"[bold]{label.replace('_', ' ')} expert[/]: {escape(shown(result.out))}")
+            _print_text(result)
+
+    summary = "; ".join(_outcome(r) for _, r in results)
+    render(fmt, findings, document, text, summary=lambda: summary, file=str(out), title="nvdiag convert")

@@ -52,6 +52,8 @@ def _print_text(doc: dict) -> None:
         extras.append(f"prefix {shown(repr(arch['prefix']))}")
     if arch.get("scaled_down"):
         extras.append("scaled down")
+    if arch.get("config"):  # what the tensors could not say (Qwen Image Edit 2511 vs 2512)
+        extras.append(f"variant from {shown(arch['config'])}")
     out.print(f"[bold]{shown(doc['path'])}[/]  ({doc['container']})")
     out.print(f"architecture: [bold]{variant}[/] ({', '.join(extras)})")
     out.print(summary_line(doc))

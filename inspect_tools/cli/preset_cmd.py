@@ -21,7 +21,7 @@ from converter.preset import (
     dumps_preset,
     load_builtin,
     load_preset,
-    view_of,
+    profile_view,
 )
 from inspect_tools.cli import app
 from inspect_tools.cli.output import FORMAT_HELP, TABLE_ROWS, console, github_notice, print_json
@@ -57,7 +57,7 @@ def _marker(decision: str) -> dict | None:
 def _rule_rows(preset: Preset) -> list[dict]:
     return [
         {"index": r.index, "pattern": r.pattern, "conditions": dict(r.conditions), "format": r.format,
-         "marker": _marker(r.format), "reason": r.reason}
+         "marker": _marker(r.format), "reason": r.reason, **({"bias": r.bias} if r.bias else {})}
         for r in preset.rules
     ]
 
@@ -101,9 +101,8 @@ def _file_decisions(preset: Preset, path: str):
     """[(LayerView, Decision)] for every layer of the checkpoint at `path`, plus its detection."""
     with open_model(path) as model:
         profile = models.get_profile(model.detection.variant)
-        sensitive = profile.sensitive if profile is not None else None
         width = model_width(model.detection)
-        views = sorted((view_of(layer, sensitive) for layer in model.layers.values()), key=lambda v: v.name)
+        views = sorted((profile_view(layer, profile) for layer in model.layers.values()), key=lambda v: v.name)
         return [(v, preset.decide(v, width)) for v in views], model.detection, preset.unmatched_rules(views)
 
 
@@ -150,7 +149,7 @@ def show_cmd(
         table.add_column(col, overflow="fold")
     for r in preset.rules:
         conds = " ".join(f"{k}={v}" for k, v in r.conditions.items())
-        table.add_row(str(r.index), r.pattern, conds, r.format, r.reason)
+        table.add_row(str(r.index), r.pattern, conds, r.format + (f" (bias {r.bias})" if r.bias else ""), r.reason)
     table.add_row("-", "default", "", preset.default, "no rule matched")
     out.print(table)
     for line in _legend([r.format for r in preset.rules]):
@@ -175,9 +174,8 @@ def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, i
     if on is not None:
         with open_model(on) as model:
             profile = models.get_profile(model.detection.variant)
-            sensitive = profile.sensitive if profile is not None else None
             for candidate in model.layers.values():
-                view = view_of(candidate, sensitive)
+                view = profile_view(candidate, profile)
                 if layer in (view.name, candidate.name):
                     return view, model_width(model.detection), f"shape from {on}"
         raise UsageError(f"no layer {layer!r} in {on}")
@@ -189,7 +187,8 @@ def _view_for(preset: Preset, layer: str, on: Path | None) -> tuple[LayerView, i
         for role in ("weight", "value"):
             key = layer if role == "value" else f"{layer}.{role}"
             if key in shapes:
-                return (LayerView(layer, tuple(shapes[key]), "F32", role == "weight", profile.sensitive(layer)),
+                return (LayerView(layer, tuple(shapes[key]), "F32", role == "weight", profile.sensitive(layer),
+                                  dict(profile.read_axes(layer)), profile.is_table(layer)),
                         profile.full_dims.get("dim"), f"shape from the {variant} profile")
     return LayerView(layer, (4096, 4096)), None, "shape unknown: assumed a 2-D 4096x4096 linear (pass --on FILE)"
 

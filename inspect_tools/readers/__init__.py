@@ -33,6 +33,10 @@ def find_in_folder(folder: Path) -> Path:
         raise InputError(f"folder holds {len(singles)} .safetensors files and no index.json ({_listing(singles)}); "
                          "name one of them", str(folder))
     found = _listing(entries) if entries else "nothing"
+    subfolders = [name for name in ("transformer", "transformer_2") if (folder / name).is_dir()]
+    if subfolders:  # a diffusers pipeline folder: its diffusion model lives in transformer/ (+ transformer_2/)
+        raise InputError(f"a diffusers model folder: name its {'/ or '.join(subfolders)}/ (nvdiag convert takes the "
+                         "whole folder and converts each transformer)", str(folder))
     raise InputError(f"folder holds no *.index.json and no .safetensors file (found: {found})", str(folder))
 
 

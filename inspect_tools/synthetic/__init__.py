@@ -1,6 +1,7 @@
 """Synthetic checkpoints for tests, the demo and benchmarks: every profile, scaled down, in every container and
 format a ComfyUI user meets, with realistic weight statistics and injectable faults. Deterministic by seed."""
 
+from inspect_tools.synthetic.diffusers_folders import transformer_config, write_model_folder, write_transformer_folder
 from inspect_tools.synthetic.faults import FAULTS, Fault, apply_faults
 from inspect_tools.synthetic.gguf_files import city96_type, write_gguf
 from inspect_tools.synthetic.header_only import write_header_only
@@ -40,11 +41,14 @@ __all__ = [
     "nvfp4_mixed_plan",
     "save_safetensors",
     "shapes_for",
+    "transformer_config",
     "write_float",
     "write_fp8_comfy",
     "write_gguf",
     "write_header_only",
+    "write_model_folder",
     "write_nvfp4_mixed",
     "write_scaled_fp8_legacy",
     "write_sharded",
+    "write_transformer_folder",
 ]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from reference_specs.models.base import UNKNOWN, ArchitectureProfile, Detection
 from reference_specs.models.flux import Flux1Dev
-from reference_specs.models.qwen_image import QwenImage2512, QwenImageEdit2511
+from reference_specs.models.qwen_image import QwenImage2512, QwenImageEdit2511, QwenImageLayered
 from reference_specs.models.wan import Wan22I2VA14B, Wan22T2VA14B, Wan22TI2V5B
 
 PROFILES: list[ArchitectureProfile] = [
     Wan22TI2V5B(),
     Wan22T2VA14B(),
     Wan22I2VA14B(),
+    QwenImageLayered(),  # the 2512 key set plus time_text_embed.addition_t_embedding
     QwenImageEdit2511(),  # before 2512: the edit model is the 2512 key set plus a marker key
     QwenImage2512(),
     Flux1Dev(),
@@ -77,13 +79,39 @@ def _detect_diffusers(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
     return None
 
 
-def detect(shapes: dict[str, tuple[int, ...]]) -> Detection:
+def _detect_unmapped(shapes: dict[str, tuple[int, ...]]) -> Detection | None:
+    """Models recognized under diffusers names nvdiag cannot rename (diffusers Flux: fused q/k/v in BFL's)."""
+    return next((found for p in PROFILES if (found := p.detect_diffusers_names(shapes)) is not None), None)
+
+
+def detect(shapes: dict[str, tuple[int, ...]], config: dict[str, Any] | None = None) -> Detection:
     """Detect the architecture of a checkpoint from its tensor names and shapes (any prefix, native or diffusers
-    names). Returns UNKNOWN when no profile matches."""
+    names), and from the diffusers `config` (the transformer's config.json beside the weights) where the keys
+    cannot tell variants apart. Returns UNKNOWN when no profile matches."""
     prefix = find_prefix(list(shapes))
     stripped = _strip(shapes, prefix)
-    found = _detect_native(stripped) or _detect_diffusers(stripped)
-    return replace(found, prefix=prefix) if found is not None else UNKNOWN
+    found = _detect_native(stripped) or _detect_diffusers(stripped) or _detect_unmapped(stripped)
+    if found is None:
+        return UNKNOWN
+    found = replace(found, prefix=prefix)
+    profile = get_profile(found.variant)
+    told = profile.variant_from_config(found, config) if config and profile is not None else None
+    if told is not None:
+        other = get_profile(told[0])
+        found = replace(other.detection(found.dims), naming=found.naming, prefix=prefix, config=told[1])
+    return found
+
+
+def config_conflict(detection: Detection, config: dict[str, Any]) -> str | None:
+    """Why a diffusers config.json beside the weights cannot be theirs (another model class, other dims), or None."""
+    profile = get_profile(detection.variant)
+    return profile.config_conflict(detection, config) if profile is not None else None
+
+
+def could_also_be(detection: Detection) -> tuple[str, ...]:
+    """Variants other than detection.variant a file with the same keys may be, when nothing else is known."""
+    profile = get_profile(detection.variant)
+    return profile.could_also_be(detection) if profile is not None else ()
 
 
 def get_profile(variant: str) -> ArchitectureProfile | None:
@@ -102,6 +130,8 @@ __all__ = [
     "PROFILES",
     "UNKNOWN",
     "ArchitectureProfile",
+    "config_conflict",
+    "could_also_be",
     "Detection",
     "detect",
     "find_prefix",

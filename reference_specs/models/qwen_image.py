@@ -1,19 +1,27 @@
-"""Qwen-Image profiles: Qwen Image 2512 and Qwen Image Edit 2511.
+"""Qwen-Image profiles: Qwen Image 2512, Qwen Image Edit 2511 and Qwen Image Layered.
 
 Facts: shared/research/architectures.md (Qwen-Image section) and comfyui-load-path.md Q5: ComfyUI detects the family
-by `txt_norm.weight`; an extra `__index_timestep_zero__` key marks the 2511 edit model. ComfyUI's native names ARE
-the diffusers (QwenImageTransformer2DModel) names, so the name maps are the identity.
+by `txt_norm.weight`; an extra `__index_timestep_zero__` key marks the 2511 edit model (comfy/model_detection.py sets
+default_ref_method "index_timestep_zero"; comfy/ldm/qwen_image/model.py registers it as an empty float buffer), and
+`time_text_embed.addition_t_embedding.weight` the Layered model (use_additional_t_cond, ref method "negative_index").
+ComfyUI's native names ARE the diffusers (QwenImageTransformer2DModel) names, so the name maps are the identity.
+
+In diffusers form, Edit 2511 has exactly the 2512 tensors: what tells them apart is `"zero_cond_t": true` in the
+transformer's config.json (diffusers QwenImageTransformer2DModel: zero_cond_t gives the reference image timestep 0,
+which is ComfyUI's "index_timestep_zero"). Layered's config has `"use_additional_t_cond": true`, and the key.
 """
 
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from reference_specs.models.base import ArchitectureProfile, Detection, module_name
 
 HEAD_DIM = 128
 EDIT_MARKER = "__index_timestep_zero__"
+LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
+DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
 _BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)$")
 # convert_to_quant --qwen highprec/exclude lists and city96's QWEN_IMAGE skip list (peers.md A, C)
 _EMBEDDINGS = ("img_in", "txt_in", "time_text_embed.")
@@ -21,7 +29,15 @@ _EMBEDDINGS = ("img_in", "txt_in", "time_text_embed.")
 
 class QwenImageProfile(ArchitectureProfile):
     family = "qwen_image"
+    diffusers_class: ClassVar[str] = DIFFUSERS_CLASS
+    config_dims: ClassVar[dict[str, str]] = {"in_channels": "in_channels", "num_layers": "blocks"}
     edit: ClassVar[bool] = False
+    layered: ClassVar[bool] = False
+    # Layered's addition_t_embedding is an nn.Embedding(2, dim): a lookup table, not a Linear
+    tables: ClassVar[tuple[str, ...]] = ("time_text_embed.addition_t_embedding",)
+    # comfy/model_detection.py (Qwen Image branch, ComfyUI 0.8.0): in_channels = img_in.weight.shape[1]; the depth
+    # is counted from the keys, nothing else is read from a shape
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {"img_in": {1: "in_channels"}}
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "blocks")
 
     def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
@@ -58,6 +74,8 @@ class QwenImageProfile(ArchitectureProfile):
         s["proj_out.bias"] = (dims["out_channels"],)
         if self.edit:
             s[EDIT_MARKER] = (0,)
+        if self.layered:
+            s[LAYERED_KEY] = (2, d)
         return s
 
     def read_dims(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, int]:
@@ -75,7 +93,10 @@ class QwenImageProfile(ArchitectureProfile):
         return dims
 
     def detect(self, shapes: dict[str, tuple[int, ...]]) -> Detection | None:
-        if "txt_norm.weight" not in shapes or (EDIT_MARKER in shapes) != self.edit:
+        if "txt_norm.weight" not in shapes or (LAYERED_KEY in shapes) != self.layered:
+            return None
+        # ComfyUI sets Layered's ref method after 2511's: the Layered key decides whatever else is there
+        if not self.layered and (EDIT_MARKER in shapes) != self.edit:
             return None
         # ComfyUI checks Lens (img_mlp.w1) and Qwen Image 2.1 (txt_in.text_norm) keys: other models, not ours
         if "transformer_blocks.0.img_mlp.w1.weight" in shapes or "txt_in.text_norm.weight" in shapes:
@@ -83,8 +104,22 @@ class QwenImageProfile(ArchitectureProfile):
         dims = self.read_dims(shapes)
         return self.detection(dims)
 
+    def variant_from_config(self, found: Detection, config: dict[str, Any]) -> tuple[str, str] | None:
+        # only the Edit 2511 flag adds no tensor; Layered has its key, and a key the file lacks is not there
+        if config.get("_class_name") != DIFFUSERS_CLASS or found.variant != QwenImage2512.variant:
+            return None
+        if config.get("zero_cond_t") is True:
+            return QwenImageEdit2511.variant, "config.json: zero_cond_t true"
+        return None
+
+    def could_also_be(self, found: Detection) -> tuple[str, ...]:
+        # 2512 keys without a config.json: an Edit 2511 whose marker or config was lost looks the same
+        return (QwenImageEdit2511.variant,) if found.variant == QwenImage2512.variant else ()
+
     def sensitive(self, layer_name: str) -> str | None:
         name = module_name(layer_name)
+        if name in self.tables:
+            return "embedding (lookup table)"
         if name.startswith(_EMBEDDINGS):
             return "embedding (ComfyUI reads in_channels from img_in)" if name == "img_in" else "embedding"
         if name.startswith("norm_out."):
@@ -140,5 +175,15 @@ class QwenImageEdit2511(QwenImageProfile):
     variant = "qwen-image-edit-2511"
     display_name = "Qwen Image Edit 2511"
     edit = True
+    full_dims = dict(_FULL)
+    small_dims = dict(_SMALL)
+    # ComfyUI's QwenImageTransformer2DModel registers it as torch.tensor([]) (float32, 0 elements)
+    marker_tensors: ClassVar[dict[str, tuple[str, tuple[int, ...]]]] = {EDIT_MARKER: ("F32", (0,))}
+
+
+class QwenImageLayered(QwenImageProfile):
+    variant = "qwen-image-layered"
+    display_name = "Qwen Image Layered"
+    layered = True
     full_dims = dict(_FULL)
     small_dims = dict(_SMALL)

@@ -72,8 +72,20 @@ class WanProfile(ArchitectureProfile):
     """Shared by the three WAN 2.2 variants; subclasses pin (in_dim, out_dim) and the full dimensions."""
 
     family = "wan"
+    diffusers_class: ClassVar[str] = "WanTransformer3DModel"
+    config_dims: ClassVar[dict[str, str]] = {"in_channels": "in_dim", "out_channels": "out_dim", "num_layers": "blocks",
+                                             "ffn_dim": "ffn"}
     # dims that make a model "the real one"; narrower or shallower fixtures are scaled down
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "ffn", "blocks")
+    # comfy/model_detection.py (Wan branch, ComfyUI 0.8.0): dim = head.modulation.shape[-1] (a parameter, never
+    # quantized), out_dim = head.head.weight.shape[0] // 4, ffn_dim = blocks.0.ffn.0.weight.shape[0],
+    # in_dim = patch_embedding.weight.shape[1] (a 5-D conv, never quantized). Rows survive NVFP4 packing when they
+    # are a multiple of 16 (every real WAN's are), so ffn.0 and the head may be quantized; a packed in_dim never is.
+    shape_reads: ClassVar[dict[str, dict[int, str]]] = {
+        "head.head": {0: "out_dim (rows / 4)"},
+        "blocks.0.ffn.0": {0: "ffn_dim"},
+        "patch_embedding": {1: "in_dim"},
+    }
 
     def tensor_shapes(self, dims: dict[str, int]) -> dict[str, tuple[int, ...]]:
         d, f, t, fr = dims["dim"], dims["ffn"], dims["text_dim"], dims["freq_dim"]
@@ -148,6 +160,12 @@ class WanProfile(ArchitectureProfile):
         elif in_dim != self.full_dims["in_dim"]:
             return None
         return self.detection(dims)
+
+    def could_also_be(self, found: Detection) -> tuple[str, ...]:
+        # without patch_embedding (city96 GGUF files) the A14B experts' in_dim is unknown: T2V was assumed
+        if found.variant == Wan22T2VA14B.variant and "in_dim" not in found.dims:
+            return (Wan22I2VA14B.variant,)
+        return ()
 
     def to_native(self, name: str) -> str:
         return _rename(name, _BLOCK_TO_NATIVE, _GLOBAL_TO_NATIVE)

@@ -19,6 +19,7 @@ from reference_specs.rules.markers import InvalidQuantMarker, MissingQuantMarker
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
 from reference_specs.rules.scale_values import InputScaleImplausible, NonFiniteScale, Scale2Reciprocal
 from reference_specs.rules.scales_present import MissingBlockScale, MissingLegacyScale, MissingTensorScale
+from reference_specs.rules.shape_reads import ShapeReadWeightQuantized
 from reference_specs.rules.shapes import TransposedWeight, WrongShape
 from reference_specs.rules.weight_values import NonFiniteWeight
 
@@ -39,6 +40,7 @@ RULES: list[Rule] = [
     ScaleLayoutUnpadded(),
     NonFiniteWeight(),
     SensitiveLayerQuantized(),
+    ShapeReadWeightQuantized(),
     DiffusersKeyNames(),
     UnknownArchitecture(),
     LegacyFp8Format(),
