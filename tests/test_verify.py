@@ -254,9 +254,10 @@ def test_a_gguf_file_is_not_something_comfyui_core_loads(comfyui, files, capsys)
 # --- ComfyUI in the gate of convert and fix ---------------------------------------------------------------------
 
 
-def test_convert_verify_refuses_a_file_that_only_comfyui_shows_wrong(comfyui, files, tmp_path, monkeypatch, capsys):
-    """An encoder that packs low nibble first fools a gate that re-encodes with that same encoder (see issue 15);
-    ComfyUI, judged against comfy-kitchen's own encoding, does not let the file through."""
+def test_convert_verify_refuses_a_broken_encoders_file(comfyui, files, tmp_path, monkeypatch, capsys):
+    """An encoder that packs low nibble first once fooled a gate that re-encoded with that same encoder; with
+    --verify ComfyUI stood behind it. Now the gate's own baseline is the reference codec, so the file is refused
+    before ComfyUI is even asked (tests/test_independent_baselines.py); either way nothing is published."""
     from reference_specs.formats import fast_encode
 
     real = fast_encode.encode_nvfp4
@@ -273,7 +274,7 @@ def test_convert_verify_refuses_a_file_that_only_comfyui_shows_wrong(comfyui, fi
     argv = ["convert", str(files(variant, "fp32")), str(out), "--preset", variant]
     code = main([*argv, "--verify", "--comfyui", str(comfyui.root)])
     assert code == 1 and not out.exists()
-    assert "ComfyUI gate" in capsys.readouterr().out
+    assert "reference codec" in capsys.readouterr().out
 
 
 def test_fix_verify_publishes_a_repair_that_comfyui_renders_right(comfyui, files, tmp_path, capsys):
