@@ -277,6 +277,29 @@ def test_convert_verify_refuses_a_broken_encoders_file(comfyui, files, tmp_path,
     assert "reference codec" in capsys.readouterr().out
 
 
+def test_convert_verify_is_a_second_line_behind_the_gate(comfyui, files, tmp_path, monkeypatch, capsys):
+    """Should nvdiag's own gate ever miss a fault (simulated: it passes everything), ComfyUI, judged against
+    comfy-kitchen's own encoding, still refuses the file."""
+    import converter.pipeline as pipeline
+    from converter.gate import GateReport
+    from reference_specs.formats import fast_encode
+
+    real = fast_encode.encode_nvfp4
+
+    def low_nibble_first(weight, *args, **kwargs):
+        out = real(weight, *args, **kwargs)
+        out["weight"] = ((out["weight"] & 0x0F) << 4) | (out["weight"] >> 4)
+        return out
+
+    monkeypatch.setattr(fast_encode, "encode_nvfp4", low_nibble_first)
+    monkeypatch.setattr(pipeline, "run_gate", lambda *args, **kwargs: GateReport(lint_ran=True))
+    variant = "wan2.2-ti2v-5b"
+    out = tmp_path / "converted.safetensors"
+    argv = ["convert", str(files(variant, "fp32")), str(out), "--preset", variant]
+    assert main([*argv, "--verify", "--comfyui", str(comfyui.root)]) == 1 and not out.exists()
+    assert "ComfyUI gate" in capsys.readouterr().out
+
+
 def test_fix_verify_publishes_a_repair_that_comfyui_renders_right(comfyui, files, tmp_path, capsys):
     variant = "wan2.2-ti2v-5b"
     out = tmp_path / "fixed.safetensors"
