@@ -1,4 +1,5 @@
-"""NV103 / NV104: the quantization marker ComfyUI needs to treat a layer as quantized, and whether it can read it."""
+"""NV103 / NV104 / NV110: the quantization marker ComfyUI needs to treat a layer as quantized, whether it can read
+it, and the broken marker tensors published files carry (placeholders, no format)."""
 
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ Fix: `nvdiag fix` rewrites markers and metadata with the file's own key names; `
             )
         yield from self._unmatched(model)
         for layer in model.layers.values():
+            if marker_tensor_defect(model, layer) is not None:
+                continue  # NV110 names it, with what ComfyUI does and the fix
             if layer.marker_error:
                 yield self.finding(layer.marker_error, layer.name, {"marker_source": layer.marker_source})
             elif layer.marker is not None:
@@ -126,3 +129,65 @@ Fix: `nvdiag fix` rewrites markers and metadata with the file's own key names; `
             {"unmatched": unmatched[:20], "count": len(unmatched),
              "prefix_fixes": dict(list(suggestions.items())[:20])},
         )
+
+
+def marker_tensor_defect(model: ModelView, layer: Layer) -> str | None:
+    """"empty", "all-zero" or "no-format" when the layer's comfy_quant tensor is one of the broken markers
+    published files carry; None otherwise (no tensor, a readable one, or another defect NV104 reports)."""
+    placeholder = (model.file_markers.get("marker_placeholders") or {}).get(layer.name)
+    if placeholder is not None:
+        return str(placeholder)
+    confs = (model.file_markers.get("marker_confs") or {}).get(layer.name) or {}
+    tensor_conf = confs.get("tensor")
+    if tensor_conf is not None and tensor_conf.get("format") is None:
+        return "no-format"
+    return None
+
+
+_DEFECT_TEXT = {
+    "empty": ("comfy_quant is an empty tensor",
+              "json.loads(b'') raises JSONDecodeError 'Expecting value' and stops the load"),
+    "all-zero": ("comfy_quant holds only zero bytes", "json.loads reads the NULs as UTF-16/32 and raises "
+                 "UnicodeDecodeError or JSONDecodeError, stopping the load"),
+    "no-format": ("comfy_quant JSON has no \"format\"",
+                  "ValueError('Unknown quantization format for layer') stops the load"),
+}
+
+
+class BrokenMarkerTensor(Rule):
+    id = "NV110"
+    name = "broken-marker-tensor"
+    cause = "invalid-quant-marker"
+    summary = "comfy_quant tensor that is empty, all zero bytes, or JSON without \"format\""
+    explanation = """\
+Published files, Comfy-Org's own among them, carry `.comfy_quant` tensors that hold no usable marker: a 0-element
+tensor (Comfy-Org/ComfyUI#16472, an int8 ConvRot text encoder's embedding), zero bytes where the JSON should be
+(#15567, 42 of 200 markers of an fp8_scaled MiniMax file), or JSON without "format" (#15400). ComfyUI 0.8.0 pops the
+tensor in comfy/ops.py (MixedPrecisionOps.Linear._load_from_state_dict) and runs
+`json.loads(layer_conf.numpy().tobytes())` on it: an empty payload raises JSONDecodeError ("Expecting value: line 1
+column 1"), NUL bytes are taken for UTF-16/32 and raise UnicodeDecodeError ("'utf-32-be' codec can't decode") or
+JSONDecodeError, and a conf without "format" raises ValueError("Unknown quantization format for layer ..."). The
+whole model fails to load. (Only when the header's `_quantization_metadata` names the layer does comfy/utils.py
+convert_old_quants overwrite the tensor with the metadata's conf first.) Open PRs #15410 and #16474 would make later
+versions skip such placeholders; other loaders still read them.
+
+What you see: the load stops with one of the errors above, naming comfy/ops.py.
+
+Fix: lossless. `nvdiag fix` rebuilds the marker from the layer's own tensors when they prove one format (U8
+weight + swizzled F8_E4M3 block scales + weight_scale_2 = nvfp4; F8_E4M3 weight + one scale = float8_e4m3fn),
+keeping the conf's other keys, and removes the placeholder from a layer whose weight is not quantized, which
+ComfyUI then loads as the plain weight it is."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        for layer in model.layers.values():
+            defect = marker_tensor_defect(model, layer)
+            if defect is None:
+                continue
+            what, comfy = _DEFECT_TEXT[defect]
+            plain = _needs_marker(layer) is None
+            state = "on a layer whose weight is not quantized" if plain else f"on a {_needs_marker(layer)}"
+            yield self.finding(
+                f"{what} {state}: in ComfyUI {comfy}",
+                layer.name,
+                {"defect": defect, "weight_dtype": layer.dtype("weight"), "quantized": not plain},
+            )

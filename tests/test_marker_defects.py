@@ -1,0 +1,102 @@
+"""Marker defects seen in published files (issue 16): each is named by lint with what ComfyUI does, fix repairs it
+losslessly, and ComfyUI itself refuses the broken file and loads the fixed one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from converter.fix import fix_checkpoint
+from inspect_tools.comfyui.loading import load
+from inspect_tools.layers import open_model
+from inspect_tools.lint import lint_model
+from inspect_tools.synthetic.writers import write_nvfp4_mixed
+from reference_specs.findings import Severity
+
+VARIANT = "wan2.2-ti2v-5b"
+LAYER = "blocks.0.self_attn.q"
+PLAIN = "head.head"  # kept at source precision by the synthetic selection
+
+# what published files hold instead of a marker: Comfy-Org/ComfyUI#16472 (empty), #15567 (NUL bytes), #15400
+# (JSON without "format"); the bytes a loader reads, written as the publishers' tools wrote them
+PAYLOADS = {
+    "empty": torch.zeros(0, dtype=torch.uint8),
+    "all-zero": torch.zeros(19, dtype=torch.uint8),  # len('{"format": "nvfp4"}'): a marker zeroed in place
+    "no-format": torch.tensor(list(b'{"full_precision_matrix_mult": true}'), dtype=torch.uint8),
+}
+
+
+def read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def with_marker(good: Path, out: Path, layer: str, payload: torch.Tensor) -> Path:
+    tensors, metadata = read(good)
+    tensors[f"{layer}.comfy_quant"] = payload.clone()
+    save_file(tensors, str(out), metadata)
+    return out
+
+
+def errors(path: Path) -> list:
+    with open_model(path) as model:
+        return [f for f in lint_model(model) if f.severity >= Severity.ERROR]
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_nvfp4_mixed(tmp_path_factory.mktemp("markers") / "good.safetensors", VARIANT)
+
+
+@pytest.mark.parametrize("defect", sorted(PAYLOADS))
+def test_a_broken_marker_on_a_quantized_layer_is_rebuilt_from_its_tensors(defect: str, good: Path,
+                                                                         tmp_path: Path) -> None:
+    broken = with_marker(good, tmp_path / "broken.safetensors", LAYER, PAYLOADS[defect])
+    (finding,) = errors(broken)
+    assert (finding.rule, finding.cause, finding.layer) == ("NV110", "invalid-quant-marker", LAYER)
+    assert finding.evidence["defect"] == defect and finding.evidence["quantized"]
+
+    out = tmp_path / "fixed.safetensors"
+    result = fix_checkpoint(broken, out)
+    assert result.written and result.exit_code == 0, result.verdict()
+    assert errors(out) == []
+    fixed, _ = read(out)
+    expected, _ = read(good)
+    assert set(fixed) == set(expected)
+    conf = json.loads(fixed[f"{LAYER}.comfy_quant"].numpy().tobytes())
+    # the format the tensors prove; a format-less conf keeps what else it said
+    assert conf == ({"format": "nvfp4", "full_precision_matrix_mult": True} if defect == "no-format"
+                    else {"format": "nvfp4"})
+    assert all(torch.equal(fixed[k], expected[k]) for k in expected if not k.endswith(".comfy_quant"))
+
+
+def test_a_placeholder_on_a_plain_layer_is_removed(good: Path, tmp_path: Path) -> None:
+    """#16472: an int8 ConvRot text encoder's embedding, not quantized, carried an empty marker."""
+    broken = with_marker(good, tmp_path / "broken.safetensors", PLAIN, PAYLOADS["empty"])
+    (finding,) = errors(broken)
+    assert finding.rule == "NV110" and not finding.evidence["quantized"]
+    out = tmp_path / "fixed.safetensors"
+    result = fix_checkpoint(broken, out)
+    assert result.written and result.exit_code == 0, result.verdict()
+    fixed, _ = read(out)
+    assert set(fixed) == set(read(good)[0])
+
+
+@pytest.mark.parametrize("defect", sorted(PAYLOADS))
+def test_comfyui_refuses_the_broken_file_and_loads_the_fixed_one(defect: str, comfyui, good: Path,
+                                                                 tmp_path: Path) -> None:
+    broken = with_marker(good, tmp_path / "broken.safetensors", LAYER, PAYLOADS[defect])
+    refused = load(comfyui, broken).report
+    assert not refused.loaded
+    assert refused.error_type in ({"ValueError"} if defect == "no-format" else {"JSONDecodeError",
+                                                                                  "UnicodeDecodeError"})
+    out = tmp_path / "fixed.safetensors"
+    assert fix_checkpoint(broken, out).written
+    fixed, reference = load(comfyui, out).report, load(comfyui, good).report
+    assert fixed.loaded, fixed.error
+    assert fixed.quantized_layers == reference.quantized_layers and fixed.left_over == []
