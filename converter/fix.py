@@ -44,7 +44,8 @@ FIXABLE: dict[str, str] = {
     "diffusers-key-names": "keys renamed to ComfyUI-native names (aux tensors and metadata too)",
     "missing-quant-marker": "comfy_quant marker and _quantization_metadata entry added",
     "invalid-quant-marker": "_quantization_metadata layer names rewritten to the file's keys, or broken comfy_quant "
-                            "tensors rebuilt from the layer's tensors (removed where the weight is not quantized)",
+                            "tensors rebuilt from the layer's tensors (removed where the weight is not quantized), "
+                            "or double-braced metadata unwrapped",
     "input-scale-implausible": "weight-derived input_scale dropped (absent = dynamic activation scale)",
     "wrong-dtype": "scale re-stored in the dtype its role requires (values unchanged)",
 }
@@ -380,9 +381,22 @@ def _fix_marker_tensor(p: _Planner, f: Finding) -> list[Repair]:
     return [Repair(f.cause, layer.name, f"comfy_quant ({f.evidence['defect']}) rebuilt as {json.dumps(conf)}")]
 
 
+def _fix_double_braces(p: _Planner, f: Finding) -> list[Repair]:
+    """NV111: the metadata inside the double braces becomes the entry (layers renamed by no one)."""
+    recovered = p.model.file_markers.get("quantization_metadata_recovered")
+    if not recovered:
+        raise NotFixable("the text inside the braces is not quantization metadata either")
+    p.quant_layers = dict(recovered["layers"])
+    p.metadata_added = True
+    return [Repair(f.cause, None, f"_quantization_metadata unwrapped from double braces "
+                                  f"({len(p.quant_layers)} layer(s))")]
+
+
 def _fix_invalid_marker(p: _Planner, f: Finding) -> list[Repair]:
     if f.evidence.get("defect") in ("empty", "all-zero", "no-format"):
         return _fix_marker_tensor(p, f)
+    if f.evidence.get("defect") == "double-braces":
+        return _fix_double_braces(p, f)
     return _fix_metadata_names(p, f)
 
 

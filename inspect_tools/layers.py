@@ -25,6 +25,7 @@ class CheckpointModel:
     """A checkpoint seen as Layers. `file_markers` holds what is not a layer:
     container (reader kind: "safetensors" | "sharded" | "gguf"), scaled_fp8 (TensorInfo or None),
     quantization_metadata (parsed dict or None), quantization_metadata_error (str or None),
+    quantization_metadata_recovered (the metadata inside a double-braced header entry, or None),
     marker_placeholders (layer name -> "empty" / "all-zero": comfy_quant tensors with no JSON at all),
     metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool),
     config (the diffusers config.json beside the weights, parsed, or None),
@@ -133,6 +134,22 @@ def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | Non
     return parsed, None
 
 
+def recover_double_braces(raw: object) -> dict[str, Any] | None:
+    """The metadata a `_quantization_metadata` string wrapped in double braces holds, or None. Seen in published
+    files: the outer pair doubled ({{"format_version": ...}}) or every brace doubled, as an unformatted template
+    with escaped braces leaves them. Accepted only when the undoubled text is metadata ComfyUI reads."""
+    if not isinstance(raw, str) or not raw.strip().startswith("{{"):
+        return None
+    text = raw.strip()
+    for candidate in (text[1:-1] if text.endswith("}}") else None, text.replace("{{", "{").replace("}}", "}")):
+        if candidate is None:
+            continue
+        parsed, error = parse_quant_metadata({QUANT_METADATA_KEY: candidate})
+        if error is None and parsed is not None:
+            return parsed
+    return None
+
+
 def _apply_metadata_markers(
     layers: dict[str, Layer],
     parsed: dict[str, Any],
@@ -206,6 +223,10 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
     parsed, error = parse_quant_metadata(reader.metadata)
     file_markers["quantization_metadata"] = parsed
     file_markers["quantization_metadata_error"] = error
+    # what the JSON inside double braces says, for the rule that names the defect and the fix that unwraps it
+    file_markers["quantization_metadata_recovered"] = (
+        recover_double_braces(reader.metadata.get(QUANT_METADATA_KEY)) if error is not None else None
+    )
     file_markers["metadata_unmatched"] = (
         _apply_metadata_markers(layers, parsed, detection.prefix, confs) if parsed is not None else []
     )

@@ -99,4 +99,57 @@ def test_comfyui_refuses_the_broken_file_and_loads_the_fixed_one(defect: str, co
     assert fix_checkpoint(broken, out).written
     fixed, reference = load(comfyui, out).report, load(comfyui, good).report
     assert fixed.loaded, fixed.error
+    assert len(reference.quantized_layers) == 20  # every NVFP4 layer of the synthetic file, held quantized
+    assert fixed.quantized_layers == reference.quantized_layers and fixed.left_over == []
+
+
+# the two spellings seen: one extra pair around the object, and every brace doubled (an unformatted template)
+DOUBLED = {
+    "outer": lambda text: "{" + text + "}",
+    "every": lambda text: text.replace("{", "{{").replace("}", "}}"),
+}
+
+
+@pytest.fixture(scope="module")
+def good_metadata(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_nvfp4_mixed(tmp_path_factory.mktemp("markers") / "good_metadata.safetensors", VARIANT,
+                             markers="metadata")
+
+
+def double_braced(good: Path, out: Path, spelling: str) -> Path:
+    tensors, metadata = read(good)
+    metadata["_quantization_metadata"] = DOUBLED[spelling](metadata["_quantization_metadata"])
+    save_file(tensors, str(out), metadata)
+    return out
+
+
+@pytest.mark.parametrize("spelling", sorted(DOUBLED))
+def test_double_braced_metadata_is_unwrapped(spelling: str, good_metadata: Path, tmp_path: Path) -> None:
+    broken = double_braced(good_metadata, tmp_path / "broken.safetensors", spelling)
+    found = errors(broken)
+    (named,) = [f for f in found if f.rule == "NV111"]
+    assert named.layer is None and named.evidence["defect"] == "double-braces"
+    assert "NV104" not in {f.rule for f in found}  # one finding for one defect: NV111 says what NV104 would
+
+    out = tmp_path / "fixed.safetensors"
+    result = fix_checkpoint(broken, out)
+    assert result.written and result.exit_code == 0, result.verdict()
+    assert errors(out) == []
+    fixed, fixed_meta = read(out)
+    expected, expected_meta = read(good_metadata)
+    assert set(fixed) == set(expected)  # no tensor markers added: the metadata marks the layers again
+    assert json.loads(fixed_meta["_quantization_metadata"]) == json.loads(expected_meta["_quantization_metadata"])
+
+
+@pytest.mark.parametrize("spelling", sorted(DOUBLED))
+def test_comfyui_refuses_double_braces_and_loads_the_unwrapped_file(spelling: str, comfyui, good_metadata: Path,
+                                                                   tmp_path: Path) -> None:
+    broken = double_braced(good_metadata, tmp_path / "broken.safetensors", spelling)
+    refused = load(comfyui, broken).report
+    assert not refused.loaded and refused.error_type == "JSONDecodeError"
+    out = tmp_path / "fixed.safetensors"
+    assert fix_checkpoint(broken, out).written
+    fixed, reference = load(comfyui, out).report, load(comfyui, good_metadata).report
+    assert fixed.loaded, fixed.error
+    assert len(reference.quantized_layers) == 20  # every NVFP4 layer of the synthetic file, held quantized
     assert fixed.quantized_layers == reference.quantized_layers and fixed.left_over == []

@@ -91,7 +91,7 @@ Fix: `nvdiag fix` rewrites markers and metadata with the file's own key names; `
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         markers = model.file_markers
-        if markers.get("quantization_metadata_error"):
+        if markers.get("quantization_metadata_error") and not markers.get("quantization_metadata_recovered"):
             yield self.finding(
                 str(markers["quantization_metadata_error"]) + ": ComfyUI cannot read the quantization metadata",
                 None,
@@ -191,3 +191,35 @@ ComfyUI then loads as the plain weight it is."""
                 layer.name,
                 {"defect": defect, "weight_dtype": layer.dtype("weight"), "quantized": not plain},
             )
+
+
+class DoubleBracedMetadata(Rule):
+    id = "NV111"
+    name = "double-braced-metadata"
+    cause = "invalid-quant-marker"
+    summary = "_quantization_metadata wrapped in double braces {{...}}: not JSON, though the JSON inside is fine"
+    explanation = """\
+Some published files store the header's `_quantization_metadata` as `{{"format_version": "1.0", "layers": {{...}}}}`:
+the braces of a string template that was escaped for str.format or an f-string and then never formatted (or one
+extra pair around the whole object). That is not JSON. ComfyUI 0.8.0 reads the entry in comfy/utils.py
+convert_old_quants with a bare `json.loads(metadata["_quantization_metadata"])`, which raises JSONDecodeError
+("Expecting property name enclosed in double quotes") before any layer is built: the whole model fails to load,
+even when every layer also has a good `.comfy_quant` tensor. Loaders that validate the entry (custom-node loaders
+and converters) stop with "Invalid _quantization_metadata JSON" instead.
+
+What you see: the load stops in comfy/utils.py convert_old_quants with a JSONDecodeError.
+
+Fix: lossless. `nvdiag fix` writes the JSON inside the braces back as the entry (only when that JSON is metadata
+ComfyUI reads: an object with a "layers" object); nothing else changes."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        recovered = model.file_markers.get("quantization_metadata_recovered")
+        if not recovered:
+            return
+        yield self.finding(
+            f"_quantization_metadata is wrapped in double braces: ComfyUI's json.loads fails and the model does "
+            f"not load; the JSON inside names {len(recovered['layers'])} layer(s)",
+            None,
+            {"defect": "double-braces", "error": model.file_markers.get("quantization_metadata_error"),
+             "layers": len(recovered["layers"])},
+        )
