@@ -15,7 +15,7 @@ from converter.fix import fix_checkpoint
 from inspect_tools.comfyui.loading import load
 from inspect_tools.layers import open_model
 from inspect_tools.lint import lint_model
-from inspect_tools.synthetic.writers import write_nvfp4_mixed
+from inspect_tools.synthetic.writers import write_fp8_comfy, write_nvfp4_mixed
 from reference_specs.findings import Severity
 
 VARIANT = "wan2.2-ti2v-5b"
@@ -153,3 +153,19 @@ def test_comfyui_refuses_double_braces_and_loads_the_unwrapped_file(spelling: st
     assert fixed.loaded, fixed.error
     assert len(reference.quantized_layers) == 20  # every NVFP4 layer of the synthetic file, held quantized
     assert fixed.quantized_layers == reference.quantized_layers and fixed.left_over == []
+
+
+def test_scales_without_any_marker_are_dropped_by_comfyui_until_fix_adds_the_markers(comfyui, tmp_path: Path) -> None:
+    """LTX-2.5's official quantized file (issue 16, ComfyUI#15511): scale tensors, no marker anywhere. ComfyUI
+    loads it without complaint, holds every layer as a plain weight and throws the scales away."""
+    broken = write_fp8_comfy(tmp_path / "broken.safetensors", VARIANT, markers="none")
+    assert {f.rule for f in errors(broken)} == {"NV103"}
+    silent = load(comfyui, broken).report
+    assert silent.loaded and silent.quantized_layers == {}
+    assert len(silent.unexpected) == 20 and all(k.endswith(".weight_scale") for k in silent.unexpected)
+
+    out = tmp_path / "fixed.safetensors"
+    assert fix_checkpoint(broken, out).written
+    fixed = load(comfyui, out).report
+    assert fixed.loaded and set(fixed.quantized_layers.values()) == {"float8_e4m3fn"}
+    assert len(fixed.quantized_layers) == 20 and fixed.unexpected == []

@@ -44,6 +44,13 @@ quantized tensor. Without either, the layer is loaded as a plain weight cast to 
 become numbers 0..255 with the wrong shape ("size mismatch" at load) and FP8 weights lose their scale, so the model
 loads but produces noise. The scale tensors end up as "left over keys" in the log.
 
+Published files do this: LTX-2.5's official NVFP4 checkpoint ships its scale tensors with no marker anywhere, and
+ComfyUI "silently throws away" 3528 of them (Comfy-Org/ComfyUI#15511, as reported there). In ComfyUI 0.8.0,
+comfy/utils.py detect_layer_quantization finds no `.comfy_quant` key, so MixedPrecisionOps is never chosen; every
+scale is logged by comfy/model_base.py load_model_weights as "unet unexpected" (a warning, not an error). An FP8
+weight then loads as it is and the model runs with wrong output; a packed NVFP4 weight stops the load with "size
+mismatch" in this version.
+
 Fix: `nvdiag fix` adds the markers; `nvdiag convert` writes them (both the per-layer tensor and the metadata)."""
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
