@@ -169,3 +169,20 @@ def test_scales_without_any_marker_are_dropped_by_comfyui_until_fix_adds_the_mar
     fixed = load(comfyui, out).report
     assert fixed.loaded and set(fixed.quantized_layers.values()) == {"float8_e4m3fn"}
     assert len(fixed.quantized_layers) == 20 and fixed.unexpected == []
+
+
+def test_a_metadata_entry_of_the_same_name_saves_the_layer_in_comfyui(comfyui, tmp_path: Path) -> None:
+    """ComfyUI 0.8.0's convert_old_quants writes the metadata's conf over the tensor: the file loads, so the broken
+    tensor is a warning (loaders that read the tensor still fail), and fix still rebuilds it."""
+    good = write_nvfp4_mixed(tmp_path / "good.safetensors", VARIANT, markers="both")
+    broken = with_marker(good, tmp_path / "broken.safetensors", LAYER, PAYLOADS["all-zero"])
+    with open_model(broken) as model:
+        (finding,) = [f for f in lint_model(model) if f.rule == "NV110"]
+    assert finding.severity == Severity.WARNING and finding.evidence["replaced_by_metadata"]
+    assert errors(broken) == []
+    assert load(comfyui, broken).report.loaded
+
+    out = tmp_path / "fixed.safetensors"
+    assert fix_checkpoint(broken, out).written
+    fixed, _ = read(out)
+    assert json.loads(fixed[f"{LAYER}.comfy_quant"].numpy().tobytes()) == {"format": "nvfp4"}

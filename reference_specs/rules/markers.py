@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from reference_specs.findings import Finding
+from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
 from reference_specs.rules.base import COMFY_QUANT_FORMATS, FP8_DTYPES, ModelView, Rule, RuleContext
 
@@ -151,6 +151,15 @@ def marker_tensor_defect(model: ModelView, layer: Layer) -> str | None:
     return None
 
 
+def _metadata_replaces(model: ModelView, name: str) -> bool:
+    """Whether ComfyUI overwrites the layer's comfy_quant tensor before reading it: convert_old_quants writes
+    `<name>.comfy_quant` for every metadata entry verbatim, so only an entry spelled exactly as the file's key (with
+    a format ComfyUI knows) lands on the broken tensor."""
+    parsed = model.file_markers.get("quantization_metadata") or {}
+    conf = (parsed.get("layers") or {}).get(name)
+    return isinstance(conf, dict) and conf.get("format") in COMFY_QUANT_FORMATS
+
+
 _DEFECT_TEXT = {
     "empty": ("comfy_quant is an empty tensor",
               "json.loads(b'') raises JSONDecodeError 'Expecting value' and stops the load"),
@@ -174,8 +183,9 @@ tensor in comfy/ops.py (MixedPrecisionOps.Linear._load_from_state_dict) and runs
 `json.loads(layer_conf.numpy().tobytes())` on it: an empty payload raises JSONDecodeError ("Expecting value: line 1
 column 1"), NUL bytes are taken for UTF-16/32 and raise UnicodeDecodeError ("'utf-32-be' codec can't decode") or
 JSONDecodeError, and a conf without "format" raises ValueError("Unknown quantization format for layer ..."). The
-whole model fails to load. (Only when the header's `_quantization_metadata` names the layer does comfy/utils.py
-convert_old_quants overwrite the tensor with the metadata's conf first.) Open PRs #15410 and #16474 would make later
+whole model fails to load. Only when the header's `_quantization_metadata` has an entry spelled exactly as the
+layer's key does comfy/utils.py convert_old_quants overwrite the tensor with that conf first: ComfyUI then loads the
+layer, other loaders still fail, and the finding is a warning. Open PRs #15410 and #16474 would make later
 versions skip such placeholders; other loaders still read them.
 
 What you see: the load stops with one of the errors above, naming comfy/ops.py.
@@ -193,11 +203,16 @@ ComfyUI then loads as the plain weight it is."""
             what, comfy = _DEFECT_TEXT[defect]
             plain = _needs_marker(layer) is None
             state = "on a layer whose weight is not quantized" if plain else f"on a {_needs_marker(layer)}"
-            yield self.finding(
-                f"{what} {state}: in ComfyUI {comfy}",
-                layer.name,
-                {"defect": defect, "weight_dtype": layer.dtype("weight"), "quantized": not plain},
-            )
+            evidence = {"defect": defect, "weight_dtype": layer.dtype("weight"), "quantized": not plain}
+            if _metadata_replaces(model, layer.name):
+                yield self.finding(
+                    f"{what} {state}; ComfyUI loads the layer anyway: the header's _quantization_metadata entry "
+                    "of the same name replaces the tensor (comfy/utils.py convert_old_quants), but a loader that "
+                    "reads the tensor fails",
+                    layer.name, {**evidence, "replaced_by_metadata": True}, severity=Severity.WARNING,
+                )
+                continue
+            yield self.finding(f"{what} {state}: in ComfyUI {comfy}", layer.name, evidence)
 
 
 class DoubleBracedMetadata(Rule):
