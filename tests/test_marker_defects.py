@@ -75,16 +75,21 @@ def test_a_broken_marker_on_a_quantized_layer_is_rebuilt_from_its_tensors(defect
     assert all(torch.equal(fixed[k], expected[k]) for k in expected if not k.endswith(".comfy_quant"))
 
 
-def test_a_placeholder_on_a_plain_layer_is_removed(good: Path, tmp_path: Path) -> None:
-    """#16472: an int8 ConvRot text encoder's embedding, not quantized, carried an empty marker."""
-    broken = with_marker(good, tmp_path / "broken.safetensors", PLAIN, PAYLOADS["empty"])
+@pytest.mark.parametrize("defect", ["empty", "all-zero"])
+def test_a_placeholder_on_a_plain_layer_is_removed(defect: str, comfyui, good: Path, tmp_path: Path) -> None:
+    """#16472: an int8 ConvRot text encoder's embedding, not quantized, carried an empty marker; #15410: unquantized
+    layers carrying NUL placeholders. ComfyUI refuses both; without the placeholder it loads the plain weight."""
+    broken = with_marker(good, tmp_path / "broken.safetensors", PLAIN, PAYLOADS[defect])
     (finding,) = errors(broken)
     assert finding.rule == "NV110" and not finding.evidence["quantized"]
+    assert not load(comfyui, broken).report.loaded
     out = tmp_path / "fixed.safetensors"
     result = fix_checkpoint(broken, out)
     assert result.written and result.exit_code == 0, result.verdict()
     fixed, _ = read(out)
     assert set(fixed) == set(read(good)[0])
+    report = load(comfyui, out).report
+    assert report.loaded and PLAIN not in report.quantized_layers and len(report.quantized_layers) == 20
 
 
 @pytest.mark.parametrize("defect", sorted(PAYLOADS))
