@@ -43,7 +43,9 @@ FIXABLE: dict[str, str] = {
     "scale2-reciprocal": "per-tensor scale replaced by its reciprocal (the decode multiplier)",
     "diffusers-key-names": "keys renamed to ComfyUI-native names (aux tensors and metadata too)",
     "missing-quant-marker": "comfy_quant marker and _quantization_metadata entry added",
-    "invalid-quant-marker": "_quantization_metadata layer names rewritten to the file's keys",
+    "invalid-quant-marker": "_quantization_metadata layer names rewritten to the file's keys, or broken comfy_quant "
+                            "tensors rebuilt from the layer's tensors (removed where the weight is not quantized), "
+                            "or double-braced metadata unwrapped",
     "input-scale-implausible": "weight-derived input_scale dropped (absent = dynamic activation scale)",
     "wrong-dtype": "scale re-stored in the dtype its role requires (values unchanged)",
 }
@@ -354,6 +356,50 @@ def _fix_key_names(p: _Planner, f: Finding) -> list[Repair]:
     return [Repair(f.cause, name, f"{name} -> {rename(name)}") for name in renamed]
 
 
+def _fix_marker_tensor(p: _Planner, f: Finding) -> list[Repair]:
+    """NV110: a placeholder or format-less comfy_quant tensor. Rebuilt from the layer's own tensors when they prove
+    one format (the conf's other keys kept); removed from a layer whose weight is not quantized."""
+    layer = p.layer(f)
+    entry = p.entry(layer, "comfy_quant")
+    if not f.evidence.get("quantized"):
+        p.drop(entry.name)
+        if p.quant_layers is not None and p.quant_layers.pop(layer.name, None) is not None:
+            p.metadata_added = True
+        return [Repair(f.cause, layer.name, f"placeholder comfy_quant ({f.evidence['defect']}) removed: "
+                                            "the weight is not quantized")]
+    conf = remedies.marker_for(layer.dtype("weight") or "", set(layer.tensors), layer.shape("weight") or (),
+                               layer.shape("weight_scale"))
+    if conf is None:
+        raise NotFixable("the layer's tensors do not prove one quantized format")
+    kept = (p.model.file_markers.get("marker_confs") or {}).get(layer.name, {}).get("tensor") or {}
+    conf = {**kept, **conf}  # a format-less conf keeps its other keys (full_precision_matrix_mult ...)
+    value = remedies.marker_tensor(conf)
+    entry.source, entry.value, entry.shape, entry.transforms = None, value, tuple(value.shape), []
+    if p.quant_layers is not None and layer.name in p.quant_layers:
+        p.quant_layers[layer.name] = conf
+        p.metadata_added = True
+    return [Repair(f.cause, layer.name, f"comfy_quant ({f.evidence['defect']}) rebuilt as {json.dumps(conf)}")]
+
+
+def _fix_double_braces(p: _Planner, f: Finding) -> list[Repair]:
+    """NV111: the metadata inside the double braces becomes the entry (layers renamed by no one)."""
+    recovered = p.model.file_markers.get("quantization_metadata_recovered")
+    if not recovered:
+        raise NotFixable("the text inside the braces is not quantization metadata either")
+    p.quant_layers = dict(recovered["layers"])
+    p.metadata_added = True
+    return [Repair(f.cause, None, f"_quantization_metadata unwrapped from double braces "
+                                  f"({len(p.quant_layers)} layer(s))")]
+
+
+def _fix_invalid_marker(p: _Planner, f: Finding) -> list[Repair]:
+    if f.evidence.get("defect") in ("empty", "all-zero", "no-format"):
+        return _fix_marker_tensor(p, f)
+    if f.evidence.get("defect") == "double-braces":
+        return _fix_double_braces(p, f)
+    return _fix_metadata_names(p, f)
+
+
 HANDLERS: dict[str, Callable[[_Planner, Finding], list[Repair]]] = {
     "scale-layout-linear": _fix_scale_layout,
     "nibble-order": _fix_nibbles,
@@ -361,7 +407,7 @@ HANDLERS: dict[str, Callable[[_Planner, Finding], list[Repair]]] = {
     "input-scale-implausible": _fix_input_scale,
     "wrong-dtype": _fix_dtype,
     "missing-quant-marker": _fix_marker,
-    "invalid-quant-marker": _fix_metadata_names,
+    "invalid-quant-marker": _fix_invalid_marker,
     "diffusers-key-names": _fix_key_names,
 }
 

@@ -25,6 +25,8 @@ class CheckpointModel:
     """A checkpoint seen as Layers. `file_markers` holds what is not a layer:
     container (reader kind: "safetensors" | "sharded" | "gguf"), scaled_fp8 (TensorInfo or None),
     quantization_metadata (parsed dict or None), quantization_metadata_error (str or None),
+    quantization_metadata_recovered (the metadata inside a double-braced header entry, or None),
+    marker_placeholders (layer name -> "empty" / "all-zero": comfy_quant tensors with no JSON at all),
     metadata_unmatched (layer names the header metadata names but the file lacks), index_timestep_zero (bool),
     config (the diffusers config.json beside the weights, parsed, or None),
     marker_confs (layer name -> {"tensor": conf, "metadata": conf}: each source's conf as read, because
@@ -82,20 +84,37 @@ def decode_marker_bytes(raw: bytes) -> dict[str, Any]:
     return check_conf(conf)
 
 
-def _read_tensor_marker(reader: CheckpointReader, layer: Layer) -> None:
+def marker_placeholder(raw: bytes) -> str | None:
+    """The placeholder kind of a comfy_quant payload published files carry instead of JSON, or None: "empty" (a
+    0-element tensor, Comfy-Org/ComfyUI#16472) or "all-zero" (NUL bytes where the JSON should be, #15567)."""
+    if not raw:
+        return "empty"
+    if not raw.strip(b"\x00"):
+        return "all-zero"
+    return None
+
+
+def _read_tensor_marker(reader: CheckpointReader, layer: Layer) -> str | None:
+    """Read a layer's comfy_quant tensor into Layer.marker / marker_error; returns its placeholder kind, if any."""
     info = layer.tensors["comfy_quant"]
     if info.dtype != "U8":
         layer.marker_error = f"comfy_quant is {info.dtype}, ComfyUI reads it as U8 JSON bytes"
-        return
+        return None
     if info.nbytes > MAX_MARKER_BYTES:
         layer.marker_error = f"comfy_quant is {info.nbytes} bytes, far larger than any JSON marker"
-        return
+        return None
     raw = reader.read_bytes(info.name)  # raw bytes, not a tensor: building a model from headers needs no torch
+    placeholder = marker_placeholder(raw)
+    if placeholder is not None:
+        what = "an empty tensor" if placeholder == "empty" else f"{len(raw)} zero bytes"
+        layer.marker_error = f"comfy_quant is {what}, not JSON"
+        return placeholder
     try:
         layer.marker = decode_marker_bytes(raw)
         layer.marker_source = "tensor"
     except ValueError as exc:
         layer.marker_error = f"comfy_quant {exc}"
+    return None
 
 
 def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
@@ -113,6 +132,22 @@ def parse_quant_metadata(metadata: dict[str, Any]) -> tuple[dict[str, Any] | Non
     if not isinstance(parsed, dict) or not isinstance(parsed.get("layers"), dict):
         return None, f'{QUANT_METADATA_KEY} has no "layers" object'
     return parsed, None
+
+
+def recover_double_braces(raw: object) -> dict[str, Any] | None:
+    """The metadata a `_quantization_metadata` string wrapped in double braces holds, or None. Seen in published
+    files: the outer pair doubled ({{"format_version": ...}}) or every brace doubled, as an unformatted template
+    with escaped braces leaves them. Accepted only when the undoubled text is metadata ComfyUI reads."""
+    if not isinstance(raw, str) or not raw.strip().startswith("{{"):
+        return None
+    text = raw.strip()
+    for candidate in (text[1:-1] if text.endswith("}}") else None, text.replace("{{", "{").replace("}}", "}")):
+        if candidate is None:
+            continue
+        parsed, error = parse_quant_metadata({QUANT_METADATA_KEY: candidate})
+        if error is None and parsed is not None:
+            return parsed
+    return None
 
 
 def _apply_metadata_markers(
@@ -177,15 +212,21 @@ def build_model(reader: CheckpointReader) -> CheckpointModel:
     conflict = models.config_conflict(detection, config) if config is not None else None
     if conflict is not None:  # the variant would be read off a config that is not these weights'
         raise InputError(f"{conflict}: the config.json beside the weights must be theirs", str(reader.path))
+    placeholders: dict[str, str] = {}
     for layer in layers.values():
-        if layer.has("comfy_quant"):
-            _read_tensor_marker(reader, layer)
+        if layer.has("comfy_quant") and (kind := _read_tensor_marker(reader, layer)) is not None:
+            placeholders[layer.name] = kind
+    file_markers["marker_placeholders"] = placeholders
     # Recorded before metadata is merged in: afterwards Layer.marker no longer says which source a conf came from.
     confs = {name: {"tensor": layer.marker} for name, layer in layers.items() if layer.marker is not None}
     file_markers["marker_confs"] = confs
     parsed, error = parse_quant_metadata(reader.metadata)
     file_markers["quantization_metadata"] = parsed
     file_markers["quantization_metadata_error"] = error
+    # what the JSON inside double braces says, for the rule that names the defect and the fix that unwraps it
+    file_markers["quantization_metadata_recovered"] = (
+        recover_double_braces(reader.metadata.get(QUANT_METADATA_KEY)) if error is not None else None
+    )
     file_markers["metadata_unmatched"] = (
         _apply_metadata_markers(layers, parsed, detection.prefix, confs) if parsed is not None else []
     )

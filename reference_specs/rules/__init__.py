@@ -15,7 +15,12 @@ from reference_specs.rules.architecture import (
 from reference_specs.rules.base import ModelView, Rule, RuleContext
 from reference_specs.rules.compute_markers import FullPrecisionMmFlag
 from reference_specs.rules.dtypes import WrongDtype
-from reference_specs.rules.markers import InvalidQuantMarker, MissingQuantMarker
+from reference_specs.rules.markers import (
+    BrokenMarkerTensor,
+    DoubleBracedMetadata,
+    InvalidQuantMarker,
+    MissingQuantMarker,
+)
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
 from reference_specs.rules.scale_values import InputScaleImplausible, NonFiniteScale, Scale2Reciprocal
 from reference_specs.rules.scales_present import MissingBlockScale, MissingLegacyScale, MissingTensorScale
@@ -28,6 +33,8 @@ RULES: list[Rule] = [
     MissingTensorScale(),
     MissingQuantMarker(),
     InvalidQuantMarker(),
+    BrokenMarkerTensor(),
+    DoubleBracedMetadata(),
     WrongDtype(),
     WrongShape(),
     TransposedWeight(),
