@@ -57,6 +57,20 @@ def e2m1_decode(codes: torch.Tensor) -> torch.Tensor:
     return lut[codes.long()]
 
 
+def decode_packed(packed: torch.Tensor, high_first: bool = True) -> torch.Tensor:
+    """[r, c/2] packed bytes -> [r, c] float32 E2M1 values: the same as e2m1_decode(unpack_nibbles(packed)), through
+    one 256-entry table of value pairs (a byte's two nibbles at once), so a large layer decodes without per-nibble
+    temporaries or 64-bit indices."""
+    import torch
+
+    values = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=packed.device)
+    hi, lo = values.repeat_interleave(16), values.repeat(16)  # byte b: high nibble b >> 4, low nibble b & 15
+    table = torch.stack((hi, lo) if high_first else (lo, hi), dim=-1)  # [256, 2]
+    rows, half = packed.shape
+    pairs = torch.index_select(table, 0, packed.reshape(-1).to(torch.int32))
+    return pairs.reshape(rows, half * 2)
+
+
 def pack_nibbles(codes: torch.Tensor, high_first: bool = True) -> torch.Tensor:
     """[r, c] codes -> [r, c/2] bytes. ComfyUI's convention (high_first) puts element 2k in the high nibble."""
     even, odd = codes[:, 0::2], codes[:, 1::2]
@@ -292,14 +306,13 @@ class NVFP4(Format):
         import torch
 
         packed = tensors["weight"].view(torch.uint8) if tensors["weight"].dtype != torch.uint8 else tensors["weight"]
-        codes = unpack_nibbles(packed)
         scales = tensors["weight_scale"]
         if scales.dtype == torch.uint8:
             scales = scales.view(torch.float8_e4m3fn)
         linear = unswizzle(scales).to(torch.float32)
-        rows, cols = codes.shape
+        rows, cols = packed.shape[0], packed.shape[1] * 2
         scale_2 = tensors["weight_scale_2"].to(torch.float32).reshape(())
         # per-tensor times block scale first, then the code value: the same float32 rounding as ComfyUI's decoder
         total = (scale_2 * linear[:rows, : cols // BLOCK]).unsqueeze(-1)
-        weight = (e2m1_decode(codes).reshape(rows, cols // BLOCK, BLOCK) * total).reshape(rows, cols)
+        weight = decode_packed(packed).reshape(rows, cols // BLOCK, BLOCK).mul_(total).reshape(rows, cols)
         return weight[: shape[0], : shape[1]]
