@@ -9,6 +9,7 @@ Facts (shared/research/comfyui-load-path.md, Q6; comfy-kitchen tensor/nvfp4.py, 
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import Format, RoleSpec, source_dtype
@@ -85,12 +86,29 @@ def unpack_nibbles(packed: torch.Tensor, high_first: bool = True) -> torch.Tenso
     return torch.stack((first, second), dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
 
 
+# Index tables up to this many entries are kept (row tiles of a layer, probed once per layer and re-reading); larger
+# ones (a whole 14B layer's scales: 140 MB of int64) are built each time.
+CACHED_INDEX_ENTRIES = 1 << 17
+
+
 def swizzle_index(rows: int, cols: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Flat position in the swizzled buffer of every (r, c) of a padded [rows, cols] scale matrix.
+    """Flat position in the swizzled buffer of every (r, c) of a padded [rows, cols] scale matrix (do not modify
+    the result: small tables are shared).
 
     cuBLAS block-scale layout (cuBLAS docs, "1D block scaling factors layout"): 128x4 tiles stored one after the
     other, row-major over tiles; inside a tile, row r = 32*a + b and column c go to offset b*16 + a*4 + c.
     """
+    if rows * cols <= CACHED_INDEX_ENTRIES:
+        return _small_swizzle_index(rows, cols, str(device))
+    return _swizzle_index(rows, cols, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _small_swizzle_index(rows: int, cols: int, device: str) -> torch.Tensor:
+    return _swizzle_index(rows, cols, device)
+
+
+def _swizzle_index(rows: int, cols: int, device: torch.device | str) -> torch.Tensor:
     import torch
 
     r = torch.arange(rows, device=device).view(-1, 1)
