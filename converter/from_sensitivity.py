@@ -31,6 +31,7 @@ from typing import Any
 
 from converter.preset import Preset, Rule, builtin_names, dumps_preset, load_builtin, load_preset, loads_preset
 from inspect_tools.errors import InputError, UsageError
+from inspect_tools.safety import read_at_most
 
 REPORT_KIND = "nvdiag-sensitivity"
 REPORT_VERSION = 1
@@ -174,13 +175,8 @@ def load_report(path: str | Path) -> SensitivityReport:
         raise InputError("is a folder, not a report file", str(path))
     if not path.is_file():
         raise InputError("is not a regular file", str(path))
-    try:
-        with path.open("rb") as fh:
-            raw = fh.read(MAX_REPORT_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
-    if len(raw) > MAX_REPORT_BYTES:
-        raise _fail(path, f"larger than {MAX_REPORT_BYTES} bytes, far more than any model's report")
+    raw = read_at_most(path, MAX_REPORT_BYTES, f"not a usable sensitivity report: larger than {MAX_REPORT_BYTES} "
+                       "bytes, far more than any model's report")
     try:
         data = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

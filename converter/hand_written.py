@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from inspect_tools.errors import InputError
+from inspect_tools.safety import read_at_most
 
 # A preset is a few kilobytes (the built-ins are under 3 KB; `preset from-gguf` writes one rule per block-generalized
 # layer name: tens of kilobytes for a 14B model). 1 MiB is far past any real preset; tomllib, pure Python, takes
@@ -33,17 +33,9 @@ _LITERAL_STRING = re.compile(r"'[^'\n]*'")
 
 
 def read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of `path`, refused (InputError naming the file) past `limit`; reads at most limit + 1 bytes, so a
-    file that grows while read, or a device that reports size 0, cannot make it hold more."""
-    try:
-        with path.open("rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read the {what}: {exc.strerror or exc}", str(path)) from None
-    if len(data) > limit:
-        size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
-        raise InputError(f"the {what} is larger than {size}; a hand-written {what} is far smaller", str(path))
-    return data
+    """The bytes of the hand-written `what` at `path`, refused (InputError naming the file) past `limit`."""
+    size = f"{limit // 2**20} MiB" if limit >= 2**20 else f"{limit} bytes"
+    return read_at_most(path, limit, f"the {what} is larger than {size}; a hand-written {what} is far smaller", what)
 
 
 def toml_nesting_depth(text: str, stop_at: int = MAX_TOML_DEPTH + 1) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers.bounded_json import loads_bounded
+from inspect_tools.safety import read_at_most
 
 CONFIG_NAME = "config.json"
 # A diffusers transformer config is a few dozen keys (under 2 KB); 1 MiB is far beyond any real one.
@@ -30,13 +31,7 @@ def read_config_beside(weights: str | Path) -> dict[str, Any] | None:
     path = config_path(Path(weights))
     if not path.is_file():
         return None
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise InputError(f"cannot read: {exc.strerror or exc}", str(path)) from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise InputError(f"larger than {MAX_CONFIG_BYTES >> 10} KiB: not a model config", str(path))
+    raw = read_at_most(path, MAX_CONFIG_BYTES, f"larger than {MAX_CONFIG_BYTES >> 10} KiB: not a model config")
     try:
         config = loads_bounded(raw)
     except UnicodeDecodeError:

@@ -95,3 +95,17 @@ def check_input_file(path: Path) -> bytes:
     head = read_head(path)
     refuse_pickle(path, head)
     return head
+
+
+def read_at_most(path: Path, limit: int, too_large: str, what: str = "") -> bytes:
+    """The bytes of a small file the user hands over (a preset, a report, a config), refused with InputError naming
+    the file past `limit` bytes (`too_large` says why). Reads at most limit + 1 bytes, so a file that grows while
+    read, or a device that reports size 0, cannot make it hold more. what: named in the read-error line."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise InputError(f"cannot read{' the ' + what if what else ''}: {exc.strerror or exc}", str(path)) from None
+    if len(data) > limit:
+        raise InputError(too_large, str(path))
+    return data
