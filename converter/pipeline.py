@@ -35,7 +35,7 @@ from converter.plan import (
     comfy_quant_bytes,
     quantization_metadata,
 )
-from converter.preset import Preset, load_preset
+from converter.preset import Preset, canonical_format, load_preset
 from converter.stages import Stages
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
@@ -223,8 +223,9 @@ def resolve_preset(preset: Preset | str | Path) -> Preset:
 def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None = None,
             input_scales: str | Path | None = None):
     """Open the source and build the plan (shared by convert and --dry-run)."""
+    dtype_16 = None if dtype_16 is None else canonical_format(dtype_16)
     if dtype_16 not in (None, "bf16", "fp16"):
-        raise UsageError(f"--dtype-16 must be bf16 or fp16, not {dtype_16!r}")
+        raise UsageError(f"--dtype-16 must be bf16 or fp16 (f16), not {dtype_16!r}")
     preset = resolve_preset(preset)
     model = open_model(src)
     try:

@@ -21,7 +21,8 @@ is TOML (stdlib tomllib):
     min_dim = 1024
 
 Formats: nvfp4 | nvfp4-w4a16 | fp8 | fp8-w8a16 | keep (source precision) | bf16 | fp16 (16-bit; `--dtype-16`
-may override; under the built-in presets a 16-bit source keeps its own 16-bit type) | f32.
+may override; under the built-in presets a 16-bit source keeps its own 16-bit type) | f32. Case does not matter,
+and f16/float16 read as fp16, fp32/float32 as f32, bfloat16 as bf16; output names the dtypes as inspect does (F16).
 `bias = "keep" | "bf16" | "fp16" | "f32"` on a rule gives the layer's bias its own precision (a GGUF file stores
 biases F32 beside 16-bit weights, and `preset from-gguf` says so); without it the bias follows the layer's format
 (a quantized layer's bias keeps its source precision).
@@ -89,6 +90,21 @@ FULL_PRECISION_KEY = "full_precision_matrix_mult"  # the rule key, spelled as in
 _FULL_PRECISION_DECISION = {"nvfp4": "nvfp4-w4a16", "fp8": "fp8-w8a16"}
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 CONDITIONS = ("linear", "in_blocks", "sensitive", "ndim", "min_dim", "divisible_by", "max_numel")
+# Spellings of the float precisions users bring from other tools (GGUF's F16/F32, safetensors' dtype names, torch's
+# float16): each reads as the preset word; output always shows the dtype names inspect prints (F32, F16, BF16).
+FLOAT_SPELLINGS = {"f16": "fp16", "float16": "fp16", "half": "fp16", "fp32": "f32", "float32": "f32",
+                   "float": "f32", "bfloat16": "bf16"}
+
+
+def canonical_format(name: Any) -> Any:
+    """A format as written in a preset or on the command line -> the preset word (case-insensitive, with the
+    spellings of FLOAT_SPELLINGS); anything that is not a string is returned unchanged for the caller to refuse."""
+    if not isinstance(name, str):
+        return name
+    low = name.strip().lower()
+    return FLOAT_SPELLINGS.get(low, low)
+
+
 BIAS_FORMATS = ("keep", "bf16", "fp16", "f32")  # a rule's `bias` key: the precisions a kept tensor may have
 _BOOL_CONDITIONS = ("linear", "in_blocks", "sensitive")
 _TOP_KEYS = ("name", "description", "default", "architectures", "rules")
@@ -224,7 +240,7 @@ def describe_decision(decision: str) -> str:
     """What a decision means at run time, for `preset show/explain` and `convert --dry-run`."""
     codec = codec_of(decision)
     if codec is None:
-        return {"keep": "source precision", "bf16": "BF16", "fp16": "FP16", "f32": "F32"}.get(decision, decision)
+        return {"keep": "source precision", "bf16": "BF16", "fp16": "F16", "f32": "F32"}.get(decision, decision)
     if full_precision_mm(decision):
         return ("NVFP4 weights, full-precision matmul on every GPU, Blackwell included (W4A16)" if codec == "nvfp4"
                 else "FP8 weights, full-precision matmul on every GPU (W8A16)")
@@ -297,14 +313,15 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
     unknown = set(raw) - {"match", "regex", "format", "reason", "bias", FULL_PRECISION_KEY, *CONDITIONS}
     if unknown:
         raise UsageError(f"rule {index}: unknown key(s) {_keys(unknown)}", where)
-    fmt = raw.get("format")
+    fmt = canonical_format(raw.get("format"))
+    bias = canonical_format(raw.get("bias"))
     if fmt not in FORMATS:
         raise UsageError(f"rule {index}: unknown format {_shown(fmt)}; use one of {', '.join(FORMATS)}", where)
     if FULL_PRECISION_KEY in raw:
         fmt = _with_full_precision(fmt, raw[FULL_PRECISION_KEY], index, where)
     if "match" in raw and "regex" in raw:
         raise UsageError(f"rule {index}: give either match (glob) or regex, not both", where)
-    if "bias" in raw and raw["bias"] not in BIAS_FORMATS:
+    if "bias" in raw and bias not in BIAS_FORMATS:
         raise UsageError(f"rule {index}: unknown bias format {_shown(raw['bias'])}; use one of "
                          f"{', '.join(BIAS_FORMATS)}", where)
     for key in ("match", "regex", "reason"):
@@ -331,7 +348,7 @@ def _check_rule(raw: Any, index: int, where: str) -> Rule:
         conditions[key] = value
     return Rule(
         format=fmt, match=raw.get("match"), regex=raw.get("regex"), conditions=conditions,
-        reason=raw.get("reason", ""), index=index, bias=raw.get("bias"),
+        reason=raw.get("reason", ""), index=index, bias=bias,
     )
 
 
@@ -355,7 +372,7 @@ def parse_preset(data: dict[str, Any], where: str, name: str | None = None) -> P
     unknown = set(data) - set(_TOP_KEYS)
     if unknown:
         raise UsageError(f"unknown key(s) {_keys(unknown)}; expected {', '.join(_TOP_KEYS)}", where)
-    default = data.get("default", "keep")
+    default = canonical_format(data.get("default", "keep"))
     if default not in FORMATS or default in QUANT_FORMATS:
         raise UsageError(f"default must be one of keep, bf16, fp16, f32 (got {_shown(default)})", where)
     rules_raw = data.get("rules", [])

@@ -13,6 +13,7 @@ from converter.from_gguf import gguf_action, preset_from_gguf
 from converter.preset import (
     LayerView,
     builtin_names,
+    describe_decision,
     dumps_preset,
     load_builtin,
     load_preset,
@@ -249,3 +250,27 @@ def test_a_preset_file_past_the_size_limit_is_refused_unread(tmp_path, monkeypat
     path.write_text("# " + "x" * 100 + "\n")
     with pytest.raises(InputError, match="larger than"):
         load_preset(str(path))
+
+
+@pytest.mark.parametrize(("written", "meant"), [("F16", "fp16"), ("float16", "fp16"), ("f16", "fp16"),
+                                                ("FP32", "f32"), ("float32", "f32"), ("BF16", "bf16"),
+                                                ("NVFP4", "nvfp4")])
+def test_precisions_read_in_the_spellings_other_tools_use(written: str, meant: str) -> None:
+    """GGUF says F16, safetensors F16, torch float16, the preset fp16: a user may write any of them."""
+    default = written if meant != "nvfp4" else "F32"
+    text = f'default = "{default}"\n[[rules]]\nmatch = "*"\nformat = "{written}"\nbias = "F32"\n'
+    preset = loads_preset(text.encode(), "mine.toml")
+    assert preset.rules[0].format == meant and preset.rules[0].bias == "f32"
+    assert preset.default == (meant if meant != "nvfp4" else "f32")
+
+
+def test_output_names_16_bit_as_the_dtype_inspect_prints() -> None:
+    assert describe_decision("fp16") == "F16" and describe_decision("f32") == "F32"
+
+
+def test_dtype_16_takes_f16_too(tmp_path) -> None:
+    src = write_float(tmp_path / "src.safetensors", "wan2.2-ti2v-5b")
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), "--preset", "smart", "--dtype-16", "F16",
+                 "--dry-run"]) == 0
+    assert main(["convert", str(src), str(tmp_path / "out.safetensors"), "--preset", "smart", "--dtype-16", "f8",
+                 "--dry-run"]) == 2

@@ -134,7 +134,7 @@ def convert_cmd(
                                "two-expert model the name of both: OUT_high_noise.safetensors, OUT_low_noise...."),
     preset: list[str] = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a "
                                      ".toml; twice for a two-expert model: high-noise expert's, then low-noise's"),
-    dtype_16: str | None = typer.Option(None, "--dtype-16", help="bf16 or fp16 for kept 16-bit layers"),
+    dtype_16: str | None = typer.Option(None, "--dtype-16", help="bf16 or fp16 (f16) for kept 16-bit layers"),
     input_scales: Path | None = typer.Option(None, "--input-scales", readable=False,
                                              help="calibrated input scales: JSON {layer: value} or a checkpoint"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the per-layer plan and output size, write nothing"),
