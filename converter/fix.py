@@ -501,7 +501,6 @@ class FixResult:
     dry_run: bool = False
     written: bool = False
     gate_findings: list[Finding] = field(default_factory=list)
-    gate_ran: bool = False
     against: bool = False  # a reference was given: value-level causes were looked for too
 
     @property
@@ -649,5 +648,4 @@ def fix_checkpoint(broken: str | Path, out: str | Path, *, against: str | Path |
             return findings, ran
 
         result.written, result.gate_findings = write_fixed(plan, model, out, nvdiag_version(), gate, overwrite=force)
-        result.gate_ran = True
     return result

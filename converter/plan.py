@@ -8,6 +8,7 @@ preset's decision, the output format, and the ComfyUI-native names, dtypes and s
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -23,7 +24,7 @@ from converter.preset import (
 from inspect_tools.errors import InputError, UsageError
 from reference_specs import models
 from reference_specs.formats.nvfp4 import block_scale_shape, packed_shape
-from reference_specs.layer import Layer
+from reference_specs.layer import QUANT_METADATA_KEY, Layer
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SIXTEEN_BIT = ("F16", "BF16")
@@ -34,7 +35,6 @@ DTYPE_16 = {"bf16": "BF16", "fp16": "F16"}
 COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
               "I64": 8, "U32": 4, "I16": 2, "U16": 2, "BOOL": 1, "U64": 8}
-QUANT_METADATA_KEY = "_quantization_metadata"
 PROVENANCE_KEY = "nvdiag"
 # File-level marker tensors carried over verbatim (the Qwen edit 2511 marker is how ComfyUI detects that variant).
 PASSTHROUGH_MARKERS = ("__index_timestep_zero__",)
@@ -42,10 +42,7 @@ DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
 
 
 def nbytes_of(dtype: str, shape: tuple[int, ...]) -> int:
-    n = DTYPE_SIZE[dtype]
-    for d in shape:
-        n *= d
-    return n
+    return DTYPE_SIZE[dtype] * math.prod(shape)
 
 
 def quant_conf(action: str) -> dict[str, Any]:

@@ -12,10 +12,9 @@ from inspect_tools.model_config import read_config_beside
 from inspect_tools.readers import CheckpointReader, open_checkpoint
 from inspect_tools.readers.bounded_json import loads_bounded
 from reference_specs import formats, models
-from reference_specs.layer import FILE_MARKER_KEYS, Layer, split_key
+from reference_specs.layer import FILE_MARKER_KEYS, QUANT_METADATA_KEY, Layer, split_key
 from reference_specs.models import Detection
 
-QUANT_METADATA_KEY = "_quantization_metadata"
 # comfy_quant markers are tiny JSON; a bigger one is hostile or broken and is not read into memory.
 MAX_MARKER_BYTES = 64 * 1024
 

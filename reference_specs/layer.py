@@ -14,6 +14,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # header-only commands never load tensors: importing torch (~1 s) is left to the code that does
     import torch
 
+# The header metadata entry ComfyUI reads per-layer quantization confs from (comfy/utils.py convert_old_quants).
+QUANT_METADATA_KEY = "_quantization_metadata"
+
 # Suffixes that name a tensor's role inside its layer. Longest first so "weight_scale_2" wins over "weight".
 ROLE_SUFFIXES: tuple[str, ...] = (
     "weight_scale_2",
@@ -103,7 +106,3 @@ class Layer:
     def is_quantized(self) -> bool:
         """What the format registry says about this layer's format (lossy encodings such as nvfp4, fp8, Q4_0)."""
         return _registry().is_quantized(self.format)
-
-    @property
-    def key_names(self) -> list[str]:
-        return [t.name for t in self.tensors.values()]

@@ -119,10 +119,6 @@ class ShardedReader(CheckpointReader):
             if name not in self._shards[shard_path]:
                 raise _fail(index_path, f"tensor {name!r} is not in its shard {shard_path.name}")
 
-    @property
-    def shard_files(self) -> list[Path]:
-        return list(self._shards)
-
     def load(self, name: str) -> torch.Tensor:
         if name not in self._owner:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")

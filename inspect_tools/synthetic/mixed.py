@@ -14,10 +14,10 @@ import torch
 
 from inspect_tools.synthetic.state_dicts import rename
 from reference_specs.formats.base import Format
+from reference_specs.layer import QUANT_METADATA_KEY
 from reference_specs.models import ArchitectureProfile
 
 MARKER_MODES = ("tensor", "metadata", "both", "none")
-QUANT_METADATA_KEY = "_quantization_metadata"
 
 
 def marker_tensor(conf: dict[str, Any]) -> torch.Tensor:

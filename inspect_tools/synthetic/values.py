@@ -9,6 +9,7 @@ other tensors are generated, on the order, or on the naming scheme it is written
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Callable
 
@@ -89,7 +90,5 @@ def tensor_value(name: str, shape: tuple[int, ...], seed: int = 0, statistic: st
         return 1.0 + 0.05 * torch.randn(shape, generator=gen)  # norm weights / scales
     if len(shape) == 3:  # WAN modulation parameters [1, k, dim], initialised as randn / sqrt(dim)
         return torch.randn(shape, generator=gen) / shape[-1] ** 0.5
-    fan_in = 1
-    for d in shape[1:]:
-        fan_in *= d
+    fan_in = math.prod(shape[1:])
     return torch.randn(shape, generator=gen) / fan_in**0.5  # convolutions (patch embedding)

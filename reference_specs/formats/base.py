@@ -6,6 +6,7 @@ lint, roundtrip, convert, diff) only ever go through the registry, so they never
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,13 +60,6 @@ class RoleSpec:
 MISSING_ROLE_CAUSES = {"weight_scale": "missing-block-scale", "weight_scale_2": "missing-tensor-scale"}
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 class Format:
     """Base class of every storage format of a Linear weight.
 
@@ -103,7 +97,7 @@ class Format:
                 if spec.required:
                     return MISSING_ROLE_CAUSES.get(role, "wrong-shape"), f"no {role} tensor"
                 continue
-            if spec.scalar and _numel(shape) != 1:
+            if spec.scalar and math.prod(shape) != 1:
                 return "wrong-shape", f"{role} has shape {list(shape)}, a scalar has one element"
         return None
 

@@ -12,6 +12,7 @@ Facts (shared/research/comfyui-load-path.md, Q2 and Misc; comfy-kitchen tensor/f
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import Format, RoleSpec, TorchDtype, source_dtype
@@ -112,10 +113,7 @@ def is_scalar(layer: Layer, role: str) -> bool:
     shape = layer.shape(role)
     if shape is None:
         return False
-    n = 1
-    for d in shape:
-        n *= d
-    return n == 1
+    return math.prod(shape) == 1
 
 
 class _ComfyFP8(Format):

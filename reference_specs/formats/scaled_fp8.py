@@ -23,16 +23,6 @@ if TYPE_CHECKING:
 MARKER_KEY = "scaled_fp8"
 
 
-def marker_fp8_dtype(file_markers: dict[str, Any]) -> torch.dtype:
-    """The FP8 variant a legacy file declares through its marker tensor's dtype (E4M3 unless it says E5M2)."""
-    import torch
-
-    marker = file_markers.get(MARKER_KEY)
-    dtype = getattr(marker, "dtype", None)
-    name = F8_DTYPE_NAMES.get(dtype, "float8_e4m3fn") if isinstance(dtype, str) else "float8_e4m3fn"
-    return getattr(torch, name)
-
-
 class ScaledFP8(Format):
     slug: ClassVar[str] = "scaled_fp8"
     comfy_format: ClassVar[str | None] = None  # no comfy_quant marker: ComfyUI converts it to float8_e4m3fn on load

@@ -7,6 +7,7 @@ it) and read tensor values only through `Layer.load`, which inspect_tools wires 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,10 +119,7 @@ class RuleContext:
 
 
 def numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return math.prod(shape)
 
 
 class Rule:
