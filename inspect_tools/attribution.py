@@ -217,17 +217,6 @@ def decisive_rereading(fmt: Format, tensors: Tensors, reference: torch.Tensor,
     return Attribution(cause=best[0], errors=errors, together_with=best[1:])
 
 
-def nvfp4_refit_scales(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
-    """The per-block scale [rows, cols/16] that best fits `reference` with the stored codes (least squares)."""
-    values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
-    rows, cols = values.shape
-    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
-    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
-    num = (blocks * ref).sum(-1)
-    den = (blocks * blocks).sum(-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-
-
 def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
     """Decode the stored codes with the per-block scale that best fits `reference` (least squares).
 
@@ -235,8 +224,12 @@ def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor
     """
     values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
     rows, cols = values.shape
-    scale = nvfp4_refit_scales(tensors, reference)
-    fitted = (values.reshape(rows, cols // BLOCK, BLOCK) * scale.unsqueeze(-1)).reshape(rows, cols)
+    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
+    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
+    num = (blocks * ref).sum(-1)
+    den = (blocks * blocks).sum(-1)
+    scale = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    fitted = (blocks * scale.unsqueeze(-1)).reshape(rows, cols)
     return fitted[: reference.shape[0], : reference.shape[1]]
 
 

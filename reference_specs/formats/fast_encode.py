@@ -174,15 +174,6 @@ def fp8_scale(
     return fp8_encoding_scale(_abs_max(weight, chunk), weight.dtype, dtype)
 
 
-def default_scale(slug: str, amax: torch.Tensor | float, source: torch.dtype | str) -> torch.Tensor:
-    """The per-tensor scale the encoders write by default for a source weight of this amax and dtype (torch dtype or
-    safetensors name), by format slug ("nvfp4", "float8_e4m3fn", "float8_e5m2"): what a checker of a written file
-    should expect, without encoding anything."""
-    if slug == "nvfp4":
-        return encoding_scale_from_amax(amax, source)
-    return fp8_encoding_scale(amax, source, getattr(torch, slug))
-
-
 def encode_fp8(
     weight: torch.Tensor,
     scale: torch.Tensor | None = None,
