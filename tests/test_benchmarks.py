@@ -1,0 +1,50 @@
+"""The benchmark helpers measure what they say: the parallel reference writer gives write_float's tensors, a child's
+peak RSS is its own, and a job past its deadline is cut short, not waited for."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from benchmarks import verify as bench
+from inspect_tools.synthetic import write_float
+
+TINY = {"dim": 256, "ffn": 512, "blocks": 2, "heads": 2, "text_dim": 64, "freq_dim": 32}
+
+
+def test_parallel_reference_holds_the_tensors_write_float_writes(tmp_path):
+    expected = load_file(write_float(tmp_path / "float.safetensors", "wan2.2-t2v-a14b", dims=TINY,
+                                     dtype=torch.bfloat16))
+    got = load_file(bench.write_reference(tmp_path / "parallel.safetensors", "wan2.2-t2v-a14b", TINY, workers=2))
+
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], tensor), key
+
+
+def test_a_childs_peak_rss_is_its_own_and_counts_what_it_touched():
+    # 300 MB written page by page (bytearray zero-fills): resident, whatever the allocator does
+    r = bench.run_child([sys.executable, "-c", "b = bytearray(300 * 2**20); print(len(b))"])
+
+    assert r["returncode"] == 0 and r["stdout"].strip() == str(300 * 2**20)
+    assert 300 <= r["peak_rss_mb"] < 600
+    assert r["peak_gpu_mb"] is None and not r["cut_short"]
+
+
+def test_a_job_past_its_deadline_is_cut_short():
+    started = time.perf_counter()
+    r = bench.run_child([sys.executable, "-c", "import time; time.sleep(60)"], limit_s=0.5)
+
+    assert r["cut_short"] and r["returncode"] != 0
+    assert time.perf_counter() - started < 10
+
+
+def test_a_traceback_is_a_failure_and_findings_with_a_document_are_not():
+    traceback = {"returncode": 1, "stdout": "", "stderr": "Traceback ..."}
+    findings = {"returncode": 1, "stdout": '{"summary": {}}', "stderr": ""}
+
+    assert bench.failure(traceback, (0, 1), json_out=True) is not None
+    assert bench.failure(findings, (0, 1), json_out=True) is None
