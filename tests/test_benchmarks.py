@@ -48,3 +48,11 @@ def test_a_traceback_is_a_failure_and_findings_with_a_document_are_not():
 
     assert bench.failure(traceback, (0, 1), json_out=True) is not None
     assert bench.failure(findings, (0, 1), json_out=True) is None
+
+
+def test_the_sensitivity_summary_reads_an_infinite_risk_as_nvdiag_spells_it():
+    # print_json writes non-finite floats as strings (JSON has no Infinity): a layer with no W4A16 error at all
+    doc = {"layers": [{"layer": "blocks.0.ffn.0", "risk": "inf"}, {"layer": "blocks.0.ffn.2", "risk": 1.4}],
+           "pieces": 1}
+
+    assert bench.sensitivity_summary(doc).startswith("2 layers measured, 1 with risk > 2 (1 of them inf)")
