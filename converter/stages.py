@@ -25,6 +25,7 @@ from converter.encode import TORCH_DTYPE, cast, finite_check
 from converter.gpu_io import ChunkedReader, PinnedArena
 from converter.plan import ConversionPlan, LayerPlan
 from inspect_tools.errors import InputError
+from inspect_tools.readers.base import read_range
 from inspect_tools.readers.safetensors_dtypes import DTYPES
 
 # Tensors below this size are allocated fresh: pooling them saves nothing measurable.
@@ -206,19 +207,10 @@ class BufferPool:
             self._arena.close()
 
 
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise InputError("file is shorter than its header says (changed or truncated while open)", str(path))
-        done += got
-
-
 class SourceStream:
-    """Source tensors read straight into pool buffers with pread (the reader already validated every header and
-    offset). pread releases the GIL, so reading overlaps the encoder. Containers whose bytes are not plain tensors
-    (GGUF, sub-byte dtypes) go through the reader itself."""
+    """Source tensors read straight into pool buffers (readers.base.read_range: the reader validated every header
+    and offset, read_range keeps each read within its tensor). pread releases the GIL, so reading overlaps the
+    encoder. Containers whose bytes are not plain tensors (GGUF, sub-byte dtypes) go through the reader itself."""
 
     def __init__(self, reader: Any, pool: BufferPool, read_threads: int = 1) -> None:
         self.reader = reader
@@ -335,7 +327,7 @@ class SourceStream:
             future.result()
 
     def _read_part(self, info: Any, view: memoryview, start: int) -> None:
-        _pread_into(self._fd(info.file), view, info.offset + start, info.file)
+        read_range(self._fd(info.file), info, view, start)
 
     def close(self) -> None:
         if self._executor is not None:
