@@ -42,6 +42,17 @@ def test_threaded_and_sequential_runs_write_the_same_bytes(sources, tmp_path) ->
     assert sha256(threaded) == sha256(sequential)
 
 
+def test_the_caller_is_told_each_layer_as_it_is_written(sources, tmp_path) -> None:
+    """convert renders nothing itself: the CLI draws its progress bar from these calls."""
+    calls = []
+    result = convert(sources[2], tmp_path / "out.safetensors", VARIANT,
+                     progress=lambda done, total, name: calls.append((done, total, name)))
+    planned = [lp.name for lp in result.plan.layers]
+    assert calls[0] == (0, len(planned), "")
+    assert [done for done, _, _ in calls] == list(range(len(planned) + 1))
+    assert sorted(name for _, _, name in calls[1:]) == sorted(planned)
+
+
 def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypatch) -> None:
     """Count layers read whose source buffers have not all gone back to the pool, with a slow writer so the reader
     runs as far ahead as the stages let it."""
