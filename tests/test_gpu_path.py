@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import gpu_io, pipeline, stages
+from converter import buffer_pool, gpu_io, pipeline, stages
 from converter.pipeline import convert
 from inspect_tools.readers import chunked
 from inspect_tools.roundtrip import run_roundtrip
@@ -89,7 +89,7 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
     with open_checkpoint(src) as reader:
         if cold:
             drop_cache(src.parent)
-        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=3)
+        chunks = gpu_io.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=3)
         try:
             for info in reader:
                 tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
@@ -106,7 +106,7 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
 def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
     """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""
 
-    class Unpinned(stages.BufferPool):
+    class Unpinned(buffer_pool.BufferPool):
         def _allocate(self, nbytes: int) -> torch.Tensor:
             return torch.empty(nbytes, dtype=torch.uint8)
 
@@ -134,7 +134,7 @@ def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> 
     with open_checkpoint(one) as reader:
         last = max(reader, key=lambda i: i.offset)
         os.truncate(one, last.offset + last.nbytes - 1)
-        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=2)
+        chunks = gpu_io.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=2)
         try:
             _, _, reads = chunks.submit(last, DTYPES[last.dtype].torch_dtype)
             with pytest.raises(InputError, match="shorter than its header"):

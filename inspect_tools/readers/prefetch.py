@@ -199,7 +199,7 @@ def tensor_ranges(infos: Iterable[object]) -> list[tuple[Path, int, int]]:
 
 def warm_checkpoint(path: str | Path) -> Warmer | None:
     """Start warming every tensor of the checkpoint at `path` in file order (a conversion reads all of them, in that
-    order: converter.stages.read_order); None where it cannot be opened (the command reports why) or is no
+    order: converter.source_stream.read_order); None where it cannot be opened (the command reports why) or is no
     safetensors checkpoint."""
     from inspect_tools.errors import NvdiagError
     from inspect_tools.readers import open_checkpoint
