@@ -19,10 +19,10 @@ import torch
 
 from converter.buffer_pool import BufferPool
 from converter.encode import TORCH_DTYPE, cast, finite_check
-from converter.gpu_io import ChunkedReader
 from converter.plan import ConversionPlan, LayerPlan
 from inspect_tools.errors import InputError
 from inspect_tools.readers.base import read_range
+from inspect_tools.readers.chunked import ChunkedReader
 from inspect_tools.readers.safetensors_dtypes import DTYPES
 
 # Kept (cast, never quantized) source tensors above this size are not read whole: the encoding thread streams them

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from converter.buffer_pool import POLL_S, BufferPool, Stopped
-from converter.gpu_io import ChunkedReader
 from converter.plan import ConversionPlan, LayerPlan
 from converter.source_stream import Job, SourceStream, complete_job, read_job, read_order, submit_job
+from inspect_tools.readers.chunked import ChunkedReader
 
 # Source bytes in flight stay under this many times the largest layer (and a floor for models of tiny layers): one
 # layer read ahead while one is encoded (an encoded layer's buffer returns at once, a kept one's once written), the
@@ -40,12 +40,13 @@ POOL_CAP_BYTES = 640 << 20
 # 1.09-1.11 GB peak RSS, 320 MB cap 5.7-6.4 s at 0.79-0.80 GB. The GPU path, bound by its reads, keeps POOL_CAP_BYTES.
 CPU_POOL_CAP_BYTES = 320 << 20
 QUEUE_DEPTH = 2  # layers waiting between two stages
-# GPU path: threads reading chunks (gpu_io.ChunkedReader), each with one request outstanding: the disk's queue depth.
-# Measured on an H200 host (16 cores, virtio disk, 4.34 GB source): O_DIRECT alone reads 2.1-2.2 GB/s with 2-4
-# threads of 8 MB (cat: 1.7-1.9 GB/s); 8 or 16 threads are slower (1.6-1.7). In-process cold conversion reached
-# 0.80-0.87x of cat with 4 threads, 0.75-0.79x with buffered chunks; 2/8 threads and 16 MB chunks were within noise.
+# GPU path: threads reading chunks (readers.chunked.ChunkedReader), each with one request outstanding: the disk's
+# queue depth. Measured on an H200 host (16 cores, virtio disk, 4.34 GB source): O_DIRECT alone reads 2.1-2.2 GB/s
+# with 2-4 threads of 8 MB (cat: 1.7-1.9 GB/s); 8 or 16 threads are slower (1.6-1.7). In-process cold conversion
+# reached 0.80-0.87x of cat with 4 threads, 0.75-0.79x with buffered chunks; 2/8 threads and 16 MB chunks were within
+# noise.
 GPU_READ_THREADS = 4
-GPU_DIRECT_IO = True  # chunks not in the page cache are read with O_DIRECT (gpu_io)
+GPU_DIRECT_IO = True  # chunks not in the page cache are read with O_DIRECT (readers.chunked)
 GPU_PIN_BUFFERS = True  # pinned pool buffers (fast asynchronous host-to-device copies) once CUDA is up
 # GPU path: the pool's pinned buffers are slices of one block locked in the background once CUDA is up
 # (gpu_io.PinnedArena), and the encoder's kernels run once on a tiny tensor meanwhile, so a fresh process does not
@@ -100,7 +101,7 @@ class Stages:
                  pin_after: Callable[[], None] | None = None) -> None:
         self.stream = SourceStream(reader, None, 1)  # its pool is set below, sized by what it reads whole
         largest = max((self.stream.pooled_bytes(lp) for lp in plan.layers), default=0)
-        # on the GPU path each tensor's buffer has room for alignment (gpu_io.ChunkedReader.slack)
+        # on the GPU path each tensor's buffer has room for alignment (readers.chunked.ChunkedReader.slack)
         slack = (1 << 20) if pinned else 0
         cap = POOL_CAP_BYTES if pinned else CPU_POOL_CAP_BYTES
         budget = max(largest, min(POOL_LAYERS * largest, cap), POOL_FLOOR_BYTES)
