@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from converter.gate import read_rows
 from converter.plan import F16_MAX, ConversionPlan, fp16_candidates, widen_to_bf16
 
 SCAN_CHUNK_BYTES = 16 * 2**20
@@ -37,7 +36,7 @@ def source_abs_max(reader: Any, name: str) -> float:
     step = max(1, SCAN_CHUNK_BYTES // max(1, info.nbytes // max(1, rows)))
     amax = 0.0
     for start in range(0, rows, step):
-        chunk = read_rows(reader, name, start, start + step)
+        chunk = reader.read_rows(name, start, start + step)
         if chunk.element_size() == 1:
             chunk = chunk.to(torch.float16)  # float8 has no aminmax on the CPU; widening is exact
         lo, hi = (float(v) for v in torch.aminmax(chunk))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from inspect_tools.attribution import relative_error
 from inspect_tools.layers import MAX_MARKER_BYTES, decode_marker_bytes, open_model
 from inspect_tools.lint import LintConfig, lint_model
-from inspect_tools.readers.safetensors_dtypes import DTYPES
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats.fp8 import fp8_encoding_scale
@@ -105,37 +103,12 @@ def row_tiles(rows: int, cols: int, budget: int = LAYER_ELEMENTS) -> list[tuple[
     return [(t * TILE_ROWS, min(rows, (t + 1) * TILE_ROWS)) for t in tiles]
 
 
-def read_rows(reader: Any, name: str, start: int, stop: int, as_float: bool = False) -> torch.Tensor:
-    """Rows [start, stop) of a 2-D tensor: only those bytes are read from a safetensors file (rows are contiguous);
-    other containers (GGUF blocks) load the tensor and slice it."""
-    info = reader.tensors[name]
-    spec = DTYPES.get(info.dtype)
-    stop = min(stop, info.shape[0])
-    if reader.kind not in ("safetensors", "sharded") or spec is None or spec.torch_dtype is None:
-        full = reader.load_float(name) if as_float else reader.load(name)
-        return full[start:stop]
-    row_bytes = info.nbytes // max(1, info.shape[0])
-    out = torch.empty((stop - start, *info.shape[1:]), dtype=spec.torch_dtype)
-    view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-    fd = os.open(info.file, os.O_RDONLY)
-    try:
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], info.offset + start * row_bytes + done)
-            if got == 0:
-                raise OSError(f"{info.file} is shorter than its header says")
-            done += got
-    finally:
-        os.close(fd)
-    return out.to(torch.float32) if as_float else out
-
-
 def source_amax(reader: Any, name: str) -> float:
     """max |w| of a source weight, tile by tile (only when the conversion did not record it)."""
     rows = reader.tensors[name].shape[0]
     amax = 0.0
     for start in range(0, rows, 4 * TILE_ROWS):
-        lo, hi = torch.aminmax(read_rows(reader, name, start, start + 4 * TILE_ROWS, as_float=True))
+        lo, hi = torch.aminmax(reader.read_rows(name, start, start + 4 * TILE_ROWS, as_float=True))
         amax = max(amax, -float(lo), float(hi))
     return amax
 
@@ -152,9 +125,9 @@ def expected_scale(slug: str, amax: float, source_dtype: str) -> torch.Tensor:
 def written_tile(layer: Any, reader: Any, slug: str, start: int, stop: int) -> dict[str, torch.Tensor]:
     """The stored tensors that hold logical rows [start, stop) (start on a tile boundary): the packed rows, the
     128-row block-scale tile (NVFP4) and the per-tensor scale."""
-    tensors = {"weight": read_rows(reader, layer.tensors["weight"].name, start, stop)}
+    tensors = {"weight": reader.read_rows(layer.tensors["weight"].name, start, stop)}
     if slug == "nvfp4":
-        tensors["weight_scale"] = read_rows(reader, layer.tensors["weight_scale"].name, start, start + TILE_ROWS)
+        tensors["weight_scale"] = reader.read_rows(layer.tensors["weight_scale"].name, start, start + TILE_ROWS)
         tensors["weight_scale_2"] = layer.load("weight_scale_2")
     else:
         tensors["weight_scale"] = layer.load("weight_scale")
@@ -199,7 +172,7 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     fmt = formats.get(slug)()
     err_sq = base_sq = ceil_sq = ref_sq = 0.0
     for start, stop in row_tiles(rows, cols):
-        reference = read_rows(source.reader, name, start, stop, as_float=True)
+        reference = source.reader.read_rows(name, start, stop, as_float=True)
         tile = written_tile(written, out_model.reader, slug, start, stop)
         decoded = fmt.dequantize(tile, (stop - start, cols)).to(torch.float32)
         norm = float(torch.linalg.vector_norm(reference)) ** 2

@@ -1,5 +1,5 @@
 """The GPU conversion's pinned source buffers. Its chunked reads live in inspect_tools.readers.chunked, shared with
-roundtrip's read-ahead (re-exported here)."""
+roundtrip's read-ahead."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import bisect
 
 import torch
 
-from inspect_tools.readers.chunked import ALIGN, CHUNK_BYTES, ChunkedReader
-
-__all__ = ["ALIGN", "CHUNK_BYTES", "ChunkedReader", "PinnedArena"]
+from inspect_tools.readers.chunked import ALIGN
 
 
 class PinnedArena:

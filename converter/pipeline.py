@@ -42,6 +42,10 @@ from inspect_tools.layers import open_model
 from reference_specs import models
 from reference_specs.findings import Finding
 
+# Told how far the stream is: (layers written, layers planned, the layer just handed to the writer); called with
+# (0, planned, "") when the stream starts. The CLI draws its progress bar from it: the converter renders nothing.
+ProgressFn = Callable[[int, int, str], None]
+
 
 def nvdiag_version() -> str:
     try:
@@ -145,25 +149,6 @@ def check_sources(lp: LayerPlan, src: dict[str, torch.Tensor]) -> tuple[int, flo
         if key == weight_key:
             amax = extreme
     return bad, amax
-
-
-def _progress(enabled: bool, total_bytes: int):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
-    from inspect_tools.cli.output import console
-
-    # the bar advances once per layer: it counts layers, in one column, and says so
-    progress = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
-                        TimeRemainingColumn(), console=console(stderr=True), transient=True)
-    return progress
 
 
 def presized(writer: Any) -> Path:
@@ -302,12 +287,13 @@ def check_device(device: str) -> str:
 
 def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dtype_16: str | None = None,
             input_scales: str | Path | None = None, dry_run: bool = False, force: bool = False,
-            device: str = "cpu", progress: bool = False, gate_sample: int = 8, threads: bool = True,
+            device: str = "cpu", progress: ProgressFn | None = None, gate_sample: int = 8, threads: bool = True,
             extra_gate: Callable[[Path], list[Finding]] | None = None) -> ConvertResult:
     """Convert SRC into a ComfyUI-native mixed NVFP4 file at OUT. Returns what happened; raises NvdiagError for
     bad input or a refused output path (exit 2). `result.refused` (exit 1) when a source weight is not finite
     or the gate finds an error in what was written; then OUT does not exist (or keeps its old content).
     threads=False reads, encodes and writes one layer after the other (same bytes, no overlap).
+    progress: told after each layer is handed to the writer (ProgressFn).
     extra_gate: a further check of the written temporary file (ComfyUI itself, for --verify); its errors refuse."""
     from inspect_tools.writer import SafetensorsWriter, check_output_path, ensure_free_space
 
@@ -329,7 +315,6 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
             raise OutputError("exists; pass --force to overwrite it", str(out))
         ensure_free_space(out.parent, plan.output_bytes)
         meta = output_metadata(plan, sources, dtype_16, Path(input_scales) if input_scales else None)
-        bar = _progress(progress, plan.output_bytes)
         source_amax: dict[str, float] = {}  # quantized layer -> max |w| of its source weight, for the gate
         encode_busy = 0.0
         # reading starts while the CUDA context may still be starting (pageable buffers until it is up); the
@@ -343,9 +328,9 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     Stages(model.reader, plan, writer, pinned=device == "cuda", threaded=threads,
                            after_write=overlapped_checks(device, checker, source_amax),
                            pin_ready=pin_ready, pin_after=pin_after) as stages:
-                task = bar.add_task("convert", total=len(plan.layers)) if bar else None
-                if bar:
-                    bar.start()
+                written = 0  # layers handed to the writer, for `progress`
+                if progress is not None:
+                    progress(written, len(plan.layers), "")
                 for job in stages.jobs():
                     encode_started = time.perf_counter()
                     lp = job.plan
@@ -365,8 +350,9 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     stages.release(done)
                     stages.write(lp.name, outputs, held)
                     del src, job
-                    if bar:
-                        bar.advance(task)
+                    if progress is not None:
+                        written += 1
+                        progress(written, len(plan.layers), lp.name)
                 if result.non_finite:
                     order = {lp.source.name if lp.source else lp.name: i for i, lp in enumerate(plan.layers)}
                     result.non_finite = dict(sorted(result.non_finite.items(), key=lambda kv: order.get(kv[0], 0)))
@@ -389,8 +375,6 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
         except _Abort:
             pass
         finally:
-            if bar:
-                bar.stop()
             if warming is not None:
                 warming.join()
     result.seconds = time.monotonic() - started

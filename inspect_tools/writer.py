@@ -17,7 +17,6 @@ import signal
 import struct
 import sys
 import threading
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,17 +44,6 @@ HEADER_ALIGNMENT = 8
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
 SIGINT_EXIT_CODE = 128 + signal.SIGINT  # ... and by Ctrl-C
 
-
-def _read_test_write_delay() -> float:
-    """Seconds to sleep after each tensor write, for tests that signal a real `nvdiag convert` mid-write on files
-    small enough to write in milliseconds. Read once at import; unset (or unparsable) in normal use: no delay."""
-    try:
-        return max(0.0, float(os.environ.get("NVDIAG_TEST_WRITE_DELAY", "0") or 0))
-    except ValueError:
-        return 0.0
-
-
-TEST_WRITE_DELAY = _read_test_write_delay()
 
 Entry = tuple[str, str, Sequence[int]]  # (name, safetensors dtype name, shape)
 
@@ -241,8 +229,6 @@ class SafetensorsWriter:
         _pwrite_all(self._fd, data, self._offsets[name], self.path)
         with self._lock:
             self._written.add(name)
-        if TEST_WRITE_DELAY:
-            time.sleep(TEST_WRITE_DELAY)
 
     def write_part(self, name: str, byte_offset: int, data: torch.Tensor) -> None:
         """Write `data` (of the tensor's planned dtype, any shape) at byte `byte_offset` within tensor `name`, so a
@@ -274,10 +260,6 @@ class SafetensorsWriter:
             if self._part_bytes[name] == expected:
                 self._written.add(name)
                 del self._parts[name], self._part_bytes[name]
-
-    def flush(self) -> None:
-        """Nothing to do: write() hands bytes to the OS with pwrite, so the temporary file can already be read back
-        (e.g. by a verification gate) at `temp_path`. Kept so callers need not know that."""
 
     def commit(self) -> Path:
         """fsync, publish (rename, or link when not overwriting), fsync the folder. Every planned tensor must have

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import encode, gate, stages
+from converter import buffer_pool, encode, gate, source_stream, stages
+from converter.buffer_pool import BufferPool
 from converter.pipeline import convert
-from converter.stages import BufferPool
 from inspect_tools.errors import InputError
 from inspect_tools.synthetic import write_float
 from inspect_tools.writer import SafetensorsWriter
@@ -40,6 +40,17 @@ def test_threaded_and_sequential_runs_write_the_same_bytes(sources, tmp_path) ->
     assert convert(sources[8], threaded, VARIANT).written
     assert convert(sources[8], sequential, VARIANT, threads=False).written
     assert sha256(threaded) == sha256(sequential)
+
+
+def test_the_caller_is_told_each_layer_as_it_is_written(sources, tmp_path) -> None:
+    """convert renders nothing itself: the CLI draws its progress bar from these calls."""
+    calls = []
+    result = convert(sources[2], tmp_path / "out.safetensors", VARIANT,
+                     progress=lambda done, total, name: calls.append((done, total, name)))
+    planned = [lp.name for lp in result.plan.layers]
+    assert calls[0] == (0, len(planned), "")
+    assert [done for done, _, _ in calls] == list(range(len(planned) + 1))
+    assert sorted(name for _, _, name in calls[1:]) == sorted(planned)
 
 
 def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypatch) -> None:
@@ -86,7 +97,7 @@ def test_layers_in_flight_do_not_grow_with_the_model(sources, tmp_path, monkeypa
 
 
 def test_buffer_pool_waits_for_its_budget_and_reuses_buffers() -> None:
-    size = 2 * stages.POOL_MIN_BYTES
+    size = 2 * buffer_pool.POOL_MIN_BYTES
     pool = BufferPool(budget=2 * size)
     a, b = pool.acquire(size), pool.acquire(size)
     got: list[torch.Tensor] = []
@@ -104,12 +115,12 @@ def test_buffer_pool_waits_for_its_budget_and_reuses_buffers() -> None:
 
 
 def test_a_tensor_larger_than_the_budget_still_gets_a_buffer_when_nothing_else_is_in_use() -> None:
-    pool = BufferPool(budget=stages.POOL_MIN_BYTES)
-    assert pool.acquire(4 * stages.POOL_MIN_BYTES).numel() == 4 * stages.POOL_MIN_BYTES
+    pool = BufferPool(budget=buffer_pool.POOL_MIN_BYTES)
+    assert pool.acquire(4 * buffer_pool.POOL_MIN_BYTES).numel() == 4 * buffer_pool.POOL_MIN_BYTES
 
 
 def test_a_read_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatch) -> None:
-    load = stages.SourceStream.load
+    load = source_stream.SourceStream.load
     calls = [0]
 
     def failing_load(self, key):
@@ -118,7 +129,7 @@ def test_a_read_error_is_raised_and_leaves_no_file(sources, tmp_path, monkeypatc
             raise InputError("cannot read: simulated", "shard")
         return load(self, key)
 
-    monkeypatch.setattr(stages.SourceStream, "load", failing_load)
+    monkeypatch.setattr(source_stream.SourceStream, "load", failing_load)
     with pytest.raises(InputError, match="simulated"):
         convert(sources[8], tmp_path / "out.safetensors", VARIANT)
     assert list(tmp_path.iterdir()) == []
@@ -172,10 +183,10 @@ def test_gate_refuses_a_per_tensor_scale_that_is_not_the_sources(sources, tmp_pa
 def test_parallel_reads_give_the_same_tensor(sources, monkeypatch) -> None:
     from inspect_tools.readers import open_checkpoint
 
-    monkeypatch.setattr(stages, "PARALLEL_READ_BYTES", 1024)
+    monkeypatch.setattr(source_stream, "PARALLEL_READ_BYTES", 1024)
     with open_checkpoint(sources[2]) as reader:
         pool = BufferPool(budget=1 << 26)
-        stream = stages.SourceStream(reader, pool, read_threads=3)
+        stream = source_stream.SourceStream(reader, pool, read_threads=3)
         try:
             for info in reader:
                 tensor, _ = stream.load(info.name)
@@ -237,8 +248,8 @@ def test_streamed_kept_tensors_give_the_same_bytes(sources, tmp_path, monkeypatc
     """Kept tensors streamed in small chunks (a partial last one too) land exactly where a whole-tensor cast would."""
     reference = tmp_path / "reference.safetensors"
     assert convert(sources[2], reference, VARIANT).written
-    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)  # every kept tensor is streamed
-    monkeypatch.setattr(stages, "STREAM_CHUNK_BYTES", 100)
+    monkeypatch.setattr(source_stream, "STREAM_MIN_BYTES", 1)  # every kept tensor is streamed
+    monkeypatch.setattr(source_stream, "STREAM_CHUNK_BYTES", 100)
     for threads in (True, False):
         out = tmp_path / f"streamed-{threads}.safetensors"
         assert convert(sources[2], out, VARIANT, threads=threads).written
@@ -247,7 +258,7 @@ def test_streamed_kept_tensors_give_the_same_bytes(sources, tmp_path, monkeypatc
 
 def test_the_pool_is_sized_by_the_tensors_read_whole(sources, tmp_path, monkeypatch, pools) -> None:
     monkeypatch.setattr(stages, "POOL_FLOOR_BYTES", 0)
-    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(source_stream, "STREAM_MIN_BYTES", 1)
     result = convert(sources[2], tmp_path / "out.safetensors", VARIANT)
     # only quantized weights are read whole (their biases, too, are kept tensors, streamed)
     whole = max(lp.source.tensors["weight"].nbytes for lp in result.plan.layers if lp.quantized)
@@ -265,8 +276,8 @@ def test_a_non_finite_streamed_tensor_is_refused_with_every_bad_value_counted(tm
     tensors["blocks.0.ffn.0.weight"][3, 5] = float("nan")  # read whole, before the streamed one in the same run
     src = tmp_path / "nan.safetensors"
     save_file(tensors, str(src))
-    monkeypatch.setattr(stages, "STREAM_MIN_BYTES", 1)
-    monkeypatch.setattr(stages, "STREAM_CHUNK_BYTES", 64)
+    monkeypatch.setattr(source_stream, "STREAM_MIN_BYTES", 1)
+    monkeypatch.setattr(source_stream, "STREAM_CHUNK_BYTES", 64)
     out = tmp_path / "out.safetensors"
     result = convert(src, out, VARIANT)
     assert result.refused and not out.exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from converter import gpu_io, pipeline, stages
+from converter import buffer_pool, gpu_io, pipeline, stages
 from converter.pipeline import convert
 from inspect_tools.readers import chunked
 from inspect_tools.roundtrip import run_roundtrip
@@ -85,11 +85,11 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
     from inspect_tools.readers import open_checkpoint
     from inspect_tools.readers.safetensors_dtypes import DTYPES
 
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 2 * gpu_io.ALIGN)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 2 * chunked.ALIGN)
     with open_checkpoint(src) as reader:
         if cold:
             drop_cache(src.parent)
-        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=3)
+        chunks = chunked.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=3)
         try:
             for info in reader:
                 tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
@@ -106,7 +106,7 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
 def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
     """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""
 
-    class Unpinned(stages.BufferPool):
+    class Unpinned(buffer_pool.BufferPool):
         def _allocate(self, nbytes: int) -> torch.Tensor:
             return torch.empty(nbytes, dtype=torch.uint8)
 
@@ -118,7 +118,7 @@ def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, thr
     assert convert(src, reference, VARIANT).written
     monkeypatch.setattr(stages, "BufferPool", Unpinned)
     monkeypatch.setattr(pipeline, "Stages", ChunkedStages)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * gpu_io.ALIGN)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * chunked.ALIGN)
     drop_cache(src.parent)
     out = tmp_path / "out.safetensors"
     assert convert(src, out, VARIANT, threads=threads).written
@@ -134,7 +134,7 @@ def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> 
     with open_checkpoint(one) as reader:
         last = max(reader, key=lambda i: i.offset)
         os.truncate(one, last.offset + last.nbytes - 1)
-        chunks = gpu_io.ChunkedReader(reader, stages.BufferPool(1 << 26), threads=2)
+        chunks = chunked.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=2)
         try:
             _, _, reads = chunks.submit(last, DTYPES[last.dtype].torch_dtype)
             with pytest.raises(InputError, match="shorter than its header"):
@@ -144,14 +144,14 @@ def test_a_truncated_source_is_an_input_error_on_the_gpu_read_path(tmp_path) -> 
 
 
 def test_the_pinned_arena_hands_out_aligned_slices_and_merges_returned_ones() -> None:
-    arena = gpu_io.PinnedArena(torch.empty(8 * gpu_io.ALIGN, dtype=torch.uint8), registered=False)
-    a, b, c = arena.take(1), arena.take(3 * gpu_io.ALIGN), arena.take(2 * gpu_io.ALIGN)
-    assert [t.numel() for t in (a, b, c)] == [gpu_io.ALIGN, 3 * gpu_io.ALIGN, 2 * gpu_io.ALIGN]
+    arena = gpu_io.PinnedArena(torch.empty(8 * chunked.ALIGN, dtype=torch.uint8), registered=False)
+    a, b, c = arena.take(1), arena.take(3 * chunked.ALIGN), arena.take(2 * chunked.ALIGN)
+    assert [t.numel() for t in (a, b, c)] == [chunked.ALIGN, 3 * chunked.ALIGN, 2 * chunked.ALIGN]
     assert all(arena.owns(t) for t in (a, b, c)) and not arena.owns(torch.empty(1))
-    assert arena.take(3 * gpu_io.ALIGN) is None  # only 2 pages are left
+    assert arena.take(3 * chunked.ALIGN) is None  # only 2 pages are left
     arena.give(a)
     arena.give(c)
-    assert arena.take(5 * gpu_io.ALIGN) is None  # holes of 1 and 4 pages, apart
+    assert arena.take(5 * chunked.ALIGN) is None  # holes of 1 and 4 pages, apart
     arena.give(b)
-    whole = arena.take(8 * gpu_io.ALIGN)  # all three merged back into one
+    whole = arena.take(8 * chunked.ALIGN)  # all three merged back into one
     assert whole is not None and whole.data_ptr() == a.data_ptr()

@@ -183,7 +183,23 @@ def test_not_enough_disk_space_is_refused_before_writing(files, tmp_path: Path, 
 
 # --- signals sent to a real process mid-write ----------------------------------------------------------------------
 
-CONSOLE_SCRIPT = Path(sys.executable).with_name("nvdiag")
+WRITE_DELAY_S = 0.05
+# `nvdiag` in a fresh interpreter whose writer sleeps after each tensor write, so the tiny source takes seconds to
+# write and the signal lands mid-write (the delay is the test's: the product has no hook for it).
+SLOW_NVDIAG = f"""
+import time
+from inspect_tools.cli import run
+from inspect_tools.writer import SafetensorsWriter
+
+write = SafetensorsWriter.write
+
+def slow_write(self, name, tensor):
+    write(self, name, tensor)
+    time.sleep({WRITE_DELAY_S})
+
+SafetensorsWriter.write = slow_write
+run()
+"""
 
 
 def _default_signals() -> None:
@@ -193,12 +209,8 @@ def _default_signals() -> None:
 
 
 def _start(argv: list[str]) -> subprocess.Popen[str]:
-    command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-c",
-                                                                     "from inspect_tools.cli import run; run()"]
-    # The test hook slows each tensor write, so the tiny source takes seconds to write and the signal lands mid-write.
-    env = {**os.environ, "NVDIAG_TEST_WRITE_DELAY": "0.05"}
-    return subprocess.Popen([*command, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_default_signals)
+    return subprocess.Popen([sys.executable, "-c", SLOW_NVDIAG, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
 
 def _start_convert(src: Path, out: Path, force: bool = True) -> subprocess.Popen[str]:

@@ -90,6 +90,41 @@ def test_unknown_tensor_name_is_a_key_error(every_dtype):
         reader.load("nope")
 
 
+def test_read_rows_reads_a_row_range_as_a_slice_would(every_dtype):
+    path, tensors = every_dtype
+    with open_checkpoint(path) as reader:
+        for name in ("t.f32", "t.bf16", "t.f8_e4m3", "t.u8", "empty"):
+            expected = tensors[name]
+            for start, stop in ((0, 1), (1, 3), (2, 99), (5, 9)):  # past the last row: clamped, like a slice
+                rows = reader.read_rows(name, start, stop)
+                assert rows.dtype == expected.dtype and torch.equal(rows, expected[start:stop]), (name, start, stop)
+        assert torch.equal(reader.read_rows("t.bf16", 1, 2, as_float=True), tensors["t.bf16"][1:2].float())
+        with pytest.raises(ValueError, match="rows start at 0"):
+            reader.read_rows("t.f32", -1, 2)
+
+
+def test_read_into_fills_the_callers_buffer_and_stays_inside_the_tensor(every_dtype):
+    path, tensors = every_dtype
+    with open_checkpoint(path) as reader:
+        buf = bytearray(8)
+        reader.read_into("t.f32", memoryview(buf), start=4)  # elements 1 and 2
+        assert bytes(buf) == tensors["t.f32"].flatten()[1:3].numpy().tobytes()
+        nbytes = reader.tensors["t.f32"].nbytes
+        with pytest.raises(ValueError, match="outside tensor"):  # would read the next tensor's bytes
+            reader.read_into("t.f32", memoryview(bytearray(8)), start=nbytes - 4)
+        with pytest.raises(ValueError, match="outside tensor"):
+            reader.read_into("t.f32", memoryview(bytearray(4)), start=-4)
+
+
+def test_a_file_truncated_while_open_is_an_input_error(every_dtype):
+    path, _ = every_dtype
+    with open_checkpoint(path) as reader:
+        last = max(reader.tensors.values(), key=lambda info: info.offset + info.nbytes)
+        os.truncate(path, last.offset)
+        with pytest.raises(InputError, match="shorter than its header"):
+            reader.read_rows(last.name, 0, last.shape[0])
+
+
 def write_sharded(folder: Path) -> tuple[Path, dict[str, torch.Tensor]]:
     folder.mkdir()
     tensors = {f"blocks.{i}.weight": torch.full((4, 4), float(i)) for i in range(4)}
@@ -114,6 +149,7 @@ def test_sharded_checkpoint_by_index_or_folder(tmp_path, by_folder):
         assert len(reader.files) == 3  # index + two shards, for refusing to overwrite any of them
         for name, expected in tensors.items():
             assert torch.equal(reader.load(name), expected)
+            assert torch.equal(reader.read_rows(name, 1, 3), expected[1:3])  # from the shard that holds it
             assert reader.tensors[name].file.name.startswith("model-0000")
 
 
@@ -173,6 +209,9 @@ def test_gguf_tensors_metadata_and_dequantization(tmp_path):
             assert info.nbytes == raw.nbytes
             expected = torch.from_numpy(gguf.quants.dequantize(raw, qtype).reshape(4, 256).astype(np.float32))
             assert torch.equal(reader.load_float(name), expected), name
+        # GGUF blocks are not row-addressable: rows come from the whole tensor, dequantized
+        q4 = reader.load_float("blocks.q4_0.weight")
+        assert torch.equal(reader.read_rows("blocks.q4_0.weight", 1, 3, as_float=True), q4[1:3])
         assert reader.load("blocks.q4_0.weight").dtype == torch.uint8
         assert reader.load("blocks.q4_0.weight").shape == (4, 256 // 32 * 18)
         assert reader.load("blocks.f16.weight").dtype == torch.float16

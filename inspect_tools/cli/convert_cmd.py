@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from converter.plan import quant_conf  # torch-free, like the preset vocabulary
@@ -187,10 +189,11 @@ def _convert_all(src: Path, out: Path, preset: list[str] | None, dtype_16: str |
             if target.exists():
                 raise OutputError("exists; pass --force to overwrite it", str(target))
     options = {"dtype_16": dtype_16, "input_scales": input_scales, "dry_run": dry_run, "force": force,
-               "device": device, "progress": sys.stderr.isatty() and fmt == OutputFormat.text, "gate_sample": sample}
+               "device": device, "gate_sample": sample}
+    show_bar = sys.stderr.isatty() and fmt == OutputFormat.text
     results: list[tuple[str, ConvertResult]] = []
     for source, target, chosen, label in jobs:
-        result = _convert_one(source, target, chosen, options, verify and not dry_run, comfyui)
+        result = _convert_one(source, target, chosen, options, verify and not dry_run, comfyui, show_bar)
         results.append((label, result))
         if result.refused:
             break
@@ -198,7 +201,25 @@ def _convert_all(src: Path, out: Path, preset: list[str] | None, dtype_16: str |
     raise typer.Exit(1 if any(r.refused for _, r in results) else 0)
 
 
-def _convert_one(src: Path, out: Path, preset: str, options: dict, verify: bool, comfyui: str | None):
+def _progress_bar(enabled: bool) -> tuple[Progress | None, Callable[[int, int, str], None] | None]:
+    """A transient bar on stderr, drawn from convert's progress calls (converter.pipeline.ProgressFn); it appears
+    when the stream starts and advances once per layer: it counts layers, in one column, and says so."""
+    if not enabled:
+        return None, None
+    bar = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TextColumn("layers"),
+                   TimeRemainingColumn(), console=console(stderr=True), transient=True)
+    task = bar.add_task("convert", total=None)
+
+    def update(done: int, total: int, name: str) -> None:
+        bar.update(task, completed=done, total=total)
+        if not bar.live.is_started:
+            bar.start()
+
+    return bar, update
+
+
+def _convert_one(src: Path, out: Path, preset: str, options: dict, verify: bool, comfyui: str | None,
+                 show_progress: bool):
     from converter.pipeline import convert
 
     extra_gate = None
@@ -208,7 +229,12 @@ def _convert_one(src: Path, out: Path, preset: str, options: dict, verify: bool,
 
         # no ComfyUI: exit 2 before any work
         extra_gate = comfyui_gate(load_runtime(comfyui, device=options["device"]), src)
-    return convert(src, out, preset, extra_gate=extra_gate, **options)
+    bar, update = _progress_bar(show_progress)
+    try:
+        return convert(src, out, preset, extra_gate=extra_gate, progress=update, **options)
+    finally:
+        if bar is not None:
+            bar.stop()
 
 
 def _render(fmt: OutputFormat, results: list[tuple[str, ConvertResult]], dry_run: bool, out: Path) -> None:

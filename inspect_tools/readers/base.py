@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from inspect_tools.errors import InputError
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +25,44 @@ MAX_TENSORS = 300_000
 def too_many_tensors(count: int) -> str:
     """The refusal message for a checkpoint of `count` tensors (> MAX_TENSORS)."""
     return f"holds {count} tensors, more than the {MAX_TENSORS} nvdiag reads (real checkpoints hold a few thousand)"
+
+
+def fill(fd: int, view: memoryview, offset: int) -> int:
+    """Read from `offset` of descriptor `fd` into the flat byte buffer `view` until it is full or the file ends;
+    the count of bytes read. The one pread loop of every reader: preadv keeps no seek state (threads may share a
+    descriptor), releases the GIL, and reads straight into the caller's buffer (no copy)."""
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            break
+        done += got
+    return done
+
+
+def truncated(path: Path) -> InputError:
+    """A file that ended before the bytes its header places in it (changed or truncated while open)."""
+    return InputError("file is shorter than its header says (changed or truncated while open)", str(path))
+
+
+def read_range(fd: int, info: TensorInfo, view: memoryview, start: int = 0) -> None:
+    """Bytes [start, start + len(view)) of tensor `info`, as stored, into the flat byte buffer `view`, from `fd` (a
+    descriptor of info.file). The range must lie within the tensor; the tensor's place in the file was checked when
+    the header was parsed, so no read strays outside the data the header declares, whatever the file says."""
+    if start < 0 or start + len(view) > info.nbytes:
+        raise ValueError(f"bytes [{start}, {start + len(view)}) lie outside tensor {info.name!r} "
+                         f"({info.nbytes} bytes)")
+    if fill(fd, view, info.offset + start) < len(view):
+        raise truncated(info.file)
+
+
+def row_span(info: TensorInfo, start: int, stop: int) -> tuple[int, int]:
+    """Rows [start, stop) of `info` clamped to the rows it has, as a slice would be; a negative start (which a slice
+    would count from the end) is refused."""
+    if start < 0:
+        raise ValueError(f"row {start} of tensor {info.name!r}: rows start at 0")
+    stop = min(stop, info.shape[0] if info.shape else 0)
+    return min(start, stop), stop
 
 
 @dataclass(frozen=True)
@@ -83,6 +124,20 @@ class CheckpointReader(ABC):
     def read_bytes(self, name: str) -> bytes:
         """The tensor's stored bytes, as they are in the file. For tiny tensors read without torch (comfy_quant
         markers while a model is built from headers)."""
+
+    def read_into(self, name: str, view: memoryview, start: int = 0) -> None:
+        """Bytes [start, start + len(view)) of tensor `name`, as stored, into the caller's flat byte buffer `view`
+        (no copy beyond the read itself). Only containers that store tensors as plain arrays (safetensors) have
+        byte ranges to read; the others raise NotImplementedError."""
+        raise NotImplementedError(f"{self.kind} tensors have no byte ranges to read")
+
+    def read_rows(self, name: str, start: int, stop: int, as_float: bool = False) -> torch.Tensor:
+        """Rows [start, stop) of tensor `name` (stop past its last row means up to it), as stored, or as float32
+        like load_float. Safetensors readers read only those rows' bytes (rows are contiguous); here the tensor is
+        loaded whole and sliced (GGUF blocks are not row-addressable)."""
+        start, stop = row_span(self.tensors[name], start, stop)
+        full = self.load_float(name) if as_float else self.load(name)
+        return full[start:stop]
 
     def offer(self, name: str, tensor: torch.Tensor) -> bool:
         """Take `name`'s stored tensor, read ahead by someone else (inspect_tools.read_ahead): the next load(name)

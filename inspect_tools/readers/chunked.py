@@ -25,6 +25,7 @@ import torch
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers import prefetch
+from inspect_tools.readers.base import fill, truncated
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size (<= 4096)
 CHUNK_BYTES = 8 << 20  # one request; a multiple of ALIGN
@@ -99,17 +100,6 @@ class _SourceFile:
         self.direct_fd = None
 
 
-def _fill(fd: int, view: memoryview, offset: int) -> int:
-    """Read into view from offset until it is full or the file ends; the bytes read."""
-    done = 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            break
-        done += got
-    return done
-
-
 class ChunkedReader:
     """Reads source tensors into pool buffers as chunks spread over `threads` threads. submit() returns at once with
     the tensor (a view of its buffer, valid once the futures are done), the buffer and the futures."""
@@ -165,15 +155,15 @@ class ChunkedReader:
         if src.direct_fd is not None and aligned and not src.cached(offset, len(view)):
             prefetch.caught_up(src.path, offset)  # from here on the disk is ours alone
             try:
-                got = _fill(src.direct_fd, view, offset)
+                got = fill(src.direct_fd, view, offset)
                 with self._lock:
                     self.direct_bytes += got
             except OSError:
-                got = _fill(src.fd, view, offset)  # e.g. EINVAL: a block size above ALIGN
+                got = fill(src.fd, view, offset)  # e.g. EINVAL: a block size above ALIGN
         else:
-            got = _fill(src.fd, view[:needed], offset)
+            got = fill(src.fd, view[:needed], offset)
         if got < needed:
-            raise InputError("file is shorter than its header says (changed or truncated while open)", str(src.path))
+            raise truncated(src.path)
 
     def close(self) -> None:
         self._executor.shutdown()

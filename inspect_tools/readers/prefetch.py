@@ -19,6 +19,8 @@ import threading
 from collections.abc import Iterable
 from pathlib import Path
 
+from inspect_tools.readers.base import fill
+
 # One pread of the warmer: long, so that waiting for the GIL between two (torch's import holds it meanwhile) leaves
 # the disk idle for a small part of the time (reasoned, not measured apart: the THREADS figures are 16 MB reads).
 READ_BYTES = 64 << 20
@@ -114,13 +116,7 @@ class Warmer:
             while k is not None:
                 index, start, length = self._pieces[k]
                 path, offset, _ = self.ranges[index]
-                fd = self._fd(path)
-                done = 0
-                while done < length:
-                    got = os.preadv(fd, [view[done:length]], offset + start + done)
-                    if got <= 0:
-                        break
-                    done += got
+                fill(self._fd(path), view[:length], offset + start)
                 k = self._take(k)
         except OSError:
             self._stop.set()  # only a head start: the command's own reads report what is wrong with the file
@@ -203,7 +199,7 @@ def tensor_ranges(infos: Iterable[object]) -> list[tuple[Path, int, int]]:
 
 def warm_checkpoint(path: str | Path) -> Warmer | None:
     """Start warming every tensor of the checkpoint at `path` in file order (a conversion reads all of them, in that
-    order: converter.stages.read_order); None where it cannot be opened (the command reports why) or is no
+    order: converter.source_stream.read_order); None where it cannot be opened (the command reports why) or is no
     safetensors checkpoint."""
     from inspect_tools.errors import NvdiagError
     from inspect_tools.readers import open_checkpoint

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspect_tools.errors import InputError
-from inspect_tools.readers.base import MAX_TENSORS, CheckpointReader, TensorInfo, too_many_tensors
+from inspect_tools.readers.base import (
+    MAX_TENSORS,
+    CheckpointReader,
+    TensorInfo,
+    read_range,
+    row_span,
+    too_many_tensors,
+)
 from inspect_tools.readers.safetensors_dtypes import DTYPES, byte_length
 
 if TYPE_CHECKING:
@@ -159,19 +166,6 @@ def parse_safetensors(path: Path) -> tuple[dict[str, str], dict[str, TensorInfo]
     return metadata, {t.name: t for t in tensors}
 
 
-def read_exact(fh: Any, path: Path, offset: int, nbytes: int) -> bytearray:
-    """Exactly `nbytes` from `offset` into a fresh buffer (memory bounded by the tensor); no seek state shared."""
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    done = 0
-    while done < nbytes:
-        got = os.preadv(fh.fileno(), [view[done:]], offset + done)
-        if got == 0:
-            raise InputError("file is shorter than its header says (changed or truncated while open)", str(path))
-        done += got
-    return buf
-
-
 def bytes_to_tensor(buf: bytearray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Raw little-endian bytes -> tensor of the safetensors dtype; sub-byte and unknown-to-torch dtypes stay uint8."""
     import torch
@@ -192,15 +186,17 @@ class SafetensorsReader(CheckpointReader):
         metadata, tensors = parse_safetensors(path)
         super().__init__(path=path, kind="safetensors", metadata=dict(metadata), tensors=tensors)
         self._fh: Any = None
+        self._fh_lock = threading.Lock()  # the gate reads rows from the writer thread while the reader thread loads
         self._offered: dict[str, torch.Tensor] = {}  # read ahead, handed out once by load()
 
     def _handle(self) -> Any:
-        if self._fh is None:
-            try:
-                self._fh = self.path.open("rb")
-            except OSError as exc:
-                raise InputError(f"cannot read: {exc.strerror or exc}", str(self.path)) from None
-        return self._fh
+        with self._fh_lock:
+            if self._fh is None:
+                try:
+                    self._fh = self.path.open("rb")
+                except OSError as exc:
+                    raise InputError(f"cannot read: {exc.strerror or exc}", str(self.path)) from None
+            return self._fh
 
     def _info(self, name: str) -> TensorInfo:
         try:
@@ -212,8 +208,25 @@ class SafetensorsReader(CheckpointReader):
         info = self._info(name)
         if (ahead := self._offered.pop(name, None)) is not None:
             return ahead
-        buf = read_exact(self._handle(), self.path, info.offset, info.nbytes)
+        buf = bytearray(info.nbytes)  # memory bounded by the tensor
+        self.read_into(name, memoryview(buf))
         return bytes_to_tensor(buf, info.dtype, info.shape)
+
+    def read_into(self, name: str, view: memoryview, start: int = 0) -> None:
+        read_range(self._handle().fileno(), self._info(name), view, start)
+
+    def read_rows(self, name: str, start: int, stop: int, as_float: bool = False) -> torch.Tensor:
+        import torch
+
+        info = self._info(name)
+        target = DTYPES[info.dtype].torch_dtype
+        if target is None or not info.shape:  # sub-byte and 0-d tensors: whole, then sliced
+            return super().read_rows(name, start, stop, as_float)
+        start, stop = row_span(info, start, stop)
+        row_bytes = info.nbytes // max(1, info.shape[0])
+        out = torch.empty((stop - start, *info.shape[1:]), dtype=target)
+        self.read_into(name, memoryview(out.view(torch.uint8).reshape(-1).numpy()), start * row_bytes)
+        return out.to(torch.float32) if as_float else out
 
     def offer(self, name: str, tensor: torch.Tensor) -> bool:
         info = self._info(name)
@@ -226,8 +239,9 @@ class SafetensorsReader(CheckpointReader):
         self._offered.pop(name, None)
 
     def read_bytes(self, name: str) -> bytes:
-        info = self._info(name)
-        return bytes(read_exact(self._handle(), self.path, info.offset, info.nbytes))
+        buf = bytearray(self._info(name).nbytes)
+        self.read_into(name, memoryview(buf))
+        return bytes(buf)
 
     def load_float(self, name: str) -> torch.Tensor:
         import torch

@@ -119,15 +119,23 @@ class ShardedReader(CheckpointReader):
             if name not in self._shards[shard_path]:
                 raise _fail(index_path, f"tensor {name!r} is not in its shard {shard_path.name}")
 
+    def _reader(self, name: str) -> SafetensorsReader:
+        try:
+            return self._owner[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}") from None
+
     def load(self, name: str) -> torch.Tensor:
-        if name not in self._owner:
-            raise KeyError(f"{name!r} is not a tensor of {self.path}")
-        return self._owner[name].load(name)
+        return self._reader(name).load(name)
 
     def load_float(self, name: str) -> torch.Tensor:
-        if name not in self._owner:
-            raise KeyError(f"{name!r} is not a tensor of {self.path}")
-        return self._owner[name].load_float(name)
+        return self._reader(name).load_float(name)
+
+    def read_into(self, name: str, view: memoryview, start: int = 0) -> None:
+        self._reader(name).read_into(name, view, start)
+
+    def read_rows(self, name: str, start: int, stop: int, as_float: bool = False) -> torch.Tensor:
+        return self._reader(name).read_rows(name, start, stop, as_float)
 
     def offer(self, name: str, tensor: torch.Tensor) -> bool:
         return name in self._owner and self._owner[name].offer(name, tensor)
@@ -137,9 +145,7 @@ class ShardedReader(CheckpointReader):
             self._owner[name].forget(name)
 
     def read_bytes(self, name: str) -> bytes:
-        if name not in self._owner:
-            raise KeyError(f"{name!r} is not a tensor of {self.path}")
-        return self._owner[name].read_bytes(name)
+        return self._reader(name).read_bytes(name)
 
     def close(self) -> None:
         for reader in self._shards.values():
