@@ -67,12 +67,12 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from converter.hand_written import MAX_PRESET_BYTES, MAX_TOML_DEPTH, read_bounded, toml_nesting_depth
 from inspect_tools.errors import InputError, UsageError
+from reference_specs import presets as builtin_presets
 from reference_specs.formats.nvfp4 import packed_shape
 from reference_specs.models.base import changed_reads
 
@@ -414,15 +414,14 @@ def loads_preset(text: bytes, where: str, name: str | None = None) -> Preset:
 
 
 def builtin_names() -> list[str]:
-    folder = resources.files("converter") / "presets"
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return builtin_presets.names()
 
 
 def load_builtin(name: str) -> Preset:
-    path = resources.files("converter") / "presets" / f"{name}.toml"
-    if not path.is_file():
+    text = builtin_presets.read(name)
+    if text is None:
         raise UsageError(f"no built-in preset {name!r}{_did_you_mean(name)}; built-ins: {', '.join(builtin_names())}")
-    preset = loads_preset(path.read_bytes(), f"preset {name}", name)
+    preset = loads_preset(text, f"preset {name}", name)
     preset.source = "builtin"
     return preset
 
