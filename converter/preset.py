@@ -49,8 +49,9 @@ Conditions (all optional, all must hold):
   in_blocks = true|false   the layer sits inside a repeated block (a `.N.` component in its name)
   sensitive = true|false   the architecture profile says it must stay high precision (embeddings, modulation, ...)
   ndim = N                 rank of the main tensor (weight, or the bare parameter), 1..8
-  min_dim = N              both weight dims >= min(N, model width): the cap keeps scaled-down test models
-                           (width 128-512) behaving like the real ones (width >= 3072), where it is just N;
+  min_dim = N              both weight dims >= min(N, model width): "a large linear" means at least N wide or as
+                           wide as the model itself, so one preset serves every model size (a model narrower than
+                           N keeps its main linears eligible; on the published widths, >= 3072, it is just N);
                            1..65536 (past that it could match no layer of any model: refused as a typo)
   divisible_by = N         both weight dims divisible by N, 1..65536
   max_numel = N            the main tensor has at most N elements (small tensors), 1..2^63-1
@@ -250,7 +251,10 @@ def describe_decision(decision: str) -> str:
 
 
 def effective_min_dim(min_dim: int, model_width: int | None) -> int:
-    """min_dim capped at the model's own width (see module docstring)."""
+    """min_dim capped at the model's own width (see module docstring): product behaviour, not a test hook. The
+    built-in presets name sizes of the published models; a layer as wide as the model it belongs to is one of its
+    main linears whatever the model's size, so a narrower model (a pruned or distilled variant, the demo's and the
+    tests' scaled-down files alike) is selected the same way rather than quantizing nothing."""
     return min(min_dim, model_width) if model_width else min_dim
 
 
