@@ -26,7 +26,8 @@ from inspect_tools.errors import UsageError
 from reference_specs.findings import Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
-    from inspect_tools.diff import DiffReport, ScaleStats
+    from inspect_tools.diff import DiffReport
+    from inspect_tools.diff.scale_stats import ScaleStats
 
 CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
 # Text tables stop after this many rows; --format json has everything.
