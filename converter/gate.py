@@ -34,6 +34,7 @@ from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats.fp8 import fp8_encoding_scale
 from reference_specs.formats.nvfp4 import encoding_scale_from_amax
+from reference_specs.sampling import spread, spread_indices
 
 GATE_RULE = "CONVERT-ROUNDTRIP"
 MARKER_RULE = "CONVERT-MARKER"
@@ -90,8 +91,7 @@ def sample_evenly(items: list, n: int) -> list:
         return list(items)
     if n == 1:
         return [items[len(items) // 2]]
-    step = (len(items) - 1) / (n - 1)
-    return [items[round(i * step)] for i in range(n)]
+    return spread(items, n)
 
 
 def row_tiles(rows: int, cols: int, budget: int = LAYER_ELEMENTS) -> list[tuple[int, int]]:
@@ -99,7 +99,7 @@ def row_tiles(rows: int, cols: int, budget: int = LAYER_ELEMENTS) -> list[tuple[
     a [rows, cols] weight, as many as the element budget allows (at least one)."""
     last = (rows - 1) // TILE_ROWS
     count = max(1, min(TILES_PER_LAYER, budget // max(1, TILE_ROWS * cols)))
-    tiles = sorted({round(i * last / (count - 1)) for i in range(count)} if count > 1 else {last // 2})
+    tiles = spread_indices(last + 1, count) if count > 1 else [last // 2]
     return [(t * TILE_ROWS, min(rows, (t + 1) * TILE_ROWS)) for t in tiles]
 
 

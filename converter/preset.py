@@ -49,8 +49,9 @@ Conditions (all optional, all must hold):
   in_blocks = true|false   the layer sits inside a repeated block (a `.N.` component in its name)
   sensitive = true|false   the architecture profile says it must stay high precision (embeddings, modulation, ...)
   ndim = N                 rank of the main tensor (weight, or the bare parameter), 1..8
-  min_dim = N              both weight dims >= min(N, model width): the cap keeps scaled-down test models
-                           (width 128-512) behaving like the real ones (width >= 3072), where it is just N;
+  min_dim = N              both weight dims >= min(N, model width): "a large linear" means at least N wide or as
+                           wide as the model itself, so one preset serves every model size (a model narrower than
+                           N keeps its main linears eligible; on the published widths, >= 3072, it is just N);
                            1..65536 (past that it could match no layer of any model: refused as a typo)
   divisible_by = N         both weight dims divisible by N, 1..65536
   max_numel = N            the main tensor has at most N elements (small tensors), 1..2^63-1
@@ -67,12 +68,12 @@ import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from converter.hand_written import MAX_PRESET_BYTES, MAX_TOML_DEPTH, read_bounded, toml_nesting_depth
 from inspect_tools.errors import InputError, UsageError
+from reference_specs import presets as builtin_presets
 from reference_specs.formats.nvfp4 import packed_shape
 from reference_specs.models.base import changed_reads
 
@@ -250,7 +251,10 @@ def describe_decision(decision: str) -> str:
 
 
 def effective_min_dim(min_dim: int, model_width: int | None) -> int:
-    """min_dim capped at the model's own width (see module docstring)."""
+    """min_dim capped at the model's own width (see module docstring): product behaviour, not a test hook. The
+    built-in presets name sizes of the published models; a layer as wide as the model it belongs to is one of its
+    main linears whatever the model's size, so a narrower model (a pruned or distilled variant, the demo's and the
+    tests' scaled-down files alike) is selected the same way rather than quantizing nothing."""
     return min(min_dim, model_width) if model_width else min_dim
 
 
@@ -414,15 +418,14 @@ def loads_preset(text: bytes, where: str, name: str | None = None) -> Preset:
 
 
 def builtin_names() -> list[str]:
-    folder = resources.files("converter") / "presets"
-    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+    return builtin_presets.names()
 
 
 def load_builtin(name: str) -> Preset:
-    path = resources.files("converter") / "presets" / f"{name}.toml"
-    if not path.is_file():
+    text = builtin_presets.read(name)
+    if text is None:
         raise UsageError(f"no built-in preset {name!r}{_did_you_mean(name)}; built-ins: {', '.join(builtin_names())}")
-    preset = loads_preset(path.read_bytes(), f"preset {name}", name)
+    preset = loads_preset(text, f"preset {name}", name)
     preset.source = "builtin"
     return preset
 

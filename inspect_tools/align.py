@@ -30,11 +30,18 @@ KNOWN_PREFIXES: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class LayerPair:
-    """One layer of each file that hold the same module. key: the name they were matched on."""
+    """One layer of each file that hold the same module. key: the name they were matched on.
 
-    mine: Layer
-    ref: Layer
+    align_layers only pairs layers both files have; `nvdiag diff` also lists a layer one file lacks, with the other
+    side None (its rows cover both files)."""
+
+    mine: Layer | None
+    ref: Layer | None
     key: str
+
+    @property
+    def matched(self) -> bool:
+        return self.mine is not None and self.ref is not None
 
 
 @dataclass

@@ -46,6 +46,7 @@ from reference_specs.formats import fast_encode
 from reference_specs.formats.base import Format
 from reference_specs.layer import Layer
 from reference_specs.rules.weight_values import non_finite_counts
+from reference_specs.sampling import spread
 
 RULE_DECODES_WRONGLY = "RT101"
 RULE_TRANSPOSED_SHAPE = "RT102"
@@ -557,9 +558,7 @@ def select_pairs(pairs: list[LayerPair], layers: str | None = None, sample: int 
     if sample is not None:
         if sample < 1:
             raise UsageError("--sample must be at least 1")
-        if sample < len(chosen):
-            step = (len(chosen) - 1) / max(sample - 1, 1)
-            chosen = [chosen[round(i * step)] for i in range(sample)]
+        chosen = spread(chosen, sample)
     return chosen
 
 

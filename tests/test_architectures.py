@@ -12,7 +12,7 @@ import torch
 
 from inspect_tools.cli import main
 from inspect_tools.layers import open_model
-from inspect_tools.synthetic import save_safetensors
+from inspect_tools.synthetic import save_safetensors, small_dims
 from reference_specs.models import PROFILES, detect, get_profile
 
 VARIANTS = [p.variant for p in PROFILES]
@@ -71,10 +71,10 @@ def test_diffusers_flux_names_are_the_ones_comfyui_maps(comfyui) -> None:
 
 def test_diffusers_flux_is_recognized_and_refused_by_convert(tmp_path: Path, capsys) -> None:
     flux = get_profile("flux1-dev")
-    shapes = flux.diffusers_tensor_shapes(flux.small_dims)
+    shapes = flux.diffusers_tensor_shapes(small_dims(flux.variant))
     found = detect(shapes)
     assert (found.family, found.variant, found.naming) == ("flux", "flux1-dev", "diffusers")
-    assert found.dims["double_blocks"] == flux.small_dims["double_blocks"]
+    assert found.dims["double_blocks"] == small_dims(flux.variant)["double_blocks"]
     src = save_safetensors({k: torch.zeros(v) for k, v in shapes.items()}, tmp_path / "flux_diffusers.safetensors")
     with open_model(src) as model:
         assert model.detection.naming == "diffusers"

@@ -25,8 +25,7 @@ import pytest
 from safetensors import safe_open
 
 from inspect_tools.cli import main
-from inspect_tools.synthetic import add_activation_outliers, float_state_dict, save_safetensors
-from reference_specs.models import get_profile
+from inspect_tools.synthetic import add_activation_outliers, float_state_dict, save_safetensors, small_dims
 
 # The Qwen Image fixtures are full width (ComfyUI builds nothing narrower): their run is minutes on a CPU, so they are
 # measured on demand (the closing note of issue 14 has the figures), not in every CI run.
@@ -34,7 +33,7 @@ TARGETS = ["wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"]
 
 
 def outlier_layers(variant: str) -> list[str]:
-    blocks = get_profile(variant).small_dims["blocks"]
+    blocks = small_dims(variant)["blocks"]
     if variant.startswith("wan"):
         return [f"blocks.{b}.self_attn.o" for b in range(blocks)]
     return [f"transformer_blocks.{b}.attn.to_out.0" for b in range(blocks)]

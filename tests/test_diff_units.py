@@ -6,14 +6,10 @@ import math
 
 import torch
 
-from inspect_tools.diff import (
-    FindingCollector,
-    ScaleStats,
-    precision_class,
-    role_counts,
-    signatures,
-    tensor_signature,
-)
+from inspect_tools.diff.checks import FindingCollector
+from inspect_tools.diff.facts import difference, precision_class, storage_text, tensor_signature
+from inspect_tools.diff.scale_stats import ScaleStats
+from inspect_tools.diff.summaries import role_counts, signatures
 from inspect_tools.readers.base import TensorInfo
 from reference_specs.findings import Severity
 from reference_specs.layer import Layer
@@ -92,3 +88,15 @@ def test_collector_orders_findings_by_severity_then_rule_then_model_order():
     found = out.findings()
     assert [f.layer for f in found] == ["blocks.1.ffn.0", "blocks.2.ffn.0", "blocks.10.ffn.0", "blocks.0.ffn.2"]
     assert found[0].file == "mine.safetensors" and found[-1].severity == Severity.INFO
+
+
+def test_difference_names_what_a_row_of_the_layers_table_differs_in():
+    plain = nvfp4_layer()
+    with_input_scale = nvfp4_layer(input_scale=())
+    assert difference(plain, nvfp4_layer()) == ""
+    assert difference(with_input_scale, plain) == "MINE +input_scale"
+    assert difference(None, plain) == "only in REF" and difference(plain, None) == "only in MINE"
+    half = Layer(name=plain.name, format="bf16", tensors={"weight": info("w", "BF16", (64, 64))})
+    assert difference(plain, half) == "format; MINE +bias,comfy_quant,weight_scale,weight_scale_2"
+    # NVFP4 packs two values per byte: U8 [64, 32] is a [64, 64] weight
+    assert storage_text(plain) == "nvfp4 64x64"

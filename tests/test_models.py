@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from inspect_tools.synthetic import small_dims
 from reference_specs import models
 from reference_specs.models import PROFILES, detect, get_profile, native_name
 
@@ -17,7 +18,7 @@ PREFIXES = ["", "model.diffusion_model.", "model.model.", "net.", "diffusion_mod
 
 def shapes_of(variant: str, full: bool) -> dict[str, tuple[int, ...]]:
     profile = get_profile(variant)
-    return profile.tensor_shapes(profile.full_dims if full else profile.small_dims)
+    return profile.tensor_shapes(profile.full_dims if full else small_dims(profile.variant))
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "scaled-down"])
@@ -58,7 +59,7 @@ def test_dims_are_read_off_the_shapes() -> None:
 def test_variant_follows_in_and_out_dims_not_width() -> None:
     """A WAN of any width is TI2V 5B when out_dim is 48, I2V when in_dim is 36 (comfyui-load-path.md Q5)."""
     wan = get_profile("wan2.2-t2v-a14b")
-    odd = {**wan.small_dims, "dim": 384, "ffn": 768, "blocks": 3}
+    odd = {**small_dims(wan.variant), "dim": 384, "ffn": 768, "blocks": 3}
     assert detect(wan.tensor_shapes(odd)).variant == "wan2.2-t2v-a14b"
     assert detect(wan.tensor_shapes({**odd, "in_dim": 36})).variant == "wan2.2-i2v-a14b"
     assert detect(wan.tensor_shapes({**odd, "in_dim": 48, "out_dim": 48})).variant == "wan2.2-ti2v-5b"
@@ -124,7 +125,8 @@ def test_name_maps_round_trip_with_any_role(variant: str) -> None:
 
 def test_native_name_strips_prefix_and_renames() -> None:
     wan = get_profile("wan2.2-ti2v-5b")
-    shapes = {"model.diffusion_model." + wan.to_diffusers(k): v for k, v in wan.tensor_shapes(wan.small_dims).items()}
+    native = wan.tensor_shapes(small_dims(wan.variant))
+    shapes = {"model.diffusion_model." + wan.to_diffusers(k): v for k, v in native.items()}
     found = detect(shapes)
     assert native_name(found, "model.diffusion_model.blocks.0.attn1.to_k.weight") == "blocks.0.self_attn.k.weight"
 

@@ -21,7 +21,7 @@ from converter.preset import (
 )
 from inspect_tools.cli import main
 from inspect_tools.errors import InputError, UsageError
-from inspect_tools.synthetic import default_selection, float_state_dict, shapes_for, write_float
+from inspect_tools.synthetic import default_selection, float_state_dict, shapes_for, small_dims, write_float
 from reference_specs import models
 
 TARGETS = ("wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "qwen-image-2512", "qwen-image-edit-2511")
@@ -69,7 +69,7 @@ def test_model_preset_matches_city96_selection_on_full_size_shapes(variant: str)
 def test_smart_quantizes_block_linears_of_scaled_down_models_and_keeps_sensitive_ones(variant: str) -> None:
     preset = load_builtin("smart")
     profile = models.get_profile(variant)
-    width = profile.small_dims["dim"]
+    width = small_dims(profile.variant)["dim"]
     views = views_for(variant)
     decided = {v.name: preset.decide(v, width).format for v in views}
     assert any(f == "nvfp4" for f in decided.values())

@@ -108,7 +108,7 @@ def test_a_calibrated_scale_is_written_in_fp8s_convention_for_an_fp8_layer(comfy
     # the same noise levels and contexts as `result`, whose capture is the independent record of the amax
     assert main(["calibrate", str(source), "-o", str(scales), "--comfyui", str(comfyui.root), "--steps", "2",
                  "--prompts", "2"]) == 0
-    builtin = (resources.files("converter") / "presets" / f"{VARIANT}.toml").read_text()
+    builtin = (resources.files("reference_specs.presets") / f"{VARIANT}.toml").read_text()
     preset = tmp_path / "fp8_o.toml"
     preset.write_text("name = 'fp8-o'\ndefault = 'keep'\n\n[[rules]]\nregex = '^blocks\\.\\d+\\.self_attn\\.o$'\n"
                       "format = 'fp8'\n\n" + builtin[builtin.index("[[rules]]"):])

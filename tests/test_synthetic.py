@@ -301,3 +301,13 @@ def test_gguf_fixture_opens_with_city96_types(wan_gguf_q4_0: Path) -> None:
     with open_model(wan_gguf_q4_0) as model:
         assert model.detection.variant == WAN
         assert model.format_counts() == {"F16": 6, "F32": 14, "Q4_0": 18, "Q4_1": 2}
+
+
+def test_every_architecture_has_fixture_dims_that_keep_its_head_size() -> None:
+    # the scaled-down dims live with the factory (not in reference_specs): one entry per profile, the same dims
+    # named as the published model's, narrower or shallower but with the real head_dim (128)
+    assert set(synthetic.SMALL_DIMS) == {p.variant for p in models.PROFILES}
+    for profile in models.PROFILES:
+        small = synthetic.small_dims(profile.variant)
+        assert set(small) == set(profile.full_dims), profile.variant
+        assert small["dim"] // small["heads"] == profile.full_dims["dim"] // profile.full_dims["heads"] == 128

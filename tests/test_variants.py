@@ -16,7 +16,7 @@ from safetensors import safe_open
 from converter.pipeline import convert
 from inspect_tools.cli import main
 from inspect_tools.layers import open_model
-from inspect_tools.synthetic import transformer_config, write_transformer_folder
+from inspect_tools.synthetic import small_dims, transformer_config, write_transformer_folder
 from reference_specs.models import detect, get_profile
 
 QWEN_SMALL = {"dim": 256, "text_dim": 256, "blocks": 1, "heads": 2}
@@ -49,7 +49,7 @@ def test_a_diffusers_folder_is_detected_as_its_config_says(qwen_folders: dict[st
 
 def test_zero_cond_t_is_the_only_difference_and_it_is_named() -> None:
     profile = get_profile("qwen-image-2512")
-    shapes = profile.tensor_shapes(profile.small_dims)
+    shapes = profile.tensor_shapes(small_dims(profile.variant))
     assert detect(shapes).variant == "qwen-image-2512"
     found = detect(shapes, transformer_config("qwen-image-edit-2511"))
     assert (found.variant, found.config) == ("qwen-image-edit-2511", "config.json: zero_cond_t true")
@@ -61,7 +61,7 @@ def test_zero_cond_t_is_the_only_difference_and_it_is_named() -> None:
 
 def test_layered_is_not_2512_even_with_the_edit_marker() -> None:
     profile = get_profile("qwen-image-2512")
-    shapes = {**profile.tensor_shapes(profile.small_dims), LAYERED_KEY: (2, 3072)}
+    shapes = {**profile.tensor_shapes(small_dims(profile.variant)), LAYERED_KEY: (2, 3072)}
     assert detect(shapes).variant == "qwen-image-layered"
     assert detect({**shapes, EDIT_MARKER: (0,)}).variant == "qwen-image-layered"  # ComfyUI: Layered's ref method
 

@@ -24,11 +24,10 @@ from inspect_tools.cli.output import (
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from reference_specs.findings import Severity
-from reference_specs.layer import Layer
-from reference_specs.rules.compute_markers import compute_path
 
 if TYPE_CHECKING:  # the engine (and torch) is imported where it runs: other commands start without it
-    from inspect_tools.diff import DiffReport, ScaleStats
+    from inspect_tools.diff import DiffReport
+    from inspect_tools.diff.scale_stats import ScaleStats
 
 CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
 # Text tables stop after this many rows; --format json has everything.
@@ -157,21 +156,8 @@ def _roles_table(report: DiffReport) -> Table | None:
 
 
 def _layers_table(report: DiffReport, out: Console) -> Table | None:
-    """Layers that differ (present on one side only, another format, other aux tensors or dtypes), rows with the
-    same difference folded into one: "blocks.0.ffn.0 and 19 more". Not in a role diff (no layer has a partner)."""
-    if report.mode == "role":
-        return None
-    groups: dict[tuple[str, str, str], list[str]] = {}
-    for pair in report.pairs:
-        m, r = pair.mine, pair.ref
-        what = _difference(m, r)
-        if m is not None and r is not None:
-            mine_path = compute_path(m, report.mine.file_markers)
-            ref_path = compute_path(r, report.ref.file_markers)
-            if mine_path and ref_path and mine_path != ref_path:
-                what = "; ".join(filter(None, (what, f"compute MINE {mine_path}, REF {ref_path}")))
-        if what:
-            groups.setdefault((_cell(m), _cell(r), what), []).append(pair.key)
+    """Layers that differ, rows with the same difference folded into one: "blocks.0.ffn.0 and 19 more"."""
+    groups = report.differing_layers()
     if not groups:
         return None
     table = Table(title="layers that differ")
@@ -179,40 +165,15 @@ def _layers_table(report: DiffReport, out: Console) -> Table | None:
     table.add_column("MINE", overflow="fold")
     table.add_column("REF", overflow="fold")
     table.add_column("difference", overflow="fold")
-    rows = [(shown(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else ""), *key)
-            for key, names in groups.items()]
+    rows = [(shown(names[0]) + (f" and {len(names) - 1} more" if len(names) > 1 else ""), _cell(mine), _cell(ref), what)
+            for names, mine, ref, what in groups]
     for row in _limited(rows, out, "layer groups"):
         table.add_row(*row)
     return table
 
 
-def _cell(layer: Layer | None) -> str:
-    if layer is None:
-        return "[red]absent[/]"
-    from inspect_tools.diff import logical_shape
-
-    shape = logical_shape(layer)
-    return f"{layer.format} " + ("x".join(str(d) for d in shape) if shape else "?")
-
-
-def _difference(mine: Layer | None, ref: Layer | None) -> str:
-    """'' when both sides store the layer the same way; else what differs, in a few words."""
-    if mine is None or ref is None:
-        return "only in " + ("REF" if mine is None else "MINE")
-    parts = []
-    if mine.format.lower() != ref.format.lower():  # GGUF's "F32" is safetensors' "f32"
-        parts.append("format")
-    only_m = sorted(set(mine.tensors) - set(ref.tensors))
-    only_r = sorted(set(ref.tensors) - set(mine.tensors))
-    if only_m:
-        parts.append("MINE +" + ",".join(only_m))
-    if only_r:
-        parts.append("REF +" + ",".join(only_r))
-    if mine.format.lower() == ref.format.lower():
-        dtypes = [r for r in sorted(set(mine.tensors) & set(ref.tensors)) if mine.dtype(r) != ref.dtype(r)]
-        if dtypes:
-            parts.append("dtype of " + ",".join(dtypes))
-    return "; ".join(parts)
+def _cell(storage: str | None) -> str:
+    return "[red]absent[/]" if storage is None else storage
 
 
 def _values_table(report: DiffReport, out: Console) -> Table | None:

@@ -2,6 +2,7 @@
 format a ComfyUI user meets, with realistic weight statistics and injectable faults. Deterministic by seed."""
 
 from inspect_tools.synthetic.diffusers_folders import transformer_config, write_model_folder, write_transformer_folder
+from inspect_tools.synthetic.dims import SMALL_DIMS, small_dims
 from inspect_tools.synthetic.faults import FAULTS, Fault, apply_faults
 from inspect_tools.synthetic.gguf_files import city96_type, write_gguf
 from inspect_tools.synthetic.header_only import write_header_only
@@ -28,6 +29,7 @@ from inspect_tools.synthetic.writers import (
 __all__ = [
     "FAULTS",
     "INDEX_NAME",
+    "SMALL_DIMS",
     "VARIANTS",
     "add_activation_outliers",
     "Fault",
@@ -41,6 +43,7 @@ __all__ = [
     "nvfp4_mixed_plan",
     "save_safetensors",
     "shapes_for",
+    "small_dims",
     "transformer_config",
     "write_float",
     "write_fp8_comfy",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from inspect_tools.synthetic.dims import small_dims
 from inspect_tools.synthetic.state_dicts import float_state_dict, profile_for
 from inspect_tools.synthetic.writers import save_safetensors, write_sharded
 
@@ -29,7 +30,7 @@ _TENSORS_OF = {"qwen-image-edit-2511": "qwen-image-2512"}
 def transformer_config(variant: str, dims: dict[str, int] | None = None) -> dict[str, Any]:
     """The diffusers config.json of `variant`'s transformer at `dims` (default: the fixture's small dims)."""
     profile = profile_for(variant)
-    d = {**profile.small_dims, **(dims or {})}
+    d = {**small_dims(variant), **(dims or {})}
     if profile.family == "wan":
         return {"_class_name": "WanTransformer3DModel", "_diffusers_version": "0.35.0", "added_kv_proj_dim": None,
                 "attention_head_dim": d["dim"] // d["heads"], "cross_attn_norm": True, "eps": 1e-06,

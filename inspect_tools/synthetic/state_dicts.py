@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from inspect_tools.synthetic.dims import small_dims
 from inspect_tools.synthetic.values import tensor_value
 from reference_specs.models import PROFILES as _PROFILES
 from reference_specs.models import ArchitectureProfile, get_profile
@@ -22,17 +23,19 @@ def profile_for(variant: str) -> ArchitectureProfile:
 
 
 def shapes_for(variant: str, dims: dict[str, int] | None = None) -> dict[str, tuple[int, ...]]:
-    """Native key -> shape; dims default to the profile's scaled-down dims, partial dims override them."""
+    """Native key -> shape; dims default to the fixture's scaled-down dims (synthetic/dims.py), partial dims
+    override them."""
     profile = profile_for(variant)
-    return profile.tensor_shapes({**profile.small_dims, **(dims or {})})
+    return profile.tensor_shapes({**small_dims(variant), **(dims or {})})
 
 
 def comfyui_dims(variant: str) -> dict[str, int]:
-    """The dims of fixtures that ComfyUI builds and runs: the profile's small dims. ComfyUI reads WAN's width, FFN
-    and depth off the keys but always builds text width 4096; it builds Qwen Image only at its real width (24 heads
+    """The dims of fixtures that ComfyUI builds and runs: the small dims (synthetic/dims.py). ComfyUI reads WAN's width,
+    FFN and depth off the keys but always builds text width 4096; it builds Qwen Image only at its real width (24 heads
     of 128, text 3584) and reads just in_channels and depth (comfy/model_detection.py): so the small WAN dims are
     narrow and the small Qwen dims are full width, one block deep."""
-    return dict(profile_for(variant).small_dims)
+    profile_for(variant)  # an unknown variant is named as such
+    return small_dims(variant)
 
 
 def rename(profile: ArchitectureProfile, key: str, naming: str) -> str:

@@ -65,10 +65,9 @@ class ArchitectureProfile:
     family: str
     variant: str
     display_name: str
-    # Real dimensions of the published model (used for header-only full-size fixtures and scaled-down checks).
+    # Real dimensions of the published model (detection tells a scaled-down file by them; the scaled-down dims of
+    # synthetic fixtures live with the factory, inspect_tools/synthetic/dims.py).
     full_dims: dict[str, int]
-    # Scaled-down dimensions for synthetic fixtures: same in/out dims and head_dim, fewer blocks, narrower.
-    small_dims: dict[str, int]
 
     # dims that make a model smaller than the real one (width, depth): any of them off full_dims = scaled down
     _size_dims: tuple[str, ...] = ()

@@ -40,8 +40,6 @@ class Flux1Dev(ArchitectureProfile):
     display_name = "FLUX.1-dev"
     full_dims = {"dim": 3072, "double_blocks": 19, "single_blocks": 38, "in_channels": 64, "context_dim": 4096,
                  "vec_dim": 768, "mlp_ratio": 4, "heads": 24}
-    small_dims = {"dim": 256, "double_blocks": 2, "single_blocks": 2, "in_channels": 64, "context_dim": 256,
-                  "vec_dim": 256, "mlp_ratio": 4, "heads": 2}
     _size_dims: ClassVar[tuple[str, ...]] = ("dim", "double_blocks", "single_blocks")
     # comfy/model_detection.py (Flux branch, ComfyUI 0.8.0): in_channels = img_in.weight.shape[1] // patch_size**2,
     # hidden_size = img_in/txt_in .weight.shape[0], context_in_dim = txt_in.weight.shape[1],

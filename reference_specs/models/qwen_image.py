@@ -159,16 +159,12 @@ class QwenImageProfile(ArchitectureProfile):
 
 
 _FULL = {"dim": 3072, "blocks": 60, "text_dim": 3584, "in_channels": 64, "out_channels": 64, "heads": 24}
-# ComfyUI builds Qwen Image at its real width only (it reads in_channels and depth off the keys, nothing else):
-# fixtures are full width and one block deep
-_SMALL = {"dim": 3072, "blocks": 1, "text_dim": 3584, "in_channels": 64, "out_channels": 64, "heads": 24}
 
 
 class QwenImage2512(QwenImageProfile):
     variant = "qwen-image-2512"
     display_name = "Qwen Image 2512"
     full_dims = dict(_FULL)
-    small_dims = dict(_SMALL)
 
 
 class QwenImageEdit2511(QwenImageProfile):
@@ -176,7 +172,6 @@ class QwenImageEdit2511(QwenImageProfile):
     display_name = "Qwen Image Edit 2511"
     edit = True
     full_dims = dict(_FULL)
-    small_dims = dict(_SMALL)
     # ComfyUI's QwenImageTransformer2DModel registers it as torch.tensor([]) (float32, 0 elements)
     marker_tensors: ClassVar[dict[str, tuple[str, tuple[int, ...]]]] = {EDIT_MARKER: ("F32", (0,))}
 
@@ -186,4 +181,3 @@ class QwenImageLayered(QwenImageProfile):
     display_name = "Qwen Image Layered"
     layered = True
     full_dims = dict(_FULL)
-    small_dims = dict(_SMALL)

@@ -221,15 +221,11 @@ def _is_norm(name: str) -> bool:
     return leaf.startswith("norm") or name.startswith(("img_emb.proj.0", "img_emb.proj.4"))
 
 
-_SCALED_WAN = {"dim": 256, "ffn": 512, "blocks": 2, "text_dim": 4096, "freq_dim": 256}
-
-
 class Wan22TI2V5B(WanProfile):
     variant = "wan2.2-ti2v-5b"
     display_name = "WAN 2.2 TI2V 5B"
     full_dims = {"dim": 3072, "ffn": 14336, "blocks": 30, "in_dim": 48, "out_dim": 48, "text_dim": 4096,
                  "freq_dim": 256, "heads": 24}
-    small_dims = {**_SCALED_WAN, "in_dim": 48, "out_dim": 48, "heads": 2}
 
 
 class Wan22T2VA14B(WanProfile):
@@ -237,7 +233,6 @@ class Wan22T2VA14B(WanProfile):
     display_name = "WAN 2.2 T2V A14B (one expert)"
     full_dims = {"dim": 5120, "ffn": 13824, "blocks": 40, "in_dim": 16, "out_dim": 16, "text_dim": 4096,
                  "freq_dim": 256, "heads": 40}
-    small_dims = {**_SCALED_WAN, "in_dim": 16, "out_dim": 16, "heads": 2}
 
 
 class Wan22I2VA14B(WanProfile):
@@ -245,4 +240,3 @@ class Wan22I2VA14B(WanProfile):
     display_name = "WAN 2.2 I2V A14B (one expert)"
     full_dims = {"dim": 5120, "ffn": 13824, "blocks": 40, "in_dim": 36, "out_dim": 16, "text_dim": 4096,
                  "freq_dim": 256, "heads": 40}
-    small_dims = {**_SCALED_WAN, "in_dim": 36, "out_dim": 16, "heads": 2}

@@ -17,6 +17,7 @@ from reference_specs.causes import check_cause
 from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
 from reference_specs.models import ArchitectureProfile, Detection, get_profile
+from reference_specs.sampling import spread
 
 # Layer formats that are stored as a Linear weight plus scales (ComfyUI's "mixed" formats), and the comfy_quant
 # "format" names ComfyUI's QUANT_ALGOS knows (comfy/quant_ops.py; shared/research/comfyui-load-path.md Q1/Q2).
@@ -107,10 +108,7 @@ class RuleContext:
         if self.block_scale_budget is None or sum(sizes) <= self.block_scale_budget:
             return layers
         per_layer = max(sizes) or 1
-        count = max(1, self.block_scale_budget // per_layer)
-        step = (len(layers) - 1) / max(1, count - 1)
-        picked = sorted({round(i * step) for i in range(count)})
-        return [layers[i] for i in picked]
+        return spread(layers, max(1, self.block_scale_budget // per_layer))
 
     def layers_of(self, *fmts: str) -> Iterator[Layer]:
         for layer in self.model.layers.values():

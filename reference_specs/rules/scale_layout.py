@@ -123,6 +123,8 @@ def padding_reading(layer: Layer, ctx: RuleContext) -> str | None:
 
 
 def _sample(layers: list[Layer], limit: int) -> list[Layer]:
+    # Not reference_specs.sampling.spread: this one never takes the last layer (floor of i * len / limit), and
+    # switching would change which layers NV204's evidence is measured on.
     if len(layers) <= limit:
         return layers
     step = len(layers) / limit

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from reference_specs.findings import Finding
 from reference_specs.layer import Layer
 from reference_specs.rules.base import ModelView, Rule, RuleContext
+from reference_specs.sampling import spread
 
 if TYPE_CHECKING:
     import torch
@@ -58,9 +59,7 @@ def within_weight_budget(items: list[tuple[Layer, str]], budget: int | None) -> 
     total = sum(sizes)
     if budget is None or total <= budget:
         return items
-    count = max(1, int(len(items) * budget / total))
-    step = (len(items) - 1) / max(1, count - 1)
-    return [items[i] for i in sorted({round(i * step) for i in range(count)})]
+    return spread(items, max(1, int(len(items) * budget / total)))
 
 
 class NonFiniteWeight(Rule):
