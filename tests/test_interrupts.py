@@ -260,7 +260,9 @@ def test_ctrl_c_outside_the_writer_exits_130_with_one_line(files, monkeypatch, c
     import inspect_tools.cli.inspect_cmd as inspect_cmd
 
     def interrupted(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)
+        # raise_signal, not os.kill: a process-directed signal may land on a helper thread left by an earlier
+        # test, and the main thread then finishes its sleep before Python runs the handler (a flake under load).
+        signal.raise_signal(signal.SIGINT)
         time.sleep(5)  # the handler raises before this ends
         raise AssertionError("SIGINT was not delivered")
 
