@@ -50,8 +50,9 @@ def test_diffusers_wan_names_detect_through_the_map(variant: str, full: bool, pr
 def test_dims_are_read_off_the_shapes() -> None:
     found = detect(shapes_of("wan2.2-i2v-a14b", True))
     assert found.dims | {"heads": 40} == get_profile("wan2.2-i2v-a14b").full_dims
-    small = detect(shapes_of("qwen-image-2512", False)).dims
-    assert (small["dim"], small["blocks"], small["text_dim"], small["in_channels"]) == (3072, 1, 3584, 64)
+    small = detect(get_profile("qwen-image-2512").tensor_shapes({"dim": 384, "blocks": 3, "text_dim": 320,
+                                                                "in_channels": 64, "out_channels": 64})).dims
+    assert (small["dim"], small["blocks"], small["text_dim"], small["in_channels"]) == (384, 3, 320, 64)
     flux = detect(shapes_of("flux1-dev", True)).dims
     assert (flux["double_blocks"], flux["single_blocks"], flux["dim"]) == (19, 38, 3072)
 

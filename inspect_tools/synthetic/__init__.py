@@ -2,7 +2,7 @@
 format a ComfyUI user meets, with realistic weight statistics and injectable faults. Deterministic by seed."""
 
 from inspect_tools.synthetic.diffusers_folders import transformer_config, write_model_folder, write_transformer_folder
-from inspect_tools.synthetic.dims import SMALL_DIMS, small_dims
+from inspect_tools.synthetic.dims import SMALL_DIMS, comfyui_dims, small_dims
 from inspect_tools.synthetic.faults import FAULTS, Fault, apply_faults
 from inspect_tools.synthetic.gguf_files import city96_type, write_gguf
 from inspect_tools.synthetic.header_only import write_header_only
@@ -10,7 +10,6 @@ from inspect_tools.synthetic.mixed import MixedPlan, marker_tensor
 from inspect_tools.synthetic.state_dicts import (
     VARIANTS,
     add_activation_outliers,
-    comfyui_dims,
     default_selection,
     float_state_dict,
     shapes_for,

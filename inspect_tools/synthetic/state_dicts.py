@@ -29,15 +29,6 @@ def shapes_for(variant: str, dims: dict[str, int] | None = None) -> dict[str, tu
     return profile.tensor_shapes({**small_dims(variant), **(dims or {})})
 
 
-def comfyui_dims(variant: str) -> dict[str, int]:
-    """The dims of fixtures that ComfyUI builds and runs: the small dims (synthetic/dims.py). ComfyUI reads WAN's width,
-    FFN and depth off the keys but always builds text width 4096; it builds Qwen Image only at its real width (24 heads
-    of 128, text 3584) and reads just in_channels and depth (comfy/model_detection.py): so the small WAN dims are
-    narrow and the small Qwen dims are full width, one block deep."""
-    profile_for(variant)  # an unknown variant is named as such
-    return small_dims(variant)
-
-
 def rename(profile: ArchitectureProfile, key: str, naming: str) -> str:
     if naming == "native":
         return key
