@@ -93,6 +93,26 @@ def by_comfy_format(name: str) -> type[Format] | None:
     return _find(lambda f: f.comfy_format == name)
 
 
+def marked_formats() -> list[type[Format]]:
+    """The formats ComfyUI selects through a comfy_quant "format" (registry order; GGUF types have none)."""
+    return [f for f in _formats if f.comfy_format is not None]
+
+
+def marker_proven(weight_dtype: str, roles: set[str], weight_shape: tuple[int, ...],
+                  scale_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """The comfy_quant conf of the one format a layer's header proves (Format.proves_marker), or None."""
+    for fmt in marked_formats():
+        if fmt.proves_marker(weight_dtype, roles, weight_shape, scale_shape):
+            return fmt.marker_conf()
+    return None
+
+
+def compute_paths() -> dict[str, tuple[str, str]]:
+    """comfy_quant format -> (compute path with quantized activations, with full_precision_matrix_mult), for the
+    formats whose Blackwell kernels are known (Format.compute_paths)."""
+    return {f.comfy_format: f.compute_paths for f in marked_formats() if f.compute_paths and f.comfy_format}
+
+
 def is_quantized(slug: str) -> bool:
     """Whether a format slug stores a lossy encoding; "unknown" and unregistered slugs count as not quantized."""
     fmt = None if slug == UNKNOWN else _by_slug(slug)
@@ -117,4 +137,5 @@ def classify(layer: Layer, file_markers: dict[str, Any] | None = None) -> str:
     return UNKNOWN
 
 
-__all__ = ["FORMATS", "Format", "RoleSpec", "by_comfy_format", "classify", "get", "is_quantized", "register"]
+__all__ = ["FORMATS", "Format", "RoleSpec", "by_comfy_format", "classify", "compute_paths", "get", "is_quantized",
+           "marked_formats", "marker_proven", "register"]
