@@ -139,6 +139,12 @@ class Format:
         raise NotImplementedError
 
     @classmethod
+    def stored_tensors(cls, out_features: int, in_features: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        """(role, safetensors dtype, shape) of each tensor `quantize` writes for a [out, in] weight, in file order
+        (what convert plans before it encodes)."""
+        raise NotImplementedError
+
+    @classmethod
     def default_scale(cls, amax: float, source: str) -> torch.Tensor:
         """The per-tensor scale (tensor_scale_role) the format's own rules give a weight of this amax and
         safetensors dtype, float32 0-d, as nvdiag encodes it."""

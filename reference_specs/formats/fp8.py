@@ -126,6 +126,10 @@ class _ComfyFP8(Format):
     compute_paths: ClassVar[tuple[str, str] | None] = ("W8A8", "W8A16")
 
     @classmethod
+    def stored_tensors(cls, out_features: int, in_features: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [("weight", cls.stored_dtype, (out_features, in_features)), ("weight_scale", "F32", ())]
+
+    @classmethod
     def default_scale(cls, amax: float, source: str) -> torch.Tensor:
         return fp8_encoding_scale(amax, source, cls.torch_dtype)
 

@@ -384,6 +384,12 @@ class NVFP4(Format):
         }
 
     @classmethod
+    def stored_tensors(cls, out_features: int, in_features: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [("weight", "U8", packed_shape(out_features, in_features)),
+                ("weight_scale", "F8_E4M3", block_scale_shape(out_features, in_features)),
+                ("weight_scale_2", "F32", ())]
+
+    @classmethod
     def default_scale(cls, amax: float, source: str) -> torch.Tensor:
         return encoding_scale_from_amax(amax, source)
 
