@@ -11,10 +11,11 @@ from typing import Any
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
 from reference_specs.formats.fp8 import FP8E4M3, FP8E5M2
+from reference_specs.formats.lightx2v import NVFP4LightX2V
 from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.formats.plain import PLAIN_FORMATS
 from reference_specs.formats.scaled_fp8 import ScaledFP8
-from reference_specs.layer import Layer
+from reference_specs.layer import Layer, register_roles
 
 UNKNOWN = "unknown"
 
@@ -24,6 +25,7 @@ UNKNOWN = "unknown"
 # front of the registry the first time a GGUF layer is classified or a slug is not found without them.
 # `FORMATS` (module attribute) is always the complete list.
 _formats: list[type[Format]] = [
+    NVFP4LightX2V,  # before NVFP4, whose unmarked claim (U8 weight + block scales) it narrows
     NVFP4,
     NVFP4CompressedTensors,
     FP8E4M3,
@@ -32,6 +34,8 @@ _formats: list[type[Format]] = [
     *PLAIN_FORMATS,
 ]
 _gguf_loaded = False
+for _fmt in _formats:
+    register_roles(list(_fmt.signature))
 _slug_index: dict[tuple[int, int], dict[str, type[Format]]] = {}  # (id, length) of _formats -> slug -> format
 
 
@@ -63,6 +67,7 @@ def _find(match: Callable[[type[Format]], bool]) -> type[Format] | None:
 def register(fmt: type[Format]) -> type[Format]:
     if fmt not in _formats:
         _formats.append(fmt)
+        register_roles(list(fmt.signature))
     return fmt
 
 

@@ -308,6 +308,29 @@ def sign_agreement(tensors: Tensors, reference: torch.Tensor) -> float | None:
 DECODABLE_DTYPES = {"weight": ("U8", "I8"), "weight_scale": ("F8_E4M3", "U8")}
 
 
+def packed_problem(layer: Layer) -> tuple[str, str] | None:
+    """(cause, reason) when a layer's packed weight and block scales cannot be decoded as NVFP4 codes, from the header
+    alone: byte-sized codes and scales, a 2-D packed weight padded to 16 rows and whole 16-element blocks, and a 2-D
+    block scale of the swizzled shape (or the row-major [out, in/16], which decodes and is reported as
+    scale-layout-linear). The same shapes NV105 / NV106 require. Shared by every layout of NVFP4 codes."""
+    for role, dtypes in DECODABLE_DTYPES.items():
+        if layer.dtype(role) not in dtypes:
+            return "wrong-dtype", f"{role} is {layer.dtype(role)}, NVFP4 stores {' or '.join(dtypes)}"
+    weight, scale = layer.shape("weight"), layer.shape("weight_scale")
+    if len(weight) != 2:
+        return "wrong-shape", f"packed weight is {len(weight)}-D {list(weight)}, NVFP4 needs 2-D"
+    rows, cols = weight[0], weight[1] * 2
+    if rows % 16 or cols % BLOCK or not rows:
+        return "wrong-shape", f"packed weight {list(weight)} is not padded to multiples of 16 (rows) and 8 " \
+                              "(bytes per row)"
+    linear_rows = range(rows - 15, rows + 1)  # row-major scales of the unpadded [out, in/16]
+    if len(scale) != 2 or not (scale == block_scale_shape(rows, cols)
+                               or (scale[1] == cols // BLOCK and scale[0] in linear_rows)):
+        return "wrong-shape", f"block scale {list(scale)} does not match the packed weight {list(weight)} " \
+                              f"(expected {list(block_scale_shape(rows, cols))})"
+    return None
+
+
 class NVFP4(Format):
     slug: ClassVar[str] = "nvfp4"
     comfy_format: ClassVar[str | None] = "nvfp4"
@@ -352,24 +375,7 @@ class NVFP4(Format):
         16-element blocks, and a 2-D block scale of the swizzled shape (or the row-major [out, in/16], which decodes
         and is reported as scale-layout-linear). The same shapes NV105 / NV106 require."""
         problem = super().decode_problem(layer)
-        if problem is not None:
-            return problem
-        for role, dtypes in DECODABLE_DTYPES.items():
-            if layer.dtype(role) not in dtypes:
-                return "wrong-dtype", f"{role} is {layer.dtype(role)}, NVFP4 stores {' or '.join(dtypes)}"
-        weight, scale = layer.shape("weight"), layer.shape("weight_scale")
-        if len(weight) != 2:
-            return "wrong-shape", f"packed weight is {len(weight)}-D {list(weight)}, NVFP4 needs 2-D"
-        rows, cols = weight[0], weight[1] * 2
-        if rows % 16 or cols % BLOCK or not rows:
-            return "wrong-shape", f"packed weight {list(weight)} is not padded to multiples of 16 (rows) and 8 " \
-                                  "(bytes per row)"
-        linear_rows = range(rows - 15, rows + 1)  # row-major scales of the unpadded [out, in/16]
-        if len(scale) != 2 or not (scale == block_scale_shape(rows, cols)
-                                   or (scale[1] == cols // BLOCK and scale[0] in linear_rows)):
-            return "wrong-shape", f"block scale {list(scale)} does not match the packed weight {list(weight)} " \
-                                  f"(expected {list(block_scale_shape(rows, cols))})"
-        return None
+        return problem if problem is not None else packed_problem(layer)
 
     def quantize(self, weight: torch.Tensor, scale_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out_f, in_f = weight.shape

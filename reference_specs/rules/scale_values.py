@@ -12,6 +12,7 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX
 from reference_specs.layer import Layer
 from reference_specs.rules.base import FP8_DTYPES, NVFP4, ModelView, Rule, RuleContext
+from reference_specs.rules.foreign_layouts import foreign_format
 from reference_specs.rules.scale_data import BLOCK_SCALE_DTYPES
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ Fix: `nvdiag fix` stores 1/x for these scales (and renames weight_global_scale);
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
+            if foreign_format(layer) is not None:
+                continue  # its scales are the layout's own convention: NV112 names the layout and fix rewrites them
             for role in COMPRESSED_TENSORS_ROLES:
                 if layer.has(role):
                     yield self.finding(

@@ -1,0 +1,60 @@
+"""NV112: a published quantized layout ComfyUI does not load, whose bytes rewrite losslessly into ComfyUI's format.
+
+The formats say which they are (Format.native_slug) and how they rewrite (Format.native_tensors): adding such a
+format adds it to this rule, with nothing to change here but the explanation's list of known layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from reference_specs import formats
+from reference_specs.findings import Finding
+from reference_specs.layer import Layer
+from reference_specs.rules.base import ModelView, Rule, RuleContext
+
+
+def foreign_format(layer: Layer) -> type[formats.Format] | None:
+    """The layer's format when it is a foreign layout with a native rewrite (other rules leave such layers to NV112:
+    one finding for one defect), else None."""
+    try:
+        fmt = formats.get(layer.format)
+    except KeyError:
+        return None
+    return fmt if fmt.native_slug is not None else None
+
+
+class ForeignLayout(Rule):
+    id = "NV112"
+    name = "foreign-layout"
+    cause = "foreign-layout"
+    summary = "a published quantized layout ComfyUI does not load (LightX2V NVFP4); nvdiag fix rewrites it"
+    explanation = """\
+Some quantizers publish NVFP4 in their own runtime's layout. The bytes are NVFP4, but not as ComfyUI stores it.
+
+LightX2V NVFP4 (ModelTC/LightX2V tools/convert/quant; the lightx2v/Wan-NVFP4 checkpoints): `.weight` U8 with the
+even element in the LOW nibble (NVIDIA's kernel order), `.weight_scale` F8_E4M3 already in the swizzled 128x4 tile
+layout, `.input_global_scale` = 2688/act_absmax and `.alpha` = 1/(input_global_scale * weight_global_scale), with no
+`.weight_scale_2`, no `.comfy_quant` and no `_quantization_metadata`. ComfyUI's answer (Comfy-Org/ComfyUI#11640):
+"Lightx format is not supported and will most likely never will be". With no marker anywhere, ComfyUI (0.8.0) builds
+plain Linear layers and copies the packed U8 weight into them: the load stops with `size mismatch for
+blocks.0.self_attn.q.weight: copying a param with shape [out, in/2] ... the shape in current model is [out, in]`.
+
+What you see: the model does not load (size mismatch), or, in loaders that skip mismatched keys, runs on garbage.
+
+Fix: `nvdiag fix` rewrites each layer losslessly into ComfyUI's NVFP4: nibbles swapped, block scales kept,
+`.weight_scale_2` = alpha * input_global_scale (= 1/weight_global_scale, the decode multiplier), `.input_scale` =
+1/input_global_scale (act_absmax/2688, LightX2V's calibrated activation scale), alpha and input_global_scale dropped,
+`.comfy_quant` {"format": "nvfp4"} and a `_quantization_metadata` entry added."""
+
+    def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
+        for layer in model.layers.values():
+            fmt = foreign_format(layer)
+            if fmt is None:
+                continue
+            yield self.finding(
+                f"{fmt.slug} layer ({fmt.describe()}): ComfyUI does not load this layout; nvdiag fix rewrites it "
+                f"into {fmt.native_slug} losslessly",
+                layer.name,
+                {"format": fmt.slug, "native": fmt.native_slug, "roles": sorted(layer.tensors)},
+            )
