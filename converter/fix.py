@@ -52,7 +52,8 @@ FIXABLE: dict[str, str] = {
     "wrong-dtype": "scale re-stored in the dtype its role requires (values unchanged)",
     "foreign-layout": "published layout rewritten into ComfyUI's format, decoded values unchanged (LightX2V NVFP4: "
                       "nibbles swapped, weight_scale_2 = alpha * input_global_scale, input_scale = "
-                      "1 / input_global_scale, alpha and input_global_scale dropped, markers added)",
+                      "1 / input_global_scale, alpha and input_global_scale dropped; ModelOpt NVFP4: nibbles "
+                      "swapped, block scales swizzled; markers added)",
 }
 
 # Repairs that change what the file decodes to: only a reference can confirm the result (fix's verdict says so).
@@ -351,27 +352,33 @@ def _fix_foreign_layout(p: _Planner, f: Finding) -> list[Repair]:
     if conf is None:
         raise NotFixable(f"{fmt.native_slug} has no comfy_quant marker")
     created = []
-    for role, (source, how) in rewrite.items():
+    for role, (source, how, shape) in rewrite.items():
         if source is None:
             value = how.contiguous()  # type: ignore[union-attr]
             created.append(OutTensor(f"{layer.name}.{role}", None, _CREATED_DTYPES[str(value.dtype).split(".")[-1]],
                                      tuple(value.shape), value=value))
         else:
-            p.entry(layer, source).transforms.append(how)  # type: ignore[arg-type]
+            entry = p.entry(layer, source)
+            entry.transforms.append(how)  # type: ignore[arg-type]
+            entry.shape = entry.shape if shape is None else tuple(shape)
     marker = remedies.marker_tensor(conf)
     created.append(OutTensor(f"{layer.name}.comfy_quant", None, "U8", tuple(marker.shape), value=marker))
     for entry in reversed(created):
         p.add_after(layer, entry)
-    kept = {source for source, _ in rewrite.values() if source is not None}
+    kept = {source for source, _, _ in rewrite.values() if source is not None}
     dropped = sorted(role for role in layer.tensors if role not in kept)
     for role in dropped:
         p.drop(layer.tensors[role].name)
     p.quant_layers = p.quant_layers if p.quant_layers is not None else {}
     p.quant_layers[layer.name] = conf
     p.metadata_added = True
-    return [Repair(f.cause, layer.name, f"{fmt.slug} -> {fmt.native_slug}: "
-                   f"{', '.join(r for r, (src, _) in rewrite.items() if src is None)} computed, "
-                   f"{', '.join(dropped)} dropped, comfy_quant {json.dumps(conf)} added")]
+    computed = [role for role, (source, _, _) in rewrite.items() if source is None]
+    reshaped = [role for role, (source, _, shape) in rewrite.items() if source is not None and shape is not None]
+    said = [f"{', '.join(computed)} computed"] if computed else []
+    said += [f"{', '.join(reshaped)} re-laid out"] if reshaped else []
+    said += [f"{', '.join(dropped)} dropped"] if dropped else []
+    said.append(f"comfy_quant {json.dumps(conf)} added")
+    return [Repair(f.cause, layer.name, f"{fmt.slug} -> {fmt.native_slug}: {'; '.join(said)}")]
 
 
 def _fix_metadata_names(p: _Planner, f: Finding) -> list[Repair]:

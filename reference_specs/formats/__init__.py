@@ -12,6 +12,7 @@ from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
 from reference_specs.formats.fp8 import FP8E4M3, FP8E5M2
 from reference_specs.formats.lightx2v import NVFP4LightX2V
+from reference_specs.formats.modelopt import NVFP4ModelOpt
 from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.formats.plain import PLAIN_FORMATS
 from reference_specs.formats.scaled_fp8 import ScaledFP8
@@ -26,6 +27,7 @@ UNKNOWN = "unknown"
 # `FORMATS` (module attribute) is always the complete list.
 _formats: list[type[Format]] = [
     NVFP4LightX2V,  # before NVFP4, whose unmarked claim (U8 weight + block scales) it narrows
+    NVFP4ModelOpt,  # likewise, for an unmarked layer whose config.json says ModelOpt
     NVFP4,
     NVFP4CompressedTensors,
     FP8E4M3,

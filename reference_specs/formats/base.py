@@ -65,9 +65,10 @@ Tensors = dict[str, "torch.Tensor"]
 # A re-reading of a layer's stored tensors: the tensors a correct file would hold if the bytes had one fault, or None
 # when the reading does not apply (roundtrip's attribution tries them; inspect_tools/attribution.py).
 Rereading = Callable[[Tensors], "Tensors | None"]
-# A published layout's rewrite into the ComfyUI-native format, per native role: (the stored role it is made from and
-# how, applied to that tensor) or (None, the new tensor). `nvdiag fix` streams the big ones through their transform.
-NativeTensor = tuple[str | None, "Callable[[torch.Tensor], torch.Tensor] | torch.Tensor"]
+# A published layout's rewrite into the ComfyUI-native format, per native role: (the stored role it is made from, how
+# (applied to that tensor), the shape that gives when it is not the stored one) or (None, the new tensor, None).
+# `nvdiag fix` streams the big ones through their transform.
+NativeTensor = tuple[str | None, "Callable[[torch.Tensor], torch.Tensor] | torch.Tensor", tuple[int, ...] | None]
 
 
 class Format:

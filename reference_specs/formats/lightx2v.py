@@ -41,6 +41,10 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return ((packed & 0x0F) << 4) | (packed >> 4)
 
 
+def same(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _scalar(value: torch.Tensor, name: str) -> torch.Tensor:
     import torch
 
@@ -98,13 +102,13 @@ class NVFP4LightX2V(Format):
             raise ValueError(f"block scales {list(layer.shape('weight_scale') or ())} are not the swizzled shape")
         scale_2, input_scale = native_scales(layer.load("alpha"), layer.load("input_global_scale"))
         out: dict[str, NativeTensor] = {
-            "weight": ("weight", swap_nibbles),
-            "weight_scale": ("weight_scale", lambda t: t),
-            "weight_scale_2": (None, scale_2),
-            "input_scale": (None, input_scale),
+            "weight": ("weight", swap_nibbles, None),
+            "weight_scale": ("weight_scale", same, None),
+            "weight_scale_2": (None, scale_2, None),
+            "input_scale": (None, input_scale, None),
         }
         if layer.has("bias"):
-            out["bias"] = ("bias", lambda t: t)
+            out["bias"] = ("bias", same, None)
         return out
 
     def dequantize(self, tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:

@@ -28,7 +28,7 @@ class ForeignLayout(Rule):
     id = "NV112"
     name = "foreign-layout"
     cause = "foreign-layout"
-    summary = "a published quantized layout ComfyUI does not load (LightX2V NVFP4); nvdiag fix rewrites it"
+    summary = "a published quantized layout ComfyUI does not load (LightX2V, ModelOpt NVFP4); nvdiag fix rewrites it"
     explanation = """\
 Some quantizers publish NVFP4 in their own runtime's layout. The bytes are NVFP4, but not as ComfyUI stores it.
 
@@ -40,12 +40,22 @@ layout, `.input_global_scale` = 2688/act_absmax and `.alpha` = 1/(input_global_s
 plain Linear layers and copies the packed U8 weight into them: the load stops with `size mismatch for
 blocks.0.self_attn.q.weight: copying a param with shape [out, in/2] ... the shape in current model is [out, in]`.
 
+NVIDIA ModelOpt NVFP4 exports (e.g. nvidia/Wan2.2-T2V-A14B-Diffusers-NVFP4; recognised by `quantization_config`
+`quant_method: "modelopt"` in the transformer's config.json): ComfyUI's tensor names and scale conventions, but
+diffusers key names (NV302: ComfyUI cannot detect the model), codes low nibble first, block scales row-major [out,
+in/16] (the swizzle is opt-in at export), no marker. Even renamed, without a marker ComfyUI stops with the same size
+mismatch; with a marker added by hand it loads and decodes every block as noise (wrong nibble order and scale layout,
+no error). `.weight_scale_2` is amax/2688, or amax/(6*256) under ModelOpt's "four over six" block scaling: both
+decode the same way, so nvdiag decodes and judges the values (`nvdiag roundtrip`) and does not lint the constant.
+
 What you see: the model does not load (size mismatch), or, in loaders that skip mismatched keys, runs on garbage.
 
 Fix: `nvdiag fix` rewrites each layer losslessly into ComfyUI's NVFP4: nibbles swapped, block scales kept,
 `.weight_scale_2` = alpha * input_global_scale (= 1/weight_global_scale, the decode multiplier), `.input_scale` =
 1/input_global_scale (act_absmax/2688, LightX2V's calibrated activation scale), alpha and input_global_scale dropped,
-`.comfy_quant` {"format": "nvfp4"} and a `_quantization_metadata` entry added."""
+`.comfy_quant` {"format": "nvfp4"} and a `_quantization_metadata` entry added. A ModelOpt layer gets its nibbles
+swapped and its block scales zero-padded and swizzled, every scale kept as it is, the markers added, and (NV302) the
+keys renamed to ComfyUI's in the same run."""
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
