@@ -29,7 +29,6 @@ from reference_specs.layer import QUANT_METADATA_KEY, Layer
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SIXTEEN_BIT = ("F16", "BF16")
 ACTION_DTYPE = {"bf16": "BF16", "fp16": "F16", "f32": "F32"}
-FP8_FROM_NVFP4_INPUT_SCALE = 6.0  # F4_E2M1_MAX: (amax/448) / (amax/2688)
 DTYPE_16 = {"bf16": "BF16", "fp16": "F16"}
 # comfy_quant "format" of each weight codec (comfyui-load-path.md: QUANT_ALGOS names)
 COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
@@ -183,7 +182,7 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
             # --input-scales values are NVFP4's activation decode scale, amax/(448*6) (what nvdiag calibrate and other
             # tools write); ComfyUI quantizes an FP8 layer's input as x/input_scale into E4M3 (max 448), so the same
             # activations need amax/448 there (shared/research/comfyui-load-path.md, Q2): six times the value
-            lp.input_scale = input_scale if fmt is NVFP4 else input_scale * FP8_FROM_NVFP4_INPUT_SCALE
+            lp.input_scale = input_scale if fmt is NVFP4 else input_scale * (NVFP4.scale_divisor / fmt.scale_divisor)
             lp.tensors.append(PlannedTensor(f"{native}.input_scale", "input_scale", "F32", ()))
         for role, info in sorted(layer.tensors.items()):
             if role != "weight":  # bias (and any other float companion) at its source dtype, unless the rule says

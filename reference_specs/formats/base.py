@@ -2,6 +2,12 @@
 
 Adding a format = one module with one subclass, registered in formats/__init__.py. Callers (layer classification,
 lint, roundtrip, convert, diff) only ever go through the registry, so they never change when a format is added.
+What callers ask a format instead of switching on its name: its signature (roles, dtypes; the role names join the
+layer grouping), `tensor_scale_role` / `scale_divisor` / `default_scale` / `block_scale_role`, `stored_tensors`
+(what convert plans), `marker_conf` / `proves_marker` (what fix may mark), `compute_paths` (Blackwell W4A4/W4A16),
+`rereadings` / `readings` / `code_refit` / `sign_agreement` (roundtrip's attribution), `fast_quantize`, and for a
+published layout ComfyUI does not load, `native_slug` + `native_tensors` (NV112 names it, `nvdiag fix` rewrites it).
+Copy formats/lightx2v.py for a foreign layout, formats/fp8.py for a ComfyUI-native one.
 """
 
 from __future__ import annotations
