@@ -73,6 +73,20 @@ def test_lint_names_the_layout_and_nothing_else(files: dict) -> None:
     assert "Comfy-Org/ComfyUI#11640" in explanation and "size mismatch" in explanation
 
 
+def test_a_lightx2v_layer_without_its_alpha_is_named_and_left_alone(files: dict, tmp_path: Path) -> None:
+    tensors = read(files["lightx2v"])
+    del tensors[f"{LAYER}.alpha"]
+    broken = tmp_path / "no_alpha.safetensors"
+    save_file(tensors, str(broken))
+    with open_model(broken) as model:
+        (finding,) = [f for f in lint_model(model) if f.layer == LAYER]
+    assert finding.rule == "NV112" and finding.evidence["problem"] == "no alpha tensor"
+    result = fix_checkpoint(broken, tmp_path / "fixed.safetensors")
+    assert not result.written and result.exit_code == 1
+    (unfixable,) = result.plan.unfixable
+    assert unfixable.finding.layer == LAYER and "no alpha tensor" in unfixable.reason
+
+
 def test_the_rewrite_decodes_to_exactly_what_the_lightx2v_file_decodes(files: dict) -> None:
     broken, fixed = read(files["lightx2v"]), read(files["fixed"])
     source, ours = read(files["src"]), read(files["converted"])

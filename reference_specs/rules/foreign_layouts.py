@@ -62,9 +62,12 @@ keys renamed to ComfyUI's in the same run."""
             fmt = foreign_format(layer)
             if fmt is None:
                 continue
+            problem = fmt.decode_problem(layer)
+            remedy = (f"nvdiag fix rewrites it into {fmt.native_slug} losslessly" if problem is None else
+                      f"it cannot be rewritten as it is: {problem[1]}")
             yield self.finding(
-                f"{fmt.slug} layer ({fmt.describe()}): ComfyUI does not load this layout; nvdiag fix rewrites it "
-                f"into {fmt.native_slug} losslessly",
+                f"{fmt.slug} layer ({fmt.describe()}): ComfyUI does not load this layout; {remedy}",
                 layer.name,
-                {"format": fmt.slug, "native": fmt.native_slug, "roles": sorted(layer.tensors)},
+                {"format": fmt.slug, "native": fmt.native_slug, "roles": sorted(layer.tensors),
+                 **({"problem": problem[1]} if problem is not None else {})},
             )
