@@ -87,6 +87,20 @@ def test_a_lightx2v_layer_without_its_alpha_is_named_and_left_alone(files: dict,
     assert unfixable.finding.layer == LAYER and "no alpha tensor" in unfixable.reason
 
 
+@pytest.mark.parametrize(("role", "value"), [("alpha", float("nan")), ("input_global_scale", 0.0)])
+def test_a_lightx2v_scale_that_cannot_be_right_is_named_and_not_rewritten(files: dict, tmp_path: Path, role: str,
+                                                                         value: float) -> None:
+    tensors = read(files["lightx2v"])
+    tensors[f"{LAYER}.{role}"] = torch.tensor(value, dtype=torch.float32)
+    broken = tmp_path / "bad_scale.safetensors"
+    save_file(tensors, str(broken))
+    with open_model(broken) as model:
+        named = {(f.rule, f.evidence.get("role")) for f in lint_model(model) if f.layer == LAYER}
+    assert named == {("NV112", None), ("NV202", role)}
+    result = fix_checkpoint(broken, tmp_path / "fixed.safetensors")
+    assert not result.written and result.exit_code == 1
+
+
 def test_the_rewrite_decodes_to_exactly_what_the_lightx2v_file_decodes(files: dict) -> None:
     broken, fixed = read(files["lightx2v"]), read(files["fixed"])
     source, ours = read(files["src"]), read(files["converted"])

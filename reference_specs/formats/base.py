@@ -95,7 +95,8 @@ class Format:
     # The role holding the per-tensor decode multiplier, amax(|W|) / scale_divisor (None: the format has none).
     tensor_scale_role: ClassVar[str | None] = None
     scale_divisor: ClassVar[float | None] = None
-    # The role of the block scales that the 128-row swizzled tiles hold (None: no block scales).
+    # The role of the block scales, one F8_E4M3 per 16 codes (None: no block scales); whether they are swizzled is
+    # the format's (NVFP4: 128-row tiles, which the convert gate reads one at a time).
     block_scale_role: ClassVar[str | None] = None
     # How ComfyUI multiplies a layer of this format on Blackwell: (with quantized activations, with the marker's
     # full_precision_matrix_mult); None when no kernel is known here (no label rather than a guessed one).

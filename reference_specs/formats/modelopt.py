@@ -81,6 +81,7 @@ class NVFP4ModelOpt(Format):
     native_slug: ClassVar[str | None] = "nvfp4"
     typical_rel_error: ClassVar[float] = NVFP4.typical_rel_error
     tensor_scale_role: ClassVar[str | None] = "weight_scale_2"
+    block_scale_role: ClassVar[str | None] = "weight_scale"
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("U8",), description="E2M1 codes, two per byte, even element in the LOW nibble"),
         "weight_scale": RoleSpec(("F8_E4M3",), description="FP8 E4M3 block scales, row-major [out, in/16]"),

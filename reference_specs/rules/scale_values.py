@@ -164,13 +164,20 @@ Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps th
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
             yield from self._scalars(layer, ctx)
-        for layer in ctx.within_budget(list(ctx.layers_of(NVFP4))):
+        # NVFP4's block scales, and those of the published layouts nvdiag fix rewrites into it (their format says
+        # which role holds them): a NaN there survives the rewrite
+        blocked = [layer for layer in model.layers.values() if layer.format == NVFP4 or (
+            (fmt := foreign_format(layer)) is not None and fmt.block_scale_role == "weight_scale")]
+        for layer in ctx.within_budget(blocked):
             yield from self._blocks(layer, ctx)
 
     def _scalars(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
         roles = list(TENSOR_SCALE_ROLES)
         if layer.dtype("weight") in FP8_DTYPES:
             roles.append("weight_scale")
+        foreign = foreign_format(layer)
+        if foreign is not None:  # a published layout's own scalars (LightX2V's alpha, input_global_scale)
+            roles += [r for r, spec in foreign.signature.items() if spec.scalar and r not in roles]
         for role in roles:
             value = ctx.scalar(layer, role) if layer.has(role) else None
             if value is None or (math.isfinite(value) and value >= MIN_NORMAL_F32):
