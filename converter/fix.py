@@ -26,10 +26,12 @@ from typing import TYPE_CHECKING, Any
 
 from converter import remedies
 from inspect_tools.layers import QUANT_METADATA_KEY, CheckpointModel
+from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import block_scale_shape
 from reference_specs.layer import Layer, split_key
 from reference_specs.models import get_profile
+from reference_specs.rules.foreign_layouts import foreign_format
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +50,10 @@ FIXABLE: dict[str, str] = {
                             "or double-braced metadata unwrapped",
     "input-scale-implausible": "weight-derived input_scale dropped (absent = dynamic activation scale)",
     "wrong-dtype": "scale re-stored in the dtype its role requires (values unchanged)",
+    "foreign-layout": "published layout rewritten into ComfyUI's format, decoded values unchanged (LightX2V NVFP4: "
+                      "nibbles swapped, weight_scale_2 = alpha * input_global_scale, input_scale = "
+                      "1 / input_global_scale, alpha and input_global_scale dropped; ModelOpt NVFP4: nibbles "
+                      "swapped, block scales swizzled; markers added)",
 }
 
 # Repairs that change what the file decodes to: only a reference can confirm the result (fix's verdict says so).
@@ -326,6 +332,55 @@ def _fix_marker(p: _Planner, f: Finding) -> list[Repair]:
     return [Repair(f.cause, layer.name, f"comfy_quant {json.dumps(conf)} added")]
 
 
+# safetensors dtype names of the tensors a format's rewrite creates (scalars)
+_CREATED_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "uint8": "U8"}
+
+
+def _fix_foreign_layout(p: _Planner, f: Finding) -> list[Repair]:
+    """NV112: a published layout rewritten into its native format by the format's own rule (Format.native_tensors):
+    tensors it keeps are streamed through its transforms, the scalars it computes are written, roles it does not
+    name are dropped, and the native format's marker is added (tensor and metadata entry)."""
+    layer = p.layer(f)
+    fmt = foreign_format(layer)
+    if fmt is None or fmt.native_slug is None:
+        raise NotFixable(f"layer format {layer.format} has no rewrite into a format ComfyUI loads")
+    try:
+        rewrite = fmt.native_tensors(layer)
+    except (ValueError, NotImplementedError) as exc:
+        raise NotFixable(f"{fmt.slug} layer cannot be rewritten exactly: {exc}") from exc
+    conf = formats.get(fmt.native_slug).marker_conf()
+    if conf is None:
+        raise NotFixable(f"{fmt.native_slug} has no comfy_quant marker")
+    created = []
+    for role, (source, how, shape) in rewrite.items():
+        if source is None:
+            value = how.contiguous()  # type: ignore[union-attr]
+            created.append(OutTensor(f"{layer.name}.{role}", None, _CREATED_DTYPES[str(value.dtype).split(".")[-1]],
+                                     tuple(value.shape), value=value))
+        else:
+            entry = p.entry(layer, source)
+            entry.transforms.append(how)  # type: ignore[arg-type]
+            entry.shape = entry.shape if shape is None else tuple(shape)
+    marker = remedies.marker_tensor(conf)
+    created.append(OutTensor(f"{layer.name}.comfy_quant", None, "U8", tuple(marker.shape), value=marker))
+    for entry in reversed(created):
+        p.add_after(layer, entry)
+    kept = {source for source, _, _ in rewrite.values() if source is not None}
+    dropped = sorted(role for role in layer.tensors if role not in kept)
+    for role in dropped:
+        p.drop(layer.tensors[role].name)
+    p.quant_layers = p.quant_layers if p.quant_layers is not None else {}
+    p.quant_layers[layer.name] = conf
+    p.metadata_added = True
+    computed = [role for role, (source, _, _) in rewrite.items() if source is None]
+    reshaped = [role for role, (source, _, shape) in rewrite.items() if source is not None and shape is not None]
+    said = [f"{', '.join(computed)} computed"] if computed else []
+    said += [f"{', '.join(reshaped)} re-laid out"] if reshaped else []
+    said += [f"{', '.join(dropped)} dropped"] if dropped else []
+    said.append(f"comfy_quant {json.dumps(conf)} added")
+    return [Repair(f.cause, layer.name, f"{fmt.slug} -> {fmt.native_slug}: {'; '.join(said)}")]
+
+
 def _fix_metadata_names(p: _Planner, f: Finding) -> list[Repair]:
     unmatched = list(p.model.file_markers.get("metadata_unmatched") or [])
     if f.layer is not None or not unmatched or p.quant_layers is None:
@@ -409,6 +464,7 @@ HANDLERS: dict[str, Callable[[_Planner, Finding], list[Repair]]] = {
     "missing-quant-marker": _fix_marker,
     "invalid-quant-marker": _fix_invalid_marker,
     "diffusers-key-names": _fix_key_names,
+    "foreign-layout": _fix_foreign_layout,
 }
 
 

@@ -27,13 +27,12 @@ from typing import Any
 
 import torch
 
+from converter.plan import COMFY_FORMAT
 from inspect_tools.attribution import relative_error
 from inspect_tools.layers import MAX_MARKER_BYTES, decode_marker_bytes, open_model
 from inspect_tools.lint import LintConfig, lint_model
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
-from reference_specs.formats.fp8 import fp8_encoding_scale
-from reference_specs.formats.nvfp4 import encoding_scale_from_amax
 from reference_specs.sampling import spread, spread_indices
 
 GATE_RULE = "CONVERT-ROUNDTRIP"
@@ -50,7 +49,8 @@ USER_CHOSEN_CAUSES = ("sensitive-layer-quantized",)
 TILE_ROWS = 128  # the swizzled block-scale tile height: a tile of the written file decodes on its own
 TILES_PER_LAYER = 3  # start, middle, end
 LAYER_ELEMENTS = 1 << 23  # per sampled layer: 3 tiles of rows up to ~21K wide, fewer tiles for wider layers
-SCALE_ROLE = {"nvfp4": "weight_scale_2", "float8_e4m3fn": "weight_scale"}
+# The per-tensor scale role of each format convert writes (the formats ask: Format.tensor_scale_role).
+SCALE_ROLE = {slug: formats.get(slug).tensor_scale_role for slug in COMFY_FORMAT.values()}
 
 
 @dataclass
@@ -117,20 +117,19 @@ def expected_scale(slug: str, amax: float, source_dtype: str) -> torch.Tensor:
     """The per-tensor scale the format's own rules give a source weight of this amax and safetensors dtype, float32
     0-d: ComfyUI's rounding (BF16 sources get a BF16-rounded amax/2688), 1.0 for an all-zero weight. Taken from the
     format modules, not from the fast encoder under test."""
-    if slug == "nvfp4":
-        return encoding_scale_from_amax(amax, source_dtype)
-    return fp8_encoding_scale(amax, source_dtype, getattr(torch, slug))
+    return formats.get(slug).default_scale(amax, source_dtype)
 
 
 def written_tile(layer: Any, reader: Any, slug: str, start: int, stop: int) -> dict[str, torch.Tensor]:
     """The stored tensors that hold logical rows [start, stop) (start on a tile boundary): the packed rows, the
     128-row block-scale tile (NVFP4) and the per-tensor scale."""
+    fmt = formats.get(slug)
     tensors = {"weight": reader.read_rows(layer.tensors["weight"].name, start, stop)}
-    if slug == "nvfp4":
-        tensors["weight_scale"] = reader.read_rows(layer.tensors["weight_scale"].name, start, start + TILE_ROWS)
-        tensors["weight_scale_2"] = layer.load("weight_scale_2")
-    else:
-        tensors["weight_scale"] = layer.load("weight_scale")
+    if fmt.block_scale_role is not None:
+        role = fmt.block_scale_role
+        tensors[role] = reader.read_rows(layer.tensors[role].name, start, start + TILE_ROWS)
+    if fmt.tensor_scale_role is not None:
+        tensors[fmt.tensor_scale_role] = layer.load(fmt.tensor_scale_role)
     return tensors
 
 

@@ -22,14 +22,13 @@ from converter.preset import (
     profile_view,
 )
 from inspect_tools.errors import InputError, UsageError
-from reference_specs import models
-from reference_specs.formats.nvfp4 import block_scale_shape, packed_shape
+from reference_specs import formats, models
+from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.layer import QUANT_METADATA_KEY, Layer
 
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 SIXTEEN_BIT = ("F16", "BF16")
 ACTION_DTYPE = {"bf16": "BF16", "fp16": "F16", "f32": "F32"}
-FP8_FROM_NVFP4_INPUT_SCALE = 6.0  # F4_E2M1_MAX: (amax/448) / (amax/2688)
 DTYPE_16 = {"bf16": "BF16", "fp16": "F16"}
 # comfy_quant "format" of each weight codec (comfyui-load-path.md: QUANT_ALGOS names)
 COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
@@ -176,22 +175,14 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
     if lp.quantized:
         out_f, in_f = layer.tensors["weight"].shape
         w = layer.tensors["weight"].name
-        if lp.codec == "nvfp4":
-            lp.tensors += [
-                PlannedTensor(f"{native}.weight", "weight", "U8", packed_shape(out_f, in_f), w),
-                PlannedTensor(f"{native}.weight_scale", "weight_scale", "F8_E4M3", block_scale_shape(out_f, in_f), w),
-                PlannedTensor(f"{native}.weight_scale_2", "weight_scale_2", "F32", (), w),
-            ]
-        else:
-            lp.tensors += [
-                PlannedTensor(f"{native}.weight", "weight", "F8_E4M3", (out_f, in_f), w),
-                PlannedTensor(f"{native}.weight_scale", "weight_scale", "F32", (), w),
-            ]
+        fmt = formats.get(COMFY_FORMAT[lp.codec])
+        lp.tensors += [PlannedTensor(f"{native}.{role}", role, dtype, shape, w)
+                       for role, dtype, shape in fmt.stored_tensors(out_f, in_f)]
         if input_scale is not None:
             # --input-scales values are NVFP4's activation decode scale, amax/(448*6) (what nvdiag calibrate and other
             # tools write); ComfyUI quantizes an FP8 layer's input as x/input_scale into E4M3 (max 448), so the same
             # activations need amax/448 there (shared/research/comfyui-load-path.md, Q2): six times the value
-            lp.input_scale = input_scale if lp.codec == "nvfp4" else input_scale * FP8_FROM_NVFP4_INPUT_SCALE
+            lp.input_scale = input_scale if fmt is NVFP4 else input_scale * (NVFP4.scale_divisor / fmt.scale_divisor)
             lp.tensors.append(PlannedTensor(f"{native}.input_scale", "input_scale", "F32", ()))
         for role, info in sorted(layer.tensors.items()):
             if role != "weight":  # bias (and any other float companion) at its source dtype, unless the rule says

@@ -11,14 +11,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from reference_specs import formats
 from reference_specs.formats.nvfp4 import block_scale_shape, pad_to, swizzle
 
 if TYPE_CHECKING:
     import torch
 
-# ComfyUI's comfy_quant "format" values for the formats fix can recognise from tensors alone.
-NVFP4_MARKER: dict[str, Any] = {"format": "nvfp4"}
-FP8_MARKER: dict[str, Any] = {"format": "float8_e4m3fn"}
+# ComfyUI's comfy_quant confs of the formats fix can recognise from tensors alone (the formats own them).
+NVFP4_MARKER: dict[str, Any] = formats.get("nvfp4").marker_conf() or {}
+FP8_MARKER: dict[str, Any] = formats.get("float8_e4m3fn").marker_conf() or {}
 
 # The divisors D of the per-tensor scales ComfyUI reads, scale = amax / D: 448 * 6 for NVFP4 (weight_scale_2, and an
 # NVFP4 layer's input_scale), 448 for FP8 E4M3. A reciprocal scale is D / amax.
@@ -184,18 +185,11 @@ def marker_for(weight_dtype: str, roles: set[str], weight_shape: tuple[int, ...]
                scale_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
     """The comfy_quant conf a layer's tensors prove, or None when they do not prove one format.
 
-    NVFP4: U8 weight [R, C] + weight_scale whose shape is the swizzled one for [R, 2C] + weight_scale_2.
-    FP8: F8_E4M3 weight + a single-element weight_scale. Anything else is ambiguous and left alone.
+    Each registered format says what proves it (Format.proves_marker): NVFP4, a U8 weight [R, C] + weight_scale of
+    the swizzled shape for [R, 2C] + weight_scale_2; FP8, an F8_E4M3 weight + a single-element weight_scale.
+    Anything else is ambiguous and left alone.
     """
-    if weight_dtype == "U8" and {"weight_scale", "weight_scale_2"} <= roles and len(weight_shape) == 2:
-        expected = block_scale_shape(*logical_dims(weight_shape))
-        return dict(NVFP4_MARKER) if scale_shape == expected else None
-    if weight_dtype == "F8_E4M3" and "weight_scale" in roles and scale_shape is not None:
-        numel = 1
-        for d in scale_shape:
-            numel *= d
-        return dict(FP8_MARKER) if numel == 1 else None
-    return None
+    return formats.marker_proven(weight_dtype, roles, weight_shape, scale_shape)
 
 
 def strip_or_add_prefix(names: list[str], layer_names: set[str]) -> dict[str, str] | None:

@@ -12,20 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import combinations
 
 import torch
 
+from reference_specs.formats import nvfp4
 from reference_specs.formats.base import Format
-from reference_specs.formats.nvfp4 import (
-    BLOCK,
-    NVFP4,
-    e2m1_decode,
-    pad_to,
-    roundup,
-    swizzle,
-    unpack_nibbles,
-)
+from reference_specs.formats.nvfp4 import NVFP4, roundup
 
 # A layer is "far above" its expected error beyond RATIO * expected + MARGIN. Calibrated on the test fixtures:
 # a healthy NVFP4 layer measures 1.00x its re-encoding baseline against its own FP32 source and < 1.05x against
@@ -91,45 +83,12 @@ def _finite(value: float | None) -> float | None:
     return None if value is None or not math.isfinite(value) else round(value, 6)
 
 
-# --- NVFP4 re-readings: each returns the tensors a correct file would hold, or None when it does not apply ----
+# --- re-readings: the format owns them (Format.rereadings); these names are NVFP4's, kept for callers -----------
 
-
-def _fp8_scales(tensors: Tensors) -> torch.Tensor:
-    scales = tensors["weight_scale"]
-    return scales.view(torch.float8_e4m3fn) if scales.dtype == torch.uint8 else scales
-
-
-def _scales_linear(tensors: Tensors) -> Tensors:
-    """Stored scales taken as a row-major matrix: swizzle them so the reference decoder's unswizzle is undone."""
-    scales = _fp8_scales(tensors)
-    rows, cols = scales.shape
-    padded = pad_to(scales.view(torch.uint8), roundup(rows, 128), roundup(cols, 4)).view(torch.float8_e4m3fn)
-    return {**tensors, "weight_scale": swizzle(padded)}
-
-
-def _nibbles_swapped(tensors: Tensors) -> Tensors:
-    packed = tensors["weight"].view(torch.uint8)
-    return {**tensors, "weight": (packed << 4) | (packed >> 4)}
-
-
-def _scale2_reciprocal(tensors: Tensors) -> Tensors | None:
-    # stored r = 2688/amax where ComfyUI wants s = amax/2688, so s = 1/r (research Q6: decode multiplier)
-    stored = tensors["weight_scale_2"].to(torch.float32).reshape(())
-    if not torch.isfinite(stored) or stored <= 0:
-        return None
-    return {**tensors, "weight_scale_2": 1.0 / stored}
-
-
-NVFP4_REREADINGS: dict[str, Callable[[Tensors], Tensors | None]] = {
-    "scale-layout-linear": _scales_linear,
-    "nibble-order": _nibbles_swapped,
-    "scale2-reciprocal": _scale2_reciprocal,
-}
-# Faults come together in real files (a hand-renamed ModelOpt export: linear scales AND low-nibble-first codes), so
-# every combination is a reading of its own; a name joins its causes with JOIN.
+NVFP4_REREADINGS = NVFP4.rereadings
+# a combination's name joins its causes with JOIN
 JOIN = "+"
-NVFP4_READINGS: tuple[tuple[str, ...], ...] = tuple(
-    combo for n in range(1, len(NVFP4_REREADINGS) + 1) for combo in combinations(NVFP4_REREADINGS, n))
+NVFP4_READINGS: tuple[tuple[str, ...], ...] = NVFP4.readings()
 # A re-reading beats the stored one decisively when it cuts the error by more than this share. A correct file's
 # other readings pair codes with foreign scales or neighbours' positions and are far worse, never slightly better;
 # where a reading changes nothing (all block scales equal, both nibbles equal) the errors tie exactly.
@@ -137,12 +96,9 @@ DECISIVE_GAIN = 0.05
 PROBE_ROWS = 128  # the re-readings are first tried on row tiles (start and middle), then confirmed on the layer
 
 
-def reread(tensors: Tensors, causes: tuple[str, ...]) -> Tensors | None:
+def reread(tensors: Tensors, causes: tuple[str, ...], fmt: type[Format] = NVFP4) -> Tensors | None:
     """The stored tensors read as a file with all of `causes` would need: None when a reading does not apply."""
-    out: Tensors | None = tensors
-    for cause in causes:
-        out = NVFP4_REREADINGS[cause](out) if out is not None else None
-    return out
+    return fmt.reread(tensors, causes)
 
 
 def _probe_rows(rows: int) -> list[int]:
@@ -172,10 +128,10 @@ def _probe_errors(fmt: Format, tensors: Tensors, reference: torch.Tensor) -> dic
             return None
         tiles.append((tile, reference[start:stop]))
     errors: dict[tuple[str, ...], float] = {}
-    for causes in ((), *NVFP4_READINGS):
+    for causes in ((), *fmt.readings()):
         err_sq = norm_sq = 0.0
         for tile, ref in tiles:
-            error = _try(lambda t=tile, r=ref, c=causes: _decode(fmt, reread(t, c), tuple(r.shape)), ref)
+            error = _try(lambda t=tile, r=ref, c=causes: _decode(fmt, fmt.reread(t, c), tuple(r.shape)), ref)
             if error is None:
                 break
             norm = float(torch.linalg.vector_norm(ref, dtype=torch.float64)) ** 2
@@ -198,7 +154,7 @@ def decisive_rereading(fmt: Format, tensors: Tensors, reference: torch.Tensor,
     """An exact re-reading that brings the layer decisively closer to `reference` than the stored reading, at any
     error ratio (a uniform-weight layer with linear scales errs only 1.35x its expected error, yet reading its
     scales swizzled gives back the baseline exactly). Tried on probe tiles, confirmed on the whole layer."""
-    if not isinstance(fmt, NVFP4) or not math.isfinite(stored_error) or stored_error <= 0:
+    if not fmt.rereadings or not math.isfinite(stored_error) or stored_error <= 0:
         return None
     probe = _probe_errors(fmt, tensors, reference)
     if probe is None or () not in probe:
@@ -209,28 +165,12 @@ def decisive_rereading(fmt: Format, tensors: Tensors, reference: torch.Tensor,
     best = simplest_best(probe)
     if not probe[best] < stored * (1 - DECISIVE_GAIN):
         return None
-    whole = _try(lambda: _decode(fmt, reread(tensors, best), tuple(reference.shape)), reference)
+    whole = _try(lambda: _decode(fmt, fmt.reread(tensors, best), tuple(reference.shape)), reference)
     if whole is None or not whole < stored_error * (1 - DECISIVE_GAIN):
         return None
     errors: dict[str, float | None] = {JOIN.join(c): e for c, e in probe.items()}
     errors[JOIN.join(best)] = whole
     return Attribution(cause=best[0], errors=errors, together_with=best[1:])
-
-
-def nvfp4_block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
-    """Decode the stored codes with the per-block scale that best fits `reference` (least squares).
-
-    Close to the reference exactly when the codes were made from the reference data, whatever the stored scales.
-    """
-    values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
-    rows, cols = values.shape
-    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
-    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
-    num = (blocks * ref).sum(-1)
-    den = (blocks * blocks).sum(-1)
-    scale = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
-    fitted = (blocks * scale.unsqueeze(-1)).reshape(rows, cols)
-    return fitted[: reference.shape[0], : reference.shape[1]]
 
 
 def row_refit(decoded: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,14 +186,8 @@ def row_refit(decoded: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Ten
     return dec * factors[:, None], factors
 
 
-def nvfp4_sign_agreement(tensors: Tensors, reference: torch.Tensor) -> float | None:
-    codes = unpack_nibbles(tensors["weight"].view(torch.uint8))[: reference.shape[0], : reference.shape[1]]
-    nonzero = ((codes & 7) != 0) & (reference != 0)
-    total = int(nonzero.sum())
-    if total == 0:
-        return None
-    same = ((codes >> 3).bool() == (reference < 0)) & nonzero
-    return int(same.sum()) / total
+nvfp4_block_refit = nvfp4.block_refit
+nvfp4_sign_agreement = nvfp4.sign_agreement
 
 
 def tensor_refit(decoded: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -294,9 +228,8 @@ def attribute(
     """
     shape = tuple(reference.shape)
     errors: dict[str, float | None] = {}
-    if isinstance(fmt, NVFP4):
-        for cause, reading in NVFP4_REREADINGS.items():
-            errors[cause] = _try(lambda r=reading: _decode(fmt, r(tensors), shape), reference)
+    for cause, reading in fmt.rereadings.items():
+        errors[cause] = _try(lambda r=reading: _decode(fmt, r(tensors), shape), reference)
     square = len(shape) == 2 and shape[0] == shape[1]
     errors["transposed-weight"] = (
         _try(lambda: decoded.transpose(0, 1), reference) if decoded is not None and square else None
@@ -309,19 +242,13 @@ def attribute(
     specific = {
         c: e for c, e in errors.items() if e is not None and not far_above(e, expected_for.get(c, expected))
     }
-    if isinstance(fmt, NVFP4):
-        for combo in (c for c in NVFP4_READINGS if len(c) > 1):
-            name = JOIN.join(combo)
-            errors[name] = _try(lambda c=combo: _decode(fmt, reread(tensors, c), shape), reference)
-            if errors[name] is not None and not far_above(errors[name], expected):
-                specific[name] = errors[name]
-    if isinstance(fmt, NVFP4):
-        errors["stale-scale"] = _try(lambda: nvfp4_block_refit(tensors, reference), reference)
-        signs = _safe(lambda: nvfp4_sign_agreement(tensors, reference))
-    else:
-        errors["stale-scale"] = _try(lambda: tensor_refit(decoded, reference), reference) if decoded is not None \
-            else None
-        signs = None
+    for combo in (c for c in fmt.readings() if len(c) > 1):
+        name = JOIN.join(combo)
+        errors[name] = _try(lambda c=combo: _decode(fmt, fmt.reread(tensors, c), shape), reference)
+        if errors[name] is not None and not far_above(errors[name], expected):
+            specific[name] = errors[name]
+    errors["stale-scale"] = _stale_scale_error(fmt, tensors, reference, decoded)
+    signs = _safe(lambda: fmt.sign_agreement(tensors, reference))
     if specific:
         causes = simplest_best({tuple(c.split(JOIN)): e for c, e in specific.items()})
         return Attribution(cause=causes[0], errors=errors, sign_agreement=signs, together_with=causes[1:])
@@ -336,6 +263,19 @@ def attribute(
             return Attribution(cause="reference-mismatch", errors=errors, sign_agreement=signs,
                                row_factors=(float(factors.min()), float(factors.max())))
     return Attribution(cause=cause, errors=errors, sign_agreement=signs)
+
+
+def _stale_scale_error(fmt: Format, tensors: Tensors, reference: torch.Tensor,
+                       decoded: torch.Tensor | None) -> float | None:
+    """Error of the stored codes under the scales that fit `reference` best: per block where the format refits its
+    codes (Format.code_refit), else one factor for the whole stored decode."""
+    try:
+        fitted = fmt.code_refit(tensors, reference)
+    except (RuntimeError, ValueError, IndexError, KeyError):
+        return None
+    if fitted is not None:
+        return _try(lambda: fitted, reference)
+    return _try(lambda: tensor_refit(decoded, reference), reference) if decoded is not None else None
 
 
 def _transposed_expected(fmt: Format, reference: torch.Tensor, ref_error: float) -> float:

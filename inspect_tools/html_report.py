@@ -125,9 +125,8 @@ def _correct_encoding(layer: Any, reference: Any, crop: tuple[int, ...]) -> Any 
     if fmt is None:
         return None
     try:
-        if fmt.slug == "nvfp4" and reference.dim() == 2:
-            encoded = rt.fast_encode.encode_nvfp4(reference, device=reference.device)
-        else:
+        encoded = fmt.fast_quantize(reference)
+        if encoded is None:
             encoded = fmt.quantize(reference)
         decoded = fmt.dequantize(encoded, tuple(reference.shape)).float()
     except (NotImplementedError, RuntimeError, ValueError):

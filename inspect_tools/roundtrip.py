@@ -42,7 +42,6 @@ from inspect_tools.layers import CheckpointModel, open_model
 from inspect_tools.read_ahead import read_ahead
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
-from reference_specs.formats import fast_encode
 from reference_specs.formats.base import Format
 from reference_specs.layer import Layer
 from reference_specs.rules.weight_values import non_finite_counts
@@ -360,11 +359,10 @@ def format_baseline(fmt: Format, reference: torch.Tensor, stored: dict[str, torc
     writes with, so it is never trusted blindly: its first row tile must be bit-identical to the reference codec's,
     else the whole baseline comes from the reference codec (a broken encoder must not lower its own bar)."""
     try:
-        if fmt.slug == "nvfp4" and reference.dim() == 2:
-            encoded = fast_encode.encode_nvfp4(reference, device=reference.device)
-            encoded = {role: t.to(reference.device) for role, t in encoded.items()}
+        encoded = fmt.fast_quantize(reference)
+        if encoded is not None:
             if not _agrees_with_reference_codec(fmt, reference, encoded):
-                encoded = fmt.quantize(reference, encoded["weight_scale_2"])
+                encoded = fmt.quantize(reference, encoded[fmt.tensor_scale_role])
             elif stored_error is not None and stored is not None and _same_bytes(encoded, stored):
                 return stored_error  # the file IS the re-encoding (a correct file vs its source): no second decode
         else:

@@ -31,6 +31,9 @@ CAUSES: dict[str, str] = {
     "dtype (float16 on most GPUs) on these inputs, whatever the file holds",
     "reference-mismatch": "REF is not the weights the file was made from (rows rescaled, a fine-tune, another "
     "version): the file encodes its own weights consistently, nothing wrong is proven about it",
+    "foreign-layout": "a published quantized layout ComfyUI does not load as it is (LightX2V NVFP4, NVIDIA ModelOpt "
+    "NVFP4 exports: low-nibble-first codes, their own scale layout or scalars, no marker), whose bytes rewrite "
+    "losslessly into ComfyUI's",
     "activation-sensitive-w4a4": "with activations quantized to 4 bits (W4A4, Blackwell) the output error is far "
     "above the W4A16 error: layers that need full_precision_matrix_mult, a calibrated input_scale or more bits",
 }

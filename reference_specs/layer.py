@@ -33,7 +33,14 @@ ROLE_SUFFIXES: tuple[str, ...] = (
     "bias",
 )
 
-_ROLES = frozenset(ROLE_SUFFIXES)
+_ROLES = set(ROLE_SUFFIXES)
+
+
+def register_roles(roles: tuple[str, ...] | list[str]) -> None:
+    """Add the role names of a registered format's signature (reference_specs.formats registers every format's), so
+    that a format with a tensor name of its own (LightX2V's `.alpha`) is one module: its keys group into its layers."""
+    _ROLES.update(roles)
+
 
 # File-level marker tensors (not layers): legacy scaled_fp8 and the Qwen edit 2511 marker.
 FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
@@ -42,6 +49,7 @@ FILE_MARKER_KEYS: tuple[str, ...] = ("scaled_fp8", "__index_timestep_zero__")
 def split_key(key: str) -> tuple[str, str]:
     """'blocks.0.ffn.0.weight_scale' -> ('blocks.0.ffn.0', 'weight_scale'); a bare parameter such as
     'blocks.0.modulation' is its own layer with role 'value'."""
+    _registry()  # the formats' own role names join _ROLES when the registry is first imported
     base, dot, last = key.rpartition(".")
     if dot and last in _ROLES:  # a role is one whole dotted component, so the last one decides
         return base, last

@@ -36,6 +36,13 @@ EXAMPLES = [
     ("scaled_fp8", layer("d", weight=("F8_E4M3", (64, 64)), scale_weight=("F32", ())), LEGACY),
     ("scaled_fp8", layer("d", weight=("F8_E4M3", (64, 64)), scale_weight=("F32", (1,)), scale_input=("F32", ())),
      SAFETENSORS),  # the file-level marker was lost: scale_weight alone still says legacy
+    # LightX2V (issue 16): NVFP4 codes beside alpha / input_global_scale and no weight_scale_2
+    ("nvfp4-lightx2v", layer("f", weight=("U8", (128, 32)), weight_scale=("F8_E4M3", (128, 4)),
+                             input_global_scale=("F32", ()), alpha=("F32", ())), SAFETENSORS),
+    # ModelOpt (issue 16): ComfyUI's roles, told apart only by the config.json beside the weights
+    ("nvfp4-modelopt", layer("g", **NVFP4_TENSORS),
+     {**SAFETENSORS, "config": {"_class_name": "WanTransformer3DModel",
+                                "quantization_config": {"quant_method": "modelopt", "quant_algo": "NVFP4"}}}),
     ("nvfp4-compressed-tensors",
      layer("e", weight_packed=("U8", (64, 32)), weight_scale=("F8_E4M3", (64, 4)), weight_global_scale=("F32", (1,))),
      SAFETENSORS),

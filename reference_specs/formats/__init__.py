@@ -11,10 +11,12 @@ from typing import Any
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
 from reference_specs.formats.fp8 import FP8E4M3, FP8E5M2
+from reference_specs.formats.lightx2v import NVFP4LightX2V
+from reference_specs.formats.modelopt import NVFP4ModelOpt
 from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.formats.plain import PLAIN_FORMATS
 from reference_specs.formats.scaled_fp8 import ScaledFP8
-from reference_specs.layer import Layer
+from reference_specs.layer import Layer, register_roles
 
 UNKNOWN = "unknown"
 
@@ -24,6 +26,8 @@ UNKNOWN = "unknown"
 # front of the registry the first time a GGUF layer is classified or a slug is not found without them.
 # `FORMATS` (module attribute) is always the complete list.
 _formats: list[type[Format]] = [
+    NVFP4LightX2V,  # before NVFP4, whose unmarked claim (U8 weight + block scales) it narrows
+    NVFP4ModelOpt,  # likewise, for an unmarked layer whose config.json says ModelOpt
     NVFP4,
     NVFP4CompressedTensors,
     FP8E4M3,
@@ -32,6 +36,8 @@ _formats: list[type[Format]] = [
     *PLAIN_FORMATS,
 ]
 _gguf_loaded = False
+for _fmt in _formats:
+    register_roles(list(_fmt.signature))
 _slug_index: dict[tuple[int, int], dict[str, type[Format]]] = {}  # (id, length) of _formats -> slug -> format
 
 
@@ -63,6 +69,7 @@ def _find(match: Callable[[type[Format]], bool]) -> type[Format] | None:
 def register(fmt: type[Format]) -> type[Format]:
     if fmt not in _formats:
         _formats.append(fmt)
+        register_roles(list(fmt.signature))
     return fmt
 
 
@@ -93,6 +100,26 @@ def by_comfy_format(name: str) -> type[Format] | None:
     return _find(lambda f: f.comfy_format == name)
 
 
+def marked_formats() -> list[type[Format]]:
+    """The formats ComfyUI selects through a comfy_quant "format" (registry order; GGUF types have none)."""
+    return [f for f in _formats if f.comfy_format is not None]
+
+
+def marker_proven(weight_dtype: str, roles: set[str], weight_shape: tuple[int, ...],
+                  scale_shape: tuple[int, ...] | None) -> dict[str, Any] | None:
+    """The comfy_quant conf of the one format a layer's header proves (Format.proves_marker), or None."""
+    for fmt in marked_formats():
+        if fmt.proves_marker(weight_dtype, roles, weight_shape, scale_shape):
+            return fmt.marker_conf()
+    return None
+
+
+def compute_paths() -> dict[str, tuple[str, str]]:
+    """comfy_quant format -> (compute path with quantized activations, with full_precision_matrix_mult), for the
+    formats whose Blackwell kernels are known (Format.compute_paths)."""
+    return {f.comfy_format: f.compute_paths for f in marked_formats() if f.compute_paths and f.comfy_format}
+
+
 def is_quantized(slug: str) -> bool:
     """Whether a format slug stores a lossy encoding; "unknown" and unregistered slugs count as not quantized."""
     fmt = None if slug == UNKNOWN else _by_slug(slug)
@@ -117,4 +144,5 @@ def classify(layer: Layer, file_markers: dict[str, Any] | None = None) -> str:
     return UNKNOWN
 
 
-__all__ = ["FORMATS", "Format", "RoleSpec", "by_comfy_format", "classify", "get", "is_quantized", "register"]
+__all__ = ["FORMATS", "Format", "RoleSpec", "by_comfy_format", "classify", "compute_paths", "get", "is_quantized",
+           "marked_formats", "marker_proven", "register"]

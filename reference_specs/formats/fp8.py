@@ -122,6 +122,16 @@ class _ComfyFP8(Format):
     torch_dtype: ClassVar[torch.dtype]
     stored_dtype: ClassVar[str]
     quantized: ClassVar[bool] = True
+    tensor_scale_role: ClassVar[str | None] = "weight_scale"
+    compute_paths: ClassVar[tuple[str, str] | None] = ("W8A8", "W8A16")
+
+    @classmethod
+    def stored_tensors(cls, out_features: int, in_features: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [("weight", cls.stored_dtype, (out_features, in_features)), ("weight_scale", "F32", ())]
+
+    @classmethod
+    def default_scale(cls, amax: float, source: str) -> torch.Tensor:
+        return fp8_encoding_scale(amax, source, cls.torch_dtype)
 
     @classmethod
     def claims(cls, layer: Layer, file_markers: dict[str, Any]) -> bool:
@@ -167,6 +177,7 @@ class FP8E4M3(_ComfyFP8):
     torch_dtype = TorchDtype("float8_e4m3fn")
     stored_dtype: ClassVar[str] = "F8_E4M3"
     typical_rel_error: ClassVar[float] = 0.04
+    scale_divisor: ClassVar[float | None] = 448.0
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("F8_E4M3",), description="FP8 E4M3 values, [out, in]"),
         "weight_scale": RoleSpec(("F32",), scalar=True, description="per-tensor decode multiplier amax/448"),
@@ -175,6 +186,13 @@ class FP8E4M3(_ComfyFP8):
         "comfy_quant": RoleSpec(("U8",), required=False, description='UTF-8 JSON {"format": "float8_e4m3fn"}'),
     }
 
+    @classmethod
+    def proves_marker(cls, weight_dtype: str, roles: set[str], weight_shape: tuple[int, ...],
+                      scale_shape: tuple[int, ...] | None) -> bool:
+        """F8_E4M3 weight + a single-element weight_scale. (E5M2 files are not seen unmarked: not claimed.)"""
+        return weight_dtype == cls.stored_dtype and "weight_scale" in roles and scale_shape is not None \
+            and math.prod(scale_shape) == 1
+
 
 class FP8E5M2(_ComfyFP8):
     slug: ClassVar[str] = "float8_e5m2"
@@ -182,6 +200,7 @@ class FP8E5M2(_ComfyFP8):
     torch_dtype = TorchDtype("float8_e5m2")
     stored_dtype: ClassVar[str] = "F8_E5M2"
     typical_rel_error: ClassVar[float] = 0.08
+    scale_divisor: ClassVar[float | None] = 57344.0
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("F8_E5M2",), description="FP8 E5M2 values, [out, in]"),
         "weight_scale": RoleSpec(("F32",), scalar=True, description="per-tensor decode multiplier amax/57344"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from reference_specs.formats.base import Format, RoleSpec, source_dtype
+from reference_specs.formats.base import Format, Rereading, RoleSpec, Tensors, source_dtype
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -230,14 +230,116 @@ def encode_blocks(x: torch.Tensor, scale_2: torch.Tensor) -> tuple[torch.Tensor,
     return e2m1_encode(data.reshape(rows, cols)), scales_fp8
 
 
+# --- re-readings: each returns the tensors a correct file would hold, or None when it does not apply -----------
+
+
+def _fp8_scales(tensors: Tensors) -> torch.Tensor:
+    import torch
+
+    scales = tensors["weight_scale"]
+    return scales.view(torch.float8_e4m3fn) if scales.dtype == torch.uint8 else scales
+
+
+def scales_linear(tensors: Tensors) -> Tensors:
+    """Stored scales taken as a row-major matrix: swizzle them so the reference decoder's unswizzle is undone."""
+    import torch
+
+    scales = _fp8_scales(tensors)
+    rows, cols = scales.shape
+    padded = pad_to(scales.view(torch.uint8), roundup(rows, 128), roundup(cols, 4)).view(torch.float8_e4m3fn)
+    return {**tensors, "weight_scale": swizzle(padded)}
+
+
+def nibbles_swapped(tensors: Tensors) -> Tensors:
+    import torch
+
+    packed = tensors["weight"].view(torch.uint8)
+    return {**tensors, "weight": (packed << 4) | (packed >> 4)}
+
+
+def scale2_reciprocal(tensors: Tensors) -> Tensors | None:
+    # stored r = 2688/amax where ComfyUI wants s = amax/2688, so s = 1/r (research Q6: decode multiplier)
+    import torch
+
+    stored = tensors["weight_scale_2"].to(torch.float32).reshape(())
+    if not torch.isfinite(stored) or stored <= 0:
+        return None
+    return {**tensors, "weight_scale_2": 1.0 / stored}
+
+
+REREADINGS: dict[str, Rereading] = {
+    "scale-layout-linear": scales_linear,
+    "nibble-order": nibbles_swapped,
+    "scale2-reciprocal": scale2_reciprocal,
+}
+
+
+def block_refit(tensors: Tensors, reference: torch.Tensor) -> torch.Tensor:
+    """Decode the stored codes with the per-block scale that best fits `reference` (least squares).
+
+    Close to the reference exactly when the codes were made from the reference data, whatever the stored scales.
+    """
+    import torch
+
+    values = e2m1_decode(unpack_nibbles(tensors["weight"].view(torch.uint8)))
+    rows, cols = values.shape
+    ref = pad_to(reference.to(torch.float32), rows, cols).reshape(rows, cols // BLOCK, BLOCK)
+    blocks = values.reshape(rows, cols // BLOCK, BLOCK)
+    num = (blocks * ref).sum(-1)
+    den = (blocks * blocks).sum(-1)
+    scale = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(den))
+    fitted = (blocks * scale.unsqueeze(-1)).reshape(rows, cols)
+    return fitted[: reference.shape[0], : reference.shape[1]]
+
+
+def sign_agreement(tensors: Tensors, reference: torch.Tensor) -> float | None:
+    import torch
+
+    codes = unpack_nibbles(tensors["weight"].view(torch.uint8))[: reference.shape[0], : reference.shape[1]]
+    nonzero = ((codes & 7) != 0) & (reference != 0)
+    total = int(nonzero.sum())
+    if total == 0:
+        return None
+    same = ((codes >> 3).bool() == (reference < 0)) & nonzero
+    return int(same.sum()) / total
+
+
 # The dtypes the decoder can read the bytes of (I8 codes are the same bytes as U8; lint still names the dtype).
 DECODABLE_DTYPES = {"weight": ("U8", "I8"), "weight_scale": ("F8_E4M3", "U8")}
+
+
+def packed_problem(layer: Layer) -> tuple[str, str] | None:
+    """(cause, reason) when a layer's packed weight and block scales cannot be decoded as NVFP4 codes, from the header
+    alone: byte-sized codes and scales, a 2-D packed weight padded to 16 rows and whole 16-element blocks, and a 2-D
+    block scale of the swizzled shape (or the row-major [out, in/16], which decodes and is reported as
+    scale-layout-linear). The same shapes NV105 / NV106 require. Shared by every layout of NVFP4 codes."""
+    for role, dtypes in DECODABLE_DTYPES.items():
+        if layer.dtype(role) not in dtypes:
+            return "wrong-dtype", f"{role} is {layer.dtype(role)}, NVFP4 stores {' or '.join(dtypes)}"
+    weight, scale = layer.shape("weight"), layer.shape("weight_scale")
+    if len(weight) != 2:
+        return "wrong-shape", f"packed weight is {len(weight)}-D {list(weight)}, NVFP4 needs 2-D"
+    rows, cols = weight[0], weight[1] * 2
+    if rows % 16 or cols % BLOCK or not rows:
+        return "wrong-shape", f"packed weight {list(weight)} is not padded to multiples of 16 (rows) and 8 " \
+                              "(bytes per row)"
+    linear_rows = range(rows - 15, rows + 1)  # row-major scales of the unpadded [out, in/16]
+    if len(scale) != 2 or not (scale == block_scale_shape(rows, cols)
+                               or (scale[1] == cols // BLOCK and scale[0] in linear_rows)):
+        return "wrong-shape", f"block scale {list(scale)} does not match the packed weight {list(weight)} " \
+                              f"(expected {list(block_scale_shape(rows, cols))})"
+    return None
 
 
 class NVFP4(Format):
     slug: ClassVar[str] = "nvfp4"
     comfy_format: ClassVar[str | None] = "nvfp4"
     typical_rel_error: ClassVar[float] = 0.12
+    tensor_scale_role: ClassVar[str | None] = "weight_scale_2"
+    scale_divisor: ClassVar[float | None] = SCALE_DIVISOR
+    block_scale_role: ClassVar[str | None] = "weight_scale"
+    compute_paths: ClassVar[tuple[str, str] | None] = ("W4A4", "W4A16")
+    rereadings: ClassVar[dict[str, Rereading]] = REREADINGS
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("U8",), description="E2M1 codes, two per byte, even element in the high nibble"),
         "weight_scale": RoleSpec(("F8_E4M3", "U8"), description="FP8 E4M3 block scales, swizzled 128x4 tiles"),
@@ -255,6 +357,14 @@ class NVFP4(Format):
         return layer.dtype("weight") in ("U8", "I8") and (layer.has("weight_scale_2") or layer.has("weight_scale"))
 
     @classmethod
+    def proves_marker(cls, weight_dtype: str, roles: set[str], weight_shape: tuple[int, ...],
+                      scale_shape: tuple[int, ...] | None) -> bool:
+        """U8 weight [R, C] + weight_scale of the swizzled shape for [R, 2C] + weight_scale_2."""
+        if weight_dtype != "U8" or not {"weight_scale", "weight_scale_2"} <= roles or len(weight_shape) != 2:
+            return False
+        return scale_shape == block_scale_shape(weight_shape[0], weight_shape[1] * 2)
+
+    @classmethod
     def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
         shape = layer.shape("weight")
         return (shape[0], shape[1] * 2) if shape is not None and len(shape) == 2 else shape
@@ -265,24 +375,7 @@ class NVFP4(Format):
         16-element blocks, and a 2-D block scale of the swizzled shape (or the row-major [out, in/16], which decodes
         and is reported as scale-layout-linear). The same shapes NV105 / NV106 require."""
         problem = super().decode_problem(layer)
-        if problem is not None:
-            return problem
-        for role, dtypes in DECODABLE_DTYPES.items():
-            if layer.dtype(role) not in dtypes:
-                return "wrong-dtype", f"{role} is {layer.dtype(role)}, NVFP4 stores {' or '.join(dtypes)}"
-        weight, scale = layer.shape("weight"), layer.shape("weight_scale")
-        if len(weight) != 2:
-            return "wrong-shape", f"packed weight is {len(weight)}-D {list(weight)}, NVFP4 needs 2-D"
-        rows, cols = weight[0], weight[1] * 2
-        if rows % 16 or cols % BLOCK or not rows:
-            return "wrong-shape", f"packed weight {list(weight)} is not padded to multiples of 16 (rows) and 8 " \
-                                  "(bytes per row)"
-        linear_rows = range(rows - 15, rows + 1)  # row-major scales of the unpadded [out, in/16]
-        if len(scale) != 2 or not (scale == block_scale_shape(rows, cols)
-                                   or (scale[1] == cols // BLOCK and scale[0] in linear_rows)):
-            return "wrong-shape", f"block scale {list(scale)} does not match the packed weight {list(weight)} " \
-                                  f"(expected {list(block_scale_shape(rows, cols))})"
-        return None
+        return problem if problem is not None else packed_problem(layer)
 
     def quantize(self, weight: torch.Tensor, scale_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out_f, in_f = weight.shape
@@ -295,6 +388,31 @@ class NVFP4(Format):
             "weight_scale": swizzle(pad_to(scales, scale_rows, scale_cols)),
             "weight_scale_2": scale_2,
         }
+
+    @classmethod
+    def stored_tensors(cls, out_features: int, in_features: int) -> list[tuple[str, str, tuple[int, ...]]]:
+        return [("weight", "U8", packed_shape(out_features, in_features)),
+                ("weight_scale", "F8_E4M3", block_scale_shape(out_features, in_features)),
+                ("weight_scale_2", "F32", ())]
+
+    @classmethod
+    def default_scale(cls, amax: float, source: str) -> torch.Tensor:
+        return encoding_scale_from_amax(amax, source)
+
+    def fast_quantize(self, weight: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The chunked fast encoder on the weight's own device (2-D weights only)."""
+        if weight.dim() != 2:
+            return None
+        from reference_specs.formats import fast_encode
+
+        encoded = fast_encode.encode_nvfp4(weight, device=weight.device)
+        return {role: t.to(weight.device) for role, t in encoded.items()}
+
+    def code_refit(self, tensors: Tensors, reference: torch.Tensor) -> torch.Tensor | None:
+        return block_refit(tensors, reference)
+
+    def sign_agreement(self, tensors: Tensors, reference: torch.Tensor) -> float | None:
+        return sign_agreement(tensors, reference)
 
     @classmethod
     def error_ceiling(cls, weight: torch.Tensor, scale: torch.Tensor) -> float | None:

@@ -27,6 +27,8 @@ class ScaledFP8(Format):
     slug: ClassVar[str] = "scaled_fp8"
     comfy_format: ClassVar[str | None] = None  # no comfy_quant marker: ComfyUI converts it to float8_e4m3fn on load
     typical_rel_error: ClassVar[float] = 0.04
+    tensor_scale_role: ClassVar[str | None] = "scale_weight"
+    scale_divisor: ClassVar[float | None] = 448.0
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("F8_E4M3", "F8_E5M2"), description="FP8 values, [out, in]"),
         "scale_weight": RoleSpec(("F32",), scalar=True, description="per-tensor decode multiplier amax/448"),

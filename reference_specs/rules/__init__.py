@@ -15,6 +15,7 @@ from reference_specs.rules.architecture import (
 from reference_specs.rules.base import ModelView, Rule, RuleContext
 from reference_specs.rules.compute_markers import FullPrecisionMmFlag
 from reference_specs.rules.dtypes import WrongDtype
+from reference_specs.rules.foreign_layouts import ForeignLayout
 from reference_specs.rules.markers import (
     BrokenMarkerTensor,
     DoubleBracedMetadata,
@@ -35,6 +36,7 @@ RULES: list[Rule] = [
     InvalidQuantMarker(),
     BrokenMarkerTensor(),
     DoubleBracedMetadata(),
+    ForeignLayout(),
     WrongDtype(),
     WrongShape(),
     TransposedWeight(),

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from reference_specs import formats
 from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
 from reference_specs.rules.base import ModelView, Rule, RuleContext, numel
@@ -30,11 +31,7 @@ SOURCE_PRECEDENCE = ("metadata", "tensor")
 # Marker format -> (compute path with quantized activations, compute path with full_precision_matrix_mult), on
 # Blackwell where ComfyUI disables neither NVFP4 nor FP8 (ops.py pick_operations). Only the formats of ComfyUI's
 # QUANT_ALGOS whose kernels are known here; other formats get no label rather than a guessed one.
-COMPUTE_PATHS: dict[str, tuple[str, str]] = {
-    "nvfp4": ("W4A4", "W4A16"),
-    "float8_e4m3fn": ("W8A8", "W8A16"),
-    "float8_e5m2": ("W8A8", "W8A16"),
-}
+COMPUTE_PATHS: dict[str, tuple[str, str]] = formats.compute_paths()
 
 
 def marker_confs(layer: Layer, file_markers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:

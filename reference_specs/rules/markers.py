@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from reference_specs.findings import Finding, Severity
 from reference_specs.layer import Layer
 from reference_specs.rules.base import COMFY_QUANT_FORMATS, FP8_DTYPES, ModelView, Rule, RuleContext
+from reference_specs.rules.foreign_layouts import foreign_format
 
 # Prefixes ComfyUI strips from diffusion-model keys (model_detection.unet_prefix_from_state_dict) plus the ones
 # exporters commonly add; used only to tell the user which spelling would have matched.
@@ -60,7 +61,7 @@ Fix: `nvdiag fix` adds the markers; `nvdiag convert` writes them (both the per-l
             if layer.marker is not None or layer.marker_error is not None or layer.has("comfy_quant"):
                 continue
             reason = _needs_marker(layer)
-            if reason is None or _legacy_fp8(model, layer):
+            if reason is None or _legacy_fp8(model, layer) or foreign_format(layer) is not None:
                 continue
             yield self.finding(
                 f"{reason} but no comfy_quant marker: ComfyUI loads the raw bytes as a plain weight",

@@ -12,6 +12,7 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import F4_E2M1_MAX, F8_E4M3_MAX
 from reference_specs.layer import Layer
 from reference_specs.rules.base import FP8_DTYPES, NVFP4, ModelView, Rule, RuleContext
+from reference_specs.rules.foreign_layouts import foreign_format
 from reference_specs.rules.scale_data import BLOCK_SCALE_DTYPES
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ Fix: `nvdiag fix` stores 1/x for these scales (and renames weight_global_scale);
 
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
+            if foreign_format(layer) is not None:
+                continue  # its scales are the layout's own convention: NV112 names the layout and fix rewrites them
             for role in COMPRESSED_TENSORS_ROLES:
                 if layer.has(role):
                     yield self.finding(
@@ -161,13 +164,20 @@ Fix: re-export with `nvdiag convert` (it clamps block scales to 448 and keeps th
     def check(self, model: ModelView, ctx: RuleContext) -> Iterable[Finding]:
         for layer in model.layers.values():
             yield from self._scalars(layer, ctx)
-        for layer in ctx.within_budget(list(ctx.layers_of(NVFP4))):
+        # NVFP4's block scales, and those of the published layouts nvdiag fix rewrites into it (their format says
+        # which role holds them): a NaN there survives the rewrite
+        blocked = [layer for layer in model.layers.values() if layer.format == NVFP4 or (
+            (fmt := foreign_format(layer)) is not None and fmt.block_scale_role == "weight_scale")]
+        for layer in ctx.within_budget(blocked):
             yield from self._blocks(layer, ctx)
 
     def _scalars(self, layer: Layer, ctx: RuleContext) -> Iterator[Finding]:
         roles = list(TENSOR_SCALE_ROLES)
         if layer.dtype("weight") in FP8_DTYPES:
             roles.append("weight_scale")
+        foreign = foreign_format(layer)
+        if foreign is not None:  # a published layout's own scalars (LightX2V's alpha, input_global_scale)
+            roles += [r for r, spec in foreign.signature.items() if spec.scalar and r not in roles]
         for role in roles:
             value = ctx.scalar(layer, role) if layer.has(role) else None
             if value is None or (math.isfinite(value) and value >= MIN_NORMAL_F32):
