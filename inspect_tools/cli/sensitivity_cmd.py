@@ -103,6 +103,9 @@ def print_text(result: SensitivityResult) -> None:
     for column in ("layer", "w4a16", "w4a4 dyn", "w4a4 static", "fp8", "risk"):
         table.add_column(column, no_wrap=column != "layer", overflow="fold")
     for layer in result.layers[:TEXT_ROWS]:
+        if not layer.measured:
+            table.add_row(escape(layer.layer), "-", "-", "-", "-", "[yellow]not measurable[/]")
+            continue
         style = "bold red" if layer.risk > RISKY else ""
         risk = f"[{style}]{layer.risk:.2f}[/]" if style else f"{layer.risk:.2f}"
         table.add_row(escape(layer.layer), f"{layer.w4a16:.4g}", f"{layer.w4a4_dynamic:.4g}",
@@ -113,6 +116,8 @@ def print_text(result: SensitivityResult) -> None:
         out.print(f"... {hidden} more layers (--format json or -o lists all)")
     risky = [layer for layer in result.layers if layer.risk > RISKY]
     out.print("[dim]risk = w4a4 dyn / w4a16; about 1.4 when activations quantize as well as weights[/]")
+    if result.advice():
+        out.print(f"[yellow]{escape(result.advice())}[/]")
     if risky:
         out.print(f"[bold]{len(risky)} layer(s) at risk under W4A4[/] (risk > {RISKY:g}): mark them "
                   "full_precision_matrix_mult, give them a calibrated input_scale, or keep them at FP8/16-bit "
@@ -172,8 +177,10 @@ def _risk_summary(result: SensitivityResult) -> str:
     from inspect_tools.comfyui.sensitivity import RISKY
 
     risky = [layer.layer for layer in result.layers if layer.risk > RISKY]
-    return (f"{len(result.layers)} quantizable layers measured; {len(risky)} at risk under W4A4 (risk > {RISKY:g})"
-            + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else ""))
+    lost = len(result.not_measurable())
+    return (f"{len(result.layers) - lost} quantizable layers measured; {len(risky)} at risk under W4A4 "
+            f"(risk > {RISKY:g})" + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else "")
+            + (f"; {result.advice()}" if lost else ""))
 
 
 @app.command("calibrate", epilog=CALIBRATE_EPILOG)
@@ -201,14 +208,17 @@ def calibrate_command(
     on Blackwell: activations above the calibrated maximum are clipped there, so the default takes the largest
     maximum seen, with headroom. Without input_scale ComfyUI scales dynamically, which is always safe.
     """
-    from inspect_tools.comfyui.sensitivity import input_scales
+    from inspect_tools.comfyui.sensitivity import input_scales, uncalibrated
 
     _check_outputs([output], src, force)
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     scales = input_scales(result, percentile=percentile, margin=margin)
     _write(output, json.dumps(scales, indent=2) + "\n", force)
+    dynamic = uncalibrated(result)
     said = (f"wrote {output}: {len(scales)} input scales (percentile {percentile:g}, margin {margin:g}) from "
-            f"{result.describe_inputs()}")
+            f"{result.describe_inputs()}"
+            + (f"; {len(dynamic)} layer(s) left dynamic, their activations were not finite ({', '.join(dynamic[:5])}"
+               + (" ...)" if len(dynamic) > 5 else ")") if dynamic else ""))
     render(fmt, [], lambda: {"version": 1, "output": str(output), "percentile": percentile, "margin": margin,
-                             "input_scales": scales},
+                             "input_scales": scales, "left_dynamic": dynamic},
            lambda: console().print(escape(said)), summary=lambda: said, file=src, title="nvdiag calibrate")
