@@ -328,3 +328,79 @@ def test_a_layer_whose_inputs_are_all_zero_has_no_relative_error(comfyui):
     layer = measure(comfyui, "blocks.0.ffn.0", torch.randn(32, 64), zero)
     assert not layer.measured and "output is zero" in layer.not_measurable
     _strict_json({"layer": layer.to_json()})
+
+
+# ------------------------------------------------------------------------------ capture once, measure again
+
+def test_saved_activations_read_back_give_the_same_report(comfyui, source, tmp_path, capsys):
+    """--save-activations writes what the run captured in the format --activations reads: measuring the file gives
+    every number the run gave, without running the model."""
+    acts, first, again = tmp_path / "acts.safetensors", tmp_path / "run.json", tmp_path / "again.json"
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--steps", "2", "--prompts", "1",
+                 "--save-activations", str(acts), "-o", str(first)]) == 0
+    assert f"wrote {acts}" in capsys.readouterr().out
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--activations", str(acts),
+                 "-o", str(again)]) == 0
+    ran, read = json.loads(first.read_text()), json.loads(again.read_text())
+    assert len(ran["layers"]) == 20 and read["layers"] == ran["layers"]
+    assert read["inputs"]["file"] == "acts.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(acts), "pt") as f:
+        # 2 calls (2 noise levels x 1 context); self-attention sees 2 frames x 8 x 8 patches = 128 tokens a call, all
+        # kept (256 rows per layer / 2 calls); cross-attention's k and v see the 32 text tokens
+        assert f.get_slice(SENSITIVE).get_shape() == [256, 256]
+        assert f.get_slice("blocks.0.cross_attn.k").get_shape() == [64, 256]
+        assert f.get_slice("blocks.0.ffn.2").get_shape() == [256, 512]
+        assert f.get_slice(f"{SENSITIVE}.amax").get_shape() == [2]
+        assert f.metadata()["steps"] == "2"
+
+
+def test_the_saved_file_is_bounded_before_anything_runs(comfyui, source, tmp_path, capsys, monkeypatch):
+    from inspect_tools.comfyui import sensitivity as module
+
+    with open_model(source) as model:
+        estimate = module.saved_activation_bytes(model, steps=2, prompts=1)
+    # 256 rows per layer (128 a call, 2 calls) of float32 in 2 blocks of 9 layers 256 wide and one (ffn.2) 512 wide,
+    # and 2 maxima per layer
+    assert estimate == 4 * (256 * 2 * (9 * 256 + 512) + 20 * 2)
+    monkeypatch.setattr(module, "MAX_SAVED_ACTIVATION_BYTES", estimate - 1)
+    acts = tmp_path / "acts.safetensors"
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), "--steps", "2", "--prompts", "1",
+                 "--save-activations", str(acts)]) == 2
+    err = capsys.readouterr().err
+    assert "--save-activations would write about" in err and "lower --steps or --prompts" in err
+    assert not acts.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--activations", "{acts}", "--save-activations", "{out}"], "with --activations nothing is run"),
+    (["--save-activations", "{out}", "-o", "{out}"], "the same path is given for two outputs"),
+    (["--save-activations", "{acts}"], "exists; pass --force"),
+])
+def test_save_activations_refusals_exit_2(comfyui, source, tmp_path, capsys, argv, says):
+    acts = save_safetensors({SENSITIVE: __import__("torch").ones(4, 256)}, tmp_path / "given.safetensors", {})
+    out = tmp_path / "out.safetensors"
+    argv = [a.format(acts=acts, out=out) for a in argv]
+    assert main(["sensitivity", str(source), "--comfyui", str(comfyui.root), *argv]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_saved_overflow_reads_back_as_not_measurable(comfyui, source, tmp_path):
+    """What could not be measured in the run cannot be in the file either: an inf maximum is kept as it is."""
+    import torch
+
+    from inspect_tools.comfyui.sensitivity import Capture, save_activations, sensitivity_from_activations
+
+    g = torch.Generator().manual_seed(9)
+    captures = {SENSITIVE: Capture(amax=[4.0, float("inf")], rows=[torch.randn(8, 256, generator=g)] * 2),
+                "blocks.0.self_attn.q": Capture(amax=[5.0], rows=[torch.randn(8, 256, generator=g)])}
+    path = save_activations(tmp_path / "acts.safetensors", captures, str(source), 2, 1, 0)
+    with open_model(source) as model:
+        result = sensitivity_from_activations(comfyui, model, str(path))
+    assert [(layer.layer, layer.measured) for layer in result.layers] == [("blocks.0.self_attn.q", True),
+                                                                           (SENSITIVE, False)]
+    assert result.layers[1].not_measurable == "non-finite activations in 1 of 2 calls in the activation file"
+    assert result.layers[0].act_amax_calls == [5.0]  # the whole call's amax, above the kept rows' own

@@ -245,9 +245,16 @@ def candidates(model: CheckpointModel) -> set[str]:
     return out
 
 
+def rows_per_call(steps: int, prompts: int) -> int:
+    """Rows kept of each call of a layer: ROWS_PER_LAYER spread over its steps x prompts calls."""
+    return max(4, ROWS_PER_LAYER // (steps * prompts))
+
+
 def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, prompts: int = 2, seed: int = 0,
-                progress: Callable[[str], None] | None = None, blocks_at_once: int | None = None) -> SensitivityResult:
-    """Run SRC through ComfyUI, capture every candidate layer's inputs, and measure each layer's four errors."""
+                progress: Callable[[str], None] | None = None, blocks_at_once: int | None = None,
+                keep: dict[str, Capture] | None = None) -> SensitivityResult:
+    """Run SRC through ComfyUI, capture every candidate layer's inputs, and measure each layer's four errors.
+    keep: when given, every layer's capture is also left there (for save_activations)."""
     from inspect_tools.comfyui.verify import plan_pieces
 
     if steps < 1 or prompts < 1:
@@ -258,7 +265,7 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
     say = progress or (lambda _msg: None)
     wanted = candidates(source)
     plan = plan_pieces(source, blocks_at_once)
-    per_call = max(4, ROWS_PER_LAYER // (steps * prompts))
+    per_call = rows_per_call(steps, prompts)
     inputs: list[forward.StepInput] = []
     carry: list[dict[str, torch.Tensor]] | None = None
     results: list[LayerSensitivity] = []
@@ -296,6 +303,8 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
                       + (": an fp16 overflow?)" if loaded.report.compute_dtype == "float16" else ")"))
             for name, capture in captures.items():
                 results.append(measure(runtime, name, modules[name].weight, capture, origin))
+            if keep is not None:
+                keep.update(captures)
         finally:
             loaded.release(runtime)
     results = rank(results)
@@ -391,3 +400,53 @@ def input_scales(result: SensitivityResult, percentile: float = 100.0, margin: f
 def uncalibrated(result: SensitivityResult) -> list[str]:
     """Layers input_scales leaves dynamic because their activations were not finite."""
     return [layer.layer for layer in result.layers if not all(math.isfinite(a) for a in layer.act_amax_calls)]
+
+
+# --save-activations: what the run captured, in the file --activations reads, so a capture can be measured again (other
+# thresholds, another nvdiag) without running the model. Bounded: a few hundred float32 rows per layer, about 60 MB
+# a block of WAN A14B at the defaults (2.4 GB for a whole 40-block expert); a larger estimate is refused before any
+# forward runs, and the rows are kept in memory until the end (the file's header needs every shape).
+MAX_SAVED_ACTIVATION_BYTES = 4 * 1024**3
+
+
+def saved_activation_bytes(source: CheckpointModel, steps: int, prompts: int) -> int:
+    """Upper bound of --save-activations' file: every candidate layer, rows_per_call x calls rows of float32."""
+    rows = rows_per_call(steps, prompts) * steps * prompts
+    widths = {layer.native_name or layer.name: int(layer.tensors["weight"].shape[1]) for layer in source.layers.values()
+              if layer.tensors.get("weight") is not None and len(layer.tensors["weight"].shape) == 2}
+    return sum(4 * (rows * widths[name] + steps * prompts) for name in candidates(source) if name in widths)
+
+
+def check_saved_size(source: CheckpointModel, steps: int, prompts: int) -> None:
+    estimate = saved_activation_bytes(source, steps, prompts)
+    if estimate > MAX_SAVED_ACTIVATION_BYTES:
+        raise UsageError(f"--save-activations would write about {estimate / 1024**3:.1f} GiB for {steps} steps x "
+                         f"{prompts} prompts, above the {MAX_SAVED_ACTIVATION_BYTES / 1024**3:.0f} GiB it allows: "
+                         "lower --steps or --prompts")
+
+
+def save_activations(path: str | Path, captures: dict[str, Capture], source: str, steps: int, prompts: int,
+                     seed: int, overwrite: bool = True) -> Path:
+    """Write the captures as --activations reads them: `<layer>` float32 rows [calls x rows, in_features] in call
+    order and `<layer>.amax` [calls], each call's amax over the whole call (inf/NaN kept: the layer reads back as
+    not measurable, as it was). Every call of a layer keeps as many rows as its smallest one, so the rows split
+    evenly into the calls. Atomic: a temporary file beside `path`, renamed when complete."""
+    from inspect_tools.writer import SafetensorsWriter
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(captures):
+        capture = captures[name]
+        if not capture.rows:
+            continue
+        n = min(rows.shape[0] for rows in capture.rows)
+        tensors[name] = torch.cat([rows[:n] for rows in capture.rows]).float().contiguous()
+        tensors[f"{name}.amax"] = torch.tensor(capture.amax, dtype=torch.float32)
+    if not tensors:
+        raise InputError("no layer was captured: nothing to save", str(source))
+    metadata = {"nvdiag": "activations captured by nvdiag sensitivity (rows: each layer's inputs)",
+                "source": Path(source).name, "steps": str(steps), "prompts": str(prompts), "seed": str(seed)}
+    entries = [(name, "F32", list(t.shape)) for name, t in tensors.items()]
+    with SafetensorsWriter(path, entries, metadata, overwrite=overwrite) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        return writer.commit()
