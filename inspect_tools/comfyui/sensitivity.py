@@ -133,10 +133,12 @@ class SensitivityResult:
         if not lost:
             return ""
         names = ", ".join(layer.layer for layer in lost[:5]) + (" ..." if len(lost) > 5 else "")
+        overflow = any(str(layer.not_measurable).startswith("non-finite activations") for layer in lost)
+        hint = ("" if not overflow else " Capture without the overflow (FP32 or BF16 compute) to measure them"
+                if self.activations is not None else " On a GPU, --device cpu computes in FP32 and measures them")
         return (f"{len(lost)} layer(s) not measurable, left out of the ranking ({names}): {lost[0].not_measurable}"
                 + ("" if len({layer.not_measurable for layer in lost}) == 1 else ", among others")
-                + "; preset from-sensitivity keeps them out of W4A4. On a GPU, --device cpu computes in FP32 "
-                  "and measures them")
+                + "; preset from-sensitivity keeps them out of W4A4." + hint)
 
     def describe_inputs(self) -> str:
         if self.activations is not None:
