@@ -10,6 +10,10 @@ w4a4_dynamic / w4a16. Each measured layer gets one decision, the cheapest that k
   fp8-w8a16     FP8, full-precision mm    w4a16 > max_error (4-bit weights alone are too coarse), fp8 <= max_error
   bf16          16-bit                    w4a16 and fp8 both > max_error
 
+A layer the report could not measure (`not_measurable`: its activations were not finite in the reference forward,
+an fp16 overflow) has no risk to weigh: it is kept out of W4A4 (nvdiag-w4a16: NVFP4 weights, full-precision mm),
+first in the budget and never held back by it, and its rule says why.
+
 The FP8 tier multiplies in full precision because convert writes FP8 layers without an input_scale, with which
 ComfyUI quantizes FP8 activations at scale 1.0 (shared/research/comfyui-load-path.md, Q2), not at the calibrated
 scale the report's fp8 error was measured with; the report's fp8 error (FP8 activations included) is then an upper
@@ -65,11 +69,16 @@ DECISION_ORDER = ("bf16", "fp8-w8a16", "nvfp4-w4a16", "nvfp4")
 class LayerReport:
     layer: str
     params: int
-    w4a16: float
+    w4a16: float  # the errors and risk are NaN when not measurable
     w4a4_dynamic: float
     w4a4_static: float
     fp8: float
     risk: float
+    not_measurable: str | None = None  # the report's why, when it measured nothing for this layer
+
+    @property
+    def measured(self) -> bool:
+        return self.not_measurable is None
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,7 @@ class SensitivityReport:
 
 @dataclass(frozen=True)
 class Choice:
-    """One measured layer's decision and why (why: low | risk | weights | fp8-too | budget)."""
+    """One listed layer's decision and why (why: low | risk | weights | fp8-too | budget | unmeasured)."""
 
     layer: LayerReport
     decision: str
@@ -117,12 +126,23 @@ def _layer(path: Path, index: int, raw: Any) -> LayerReport:
     params = raw.get("params")
     if isinstance(params, bool) or not isinstance(params, int) or not 0 < params <= MAX_PARAMS:
         raise _fail(path, f"{where}: params must be a positive integer (got {str(params)[:40]})")
+    if "not_measurable" in raw:
+        why = raw["not_measurable"]
+        if not isinstance(why, str) or not why or len(why) > MAX_TEXT:
+            raise _fail(path, f"{where}: not_measurable must be the reason, a non-empty string")
+        measured = [k for k in (*METRICS, "risk") if raw.get(k) is not None]
+        if measured:
+            raise _fail(path, f"{where}: not measurable, yet it gives {', '.join(measured)}")
+        return LayerReport(layer=name, params=params, w4a16=math.nan, w4a4_dynamic=math.nan, w4a4_static=math.nan,
+                           fp8=math.nan, risk=math.nan, not_measurable=why)
     missing = [k for k in (*METRICS, "risk") if k not in raw]
     if missing:
         raise _fail(path, f"{where}: missing {', '.join(missing)}")
     values = {k: _number(path, f"{where}: {k}", raw[k]) for k in METRICS}
-    risk = _number(path, f"{where}: risk", raw["risk"], allow_inf=True)
     w4a16, w4a4 = values["w4a16"], values["w4a4_dynamic"]
+    # null (JSON has no Infinity): only W4A16 exact, W4A4 not; older reports wrote Infinity there
+    risk = math.inf if raw["risk"] is None and w4a16 == 0 else _number(path, f"{where}: risk", raw["risk"],
+                                                                          allow_inf=True)
     if w4a16 > 0:
         # the report rounds each number to 6 digits; a ratio further off was edited or corrupted, and deciding on it
         # would contradict the errors printed beside it
@@ -201,6 +221,8 @@ def check_thresholds(risk: float, max_error: float, budget: float) -> None:
 
 def wanted(layer: LayerReport, risk: float, max_error: float) -> Choice:
     """What the layer needs, budget aside."""
+    if not layer.measured:  # nothing known: not W4A4; its NVFP4 weights are the preset's usual choice
+        return Choice(layer, "nvfp4-w4a16", "unmeasured")
     if layer.w4a16 > max_error:
         if layer.fp8 <= max_error:
             return Choice(layer, "fp8-w8a16", "weights")
@@ -211,22 +233,26 @@ def wanted(layer: LayerReport, risk: float, max_error: float) -> Choice:
 
 
 def _priority(choice: Choice) -> tuple:
-    """Most risky first: layers that fail even W4A16 (worst W4A16 first), then by risk; name breaks ties."""
+    """Most risky first: unmeasured layers (nothing says they are safe), layers that fail even W4A16 (worst W4A16
+    first), then by risk; name breaks ties."""
+    if choice.why == "unmeasured":
+        return (0, 0.0, choice.layer.layer)
     failed_weights = choice.decision in ("fp8-w8a16", SIXTEEN_BIT)
-    return (0 if failed_weights else 1, -(choice.layer.w4a16 if failed_weights else choice.layer.risk),
+    return (1 if failed_weights else 2, -(choice.layer.w4a16 if failed_weights else choice.layer.risk),
             choice.layer.layer)
 
 
 def decide(report: SensitivityReport, risk: float = DEFAULT_RISK, max_error: float = DEFAULT_MAX_ERROR,
            budget: float = DEFAULT_BUDGET) -> list[Choice]:
-    """Per measured layer (in name order) its decision. Layers that would leave W4A4 are admitted most risky first
-    while their parameters fit in `budget` x the measured parameters; the rest stay W4A4 (why = budget)."""
+    """Per listed layer (in name order) its decision. Layers that would leave W4A4 are admitted most risky first
+    while their parameters fit in `budget` x the listed parameters; the rest stay W4A4 (why = budget). Unmeasured
+    layers are admitted first and always: W4A4 on a layer nothing is known of is not the user's budget to spend."""
     check_thresholds(risk, max_error, budget)
     choices = {layer.layer: wanted(layer, risk, max_error) for layer in report.layers}
     allowance = budget * sum(layer.params for layer in report.layers)
     spent = 0
     for choice in sorted((c for c in choices.values() if c.decision != "nvfp4"), key=_priority):
-        if spent + choice.layer.params <= allowance:
+        if spent + choice.layer.params <= allowance or choice.why == "unmeasured":
             spent += choice.layer.params
         else:  # a smaller, less risky layer further down may still fit
             choices[choice.layer.layer] = Choice(choice.layer, "nvfp4", "budget")
@@ -252,6 +278,10 @@ def _span(values: list[float]) -> str:
 
 def _reason(why: str, members: list[LayerReport], risk: float, max_error: float, budget: float) -> str:
     n = f"{len(members)} layer{'s' if len(members) > 1 else ''}"
+    if why == "unmeasured":
+        reasons = sorted({str(m.not_measurable) for m in members})
+        return (f"W4A16: not measurable ({'; '.join(reasons)[:300]}), so kept out of W4A4; NVFP4 weights, "
+                f"full-precision matmul on Blackwell, its W4A16 error unmeasured too ({n})")
     r = _span([m.risk for m in members])
     w16 = _span([m.w4a16 for m in members])
     if why == "low":
@@ -315,6 +345,11 @@ class Outcome:
         return sum(1 for c in self.choices if c.why == "budget")
 
     @property
+    def unmeasured(self) -> list[str]:
+        """Layers the report could not measure, kept out of W4A4."""
+        return [c.layer.layer for c in self.choices if c.why == "unmeasured"]
+
+    @property
     def fraction_left_w4a4(self) -> float:
         """Share of the measured parameters that leave plain W4A4."""
         total = sum(c.layer.params for c in self.choices)
@@ -372,6 +407,10 @@ def preset_from_sensitivity(path: str | Path, risk: float = DEFAULT_RISK, max_er
               f"--budget {budget:g} --base {base if base is not None else 'none'}\n"
               "# Each measured rule names exactly the layers it decides; a layer the report does not list (the\n"
               "# sensitive and non-linear ones) " + tail)
+    lost = [c.layer.layer for c in choices if c.why == "unmeasured"]
+    if lost:
+        header += (f"# {len(lost)} layer(s) the report could not measure are kept out of W4A4 (W4A16), not ranked:\n"
+                   f"# {', '.join(lost[:8])}{' ...' if len(lost) > 8 else ''}\n")
     text = header + dumps_preset(preset)
     loaded = loads_preset(text.encode("utf-8"), str(path))  # what the file will load back as (sha included)
     loaded.source = str(path)

@@ -79,6 +79,10 @@ def render(result: Any, risky: float) -> str:
     picture = heatmaps_png(result.layers, risky, plt) if result.layers else ""
     rows = []
     for layer in result.layers:
+        if not layer.measured:
+            rows.append(f'<tr class="lost"><td>{esc(layer.layer)}</td><td colspan="5">not measurable: '
+                        f"{esc(str(layer.not_measurable))}</td></tr>")
+            continue
         bad = ' class="bad"' if layer.risk > risky else ""
         rows.append(f"<tr{bad}><td>{esc(layer.layer)}</td><td>{layer.w4a16:.4g}</td><td>{layer.w4a4_dynamic:.4g}"
                     f"</td><td>{layer.w4a4_static:.4g}</td><td>{layer.fp8:.4g}</td><td>{layer.risk:.3g}</td></tr>")
@@ -88,7 +92,7 @@ def render(result: Any, risky: float) -> str:
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 13px; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
-tr.bad td {{ background: #fdecea; }}
+tr.bad td {{ background: #fdecea; }} tr.lost td {{ background: #fff6d5; }}
 </style></head><body>
 <h1>nvdiag sensitivity</h1>
 <p><b>{esc(str(result.source))}</b>: {esc(result.architecture)}, {len(result.layers)} quantizable layers,
@@ -96,6 +100,7 @@ tr.bad td {{ background: #fdecea; }}
 <p><b>{at_risk} layer(s) at risk under W4A4</b> (risk = W4A4 error / W4A16 error above {risky:g}, outlined in blue):
 they need full_precision_matrix_mult, a calibrated input_scale, or FP8/16-bit
 (<code>nvdiag preset from-sensitivity REPORT.json</code>).</p>
+{f"<p><b>{esc(result.advice())}</b> (blank cells in the maps)</p>" if result.advice() else ""}
 <h2>Error per block and layer kind</h2>
 <p>Both maps share one colour scale: a cell that darkens from the left map to the right one is a layer whose
 activations do not survive 4 bits; when activations quantize as well as weights the W4A4 error is about 1.4x the

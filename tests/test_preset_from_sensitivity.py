@@ -180,14 +180,41 @@ def test_without_output_the_preset_is_printed(tmp_path: Path, capsys) -> None:
     assert preset.decide(LayerView("blocks.0.ffn.2", (256, 256))).format == "nvfp4-w4a16"
 
 
-def test_an_exact_layer_is_not_at_risk(tmp_path: Path) -> None:
-    """risk is infinite when W4A16 is exact (nvdiag sensitivity writes Infinity); 0/0 means W4A4 is exact too."""
+@pytest.mark.parametrize("spelled", [float("inf"), None])
+def test_an_exact_layer_is_not_at_risk(tmp_path: Path, spelled: float | None) -> None:
+    """risk is infinite when W4A16 is exact: nvdiag sensitivity writes null there (JSON has no Infinity), older
+    reports wrote Infinity; 0/0 means W4A4 is exact too."""
     exact = entry("blocks.0.ffn.0", 0.0, 0.0)
-    activations_only = entry("blocks.1.ffn.0", 0.0, 0.05)
+    activations_only = {**entry("blocks.1.ffn.0", 0.0, 0.05), "risk": spelled}
     path = write_report(tmp_path / "report.json", report([exact, activations_only]))
-    assert '"risk": Infinity' in path.read_text()
     decided = {c.layer.layer: c.decision for c in fs.preset_from_sensitivity(path).choices}
     assert decided == {"blocks.0.ffn.0": "nvfp4", "blocks.1.ffn.0": "nvfp4-w4a16"}
+
+
+def unmeasured(layer: str, params: int = 65536) -> dict:
+    """A report line as nvdiag sensitivity writes it for a layer whose activations were not finite."""
+    return {"layer": layer, "params": params, "act_amax": None, "act_amax_calls": [None],
+            "not_measurable": "non-finite activations in 1 of 1 calls of the reference forward (ComfyUI computing in "
+                              "float16: an fp16 overflow?)"}
+
+
+@pytest.mark.parametrize("budget", [1.0, 0.0])
+def test_a_layer_the_report_could_not_measure_never_gets_w4a4(tmp_path: Path, capsys, budget: float) -> None:
+    """Nothing says it is safe, so not W4A4 (whatever the budget), and nothing says it is the riskiest: the budget
+    goes to it first and does not hold it back. With --budget 1 it and the risky ffn.0 of block 0 (risk 4) leave
+    W4A4, with --budget 0 only it does."""
+    layers = [unmeasured("blocks.0.self_attn.o"), entry("blocks.0.ffn.0", 0.075, 0.300),
+              entry("blocks.1.ffn.0", 0.075, 0.110)]
+    path = write_report(tmp_path / "report.json", report(layers))
+    out = tmp_path / "p.toml"
+    assert main(["preset", "from-sensitivity", str(path), "--budget", str(budget), "-o", str(out)]) == 0
+    preset = load_preset(str(out))
+    view = LayerView("blocks.0.self_attn.o", (256, 256))
+    assert preset.decide(view).format == "nvfp4-w4a16"
+    assert "not measurable (non-finite activations" in preset.decide(view).reason
+    assert preset.decide(LayerView("blocks.0.ffn.0", (256, 256))).format == ("nvfp4-w4a16" if budget else "nvfp4")
+    assert preset.decide(LayerView("blocks.1.ffn.0", (256, 256))).format == "nvfp4"  # risk 1.47
+    assert "1 layer(s) the report could not measure are kept out of W4A4" in out.read_text()
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -232,6 +259,11 @@ def _layer(**change: object) -> dict:
     (json.dumps(_layer(fp8=10**400)).encode(), "too large for a float"),
     (json.dumps(report([{"layer": "blocks.0.ffn.2", "params": 10}])).encode(), "missing w4a16"),
     (json.dumps(report([entry("blocks.0.ffn.2", 0.08, 0.1)] * 2)).encode(), "listed twice"),
+    (json.dumps(_layer(not_measurable="activations overflow")).encode(), "not measurable, yet it gives w4a16"),
+    (json.dumps(report([{**unmeasured("blocks.0.ffn.2"), "not_measurable": ""}])).encode(),
+     "not_measurable must be the reason"),
+    (json.dumps(report([{**unmeasured("blocks.0.ffn.2"), "not_measurable": 3}])).encode(),
+     "not_measurable must be the reason"),
 ])
 def test_malformed_reports_exit_2_with_one_line(tmp_path: Path, capsys, content: bytes, says: str) -> None:
     path = tmp_path / "report.json"

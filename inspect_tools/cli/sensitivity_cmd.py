@@ -15,7 +15,7 @@ from rich.table import Table
 
 from inspect_tools.cli import app
 from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
-from inspect_tools.errors import OutputError
+from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
 
 if TYPE_CHECKING:
@@ -28,6 +28,9 @@ COMFYUI_HELP = "ComfyUI folder (holds comfy/ and main.py); default: $COMFYUI_PAT
 ACTIVATIONS_HELP = ("Measure on activations you captured (real prompts and sampler) instead of running SRC on "
                     "synthetic inputs: a .safetensors with, per layer, <layer> float rows [N, in_features] (the "
                     "layer's inputs, a few hundred tokens) and optionally <layer>.amax [calls], each call's amax")
+SAVE_HELP = ("Also write what this run captured here, in the format --activations reads (float32 rows and per-call "
+             "maxima per layer; a few hundred rows a layer, at most 4 GiB): capture once, measure again without the "
+             "model run")
 REPORT_HELP = ("Write an HTML page here: per-block heatmaps of the W4A16 and W4A4 error on one colour scale, "
                "and every layer (needs matplotlib)")
 SENSITIVITY_EPILOG = """Examples:
@@ -37,6 +40,9 @@ SENSITIVITY_EPILOG = """Examples:
   nvdiag sensitivity diffusers/transformer/ --steps 4 --prompts 3 --format json
 
   nvdiag sensitivity wan_ti2v_fp16.safetensors --activations captured.safetensors --report sensitivity.html
+
+  nvdiag sensitivity wan_ti2v_fp16.safetensors --device cuda --save-activations acts.safetensors
+  nvdiag sensitivity wan_ti2v_fp16.safetensors --activations acts.safetensors -o sensitivity.json
 
   nvdiag preset from-sensitivity sensitivity.json -o policy.toml
 """
@@ -49,22 +55,34 @@ CALIBRATE_EPILOG = """Examples:
 
 
 def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, seed: int,
-         blocks_at_once: int | None, activations: Path | None = None) -> SensitivityResult:
+         blocks_at_once: int | None, activations: Path | None = None, save: Path | None = None,
+         force: bool = False) -> SensitivityResult:
+    from inspect_tools.comfyui import sensitivity as sens
     from inspect_tools.comfyui.runtime import load_runtime
-    from inspect_tools.comfyui.sensitivity import sensitivity, sensitivity_from_activations
 
+    if activations is not None and save is not None:
+        raise UsageError("--save-activations writes what a model run captures; with --activations nothing is run "
+                         "(the file you give is the capture already)")
+    if save is not None:
+        with open_model(src) as model:
+            sens.check_saved_size(model, steps, prompts)  # before minutes of running, not after
     runtime = load_runtime(comfyui, device=device)
     if activations is not None:
         with open_model(src) as model:
-            return sensitivity_from_activations(runtime, model, str(activations))
+            return sens.sensitivity_from_activations(runtime, model, str(activations))
     status = console(stderr=True).status("sensitivity") if sys.stderr.isatty() else nullcontext()
+    keep: dict[str, sens.Capture] | None = {} if save is not None else None
     with open_model(src) as model, status as spinner:
         def progress(message: str) -> None:
             if spinner is not None:
                 spinner.update(message)
 
-        return sensitivity(runtime, model, steps=steps, prompts=prompts, seed=seed, progress=progress,
-                           blocks_at_once=blocks_at_once)
+        result = sens.sensitivity(runtime, model, steps=steps, prompts=prompts, seed=seed, progress=progress,
+                                  blocks_at_once=blocks_at_once, keep=keep)
+    if save is not None and keep is not None:
+        # a file that appeared while measuring is not overwritten without --force
+        sens.save_activations(save, keep, src, steps, prompts, seed, overwrite=force)
+    return result
 
 
 def _check_outputs(paths: list[Path | None], src: str, force: bool) -> None:
@@ -74,6 +92,8 @@ def _check_outputs(paths: list[Path | None], src: str, force: bool) -> None:
     wanted = [path for path in paths if path is not None]
     if not wanted:
         return
+    if len({path.resolve() for path in wanted}) < len(wanted):
+        raise UsageError("the same path is given for two outputs")
     with open_model(src) as model:
         inputs = list(model.reader.files)
     for path in wanted:
@@ -103,6 +123,9 @@ def print_text(result: SensitivityResult) -> None:
     for column in ("layer", "w4a16", "w4a4 dyn", "w4a4 static", "fp8", "risk"):
         table.add_column(column, no_wrap=column != "layer", overflow="fold")
     for layer in result.layers[:TEXT_ROWS]:
+        if not layer.measured:
+            table.add_row(escape(layer.layer), "-", "-", "-", "-", "[yellow]not measurable[/]")
+            continue
         style = "bold red" if layer.risk > RISKY else ""
         risk = f"[{style}]{layer.risk:.2f}[/]" if style else f"{layer.risk:.2f}"
         table.add_row(escape(layer.layer), f"{layer.w4a16:.4g}", f"{layer.w4a4_dynamic:.4g}",
@@ -113,6 +136,8 @@ def print_text(result: SensitivityResult) -> None:
         out.print(f"... {hidden} more layers (--format json or -o lists all)")
     risky = [layer for layer in result.layers if layer.risk > RISKY]
     out.print("[dim]risk = w4a4 dyn / w4a16; about 1.4 when activations quantize as well as weights[/]")
+    if result.advice():
+        out.print(f"[yellow]{escape(result.advice())}[/]")
     if risky:
         out.print(f"[bold]{len(risky)} layer(s) at risk under W4A4[/] (risk > {RISKY:g}): mark them "
                   "full_precision_matrix_mult, give them a calibrated input_scale, or keep them at FP8/16-bit "
@@ -133,6 +158,7 @@ def sensitivity_command(
                                                        "blocks at a time (default: as many as fit)")] = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Write the report (JSON) here")] = None,
     activations: Annotated[Path | None, typer.Option("--activations", help=ACTIVATIONS_HELP)] = None,
+    save_activations: Annotated[Path | None, typer.Option("--save-activations", help=SAVE_HELP)] = None,
     report: Annotated[Path | None, typer.Option("--report", help=REPORT_HELP)] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing report")] = False,
     fmt: Annotated[OutputFormat, typer.Option("--format", help=FORMAT_HELP)] = OutputFormat.text,
@@ -148,8 +174,8 @@ def sensitivity_command(
         from inspect_tools.html_report import require_matplotlib
 
         require_matplotlib()  # before minutes of measuring, not after
-    _check_outputs([output, report], src, force)
-    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
+    _check_outputs([output, report, save_activations], src, force)
+    result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations, save_activations, force)
     doc = result.to_json()
     if output is not None:
         _write(output, json.dumps(doc, indent=2) + "\n", force)
@@ -161,7 +187,7 @@ def sensitivity_command(
 
     def text() -> None:
         print_text(result)
-        for path in (output, report):
+        for path in (output, report, save_activations):
             if path is not None:
                 console().print(f"wrote {escape(str(path))}")
 
@@ -172,8 +198,10 @@ def _risk_summary(result: SensitivityResult) -> str:
     from inspect_tools.comfyui.sensitivity import RISKY
 
     risky = [layer.layer for layer in result.layers if layer.risk > RISKY]
-    return (f"{len(result.layers)} quantizable layers measured; {len(risky)} at risk under W4A4 (risk > {RISKY:g})"
-            + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else ""))
+    lost = len(result.not_measurable())
+    return (f"{len(result.layers) - lost} quantizable layers measured; {len(risky)} at risk under W4A4 "
+            f"(risk > {RISKY:g})" + (f": {', '.join(risky[:8])}" + (" ..." if len(risky) > 8 else "") if risky else "")
+            + (f"; {result.advice()}" if lost else ""))
 
 
 @app.command("calibrate", epilog=CALIBRATE_EPILOG)
@@ -201,14 +229,17 @@ def calibrate_command(
     on Blackwell: activations above the calibrated maximum are clipped there, so the default takes the largest
     maximum seen, with headroom. Without input_scale ComfyUI scales dynamically, which is always safe.
     """
-    from inspect_tools.comfyui.sensitivity import input_scales
+    from inspect_tools.comfyui.sensitivity import input_scales, uncalibrated
 
     _check_outputs([output], src, force)
     result = _run(src, comfyui, device, steps, prompts, seed, blocks_at_once, activations)
     scales = input_scales(result, percentile=percentile, margin=margin)
     _write(output, json.dumps(scales, indent=2) + "\n", force)
+    dynamic = uncalibrated(result)
     said = (f"wrote {output}: {len(scales)} input scales (percentile {percentile:g}, margin {margin:g}) from "
-            f"{result.describe_inputs()}")
+            f"{result.describe_inputs()}"
+            + (f"; {len(dynamic)} layer(s) left dynamic, their activations were not finite ({', '.join(dynamic[:5])}"
+               + (" ...)" if len(dynamic) > 5 else ")") if dynamic else ""))
     render(fmt, [], lambda: {"version": 1, "output": str(output), "percentile": percentile, "margin": margin,
-                             "input_scales": scales},
+                             "input_scales": scales, "left_dynamic": dynamic},
            lambda: console().print(escape(said)), summary=lambda: said, file=src, title="nvdiag calibrate")

@@ -13,10 +13,15 @@ output is then computed five ways and compared with full precision:
 Activations are quantized by ComfyUI's own `QuantizedTensor.from_float` with an explicit scale (the layout ComfyUI
 multiplies with on Blackwell), weights by comfy-kitchen. risk = w4a4_dynamic / w4a16: about sqrt(2) when the
 activations are as easy to quantize as the weights, far more for a layer whose activations have outlier channels.
+
+A layer whose inputs were not finite in the reference forward (an overflow of ComfyUI's fp16 compute on a GPU), or
+whose reference output is zero, has no relative error to measure: it is reported as not measurable, with why, after
+every measured layer. It is never ranked, and the report holds no inf or NaN for it (JSON has neither).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,28 +55,49 @@ class Capture:
 class LayerSensitivity:
     layer: str
     params: int
-    w4a16: float
+    w4a16: float  # the four errors are NaN when the layer is not measurable
     w4a4_dynamic: float
     w4a4_static: float
     fp8: float
     act_amax: float
     act_amax_calls: list[float]
+    not_measurable: str | None = None  # why no error could be measured (then the errors mean nothing)
+
+    @property
+    def measured(self) -> bool:
+        return self.not_measurable is None
 
     @property
     def risk(self) -> float:
-        return self.w4a4_dynamic / self.w4a16 if self.w4a16 > 0 else float("inf")
+        """w4a4_dynamic / w4a16; NaN when not measurable (NaN > RISKY is False: never counted at risk), 0 when both
+        are exact, inf when only W4A16 is exact (weights exactly representable, activations not)."""
+        if not self.measured:
+            return math.nan
+        if self.w4a16 > 0:
+            return self.w4a4_dynamic / self.w4a16
+        return math.inf if self.w4a4_dynamic > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
+        amax_calls = [_r(a) for a in self.act_amax_calls]
+        if not self.measured:  # no error keys at all: absent, not a number that is not one
+            return {"layer": self.layer, "params": self.params, "not_measurable": self.not_measurable,
+                    "act_amax": _r(self.act_amax), "act_amax_calls": amax_calls}
         return {
             "layer": self.layer, "params": self.params, "w4a16": _r(self.w4a16),
             "w4a4_dynamic": _r(self.w4a4_dynamic), "w4a4_static": _r(self.w4a4_static), "fp8": _r(self.fp8),
-            "risk": _r(self.risk), "act_amax": _r(self.act_amax),
-            "act_amax_calls": [_r(a) for a in self.act_amax_calls],
+            "risk": _r(self.risk), "act_amax": _r(self.act_amax), "act_amax_calls": amax_calls,
         }
 
 
-def _r(value: float) -> float:
-    return float(f"{value:.6g}")
+def _r(value: float) -> float | None:
+    """6 significant digits; None (JSON null) for inf and NaN, which JSON cannot hold."""
+    return float(f"{value:.6g}") if math.isfinite(value) else None
+
+
+def rank(layers: list[LayerSensitivity]) -> list[LayerSensitivity]:
+    """Most at risk first; the layers that could not be measured after all of them, by name: an unknown is not a
+    risk to rank (preset from-sensitivity keeps them out of W4A4 all the same)."""
+    return sorted(layers, key=lambda r: (0, -r.risk, r.layer) if r.measured else (1, 0.0, r.layer))
 
 
 @dataclass
@@ -94,8 +120,25 @@ class SensitivityResult:
             "architecture": self.architecture,
             "inputs": self._inputs(),
             "pieces": self.pieces,
+            "not_measurable": len(self.not_measurable()),
             "layers": [layer.to_json() for layer in self.layers],
         }
+
+    def not_measurable(self) -> list[LayerSensitivity]:
+        return [layer for layer in self.layers if not layer.measured]
+
+    def advice(self) -> str:
+        """What to do about the layers that could not be measured (one line), or ""."""
+        lost = self.not_measurable()
+        if not lost:
+            return ""
+        names = ", ".join(layer.layer for layer in lost[:5]) + (" ..." if len(lost) > 5 else "")
+        overflow = any(str(layer.not_measurable).startswith("non-finite activations") for layer in lost)
+        hint = ("" if not overflow else " Capture without the overflow (FP32 or BF16 compute) to measure them"
+                if self.activations is not None else " On a GPU, --device cpu computes in FP32 and measures them")
+        return (f"{len(lost)} layer(s) not measurable, left out of the ranking ({names}): {lost[0].not_measurable}"
+                + ("" if len({layer.not_measurable for layer in lost}) == 1 else ", among others")
+                + "; preset from-sensitivity keeps them out of W4A4." + hint)
 
     def describe_inputs(self) -> str:
         if self.activations is not None:
@@ -123,11 +166,40 @@ def _fake_quantize(runtime: ComfyRuntime, x: torch.Tensor, layout: str, scale: f
     return forward.fake_quantize(runtime, x, layout, torch.tensor(scale, dtype=torch.float32))
 
 
-def measure(runtime: ComfyRuntime, name: str, weight: torch.Tensor, capture: Capture) -> LayerSensitivity:
-    """The four errors of one layer on the rows it saw (float32)."""
+def _why_not_measurable(capture: Capture, w: torch.Tensor, where: str) -> str | None:
+    """Why the layer has no error to measure, or None. A call counts as non-finite when its amax (over the whole
+    call) or the rows kept of it are; then the dynamic scale, the reference output and every error are NaN/inf."""
+    bad = sum(1 for amax, rows in zip(capture.amax, capture.rows, strict=True)
+              if not math.isfinite(amax) or not bool(torch.isfinite(rows).all()))
+    if bad:
+        return f"non-finite activations in {bad} of {len(capture.amax)} calls {where}"
+    if not bool(torch.isfinite(w).all()):
+        return "non-finite weights in the source"
+    return None
+
+
+def _unmeasurable(name: str, w: torch.Tensor, capture: Capture, why: str) -> LayerSensitivity:
+    finite = [a for a in capture.amax if math.isfinite(a)]
+    return LayerSensitivity(layer=name, params=w.numel(), w4a16=math.nan, w4a4_dynamic=math.nan,
+                            w4a4_static=math.nan, fp8=math.nan, act_amax=max(finite) if finite else math.nan,
+                            act_amax_calls=list(capture.amax), not_measurable=why)
+
+
+def measure(runtime: ComfyRuntime, name: str, weight: torch.Tensor, capture: Capture,
+            where: str = "of the reference forward") -> LayerSensitivity:
+    """The four errors of one layer on the rows it saw (float32), or the layer marked not measurable and why.
+    where: where the activations came from, for that why."""
     w = weight.detach().float().cpu()
+    why = _why_not_measurable(capture, w, where)
+    if why is not None:
+        return _unmeasurable(name, w, capture, why)
     x = torch.cat(capture.rows).float()
     y = x @ w.T
+    if not bool(torch.isfinite(y).all()):
+        return _unmeasurable(name, w, capture, "the full-precision output overflows float32 on these activations")
+    if not bool(y.any()):
+        return _unmeasurable(name, w, capture, "the full-precision output is zero on these activations (all-zero "
+                                               "inputs or weights): no relative error exists")
     w4 = reference.nvfp4_decoded(w)
     w8 = reference.fp8_decoded(w)
     # each call's rows with that call's own dynamic scale, as ComfyUI scales a whole activation tensor per call
@@ -138,10 +210,13 @@ def measure(runtime: ComfyRuntime, name: str, weight: torch.Tensor, capture: Cap
     static_amax = max(capture.amax)
     static = _fake_quantize(runtime, x, "TensorCoreNVFP4Layout", max(static_amax, 1e-30) / NVFP4_DIVISOR)
     x8 = _fake_quantize(runtime, x, "TensorCoreFP8E4M3Layout", max(static_amax, 1e-30) / FP8_DIVISOR)
-    return LayerSensitivity(
-        layer=name, params=w.numel(), w4a16=_relative(x @ w4.T, y), w4a4_dynamic=_relative(dynamic @ w4.T, y),
-        w4a4_static=_relative(static @ w4.T, y), fp8=_relative(x8 @ w8.T, y), act_amax=static_amax,
-        act_amax_calls=list(capture.amax))
+    errors = [_relative(x @ w4.T, y), _relative(dynamic @ w4.T, y), _relative(static @ w4.T, y),
+              _relative(x8 @ w8.T, y)]
+    if not all(math.isfinite(e) for e in errors):  # finite inputs, so a quantizer's fault: say so, rank nothing
+        return _unmeasurable(name, w, capture, "a quantized output is not finite although the inputs are")
+    return LayerSensitivity(layer=name, params=w.numel(), w4a16=errors[0], w4a4_dynamic=errors[1],
+                            w4a4_static=errors[2], fp8=errors[3], act_amax=static_amax,
+                            act_amax_calls=list(capture.amax))
 
 
 def _capture_hook(captures: dict[str, Capture], name: str, per_call: int) -> Callable[..., None]:
@@ -172,9 +247,16 @@ def candidates(model: CheckpointModel) -> set[str]:
     return out
 
 
+def rows_per_call(steps: int, prompts: int) -> int:
+    """Rows kept of each call of a layer: ROWS_PER_LAYER spread over its steps x prompts calls."""
+    return max(4, ROWS_PER_LAYER // (steps * prompts))
+
+
 def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, prompts: int = 2, seed: int = 0,
-                progress: Callable[[str], None] | None = None, blocks_at_once: int | None = None) -> SensitivityResult:
-    """Run SRC through ComfyUI, capture every candidate layer's inputs, and measure each layer's four errors."""
+                progress: Callable[[str], None] | None = None, blocks_at_once: int | None = None,
+                keep: dict[str, Capture] | None = None) -> SensitivityResult:
+    """Run SRC through ComfyUI, capture every candidate layer's inputs, and measure each layer's four errors.
+    keep: when given, every layer's capture is also left there (for save_activations)."""
     from inspect_tools.comfyui.verify import plan_pieces
 
     if steps < 1 or prompts < 1:
@@ -185,7 +267,7 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
     say = progress or (lambda _msg: None)
     wanted = candidates(source)
     plan = plan_pieces(source, blocks_at_once)
-    per_call = max(4, ROWS_PER_LAYER // (steps * prompts))
+    per_call = rows_per_call(steps, prompts)
     inputs: list[forward.StepInput] = []
     carry: list[dict[str, torch.Tensor]] | None = None
     results: list[LayerSensitivity] = []
@@ -219,11 +301,15 @@ def sensitivity(runtime: ComfyRuntime, source: CheckpointModel, steps: int = 3, 
                     handle.remove()
             carry = [step.carry for step in out]
             say(f"measuring {len(captures)} layers{where}")
+            origin = (f"of the reference forward (ComfyUI computing in {loaded.report.compute_dtype}"
+                      + (": an fp16 overflow?)" if loaded.report.compute_dtype == "float16" else ")"))
             for name, capture in captures.items():
-                results.append(measure(runtime, name, modules[name].weight, capture))
+                results.append(measure(runtime, name, modules[name].weight, capture, origin))
+            if keep is not None:
+                keep.update(captures)
         finally:
             loaded.release(runtime)
-    results.sort(key=lambda r: (-r.risk, r.layer))
+    results = rank(results)
     return SensitivityResult(source=str(source.path), architecture=source.detection.variant, steps=steps,
                              prompts=prompts, seed=seed, pieces=len(plan), sigmas=[s.sigma for s in inputs[:steps]],
                              layers=results)
@@ -258,26 +344,30 @@ def captures_from_file(path: str, source: CheckpointModel) -> dict[str, tuple[Ca
             if len(info.shape) != 2 or info.shape[1] != weight.shape[1] or not 0 < info.shape[0] <= MAX_ACTIVATION_ROWS:
                 raise InputError(f"{name}: rows must be [N, {weight.shape[1]}] with 0 < N <= {MAX_ACTIVATION_ROWS}, "
                                  f"got {list(info.shape)}", path)
+            # non-finite rows or maxima are what a capture in fp16 gives when the model overflows: not a broken
+            # file but a layer that cannot be measured, reported as such (measure says so)
             rows = reader.load_float(name)
-            if not bool(torch.isfinite(rows).all()):
-                raise InputError(f"{name}: non-finite activation values", path)
             amax_name = f"{name}.amax"
             if amax_name in reader.tensors:
                 amax = reader.load_float(amax_name).flatten()
                 calls = amax.numel()
-                bad = not bool(torch.isfinite(amax).all()) or bool((amax < 0).any())
-                if calls == 0 or rows.shape[0] % calls or bad:
-                    raise InputError(f"{amax_name}: must hold one finite, non-negative amax per call, and the rows "
+                if calls == 0 or rows.shape[0] % calls or bool((amax < 0).any()):
+                    raise InputError(f"{amax_name}: must hold one non-negative amax per call, and the rows "
                                      f"({rows.shape[0]}) must split evenly into them ({calls})", path)
                 chunks = list(rows.split(rows.shape[0] // calls))
-                capture = Capture(amax=[max(float(a), float(c.abs().max())) for a, c in zip(amax, chunks, strict=True)],
-                                  rows=chunks)
+                capture = Capture(amax=[_amax(float(a), c) for a, c in zip(amax, chunks, strict=True)], rows=chunks)
             else:
-                capture = Capture(amax=[float(rows.abs().max())], rows=[rows])
+                capture = Capture(amax=[_amax(0.0, rows)], rows=[rows])
             out[native] = (capture, layers[native].load("weight").float())
     finally:
         reader.close()
     return out
+
+
+def _amax(given: float, rows: torch.Tensor) -> float:
+    """A call's amax: the larger of the one given and the rows' own; NaN when either is NaN (max() would hide it)."""
+    seen = float(rows.abs().max())
+    return math.nan if math.isnan(given) or math.isnan(seen) else max(given, seen)
 
 
 def sensitivity_from_activations(runtime: ComfyRuntime, source: CheckpointModel, path: str) -> SensitivityResult:
@@ -285,23 +375,80 @@ def sensitivity_from_activations(runtime: ComfyRuntime, source: CheckpointModel,
     if not reference.has_float_values(source):
         raise InputError("the source must hold real values (FP32/FP16/BF16 or GGUF): sensitivity is measured "
                          "against full precision", str(source.path))
-    results = [measure(runtime, name, weight, capture)
-               for name, (capture, weight) in captures_from_file(path, source).items()]
-    results.sort(key=lambda r: (-r.risk, r.layer))
+    results = rank([measure(runtime, name, weight, capture, "in the activation file")
+                    for name, (capture, weight) in captures_from_file(path, source).items()])
     return SensitivityResult(source=str(source.path), architecture=source.detection.variant, steps=0, prompts=0,
                              seed=0, pieces=1, sigmas=[], layers=results, activations=Path(path).name)
 
 
 def input_scales(result: SensitivityResult, percentile: float = 100.0, margin: float = 1.25) -> dict[str, float]:
-    """Static input_scale per layer: the percentile of the calls' activation amax, times margin, / 2688."""
+    """Static input_scale per layer: the percentile of the calls' activation amax, times margin, / 2688. A layer
+    with a non-finite maximum gets none (see uncalibrated)."""
     if not 0 < percentile <= 100:
         raise UsageError("--percentile must be in (0, 100]")
     if not margin >= 1.0:
         raise UsageError("--margin must be at least 1 (below it, activations seen in calibration are clipped)")
     out = {}
     for layer in result.layers:
+        if not all(math.isfinite(a) for a in layer.act_amax_calls):
+            continue  # an inf or NaN maximum is no scale: the layer stays dynamic (calibrate names them)
         calls = torch.tensor(layer.act_amax_calls, dtype=torch.float64)
         amax = float(torch.quantile(calls, percentile / 100.0)) if calls.numel() else 0.0
         if amax > 0:
             out[layer.layer] = amax * margin / NVFP4_DIVISOR
     return dict(sorted(out.items()))
+
+
+def uncalibrated(result: SensitivityResult) -> list[str]:
+    """Layers input_scales leaves dynamic because their activations were not finite."""
+    return [layer.layer for layer in result.layers if not all(math.isfinite(a) for a in layer.act_amax_calls)]
+
+
+# --save-activations: what the run captured, in the file --activations reads, so a capture can be measured again (other
+# thresholds, another nvdiag) without running the model. Bounded: a few hundred float32 rows per layer, about 60 MB
+# a block of WAN A14B at the defaults (2.4 GB for a whole 40-block expert); a larger estimate is refused before any
+# forward runs, and the rows are kept in memory until the end (the file's header needs every shape).
+MAX_SAVED_ACTIVATION_BYTES = 4 * 1024**3
+
+
+def saved_activation_bytes(source: CheckpointModel, steps: int, prompts: int) -> int:
+    """Upper bound of --save-activations' file: every candidate layer, rows_per_call x calls rows of float32."""
+    rows = rows_per_call(steps, prompts) * steps * prompts
+    widths = {layer.native_name or layer.name: int(layer.tensors["weight"].shape[1]) for layer in source.layers.values()
+              if layer.tensors.get("weight") is not None and len(layer.tensors["weight"].shape) == 2}
+    return sum(4 * (rows * widths[name] + steps * prompts) for name in candidates(source) if name in widths)
+
+
+def check_saved_size(source: CheckpointModel, steps: int, prompts: int) -> None:
+    estimate = saved_activation_bytes(source, steps, prompts)
+    if estimate > MAX_SAVED_ACTIVATION_BYTES:
+        raise UsageError(f"--save-activations would write about {estimate / 1024**3:.1f} GiB for {steps} steps x "
+                         f"{prompts} prompts, above the {MAX_SAVED_ACTIVATION_BYTES / 1024**3:.0f} GiB it allows: "
+                         "lower --steps or --prompts")
+
+
+def save_activations(path: str | Path, captures: dict[str, Capture], source: str, steps: int, prompts: int,
+                     seed: int, overwrite: bool = True) -> Path:
+    """Write the captures as --activations reads them: `<layer>` float32 rows [calls x rows, in_features] in call
+    order and `<layer>.amax` [calls], each call's amax over the whole call (inf/NaN kept: the layer reads back as
+    not measurable, as it was). Every call of a layer keeps as many rows as its smallest one, so the rows split
+    evenly into the calls. Atomic: a temporary file beside `path`, renamed when complete."""
+    from inspect_tools.writer import SafetensorsWriter
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(captures):
+        capture = captures[name]
+        if not capture.rows:
+            continue
+        n = min(rows.shape[0] for rows in capture.rows)
+        tensors[name] = torch.cat([rows[:n] for rows in capture.rows]).float().contiguous()
+        tensors[f"{name}.amax"] = torch.tensor(capture.amax, dtype=torch.float32)
+    if not tensors:
+        raise InputError("no layer was captured: nothing to save", str(source))
+    metadata = {"nvdiag": "activations captured by nvdiag sensitivity (rows: each layer's inputs)",
+                "source": Path(source).name, "steps": str(steps), "prompts": str(prompts), "seed": str(seed)}
+    entries = [(name, "F32", list(t.shape)) for name, t in tensors.items()]
+    with SafetensorsWriter(path, entries, metadata, overwrite=overwrite) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+        return writer.commit()
