@@ -281,7 +281,7 @@ def verify_summary(doc: dict) -> str:
 def sensitivity_summary(doc: dict) -> str:
     layers = doc.get("layers", [])
     # float(): the document spells a non-finite risk "inf" (JSON has no Infinity); 2.0 is RISKY (no torch import here)
-    risky = [layer for layer in layers if float(layer.get("risk", 0)) > 2.0]
+    risky = [layer for layer in layers if float(layer.get("risk") or 0) > 2.0]
     infinite = sum(1 for layer in risky if float(layer["risk"]) == float("inf"))
     top = f"; most at risk {layers[0]['layer']} (risk {layers[0]['risk']})" if layers else ""
     return (f"{len(layers)} layers measured, {len(risky)} with risk > 2 ({infinite} of them inf){top}; "
