@@ -12,7 +12,12 @@ def test_the_demo_runs_every_step_and_ends_with_what_comfyui_renders(comfyui, tm
     # the user's file: ComfyUI renders block noise and nvdiag names the cause; nvdiag's own files render right
     assert "ComfyUI renders this file wrongly: scale-layout-linear" in out
     assert out.count("ComfyUI renders this file as well as a correct file of the same layer selection") == 2
-    assert "QwenImage / QwenImage" in out
+    # the Qwen Image 2512 steps: ComfyUI builds QwenImage from nvdiag's file (2512: no reference-method override),
+    # holds all 12 NVFP4 layers quantized, and renders it as well as comfy-kitchen's encoding of the source
+    flat = " ".join(out.split())  # rich wraps at the terminal's width
+    assert "qwen_image_nvfp4_nvdiag.safetensors: QwenImage / QwenImage (num_layers 1, in_channels 64)" in flat
+    assert "quantized Linear layers: nvfp4 12; plain Linear layers: 8" in flat
+    assert "default_ref_method" not in flat
     assert {p.name for p in tmp_path.iterdir()} >= {"qwen_image_nvfp4_nvdiag.safetensors",
                                                     "wan_ti2v_nvfp4_mixed_user_fixed.safetensors"}
 
