@@ -14,8 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from inspect_tools.comfyui.pieces import BLOCK_KEY
 from inspect_tools.html_report import png_base64, require_matplotlib
+from reference_specs.models.base import BLOCK_KEY
 
 OUTSIDE = "outside blocks"
 

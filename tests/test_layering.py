@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # package (folder) -> module prefixes nothing in it may import
 FORBIDDEN = {
     "reference_specs": ("inspect_tools", "converter"),
-    "inspect_tools": ("converter", "inspect_tools.cli"),
-    "converter": ("inspect_tools.cli",),
+    "inspect_tools": ("converter", "inspect_tools.cli", "inspect_tools.comfyui"),
+    "converter": ("inspect_tools.cli", "inspect_tools.comfyui"),
 }
 
 
@@ -34,8 +34,8 @@ def imported_modules(path: Path) -> set[str]:
 def upward_imports(package: str) -> list[str]:
     found = []
     for path in sorted((ROOT / package).rglob("*.py")):
-        if package == "inspect_tools" and "cli" in path.relative_to(ROOT / package).parts:
-            continue  # the CLI is the composition root: it may import anything
+        if package == "inspect_tools" and {"cli", "comfyui"} & set(path.relative_to(ROOT / package).parts):
+            continue  # the CLI is the composition root: it may import anything; the ComfyUI bridge sits on top
         for name in imported_modules(path):
             if any(name == bad or name.startswith(bad + ".") for bad in FORBIDDEN[package]):
                 found.append(f"{path.relative_to(ROOT)} imports {name}")

@@ -18,13 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reference_specs.layer import QUANT_METADATA_KEY
-
-# The block lists of the target families, in the order they run (WAN: blocks, Qwen Image: transformer_blocks); both
-# call every block through the ("double_block", i) replacement hook.
-BLOCK_LISTS = ("blocks", "transformer_blocks")
-# a key or module name inside a block ("blocks.3.ffn.0.weight"), or the block itself ("blocks.3")
-BLOCK_KEY = re.compile(
-    r"^(?P<pre>(?:.*\.)?)(?P<list>" + "|".join(BLOCK_LISTS) + r")\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
+from reference_specs.models.base import BLOCK_KEY, BLOCK_LISTS  # noqa: F401  (callers say pieces.BLOCK_KEY)
 
 
 @dataclass(frozen=True)

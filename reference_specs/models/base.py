@@ -6,8 +6,16 @@ and comfyui-load-path.md (Q5: how ComfyUI detects the model).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+# The block lists of the target families, in the order they run (WAN: blocks, Qwen Image: transformer_blocks);
+# ComfyUI calls every one through the ("double_block", i) replacement hook (comfy/ldm: wan, qwen_image).
+BLOCK_LISTS = ("blocks", "transformer_blocks")
+# a key or module name inside a block ("blocks.3.ffn.0.weight"), or the block itself ("blocks.3")
+BLOCK_KEY = re.compile(
+    r"^(?P<pre>(?:.*\.)?)(?P<list>" + "|".join(BLOCK_LISTS) + r")\.(?P<index>\d+)(?:\.(?P<rest>.+))?$")
 
 
 @dataclass(frozen=True)
