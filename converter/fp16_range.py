@@ -51,6 +51,7 @@ def keep_overflowing_at_bf16(plan: ConversionPlan, reader: Any) -> None:
     for lp, tensor in fp16_candidates(plan):
         if lp.name in plan.widened:
             continue
-        amax = source_abs_max(reader, tensor.source)
+        # an FP8 source tensor's values are its codes times its decode multiplier (converter/fp8_source.py)
+        amax = source_abs_max(reader, tensor.source) * lp.decode.get(tensor.source, 1.0)
         if amax > F16_MAX:  # nan compares False: a NaN source is refused by the conversion, not widened
             widen_to_bf16(plan, lp, amax)

@@ -9,6 +9,9 @@ row-local once the per-tensor scale is fixed, and the swizzled NVFP4 block scale
 (nvfp4.swizzle_index), so a tile of the written file decodes on its own to exactly what the whole layer decodes to
 in those rows, and the formats package's encoder gives the baseline on the same source rows with the same scale.
 The per-tensor scale itself is checked against the source's amax (taken while converting, or read here).
+An FP8 source layer is compared in the values it dequantizes to (converter/fp8_source.py), decoded here by its
+format's own codec with the scale read from the source again, not with the numbers the plan carried: the written
+file must be a correct encoding of what the source file holds.
 
 Lint knows what a valid file is, not what this conversion meant to write: a marker that lost its
 `full_precision_matrix_mult` flag is still a valid marker, and ComfyUI would then run that layer W4A4 on Blackwell.
@@ -27,6 +30,7 @@ from typing import Any
 
 import torch
 
+from converter.fp8_source import DECODED_DTYPE, is_fp8_source
 from converter.plan import COMFY_FORMAT
 from inspect_tools.attribution import relative_error
 from inspect_tools.layers import MAX_MARKER_BYTES, decode_marker_bytes, open_model
@@ -103,12 +107,25 @@ def row_tiles(rows: int, cols: int, budget: int = LAYER_ELEMENTS) -> list[tuple[
     return [(t * TILE_ROWS, min(rows, (t + 1) * TILE_ROWS)) for t in tiles]
 
 
-def source_amax(reader: Any, name: str) -> float:
-    """max |w| of a source weight, tile by tile (only when the conversion did not record it)."""
-    rows = reader.tensors[name].shape[0]
+def source_rows(reader: Any, layer: Any, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of source layer `layer`'s weight as float32: as stored, or for an FP8 source layer
+    dequantized by its format's codec (fp8 x the per-tensor scale read from the source; plain FP8 casts as they are)."""
+    name = layer.tensors["weight"].name
+    if not is_fp8_source(layer):
+        return reader.read_rows(name, start, stop, as_float=True)
+    fmt = formats.get(layer.format)
+    tensors = {"weight": reader.read_rows(name, start, stop)}
+    if fmt.tensor_scale_role is not None:
+        tensors[fmt.tensor_scale_role] = layer.load(fmt.tensor_scale_role)
+    return fmt().dequantize(tensors, tuple(tensors["weight"].shape))
+
+
+def source_amax(reader: Any, layer: Any) -> float:
+    """max |w| of a source layer's weight, tile by tile (only when the conversion did not record it)."""
+    rows = layer.tensors["weight"].shape[0]
     amax = 0.0
     for start in range(0, rows, 4 * TILE_ROWS):
-        lo, hi = torch.aminmax(reader.read_rows(name, start, start + 4 * TILE_ROWS, as_float=True))
+        lo, hi = torch.aminmax(source_rows(reader, layer, start, start + 4 * TILE_ROWS))
         amax = max(amax, -float(lo), float(hi))
     return amax
 
@@ -161,8 +178,9 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     name = lp.source.tensors["weight"].name
     rows, cols = source.reader.tensors[name].shape
     if amax is None:
-        amax = source_amax(source.reader, name)
-    scale = expected_scale(slug, amax, source.reader.tensors[name].dtype)
+        amax = source_amax(source.reader, lp.source)
+    dtype = DECODED_DTYPE if is_fp8_source(lp.source) else source.reader.tensors[name].dtype
+    scale = expected_scale(slug, amax, dtype)
     stored = written.load(SCALE_ROLE[slug]).to(torch.float32).reshape(())
     if not abs(float(stored) - float(scale)) <= SCALE_TOLERANCE * float(scale):
         return [_finding(path, lp.name, f"{SCALE_ROLE[slug]} is {float(stored):.6g}, the source's amax gives "
@@ -171,7 +189,7 @@ def check_layer(written: Any, out_model: Any, source: Any, lp: Any,
     fmt = formats.get(slug)()
     err_sq = base_sq = ceil_sq = ref_sq = 0.0
     for start, stop in row_tiles(rows, cols):
-        reference = source.reader.read_rows(name, start, stop, as_float=True)
+        reference = source_rows(source.reader, lp.source, start, stop)
         tile = written_tile(written, out_model.reader, slug, start, stop)
         decoded = fmt.dequantize(tile, (stop - start, cols)).to(torch.float32)
         norm = float(torch.linalg.vector_norm(reference)) ** 2

@@ -23,6 +23,7 @@ import torch
 
 from converter import encode as enc
 from converter import stages
+from converter.fp8_source import decode_sources
 from converter.fp16_range import keep_overflowing_at_bf16
 from converter.gate import GateReport, TileChecker, run_gate
 from converter.input_scales import load_input_scales
@@ -93,6 +94,8 @@ def provenance(plan: ConversionPlan, sources: list[Path], dtype_16: str | None, 
         doc["input_scales"] = input_scales.name
     if plan.widened:  # layers the preset wanted at F16 whose values FP16 cannot hold (converter/fp16_range.py)
         doc["kept_bf16"] = {name: f"{amax:.6g}" for name, amax in sorted(plan.widened.items())}
+    if plan.lossy_source:  # an FP8 source (converter/fp8_source.py): its rounding is in this file too
+        doc["source_lossy"] = dict(sorted(plan.lossy_source.items()))
     return json.dumps(doc, sort_keys=True)
 
 
@@ -334,7 +337,8 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                 for job in stages.jobs():
                     encode_started = time.perf_counter()
                     lp = job.plan
-                    src = stage_sources(lp, job.src, device)
+                    # FP8 source tensors dequantized where they are used (on the GPU path after the 1-byte copy)
+                    src = decode_sources(lp.decode, stage_sources(lp, job.src, device))
                     bad, amax = check_sources(lp, src)
                     bad += stages.stream_kept(job, write=not (bad or result.non_finite))
                     if amax is not None:

@@ -12,6 +12,13 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from converter.fp8_source import (
+    CONSUMED_ROLES,
+    DECODED_DTYPE,
+    decode_scales,
+    dropped_input_scales,
+    is_fp8_source,
+)
 from converter.preset import (
     FULL_PRECISION_KEY,
     QUANT_FORMATS,
@@ -35,6 +42,8 @@ COMFY_FORMAT = {"nvfp4": "nvfp4", "fp8": "float8_e4m3fn"}
 DTYPE_SIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I32": 4,
               "I64": 8, "U32": 4, "I16": 2, "U16": 2, "BOOL": 1, "U64": 8}
 PROVENANCE_KEY = "nvdiag"
+# The roles of a source layer that become output tensors (an FP8 source's scales and marker are consumed instead).
+CARRIED_ROLES = ("weight", "bias", "value")
 # File-level marker tensors carried over verbatim (the Qwen edit 2511 marker is how ComfyUI detects that variant).
 PASSTHROUGH_MARKERS = ("__index_timestep_zero__",)
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
@@ -79,6 +88,9 @@ class LayerPlan:
     decision: Decision | None
     tensors: list[PlannedTensor] = field(default_factory=list)
     input_scale: float | None = None
+    # source key -> FP8 decode multiplier: tensors dequantized (converter/fp8_source.py) before they are encoded or
+    # cast; empty for a float source layer
+    decode: dict[str, float] = field(default_factory=dict)
 
     @property
     def quantized(self) -> bool:
@@ -120,6 +132,9 @@ class ConversionPlan:
     warnings: list[str] = field(default_factory=list)
     # kept layers planned F16 whose source values exceed FP16's range, written at BF16 instead: name -> max |value|
     widened: dict[str, float] = field(default_factory=dict)
+    # FP8 source layers dequantized into this conversion, per source format (fp8_source.FP8_SOURCES): the source was
+    # already lossy, which the output says
+    lossy_source: dict[str, int] = field(default_factory=dict)
 
     @property
     def tensors(self) -> list[PlannedTensor]:
@@ -167,11 +182,18 @@ def _role_key(native: str, role: str) -> str:
 
 
 def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | None,
-               input_scale: float | None, own_16: bool = False) -> LayerPlan:
-    """own_16: 16-bit source tensors that the decision keeps 16-bit keep their own type (see _kept_dtype)."""
+               input_scale: float | None, own_16: bool = False, decode: dict[str, float] | None = None) -> LayerPlan:
+    """own_16: 16-bit source tensors that the decision keeps 16-bit keep their own type (see _kept_dtype).
+    decode: the layer's FP8 tensors (source key -> decode multiplier), planned as the float32 they dequantize to;
+    only CARRIED_ROLES become output tensors."""
     action = decision.format
     bias_action = decision.rule.bias if decision.rule is not None else None
-    lp = LayerPlan(name=native, source=layer, action=action, decision=decision)
+    lp = LayerPlan(name=native, source=layer, action=action, decision=decision, decode=dict(decode or {}))
+    carried = sorted((role, info) for role, info in layer.tensors.items() if role in CARRIED_ROLES)
+
+    def source_dtype(info: Any) -> str:
+        return DECODED_DTYPE if info.name in lp.decode else info.dtype
+
     if lp.quantized:
         out_f, in_f = layer.tensors["weight"].shape
         w = layer.tensors["weight"].name
@@ -184,17 +206,18 @@ def plan_layer(layer: Layer, native: str, decision: Decision, dtype_16: str | No
             # activations need amax/448 there (shared/research/comfyui-load-path.md, Q2): six times the value
             lp.input_scale = input_scale if fmt is NVFP4 else input_scale * (NVFP4.scale_divisor / fmt.scale_divisor)
             lp.tensors.append(PlannedTensor(f"{native}.input_scale", "input_scale", "F32", ()))
-        for role, info in sorted(layer.tensors.items()):
+        for role, info in carried:
             if role != "weight":  # bias (and any other float companion) at its source dtype, unless the rule says
                 key = _role_key(native, role)
-                dtype = _kept_dtype(info.dtype, bias_action, dtype_16, own_16) if bias_action and role == "bias" \
-                    else info.dtype
+                dtype = _kept_dtype(source_dtype(info), bias_action, dtype_16, own_16) \
+                    if bias_action and role == "bias" else source_dtype(info)
                 lp.tensors.append(PlannedTensor(key, role, dtype, tuple(info.shape), info.name))
         marker = comfy_quant_bytes(action)
         lp.tensors.append(PlannedTensor(f"{native}.comfy_quant", "comfy_quant", "U8", (len(marker),)))
         return lp
-    for role, info in sorted(layer.tensors.items()):
-        dtype = _kept_dtype(info.dtype, bias_action if bias_action and role == "bias" else action, dtype_16, own_16)
+    for role, info in carried:
+        dtype = _kept_dtype(source_dtype(info), bias_action if bias_action and role == "bias" else action, dtype_16,
+                            own_16)
         lp.tensors.append(PlannedTensor(_role_key(native, role), role, dtype, tuple(info.shape), info.name))
     return lp
 
@@ -226,27 +249,41 @@ def widen_to_bf16(plan: ConversionPlan, lp: LayerPlan, amax: float) -> None:
                          f"FP16's {F16_MAX:g} (an FP16 cast would store Inf)")
 
 
-def check_source(model: Any) -> None:
-    """convert takes floating-point safetensors sources; anything else is refused with one clear message."""
+def check_source(model: Any) -> dict[str, dict[str, float]]:
+    """convert takes floating-point safetensors sources, and FP8 ones (dequantized: converter/fp8_source.py);
+    anything else is refused with one clear message. Returns the FP8 layers' decode multipliers by source layer name
+    and source key (decode_scales: their scales are read and checked here)."""
     if not model.reader.tensors:
         raise InputError("holds no tensors: nothing to convert", str(model.path))
     if model.kind == "gguf":
         raise InputError("convert reads FP32/FP16/BF16 safetensors sources, not GGUF (use `nvdiag preset from-gguf` "
                          "to reuse a GGUF file's layer selection)", str(model.path))
-    quantized = sorted({layer.format for layer in model.layers.values() if layer.is_quantized})
+    quantized = sorted({layer.format for layer in model.layers.values()
+                        if layer.is_quantized and not is_fp8_source(layer)})
     if quantized:
         raise InputError(f"already quantized ({', '.join(quantized)} layers): convert takes the FP32/FP16/BF16 "
                          "original; convert from that, or repair this file losslessly with `nvdiag fix "
                          f"{model.path.name} fixed.safetensors --against SRC`", str(model.path))
+    decode = {layer.name: decode_scales(layer, str(model.path))
+              for layer in model.layers.values() if is_fp8_source(layer)}
     bad = [
         f"{t.name} ({t.dtype})"
         for layer in model.layers.values() for role, t in layer.tensors.items()
-        if role not in ("weight", "bias", "value") or t.dtype not in FLOAT_DTYPES
+        if not _plannable(role, t, decode.get(layer.name))
     ]
     if bad:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise InputError(f"not a floating-point source: {shown}; convert takes FP32/FP16/BF16 checkpoints",
-                         str(model.path))
+        raise InputError(f"not a floating-point source: {shown}; convert takes FP32/FP16/BF16 checkpoints "
+                         "(and FP8 ones)", str(model.path))
+    return decode
+
+
+def _plannable(role: str, info: Any, decode: dict[str, float] | None) -> bool:
+    """A float tensor of a carried role, an FP8 tensor with its decode multiplier, or an FP8 layer's consumed scale
+    or marker."""
+    if decode is not None and (info.name in decode or role in CONSUMED_ROLES):
+        return True
+    return role in CARRIED_ROLES and info.dtype in FLOAT_DTYPES
 
 
 def source_metadata(metadata: dict[str, Any]) -> dict[str, str]:
@@ -263,7 +300,7 @@ def model_width(detection: models.Detection) -> int | None:
 def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
                input_scales: dict[str, float] | None = None) -> ConversionPlan:
     """CheckpointModel + preset -> the full output plan. Layers in name order, so output is deterministic."""
-    check_source(model)
+    decode = check_source(model)
     detection = model.detection
     profile = models.get_profile(detection.variant)
     if detection.naming == "diffusers" and profile is not None and not profile.diffusers_convertible:
@@ -279,6 +316,8 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
     views = []
     for layer in model.layers.values():
         view = profile_view(layer, profile)
+        if view_decoded(layer, decode.get(layer.name)):  # rules see the float32 the FP8 weight dequantizes to
+            view = replace(view, dtype=DECODED_DTYPE)
         if view.name in seen:
             raise InputError(f"{layer.name} and {seen[view.name]} both map to the ComfyUI name {view.name}",
                              str(model.path))
@@ -295,7 +334,9 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
                 plan.warnings.append(f"input scale for {view.name} ignored: the preset decides {decision.format} "
                                      "(full-precision matmul, its activations are never quantized)")
                 scale = None
-        plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale, own_16))
+        plan.layers.append(plan_layer(layer, view.name, decision, dtype_16, scale, own_16, decode.get(layer.name)))
+        if layer.name in decode:
+            plan.lossy_source[layer.format] = plan.lossy_source.get(layer.format, 0) + 1
     for info in model.reader:
         bare = info.name.rsplit(".", 1)[-1]
         if bare in PASSTHROUGH_MARKERS:
@@ -305,7 +346,19 @@ def build_plan(model: Any, preset: Preset, dtype_16: str | None = None,
     for name in sorted(input_scales):
         plan.warnings.append(f"input scale for {name} ignored: the preset does not quantize that layer")
     plan.warnings += preset_warnings(preset, detection, [v for v, _ in views], variant_unsure(model))
+    if dropped := dropped_input_scales(list(model.layers.values())):
+        plan.warnings.append(f"{dropped} FP8 source layer{'s' if dropped != 1 else ''} carried static input scales "
+                             "for FP8 activations; not written (ComfyUI computes activation scales dynamically; "
+                             "--input-scales supplies calibrated ones)")
     return plan
+
+
+def view_decoded(layer: Layer, decode: dict[str, float] | None) -> bool:
+    """Whether the tensor a preset rule looks at (profile_view's main tensor) is an FP8 one dequantized."""
+    if not decode:
+        return False
+    main = layer.tensors.get("weight") or layer.tensors.get("value") or next(iter(layer.tensors.values()))
+    return main.name in decode
 
 
 def variant_unsure(model: Any) -> bool:

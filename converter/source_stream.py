@@ -19,6 +19,7 @@ import torch
 
 from converter.buffer_pool import BufferPool
 from converter.encode import TORCH_DTYPE, cast, finite_check
+from converter.fp8_source import dequantize
 from converter.plan import ConversionPlan, LayerPlan
 from inspect_tools.errors import InputError
 from inspect_tools.readers.base import read_range
@@ -108,8 +109,9 @@ class SourceStream:
 
     def stream_kept(self, lp: LayerPlan, key: str, writer: Any, write: bool) -> int:
         """Stream source tensor `key` of `lp` (one of streamed(lp)) into its planned output, chunk by chunk through
-        one STREAM_CHUNK_BYTES buffer: pread, NaN/Inf check, cast, write_part at its place. Returns the count of
-        NaN/Inf values, all of them: once one is found (or with write=False) chunks are only checked, not written."""
+        one STREAM_CHUNK_BYTES buffer: pread, dequantize (an FP8 source tensor, lp.decode), NaN/Inf check, cast,
+        write_part at its place. Returns the count of NaN/Inf values, all of them: once one is found (or with
+        write=False) chunks are only checked, not written."""
         info = self.reader.tensors[key]
         planned = next(t for t in lp.tensors if t.source == key)
         source_dtype = DTYPES[info.dtype].torch_dtype
@@ -125,6 +127,8 @@ class SourceStream:
             raw = self._chunk[: count * itemsize]
             self._read_part(info, memoryview(raw.numpy()), start * itemsize)
             values = raw.view(source_dtype)
+            if key in lp.decode:  # elementwise too: each chunk decodes to exactly its part of the whole
+                values = dequantize(values, lp.decode[key])
             bad += finite_check(values)[0]
             if write and not bad:  # elementwise cast: each chunk gives exactly the bytes of the whole tensor's cast
                 writer.write_part(planned.name, start * out_itemsize, cast(values, planned.dtype, reuse=True))

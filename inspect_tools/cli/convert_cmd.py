@@ -31,7 +31,7 @@ from reference_specs.findings import Finding, Severity
 
 if TYPE_CHECKING:  # the engine (and torch) is imported by the command itself: other commands start without it
     from converter.pipeline import ConvertResult
-    from converter.plan import LayerPlan
+    from converter.plan import ConversionPlan, LayerPlan
 
 
 def _size(n: int) -> str:
@@ -83,7 +83,18 @@ def _summary(result: ConvertResult) -> dict:
         "out": str(result.out),
         "seconds": round(result.seconds, 3),
         "warnings": plan.warnings,
+        "source_lossy": _source_lossy(plan),
     }
+
+
+def _source_lossy(plan: ConversionPlan) -> dict | None:
+    """What the JSON says of an FP8 source (converter/fp8_source.py): already lossy, in how many layers."""
+    if not plan.lossy_source:
+        return None
+    from converter.fp8_source import lossy_note
+
+    return {"layers": sum(plan.lossy_source.values()), "formats": dict(sorted(plan.lossy_source.items())),
+            "message": lossy_note(plan.lossy_source)}
 
 
 def _print_text(result: ConvertResult) -> None:
@@ -108,6 +119,8 @@ def _print_text(result: ConvertResult) -> None:
     if findings:
         print_findings_text(findings, title="gate" if result.gate else None, out=out)
     counts = ", ".join(f"{k} {n}" for k, n in plan.counts().items())
+    if (lossy := _source_lossy(plan)) is not None:
+        out.print(f"note: {shown(lossy['message'])}", markup=False, highlight=False)
     out.print(f"layers: {counts}")
     out.print(f"size: {_size(plan.source_bytes)} -> {_size(plan.output_bytes)}")
     if result.gate and result.gate.worst:
@@ -130,8 +143,9 @@ def convert_cmd(
     # readable=False: click's own check would answer an unreadable file with its multi-line usage text; the readers
     # report it in one line naming the file, as for every other bad input
     src: Path = typer.Argument(..., readable=False,
-                               help="FP32/FP16/BF16 source: .safetensors, index.json, a sharded folder, or a diffusers "
-                                    "model folder (transformer/, and transformer_2/ for WAN 2.2 A14B)"),
+                               help="FP32/FP16/BF16 (or FP8, dequantized) source: .safetensors, index.json, a sharded "
+                                    "folder, or a diffusers model folder (transformer/, and transformer_2/ for WAN 2.2 "
+                                    "A14B)"),
     out: Path = typer.Argument(..., readable=False, help="output .safetensors (ComfyUI-native NVFP4 mixed); for a "
                                "two-expert model the name of both: OUT_high_noise.safetensors, OUT_low_noise...."),
     preset: list[str] = typer.Option(..., "--preset", "-p", help="built-in preset name (nvdiag preset list) or a "
@@ -151,6 +165,9 @@ def convert_cmd(
                                        "else an importable comfy package)"),
 ) -> None:
     """Convert a float checkpoint into a ComfyUI-native NVFP4 mixed file; lint + roundtrip it before publishing.
+
+    An FP8 source (comfy_quant float8, legacy scaled_fp8, plain FP8 casts) is dequantized (FP8 value x scale, in
+    float32) and converted from there; the output says it was already lossy. NVFP4 sources are refused.
 
     Examples:
       nvdiag convert wan_ti2v/ wan_ti2v_nvfp4.safetensors --preset wan2.2-ti2v-5b
