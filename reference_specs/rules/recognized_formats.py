@@ -27,7 +27,7 @@ def _what(fmt: type[RecognizedFormat], layer: Layer) -> str:
     if fmt is MoEExperts:
         count = experts(layer)
         return f"{fmt.slug} layer: a bank of {count if count is not None else '?'} {inner_format(layer)} experts"
-    return f"{fmt.slug} layer ({fmt.describe()})"
+    return f"{fmt.slug} layer"
 
 
 class _Recognized(Rule):
