@@ -16,6 +16,7 @@ from inspect_tools.cli import main
 from inspect_tools.layers import open_model
 from inspect_tools.lint import lint_model
 from inspect_tools.synthetic.recognized import (
+    BUILDERS,
     EXPERTS,
     IN,
     OUT,
@@ -114,3 +115,19 @@ def test_an_unmarked_int8_file_is_int8_and_needs_its_marker(tmp_path) -> None:
         assert model.layers["blocks.0.attn.q"].format == "int8_tensorwise"
         rules = {f.rule for f in lint_model(model) if f.layer == "blocks.0.attn.q"}
     assert rules == {"NV103", "NV113"}  # ComfyUI loads the int8 bytes as a plain weight without the marker
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "int8_tensorwise", "convrot_w4a4", "awq_w4a16"])
+def test_comfyui_refuses_a_marked_layer_exactly_when_its_quant_algos_lacks_the_format(comfyui, fmt: str) -> None:
+    # what NV113 says, asked of the ComfyUI at hand: its Linear loader looks the marker's format up in QUANT_ALGOS
+    import sys
+
+    ops = sys.modules["comfy.ops"]
+    name = CASES[fmt][0]
+    state = {key[len(name) + 1:]: value for key, value in BUILDERS[fmt]().items() if key.startswith(name + ".")}
+    linear = ops.mixed_precision_ops({}, torch.bfloat16).Linear(IN, OUT, bias=False)
+    if fmt in comfyui.quant_ops.QUANT_ALGOS:
+        linear.load_state_dict(state, strict=False)  # a ComfyUI new enough loads it
+        return
+    with pytest.raises(KeyError, match=fmt):
+        linear.load_state_dict(state, strict=False)
