@@ -131,3 +131,13 @@ def test_comfyui_refuses_a_marked_layer_exactly_when_its_quant_algos_lacks_the_f
         return
     with pytest.raises(KeyError, match=fmt):
         linear.load_state_dict(state, strict=False)
+
+
+@pytest.mark.parametrize("fmt", ["mxfp8", "svdquant-int4"])
+def test_roundtrip_says_it_does_not_decode_them_instead_of_measuring_garbage(files, tmp_path, capsys, fmt) -> None:
+    name, logical, _ = CASES[fmt]
+    ref = save_safetensors({f"{name}.weight": torch.randn(logical).to(torch.bfloat16),
+                            "blocks.0.norm.weight": torch.ones(IN, dtype=torch.bfloat16)}, tmp_path / "ref.safetensors")
+    assert main(["roundtrip", str(files[fmt]), "--against", str(ref)]) == 2
+    err = capsys.readouterr().err
+    assert fmt in err and "does not decode" in err and "Traceback" not in err

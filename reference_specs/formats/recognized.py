@@ -49,6 +49,7 @@ class RecognizedFormat(Format):
     """A quantized layout nvdiag names but does not decode (see the module docstring)."""
 
     quantized: ClassVar[bool] = True
+    decodes: ClassVar[bool] = False
     # True: a comfy_quant format of newer ComfyUI (NV113); False: another runtime's layout (NV114).
     comfyui_native: ClassVar[bool] = True
     # One line each: who writes the layout, and what ComfyUI does with a layer of it (lint's message).
