@@ -306,9 +306,18 @@ def decoder(layer: Layer) -> Format | None:
     if not layer.is_quantized:
         return None
     try:
-        return formats.get(layer.format)()
+        fmt = formats.get(layer.format)
     except KeyError:
         return None
+    return fmt() if fmt.decodes else None
+
+
+def named_only(layer: Layer) -> bool:
+    """A quantized layer in a format nvdiag names but does not decode (MXFP8, SVDQuant, ...: formats/recognized.py)."""
+    try:
+        return layer.is_quantized and not formats.get(layer.format).decodes
+    except KeyError:
+        return False
 
 
 def load_roles(layer: Layer, device: torch.device) -> dict[str, torch.Tensor]:
@@ -319,6 +328,9 @@ def load_reference(layer: Layer, model: CheckpointModel, device: torch.device) -
     """REF's weight as float32 in its logical shape: GGUF and plain floats through the reader, other quantized
     formats through their own decoder."""
     fmt = decoder(layer)
+    if named_only(layer):
+        raise InputError(f"reference layer {layer.name} is {layer.format}, a format nvdiag names but does not decode: "
+                         "compare against a file nvdiag decodes (16-bit, FP8, NVFP4, GGUF)", str(model.path))
     if model.kind == "gguf" or fmt is None:
         return model.reader.load_float(layer.tensors["weight"].name).to(device=device, dtype=torch.float32)
     problem = type(fmt).decode_problem(layer)
@@ -408,7 +420,8 @@ def check_pair(
     )
     fmt = decoder(mine)
     if fmt is None:
-        result.status, result.note = "skipped", f"no decoder for format {mine.format!r}"
+        why = "nvdiag names this format but does not decode it" if named_only(mine) else "no decoder for this format"
+        result.status, result.note = "skipped", f"{mine.format}: {why}"
         return result, None
     if not ref.has("weight"):
         result.status, result.note = "skipped", "reference layer has no weight"
@@ -588,7 +601,7 @@ def roundtrip(
     require_tensors(ref, "nothing to compare against")
     alignment = align_layers(mine, ref)
     pairs = select_pairs(alignment.pairs, layers, sample)
-    if not pairs:
+    if not pairs or all(named_only(p.mine) for p in pairs):  # a file only nvdiag's names cover: one clear line
         raise nothing_to_compare(mine, ref, alignment, layers)
     result = RoundtripResult(
         path=mine.path, ref_path=ref.path, alignment=alignment,
@@ -618,6 +631,10 @@ def nothing_to_compare(mine: CheckpointModel, ref: CheckpointModel, alignment: A
                        layers: str | None) -> InputError | UsageError:
     """Why no layer pair was selected, as the error that ends the run (a run that compares nothing must not pass)."""
     quantized = [layer for layer in mine.layers.values() if layer.is_quantized and layer.has("weight")]
+    named = sorted({layer.format for layer in mine.layers.values() if named_only(layer)})
+    if named and not any(not named_only(layer) for layer in quantized):
+        return InputError(f"its quantized layers are {', '.join(named)}, which nvdiag names but does not decode: "
+                          "nothing to roundtrip (nvdiag lint says what ComfyUI does with them)", str(mine.path))
     if not quantized:
         theirs = sum(layer.is_quantized and layer.has("weight") for layer in ref.layers.values())
         if theirs:

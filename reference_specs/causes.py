@@ -34,6 +34,12 @@ CAUSES: dict[str, str] = {
     "foreign-layout": "a published quantized layout ComfyUI does not load as it is (LightX2V NVFP4, NVIDIA ModelOpt "
     "NVFP4 exports: low-nibble-first codes, their own scale layout or scalars, no marker), whose bytes rewrite "
     "losslessly into ComfyUI's",
+    "newer-comfyui-format": "a ComfyUI quantization format newer than NVFP4/FP8 (MXFP8, INT8 tensorwise, ConvRot "
+    "W4A4, AWQ W4A16, W4A8, MoE expert banks): loaded only by ComfyUI versions whose QUANT_ALGOS has it; nvdiag "
+    "names it but does not decode or verify it",
+    "third-party-layout": "another runtime's quantized layout (Nunchaku SVDQuant W4A4 and AWQ W4A16, AutoAWQ GEMM) "
+    "whose tensors ComfyUI's own loader never reads: it needs that project's loader; nvdiag names it, does not "
+    "decode or convert it",
     "activation-sensitive-w4a4": "with activations quantized to 4 bits (W4A4, Blackwell) the output error is far "
     "above the W4A16 error: layers that need full_precision_matrix_mult, a calibrated input_scale or more bits",
 }

@@ -24,7 +24,7 @@ from inspect_tools.layers import open_model
 
 CHECKPOINT_HELP = "A .safetensors file, a sharded *.safetensors.index.json (or its folder), or a .gguf"
 # Roles shown in the "aux" column: everything but the weight itself.
-MAIN_ROLES = ("weight", "value", "weight_packed")
+MAIN_ROLES = ("weight", "value", "weight_packed", "qweight")  # qweight: Nunchaku and AutoAWQ codes
 
 
 def human_bytes(n: int) -> str:

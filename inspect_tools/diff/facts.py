@@ -57,7 +57,7 @@ def tensor_signature(layer: Layer) -> str:
 
 
 def main_dtype(layer: Layer) -> str | None:
-    for role in ("weight", "weight_packed", "value"):
+    for role in ("weight", "weight_packed", "qweight", "value"):
         if role in layer.tensors:
             return layer.tensors[role].dtype
     return next(iter(layer.tensors.values())).dtype if layer.tensors else None

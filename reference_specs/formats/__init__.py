@@ -8,14 +8,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from reference_specs.formats.awq import AWQW4A16, AutoAWQ
 from reference_specs.formats.base import Format, RoleSpec
 from reference_specs.formats.compressed_tensors import NVFP4CompressedTensors
+from reference_specs.formats.convrot import ConvRotW4A4
 from reference_specs.formats.fp8 import FP8E4M3, FP8E5M2
+from reference_specs.formats.int8 import AsymW4A8, INT8Tensorwise
 from reference_specs.formats.lightx2v import NVFP4LightX2V
 from reference_specs.formats.modelopt import NVFP4ModelOpt
+from reference_specs.formats.moe_experts import MoEExperts
+from reference_specs.formats.mxfp8 import MXFP8
 from reference_specs.formats.nvfp4 import NVFP4
 from reference_specs.formats.plain import PLAIN_FORMATS
 from reference_specs.formats.scaled_fp8 import ScaledFP8
+from reference_specs.formats.svdquant import AWQNunchaku, SVDQuantInt4, SVDQuantNVFP4
 from reference_specs.layer import Layer, register_roles
 
 UNKNOWN = "unknown"
@@ -26,6 +32,18 @@ UNKNOWN = "unknown"
 # front of the registry the first time a GGUF layer is classified or a slug is not found without them.
 # `FORMATS` (module attribute) is always the complete list.
 _formats: list[type[Format]] = [
+    # recognised, not decoded (formats/recognized.py): an expert bank's marker carries num_experts whatever its
+    # inner format, so it goes first; the others claim by their marker or by tensors no other format has
+    MoEExperts,
+    SVDQuantNVFP4,
+    SVDQuantInt4,
+    AWQNunchaku,
+    AutoAWQ,
+    MXFP8,
+    INT8Tensorwise,
+    ConvRotW4A4,
+    AWQW4A16,
+    AsymW4A8,
     NVFP4LightX2V,  # before NVFP4, whose unmarked claim (U8 weight + block scales) it narrows
     NVFP4ModelOpt,  # likewise, for an unmarked layer whose config.json says ModelOpt
     NVFP4,

@@ -107,6 +107,8 @@ class Format:
     # A published layout ComfyUI does not load but whose bytes rewrite losslessly into this native format's slug
     # (`native_tensors`); None for the formats ComfyUI loads as they are.
     native_slug: ClassVar[str | None] = None
+    # False for a format nvdiag names but does not decode (formats/recognized.py): roundtrip skips its layers
+    decodes: ClassVar[bool] = True
 
     @classmethod
     def claims(cls, layer: Layer, file_markers: dict[str, Any]) -> bool:

@@ -22,6 +22,7 @@ from reference_specs.rules.markers import (
     InvalidQuantMarker,
     MissingQuantMarker,
 )
+from reference_specs.rules.recognized_formats import NewerComfyFormat, ThirdPartyLayout
 from reference_specs.rules.scale_layout import ScaleLayoutLinear, ScaleLayoutUnpadded
 from reference_specs.rules.scale_values import InputScaleImplausible, NonFiniteScale, Scale2Reciprocal
 from reference_specs.rules.scales_present import MissingBlockScale, MissingLegacyScale, MissingTensorScale
@@ -37,6 +38,8 @@ RULES: list[Rule] = [
     BrokenMarkerTensor(),
     DoubleBracedMetadata(),
     ForeignLayout(),
+    NewerComfyFormat(),
+    ThirdPartyLayout(),
     WrongDtype(),
     WrongShape(),
     TransposedWeight(),
