@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from reference_specs.formats.base import Format, NativeTensor, RoleSpec
-from reference_specs.formats.nvfp4 import NVFP4, block_scale_shape, packed_problem
+from reference_specs.formats.base import NativeTensor, RoleSpec
+from reference_specs.formats.nvfp4 import NVFP4, PackedCodes, block_scale_shape
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def native_scales(alpha: torch.Tensor, input_global_scale: torch.Tensor) -> tupl
     return _scalar(alpha, "alpha") * igs, 1.0 / igs
 
 
-class NVFP4LightX2V(Format):
+class NVFP4LightX2V(PackedCodes):
     slug: ClassVar[str] = "nvfp4-lightx2v"
     comfy_format: ClassVar[str | None] = None  # no marker: ComfyUI does not select it
     native_slug: ClassVar[str | None] = "nvfp4"
@@ -82,15 +82,6 @@ class NVFP4LightX2V(Format):
         # NVFP4 codes with LightX2V's scalars and none of ComfyUI's: a marked layer is the marker's format
         return (layer.marker is None and layer.dtype("weight") in ("U8", "I8") and layer.has("weight_scale")
                 and any(layer.has(role) for role in SCALAR_ROLES) and not layer.has("weight_scale_2"))
-
-    @classmethod
-    def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
-        return NVFP4.logical_shape(layer)
-
-    @classmethod
-    def decode_problem(cls, layer: Layer) -> tuple[str, str] | None:
-        problem = super().decode_problem(layer)
-        return problem if problem is not None else packed_problem(layer)
 
     @classmethod
     def native_tensors(cls, layer: Layer) -> dict[str, NativeTensor]:

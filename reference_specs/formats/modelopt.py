@@ -25,13 +25,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from reference_specs.formats.base import Format, NativeTensor, RoleSpec
+from reference_specs.formats.base import NativeTensor, RoleSpec
 from reference_specs.formats.nvfp4 import (
     BLOCK,
     NVFP4,
+    PackedCodes,
     block_scale_shape,
     decode_packed,
-    packed_problem,
     pad_to,
     swizzle,
 )
@@ -75,7 +75,7 @@ def same(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class NVFP4ModelOpt(Format):
+class NVFP4ModelOpt(PackedCodes):
     slug: ClassVar[str] = "nvfp4-modelopt"
     comfy_format: ClassVar[str | None] = None
     native_slug: ClassVar[str | None] = "nvfp4"
@@ -96,15 +96,6 @@ class NVFP4ModelOpt(Format):
         return (layer.marker is None and from_modelopt(file_markers.get("config"))
                 and layer.dtype("weight") in ("U8", "I8") and layer.has("weight_scale")
                 and layer.has("weight_scale_2"))
-
-    @classmethod
-    def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
-        return NVFP4.logical_shape(layer)
-
-    @classmethod
-    def decode_problem(cls, layer: Layer) -> tuple[str, str] | None:
-        problem = super().decode_problem(layer)
-        return problem if problem is not None else packed_problem(layer)
 
     @classmethod
     def native_tensors(cls, layer: Layer) -> dict[str, NativeTensor]:

@@ -331,7 +331,24 @@ def packed_problem(layer: Layer) -> tuple[str, str] | None:
     return None
 
 
-class NVFP4(Format):
+class PackedCodes(Format):
+    """A layout of NVFP4 codes (two per byte, 16-element blocks): ComfyUI's own and the published ones fix rewrites
+    into it share its logical shape and the header checks that decide whether the bytes decode."""
+
+    @classmethod
+    def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
+        shape = layer.shape("weight")
+        return (shape[0], shape[1] * 2) if shape is not None and len(shape) == 2 else shape
+
+    @classmethod
+    def decode_problem(cls, layer: Layer) -> tuple[str, str] | None:
+        """Beyond the base checks, packed_problem's: byte-sized codes and scales, a 2-D packed weight padded to 16
+        rows and whole 16-element blocks, a 2-D block scale of the swizzled (or row-major) shape."""
+        problem = super().decode_problem(layer)
+        return problem if problem is not None else packed_problem(layer)
+
+
+class NVFP4(PackedCodes):
     slug: ClassVar[str] = "nvfp4"
     comfy_format: ClassVar[str | None] = "nvfp4"
     typical_rel_error: ClassVar[float] = 0.12
@@ -363,19 +380,6 @@ class NVFP4(Format):
         if weight_dtype != "U8" or not {"weight_scale", "weight_scale_2"} <= roles or len(weight_shape) != 2:
             return False
         return scale_shape == block_scale_shape(weight_shape[0], weight_shape[1] * 2)
-
-    @classmethod
-    def logical_shape(cls, layer: Layer) -> tuple[int, ...] | None:
-        shape = layer.shape("weight")
-        return (shape[0], shape[1] * 2) if shape is not None and len(shape) == 2 else shape
-
-    @classmethod
-    def decode_problem(cls, layer: Layer) -> tuple[str, str] | None:
-        """Beyond the base checks: byte-sized codes and scales, a 2-D packed weight padded to 16 rows and whole
-        16-element blocks, and a 2-D block scale of the swizzled shape (or the row-major [out, in/16], which decodes
-        and is reported as scale-layout-linear). The same shapes NV105 / NV106 require."""
-        problem = super().decode_problem(layer)
-        return problem if problem is not None else packed_problem(layer)
 
     def quantize(self, weight: torch.Tensor, scale_2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         out_f, in_f = weight.shape
