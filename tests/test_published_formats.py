@@ -6,6 +6,7 @@ come from ComfyUI, the NVFP4 grid and the float source."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 
 from converter.fix import fix_checkpoint
 from converter.pipeline import convert
+from inspect_tools.cli import main
 from inspect_tools.comfyui import forward
 from inspect_tools.comfyui.loading import load
 from inspect_tools.layers import open_model
@@ -71,6 +73,18 @@ def test_lint_names_the_layout_and_nothing_else(files: dict) -> None:
     assert sorted(f.layer for f in findings) == files["layers"]
     explanation = get_rule("NV112").explanation
     assert "Comfy-Org/ComfyUI#11640" in explanation and "size mismatch" in explanation
+
+
+def test_diff_against_the_source_fails_on_the_layout_though_the_values_match(files: dict, capsys) -> None:
+    """The LightX2V values decode right (a pure value comparison passes), but ComfyUI refuses the file: diff says so,
+    and passes the fixed file."""
+    assert main(["diff", str(files["lightx2v"]), str(files["src"]), "--format", "json"]) == 1
+    doc = json.loads(capsys.readouterr().out)
+    flagged = sorted(f["layer"] for f in doc["findings"] if f["rule"] == "D105")
+    assert flagged == files["layers"] and {f["cause"] for f in doc["findings"] if f["rule"] == "D105"} == {
+        "foreign-layout"}
+    assert main(["diff", str(files["fixed"]), str(files["src"]), "--format", "json"]) == 0
+    assert not [f for f in json.loads(capsys.readouterr().out)["findings"] if f["rule"] == "D105"]
 
 
 def test_a_lightx2v_layer_without_its_alpha_is_named_and_left_alone(files: dict, tmp_path: Path) -> None:

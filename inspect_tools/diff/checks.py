@@ -19,6 +19,7 @@ from reference_specs.findings import Finding, Severity
 from reference_specs.formats.nvfp4 import BLOCK, block_scale_shape, packed_shape, roundup
 from reference_specs.layer import Layer
 from reference_specs.rules.compute_markers import compute_path, full_precision_mm
+from reference_specs.rules.foreign_layouts import foreign_format
 
 # Scales whose medians differ by this factor are flagged (a reciprocal scale is ~6-7 orders of magnitude off).
 SCALE_APART_FACTOR = 100.0
@@ -69,6 +70,18 @@ def _check_markers(pair: LayerPair, out: FindingCollector) -> None:
     if mine.marker_error:
         out.add("D102", "invalid-quant-marker", Severity.ERROR, f"MINE's marker is unreadable: {mine.marker_error}",
                 pair.key)
+
+
+def _check_layout(pair: LayerPair, out: FindingCollector) -> None:
+    """A published layout ComfyUI does not load (lint's NV112): its values may match REF's, yet the file does not
+    load, so a value comparison alone must not let it pass."""
+    mine = pair.mine
+    fmt = foreign_format(mine) if mine is not None else None
+    if fmt is not None:
+        out.add("D105", "foreign-layout", Severity.ERROR,
+                f"MINE's layer is {fmt.slug} ({fmt.describe()}): ComfyUI does not load this layout; "
+                f"`nvdiag fix MINE OUT` rewrites it into {fmt.native_slug} losslessly", pair.key,
+                format=fmt.slug, native=fmt.native_slug)
 
 
 def _check_nvfp4_roles(pair: LayerPair, out: FindingCollector) -> None:
@@ -228,6 +241,7 @@ def compare_pairs(
     layers are paired by name)."""
     for pair in pairs:
         _check_markers(pair, out)
+        _check_layout(pair, out)
         _check_nvfp4_roles(pair, out)
         if by_name and check_shapes:
             _check_shapes(pair, out)
