@@ -26,9 +26,6 @@ from reference_specs.layer import Layer
 if TYPE_CHECKING:
     import torch
 
-# Source formats convert dequantizes (slugs of reference_specs/formats): a per-tensor scale (its role is the format's
-# tensor_scale_role) or none at all (the plain casts, scale 1).
-FP8_SOURCES = ("float8_e4m3fn", "float8_e5m2", "scaled_fp8", "f8_e4m3", "f8_e5m2")
 # Roles of an FP8 source layer that are read but not carried into the output: the scale is folded into the
 # dequantized weight; a static input scale of the FP8 layer is an FP8 activation scale, not NVFP4's (see
 # dropped_input_scales); the marker says FP8.
@@ -39,7 +36,12 @@ DECODED_DTYPE = "F32"
 
 
 def is_fp8_source(layer: Layer) -> bool:
-    return layer.format in FP8_SOURCES
+    """Whether convert dequantizes this layer: its format says so (Format.convert_source: a per-tensor scale, the
+    format's tensor_scale_role, or none at all, the plain casts at scale 1)."""
+    try:
+        return formats.get(layer.format).convert_source
+    except KeyError:
+        return False
 
 
 def decode_scales(layer: Layer, path: str) -> dict[str, float]:

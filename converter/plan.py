@@ -132,7 +132,7 @@ class ConversionPlan:
     warnings: list[str] = field(default_factory=list)
     # kept layers planned F16 whose source values exceed FP16's range, written at BF16 instead: name -> max |value|
     widened: dict[str, float] = field(default_factory=dict)
-    # FP8 source layers dequantized into this conversion, per source format (fp8_source.FP8_SOURCES): the source was
+    # FP8 source layers dequantized into this conversion, per source format (Format.convert_source): the source was
     # already lossy, which the output says
     lossy_source: dict[str, int] = field(default_factory=dict)
 

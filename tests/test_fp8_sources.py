@@ -244,3 +244,12 @@ def test_fp8_input_scales_are_dropped_with_a_warning(tmp_path) -> None:
     assert any("2 FP8 source layers carried static input scales" in w for w in result.plan.warnings)
     with safe_open(str(out), "pt") as f:
         assert not any(k.endswith((".input_scale", ".scale_input")) for k in f.keys())
+
+
+def test_the_sources_convert_dequantizes_are_the_fp8_formats_with_one_scale_or_none() -> None:
+    """The formats say it (Format.convert_source), not a list in the converter: the comfy_quant FP8 pair, legacy
+    scaled_fp8 and the plain casts; never NVFP4 (4-bit twice), nor a block-scaled or foreign layout."""
+    from reference_specs import formats
+
+    sources = {fmt.slug for fmt in formats._all_formats() if fmt.convert_source}
+    assert sources == {"float8_e4m3fn", "float8_e5m2", "scaled_fp8", "f8_e4m3", "f8_e5m2"}

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from inspect_tools.comfyui.pieces import BLOCK_LISTS
 from inspect_tools.comfyui.runtime import ComfyRuntime
+from reference_specs.models.base import BLOCK_LISTS
 
 COMPUTE_PATHS = ("w4a16", "w4a4")
 LATENT_FRAMES = 2  # WAN latent frames (2 latent frames = 5 video frames)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from reference_specs.layer import QUANT_METADATA_KEY
-from reference_specs.models.base import BLOCK_KEY, BLOCK_LISTS  # noqa: F401  (callers say pieces.BLOCK_KEY)
+from reference_specs.models.base import BLOCK_KEY
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,9 @@ class Format:
     native_slug: ClassVar[str | None] = None
     # False for a format nvdiag names but does not decode (formats/recognized.py): roundtrip skips its layers
     decodes: ClassVar[bool] = True
+    # True for a lossy format convert takes as a source (converter/fp8_source.py): its values decode exactly from
+    # the stored bytes and one per-tensor scale (tensor_scale_role) or none, so they can be quantized again
+    convert_source: ClassVar[bool] = False
 
     @classmethod
     def claims(cls, layer: Layer, file_markers: dict[str, Any]) -> bool:

@@ -119,6 +119,8 @@ def is_scalar(layer: Layer, role: str) -> bool:
 class _ComfyFP8(Format):
     """Shared body of the two comfy_quant FP8 formats; subclasses only name their FP8 dtype."""
 
+    convert_source: ClassVar[bool] = True
+
     torch_dtype: ClassVar[torch.dtype]
     stored_dtype: ClassVar[str]
     quantized: ClassVar[bool] = True

@@ -107,6 +107,7 @@ class F8E4M3Plain(_Plain):
     stored_dtype: ClassVar[str] = "F8_E4M3"
     torch_dtype = TorchDtype("float8_e4m3fn")
     quantized: ClassVar[bool] = True
+    convert_source: ClassVar[bool] = True
     typical_rel_error: ClassVar[float] = 0.04
     signature: ClassVar[dict[str, RoleSpec]] = _signature("F8_E4M3")
 

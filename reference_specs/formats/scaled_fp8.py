@@ -28,6 +28,7 @@ class ScaledFP8(Format):
     comfy_format: ClassVar[str | None] = None  # no comfy_quant marker: ComfyUI converts it to float8_e4m3fn on load
     typical_rel_error: ClassVar[float] = 0.04
     tensor_scale_role: ClassVar[str | None] = "scale_weight"
+    convert_source: ClassVar[bool] = True
     scale_divisor: ClassVar[float | None] = 448.0
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("F8_E4M3", "F8_E5M2"), description="FP8 values, [out, in]"),
