@@ -5,7 +5,8 @@
 Writes a WAN 2.2 model at its real width, once: `--model a14b` is T2V A14B (dim 5120, ffn 13824, 40 heads, text width
 4096), `--blocks` transformer blocks deep (default 2; the real expert has 40); `--model 5b` is TI2V 5B (dim 3072, ffn
 14336), all 30 blocks by default. The BF16 reference is written by --workers processes side by side (the synthetic
-values of inspect_tools.synthetic, tensor by tensor: the same bytes write_float gives); the NVFP4 file is made from it
+values of inspect_tools.synthetic, tensor by tensor, with every linear weight at unit gain (values.unit_gain: the
+fixtures' own gain overflows ComfyUI's fp16 compute on a GPU at real width)); the NVFP4 file is made from it
 by `nvdiag convert --preset <variant>` on the same device, as a user makes one. With --keep DIR both files are kept
 there and reused by later runs. Then measures, each job in a fresh subprocess so its peak RSS is its own:
   baseline      ComfyUI loading and running the reference once: `python -c` that imports ComfyUI as nvdiag does
@@ -107,12 +108,15 @@ def _fill(job: tuple[str, str, tuple[int, ...], int]) -> None:
     """Worker: one tensor's values, written in place at its offset."""
     import torch
 
-    from inspect_tools.synthetic.values import tensor_value
+    from inspect_tools.synthetic.values import tensor_value, unit_gain
 
     path, key, shape, at = job
     if math.prod(shape) == 0:
         return
-    data = tensor_value(key, shape).to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
+    value = tensor_value(key, shape)
+    if len(shape) == 2 and key.endswith(".weight"):
+        value = unit_gain(value)  # ComfyUI computes WAN in fp16 on a GPU: keep the activations in a real model's range
+    data = value.to(torch.bfloat16).contiguous().view(torch.uint8).numpy()
     fd = os.open(path, os.O_WRONLY)
     try:
         done = 0

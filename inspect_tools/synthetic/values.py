@@ -76,6 +76,22 @@ STATISTICS: dict[str, Callable[[tuple[int, int], torch.Generator], torch.Tensor]
 }
 
 
+def unit_gain(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` rescaled so that the layer keeps the RMS of an isotropic input (squared Frobenius norm = out_f).
+
+    The statistics above set a layer's shape of values (what quantization sees: the spread inside a block, the
+    outlier columns) and leave its overall size as it falls: the structured one multiplies an isotropic input's RMS
+    by about 4.7 per linear (E[column^2] ~ 22). The small fixtures run in float32 on the CPU, where that only makes
+    the model sensitive (which the compute-policy fixtures rely on); a real-width WAN block built from them reached a
+    residual RMS of 6,000 and a maximum of 4e4 after one block, and ComfyUI's fp16 compute on a GPU overflowed where
+    real checkpoints stay in range. Writers of real-width models for GPU runs (benchmarks/verify.py) apply this.
+    Relative quantization errors do not depend on the factor (block and tensor scales follow the values)."""
+    norm = torch.linalg.vector_norm(weight.double())
+    if norm == 0:
+        return weight
+    return (weight.double() * (weight.shape[0] ** 0.5 / norm)).to(weight.dtype)
+
+
 def tensor_value(name: str, shape: tuple[int, ...], seed: int = 0, statistic: str = "structured") -> torch.Tensor:
     """float32 values for the tensor `name` (a native key) of `shape`; `statistic` (a STATISTICS key) shapes the
     2-D linear weights."""
