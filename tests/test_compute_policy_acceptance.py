@@ -1,4 +1,5 @@
-"""The compute policy's acceptance check on the WAN targets' fixtures, in ComfyUI itself.
+"""The compute policy's acceptance check, in ComfyUI itself, on the fixtures of WAN 2.2 TI2V 5B, T2V A14B, I2V A14B
+and Qwen Image 2512.
 
 Each fixture gives the attention output projection of every block activation outliers (4 input channels 50x larger,
 the model's function unchanged: inspect_tools.synthetic.add_activation_outliers). The user's path is then
@@ -6,34 +7,48 @@ the model's function unchanged: inspect_tools.synthetic.add_activation_outliers)
     nvdiag preset from-sensitivity report.json -o policy.toml
     nvdiag convert SRC policy.safetensors --preset policy.toml
 and `nvdiag verify --compute both` of that file against SRC is compared with the plain NVFP4 file the built-in
-preset writes (every quantized layer W4A4 on Blackwell). What must hold:
+preset writes (every quantized layer W4A4 on Blackwell), and with that plain file made from the same model without
+the outliers ("clean": what W4A4 costs a model that has no outlier problem, an independent floor no policy
+decision shapes).
+
+The measure is the output error verify reports (relative L2 of the denoiser's output against SRC, the mean over the
+noise levels), what a user sees. What must hold:
 - the layers given outliers are the ones marked full_precision_matrix_mult (W4A16), and few others are;
-- under W4A4 the policy file is clearly better than the all-W4A4 file, at the blocks and at the output;
-- at the blocks, where the policy acts, its W4A4 error is close to its W4A16 error: it closes at least three
-  quarters of the distance from W4A16 to all-W4A4 (what is left is what 4-bit activations cost the layers that
-  quantize well: about sqrt(2) on each, errors in quadrature);
+- under W4A4 the policy file is clearly better than the all-W4A4 file: at most 0.6 of its error;
+- close to W4A16: of the distance from W4A16 to all-W4A4, the policy file leaves at most a quarter;
+- the policy removes what the outliers cost: W4A4 costs the policy file (its W4A4 error above its own W4A16 error)
+  at most a quarter of the outliers' extra cost above what it costs the clean model. This one holds at the output and
+  at the block outputs too. At the blocks the plain "quarter of the distance to W4A16" does not: there every layer
+  left at W4A4 adds its 4-bit activation error (about sqrt(2) of its weight error, in quadrature), which on Qwen's
+  single full-width block is most of the distance, outliers or not (clean model 0.20 against W4A16 0.14);
 - the file is the size of the NVFP4 file (W4A16 is a marker, not bytes; the odd FP8 layer is small).
+
+Qwen Image Edit 2511 is not run again: its fixture is 2512's transformer, tensor for tensor (tested below), and
+ComfyUI's Qwen forward reads the edit model's reference method only when reference latents are given, which verify's
+inputs do not; its figures are 2512's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from inspect_tools.cli import main
-from inspect_tools.synthetic import add_activation_outliers, float_state_dict, save_safetensors, small_dims
+from inspect_tools.synthetic import add_activation_outliers, comfyui_dims, float_state_dict, save_safetensors
 
-# The Qwen Image fixtures are full width (ComfyUI builds nothing narrower): their run is minutes on a CPU, so they are
-# measured on demand (the closing note of issue 14 has the figures), not in every CI run.
-TARGETS = ["wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"]
+TARGETS = ["wan2.2-ti2v-5b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b", "qwen-image-2512"]
+FILES = {"policy": "both", "all": "both", "clean": "both"}  # file: verify --compute
 
 
 def outlier_layers(variant: str) -> list[str]:
-    blocks = small_dims(variant)["blocks"]
+    blocks = comfyui_dims(variant)["blocks"]
     if variant.startswith("wan"):
         return [f"blocks.{b}.self_attn.o" for b in range(blocks)]
     return [f"transformer_blocks.{b}.attn.to_out.0" for b in range(blocks)]
@@ -43,7 +58,8 @@ def outlier_layers(variant: str) -> list[str]:
 def measured(request, comfyui, tmp_path_factory):
     variant = request.param
     folder = tmp_path_factory.mktemp(variant)
-    state = float_state_dict(variant)
+    state = float_state_dict(variant, dims=comfyui_dims(variant))
+    clean = save_safetensors(state, folder / "clean_src.safetensors", {})
     for layer in outlier_layers(variant):
         add_activation_outliers(state, layer, gain=50.0)
     src = save_safetensors(state, folder / "src.safetensors", {})
@@ -51,25 +67,23 @@ def measured(request, comfyui, tmp_path_factory):
     report, policy = folder / "report.json", folder / "policy.toml"
     assert main(["sensitivity", str(src), "--comfyui", str(comfyui.root), "-o", str(report)]) == 0
     assert main(["preset", "from-sensitivity", str(report), "-o", str(policy)]) == 0
-    files = {"policy": folder / "policy.safetensors", "all": folder / "all.safetensors"}
+    files = {name: folder / f"{name}.safetensors" for name in FILES}
     assert main(["convert", str(src), str(files["policy"]), "--preset", str(policy)]) == 0
     assert main(["convert", str(src), str(files["all"]), "--preset", variant]) == 0
-    return variant, src, files
+    assert main(["convert", str(clean), str(files["clean"]), "--preset", variant]) == 0
+    return variant, {"policy": src, "all": src, "clean": clean}, files
 
 
 @pytest.fixture(scope="module")
 def errors(measured, comfyui):
     """verify's figures per file and compute path (module scope, so without capsys: read the JSON from a pipe)."""
-    import contextlib
-    import io
-
-    _, src, files = measured
+    _, sources, files = measured
     out = {}
     for name, path in files.items():
         buffer = io.StringIO()
         with contextlib.redirect_stdout(buffer):
-            code = main(["verify", str(path), "--against", str(src), "--comfyui", str(comfyui.root),
-                         "--compute", "both", "--steps", "2", "--format", "json"])
+            code = main(["verify", str(path), "--against", str(sources[name]), "--comfyui", str(comfyui.root),
+                         "--compute", FILES[name], "--steps", "2", "--format", "json"])
         assert code == 0, buffer.getvalue()[-2000:]
         out[name] = {c["compute"]: c["file"] for c in json.loads(buffer.getvalue())["compute"]}
     return out
@@ -87,6 +101,10 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _at(figures: dict, where: str) -> float:
+    return figures["rel_l2"] if where == "output" else _mean(figures["blocks"])
+
+
 def test_the_layers_with_outliers_are_the_ones_marked_w4a16(measured):
     variant, _, files = measured
     marked = _marked_w4a16(files["policy"])
@@ -98,22 +116,40 @@ def test_the_layers_with_outliers_are_the_ones_marked_w4a16(measured):
 
 
 def test_under_w4a4_the_policy_file_is_clearly_better_than_all_w4a4(errors):
-    policy, every = errors["policy"]["w4a4"], errors["all"]["w4a4"]
-    assert _mean(policy["blocks"]) < 0.6 * _mean(every["blocks"]), (policy["blocks"], every["blocks"])
-    assert policy["rel_l2"] < 0.9 * every["rel_l2"], (policy["rel_l2"], every["rel_l2"])
+    policy, every = errors["policy"]["w4a4"]["rel_l2"], errors["all"]["w4a4"]["rel_l2"]
+    assert math.isfinite(policy) and policy <= 0.6 * every, (policy, every)
 
 
-def test_at_the_blocks_the_policy_files_w4a4_error_is_close_to_its_w4a16_error(errors):
-    """Close, measured against the problem: of the distance from W4A16 to all-W4A4 at the block outputs, the policy
-    leaves at most a quarter (what is left is the W4A4 cost of the layers that quantize well)."""
-    w4a4, w4a16 = _mean(errors["policy"]["w4a4"]["blocks"]), _mean(errors["policy"]["w4a16"]["blocks"])
-    every = _mean(errors["all"]["w4a4"]["blocks"])
-    assert math.isfinite(w4a4) and every > w4a16
+def test_under_w4a4_the_policy_file_is_close_to_w4a16(errors):
+    """Of the distance from W4A16 to all-W4A4 at the output, the policy leaves at most a quarter."""
+    w4a4, w4a16 = errors["policy"]["w4a4"]["rel_l2"], errors["policy"]["w4a16"]["rel_l2"]
+    every = errors["all"]["w4a4"]["rel_l2"]
+    assert every > w4a16
     assert (w4a4 - w4a16) <= 0.25 * (every - w4a16), (w4a4, w4a16, every)
     # and W4A16 itself is what the plain NVFP4 file gives: the policy costs nothing where W4A4 is not used
     assert errors["policy"]["w4a16"]["rel_l2"] == pytest.approx(errors["all"]["w4a16"]["rel_l2"], rel=0.1)
 
 
+@pytest.mark.parametrize("where", ["output", "blocks"])
+def test_the_policy_removes_what_the_outliers_cost_under_w4a4(errors, where):
+    """W4A4's cost (W4A4 error above the same file's W4A16 error): the policy file's is at most the clean model's plus
+    a quarter of what the outliers add to it."""
+    def cost(name: str) -> float:
+        return _at(errors[name]["w4a4"], where) - _at(errors[name]["w4a16"], where)
+
+    policy, every, clean = cost("policy"), cost("all"), cost("clean")
+    assert every > clean, (every, clean)  # the fixture has an outlier problem to remove
+    assert policy <= clean + 0.25 * (every - clean), (policy, clean, every)
+
+
 def test_the_policy_file_is_the_size_of_the_nvfp4_file(measured):
     _, _, files = measured
     assert files["policy"].stat().st_size <= 1.05 * files["all"].stat().st_size
+
+
+def test_qwen_image_edit_2511_is_2512s_transformer_tensor_for_tensor():
+    """Why 2511 is not measured again: same tensors (its marker aside), and verify gives no reference latents."""
+    edit, image = float_state_dict("qwen-image-edit-2511"), float_state_dict("qwen-image-2512")
+    extra = set(edit) - set(image)
+    assert extra <= {"__index_timestep_zero__"} and set(image) <= set(edit)
+    assert all(torch.equal(edit[key], image[key]) for key in image)
