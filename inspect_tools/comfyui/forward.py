@@ -3,7 +3,8 @@
 `patcher.model.apply_model(x, sigma, c_crossattn=context)` is the call ComfyUI's samplers make at every step
 (shared/comfyui.md). Inputs are seeded: the starting latent of a sampler is plain Gaussian noise, and a latent at
 noise level sigma of a flow model is sigma * noise + (1 - sigma) * x0; the text context is Gaussian too (no text
-encoder is loaded). Every transformer block's output is recorded through ComfyUI's block-replacement hook, so a
+encoder is loaded); an edit model also gets a Gaussian reference latent (`ref_latents`, what its workflows give).
+Every transformer block's output is recorded through ComfyUI's block-replacement hook, so a
 single wrong block is visible even when the final output hides it.
 
 Compute paths:
@@ -38,6 +39,7 @@ class StepInput:
     x: torch.Tensor
     context: torch.Tensor
     concat: torch.Tensor | None
+    reference: torch.Tensor | None = None  # an edit model's reference latent (ComfyUI's ref_latents)
 
 
 @dataclass
@@ -67,6 +69,17 @@ def _in_channels(diffusion_model: Any) -> int | None:
     return None
 
 
+def _edits(diffusion_model: Any) -> bool:
+    """An edit model, run as its workflows run it: with a reference image's latent beside the noisy one.
+
+    Qwen Image Edit 2511 is known by its `__index_timestep_zero__` marker, which ComfyUI turns into
+    default_ref_method "index_timestep_zero" (comfy/ldm/qwen_image/model.py): its reference tokens go through every
+    block beside the image's, modulated at timestep 0, activations that a run without them never shows
+    (TextEncodeQwenImageEditPlus always gives reference latents). Edit 2509 carries no marker: nothing in its file
+    tells it from Qwen Image, so it runs without a reference."""
+    return getattr(diffusion_model, "default_ref_method", None) == "index_timestep_zero"
+
+
 def make_inputs(patcher: Any, steps: int, seed: int) -> list[StepInput]:
     """Seeded inputs of the shapes this model takes, at `steps` noise levels spread over its schedule."""
     model = patcher.model
@@ -87,7 +100,8 @@ def make_inputs(patcher: Any, steps: int, seed: int) -> list[StepInput]:
         x = sigma * noise + (1.0 - sigma) * x0
         context = torch.randn((1, TEXT_TOKENS, width), generator=gen)
         concat = torch.randn((shape[0], extra, *shape[2:]), generator=gen) if extra > 0 else None
-        inputs.append(StepInput(sigma=sigma, x=x, context=context, concat=concat))
+        reference = torch.randn(shape, generator=gen) if _edits(net) else None
+        inputs.append(StepInput(sigma=sigma, x=x, context=context, concat=concat, reference=reference))
     return inputs
 
 
@@ -179,6 +193,8 @@ def run(runtime: ComfyRuntime, patcher: Any, inputs: list[StepInput], compute: s
                                           "transformer_options": {"patches_replace": {"dit": dict(patches)}}}
                 if step.concat is not None:
                     kwargs["c_concat"] = step.concat.to(device)
+                if step.reference is not None:
+                    kwargs["ref_latents"] = [step.reference.to(device)]
                 sigma = torch.tensor([step.sigma], device=device)
                 out = model.apply_model(step.x.to(device), sigma, **kwargs)
                 results.append(StepOutput(sigma=step.sigma, output=out.detach().float().cpu(),

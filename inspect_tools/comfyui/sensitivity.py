@@ -150,7 +150,8 @@ class SensitivityResult:
             return {"what": f"activations captured by the user, read from {self.activations}",
                     "file": self.activations}
         return {
-            "what": "seeded Gaussian latents at the noise levels below, Gaussian text contexts (no text encoder "
+            "what": "seeded Gaussian latents at the noise levels below (beside a Gaussian reference latent for an "
+                    "edit model ComfyUI knows as one: Qwen Image Edit 2511), Gaussian text contexts (no text encoder "
                     "is run); activations of real prompts differ, the ranking is what carries over",
             "steps": self.steps, "prompts": self.prompts, "seed": self.seed,
             "sigmas": [_r(s) for s in self.sigmas], "rows_per_layer": ROWS_PER_LAYER,
