@@ -138,6 +138,18 @@ def test_view_swizzle_equals_index_swizzle() -> None:
     assert torch.equal(unswizzle(swizzle_tiles(scales)), scales)
 
 
+def test_unswizzle_reads_every_scale_from_where_the_cublas_layout_puts_it() -> None:
+    """Expected from the layout's formula, element by element: row r = 128*i + 32*a + b, column c = 4*j + k sits at
+    tile (i, j), offset b*16 + a*4 + k, tiles row-major (cuBLAS docs, 1D block scaling factors layout)."""
+    rows, cols = 256, 8
+    blocked = torch.arange(rows * cols, dtype=torch.float32).view(rows, cols)  # each value names its position
+    linear = unswizzle(blocked)
+    for r in range(rows):
+        for c in range(cols):
+            i, a, b, j, k = r // 128, (r % 128) // 32, r % 32, c // 4, c % 4
+            assert linear[r, c] == (i * (cols // 4) + j) * 512 + b * 16 + a * 4 + k
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     arrays(
