@@ -20,7 +20,13 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from reference_specs.formats.base import RoleSpec
-from reference_specs.formats.recognized import FLOAT_SCALE_DTYPES, RecognizedFormat, marked, packed_int4_shape
+from reference_specs.formats.recognized import (
+    FLOAT_SCALE_DTYPES,
+    RecognizedFormat,
+    marked,
+    newer_comfyui,
+    packed_int4_shape,
+)
 from reference_specs.layer import Layer
 
 
@@ -28,9 +34,7 @@ class AWQW4A16(RecognizedFormat):
     slug: ClassVar[str] = "awq_w4a16"
     comfy_format: ClassVar[str | None] = "awq_w4a16"
     producer: ClassVar[str] = "ComfyUI / comfy-kitchen AWQ W4A16 (uint4 codes, per-group float scales and zeros)"
-    comfyui: ClassVar[str] = (
-        "ComfyUI loads it from the version whose QUANT_ALGOS has 'awq_w4a16' (comfy/quant_ops.py 0271a469; GEMV on "
-        "16-bit activations); older ones (618b803) stop with KeyError: 'awq_w4a16'")
+    comfyui: ClassVar[str] = newer_comfyui("awq_w4a16", "; GEMV on 16-bit activations")
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("I8", "U8"), description="uint4 codes, two per byte, low nibble first [out, in/2]"),
         "weight_scale": RoleSpec(FLOAT_SCALE_DTYPES, description="per-group scales [in/G, out], G = 64"),

@@ -19,6 +19,7 @@ from reference_specs.formats.recognized import (
     FLOAT_SCALE_DTYPES,
     RecognizedFormat,
     marked,
+    newer_comfyui,
     numel,
     packed_int4_shape,
 )
@@ -31,9 +32,7 @@ class ConvRotW4A4(RecognizedFormat):
     slug: ClassVar[str] = "convrot_w4a4"
     comfy_format: ClassVar[str | None] = "convrot_w4a4"
     producer: ClassVar[str] = "ComfyUI / comfy-kitchen ConvRot W4A4 (Hadamard-rotated int4, per-64 group scales)"
-    comfyui: ClassVar[str] = (
-        "ComfyUI loads it from the version whose QUANT_ALGOS has 'convrot_w4a4' (comfy/quant_ops.py 0271a469; int4 "
-        "tensor-core GEMM, SM 7.5+); older ones (618b803) stop with KeyError: 'convrot_w4a4'")
+    comfyui: ClassVar[str] = newer_comfyui("convrot_w4a4", "; int4 tensor-core GEMM, SM 7.5+")
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("I8",), description="signed int4 codes of the rotated weight, two per byte [out, in/2]"),
         "weight_scale": RoleSpec(FLOAT_SCALE_DTYPES, description="per-group scales [in/64, out]"),

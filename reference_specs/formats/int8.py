@@ -21,20 +21,20 @@ from reference_specs.formats.recognized import (
     FLOAT_SCALE_DTYPES,
     RecognizedFormat,
     marked,
+    newer_comfyui,
     numel,
     packed_int4_shape,
 )
 from reference_specs.layer import Layer
 
-_NEWER = ("ComfyUI loads it from the version whose QUANT_ALGOS has {fmt!r} (comfy/quant_ops.py 0271a469; weight-only "
-          "matmul path, quantize_input False); older ones (618b803) stop with KeyError: {fmt!r}")
+_PATH = "; weight-only matmul path, quantize_input False"
 
 
 class INT8Tensorwise(RecognizedFormat):
     slug: ClassVar[str] = "int8_tensorwise"
     comfy_format: ClassVar[str | None] = "int8_tensorwise"
     producer: ClassVar[str] = "ComfyUI / comfy-kitchen INT8 tensorwise (OneTrainer's scheme; convert_to_quant --int8)"
-    comfyui: ClassVar[str] = _NEWER.format(fmt="int8_tensorwise")
+    comfyui: ClassVar[str] = newer_comfyui("int8_tensorwise", _PATH)
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("I8",), description="int8 values [out, in]"),
         "weight_scale": RoleSpec(FLOAT_SCALE_DTYPES, description="decode multiplier: one per tensor (or per row)"),
@@ -56,7 +56,7 @@ class AsymW4A8(RecognizedFormat):
     slug: ClassVar[str] = "asym_w4a8_int8"
     comfy_format: ClassVar[str | None] = "asym_w4a8_int8"
     producer: ClassVar[str] = "ComfyUI / comfy-kitchen W4A8 (int4 weights with FP8 group and F32 channel scales)"
-    comfyui: ClassVar[str] = _NEWER.format(fmt="asym_w4a8_int8")
+    comfyui: ClassVar[str] = newer_comfyui("asym_w4a8_int8", _PATH)
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("I8",), description="int4 codes, two per byte [out, in/2]"),
         "weight_s_rel": RoleSpec(("F8_E4M3", "U8"), description="per-group scales (group_size, default 16)"),

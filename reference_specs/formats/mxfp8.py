@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from reference_specs.formats.base import RoleSpec
-from reference_specs.formats.recognized import FLOAT_SCALE_DTYPES, RecognizedFormat, marked
+from reference_specs.formats.recognized import FLOAT_SCALE_DTYPES, RecognizedFormat, marked, newer_comfyui
 from reference_specs.layer import Layer
 
 BLOCK = 32
@@ -26,10 +26,8 @@ class MXFP8(RecognizedFormat):
     slug: ClassVar[str] = "mxfp8"
     comfy_format: ClassVar[str | None] = "mxfp8"
     producer: ClassVar[str] = "ComfyUI / comfy-kitchen MXFP8 (E4M3 data, one E8M0 scale per 32 elements)"
-    comfyui: ClassVar[str] = (
-        "ComfyUI loads it from the version whose QUANT_ALGOS has 'mxfp8' (comfy/quant_ops.py 0271a469, with a "
-        "comfy-kitchen that has TensorCoreMXFP8Layout; fast matmul on Blackwell, SM 10.0); older ones (618b803) stop "
-        "with KeyError: 'mxfp8'")
+    comfyui: ClassVar[str] = newer_comfyui(
+        "mxfp8", ", with a comfy-kitchen that has TensorCoreMXFP8Layout; fast matmul on Blackwell, SM 10.0")
     signature: ClassVar[dict[str, RoleSpec]] = {
         "weight": RoleSpec(("F8_E4M3",), description="FP8 E4M3 values [ru32(out), ru32(in)]"),
         "weight_scale": RoleSpec(("F8_E8M0", "U8"), description="E8M0 block scales, one per 32 elements"),

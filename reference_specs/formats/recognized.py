@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 FLOAT_SCALE_DTYPES = ("BF16", "F16", "F32")
 
 
+def newer_comfyui(fmt: str, detail: str) -> str:
+    """The `comfyui` line of a comfy_quant format that newer ComfyUI loads and the oracle snapshot does not; `detail`
+    follows the commit that has it (what its matmul path needs)."""
+    return (f"ComfyUI loads it from the version whose QUANT_ALGOS has {fmt!r} (comfy/quant_ops.py 0271a469{detail}); "
+            f"older ones (618b803) stop with KeyError: {fmt!r}")
+
+
 def marked(layer: Layer, comfy_format: str) -> bool:
     """The layer's marker selects `comfy_format` for a plain (not expert-bank) Linear."""
     conf = layer.marker
