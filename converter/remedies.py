@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from reference_specs import formats
+from reference_specs.formats import nvfp4
 from reference_specs.formats.nvfp4 import block_scale_shape, pad_to, swizzle
 
 if TYPE_CHECKING:
@@ -72,7 +73,7 @@ def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed FP4 weight must be uint8, not {packed.dtype}")
-    return ((packed & 0x0F) << 4) | (packed >> 4)
+    return nvfp4.swap_nibbles(packed)
 
 
 def _float32_around(x: float, steps: int = _SEARCH_ULPS) -> torch.Tensor:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from reference_specs.formats.base import NativeTensor, RoleSpec
-from reference_specs.formats.nvfp4 import NVFP4, PackedCodes, block_scale_shape
+from reference_specs.formats.nvfp4 import NVFP4, PackedCodes, block_scale_shape, same, swap_nibbles
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -31,18 +31,6 @@ if TYPE_CHECKING:
 
 # The roles only LightX2V writes: a layer carrying them beside NVFP4 codes is this format.
 SCALAR_ROLES = ("input_global_scale", "alpha")
-
-
-def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """Low-nibble-first bytes <-> ComfyUI's order (its own inverse)."""
-    import torch
-
-    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
-    return ((packed & 0x0F) << 4) | (packed >> 4)
-
-
-def same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 def _scalar(value: torch.Tensor, name: str) -> torch.Tensor:

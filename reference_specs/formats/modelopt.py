@@ -33,6 +33,8 @@ from reference_specs.formats.nvfp4 import (
     block_scale_shape,
     decode_packed,
     pad_to,
+    same,
+    swap_nibbles,
     swizzle,
 )
 from reference_specs.layer import Layer
@@ -55,13 +57,6 @@ def from_modelopt(config: dict[str, Any] | None) -> bool:
     return QUANT_METHOD in (str(quant.get("quant_method", "")).lower(), str(name or "").lower())
 
 
-def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    import torch
-
-    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
-    return ((packed & 0x0F) << 4) | (packed >> 4)
-
-
 def swizzled(scales: torch.Tensor, packed_shape: tuple[int, ...]) -> torch.Tensor:
     """Row-major block scales of a [rows, cols/2] packed weight -> ComfyUI's padded, swizzled ones (F8_E4M3)."""
     import torch
@@ -69,10 +64,6 @@ def swizzled(scales: torch.Tensor, packed_shape: tuple[int, ...]) -> torch.Tenso
     rows, cols = block_scale_shape(packed_shape[0], packed_shape[1] * 2)
     raw = scales.contiguous().view(torch.uint8)
     return swizzle(pad_to(raw, rows, cols)).view(torch.float8_e4m3fn)
-
-
-def same(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
 
 
 class NVFP4ModelOpt(PackedCodes):

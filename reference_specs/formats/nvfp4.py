@@ -339,6 +339,20 @@ def packed_problem(layer: Layer) -> tuple[str, str] | None:
     return None
 
 
+def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """Low-nibble-first FP4 bytes <-> ComfyUI's order (even element in the high nibble); its own inverse. Codes stored
+    as another 1-byte dtype (I8) are read as their bytes."""
+    import torch
+
+    packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
+    return ((packed & 0x0F) << 4) | (packed >> 4)
+
+
+def same(tensor: torch.Tensor) -> torch.Tensor:
+    """The transform of a tensor a rewrite into ComfyUI's layout keeps as it is (Format.native_tensors)."""
+    return tensor
+
+
 class PackedCodes(Format):
     """A layout of NVFP4 codes (two per byte, 16-element blocks): ComfyUI's own and the published ones fix rewrites
     into it share its logical shape and the header checks that decide whether the bytes decode."""
