@@ -28,7 +28,7 @@ from converter import remedies
 from inspect_tools.layers import QUANT_METADATA_KEY, CheckpointModel
 from reference_specs import formats
 from reference_specs.findings import Finding, Severity
-from reference_specs.formats.nvfp4 import block_scale_shape
+from reference_specs.formats.nvfp4 import block_scale_shape, reswizzle_block_scales
 from reference_specs.layer import Layer, split_key
 from reference_specs.models import get_profile
 from reference_specs.rules.foreign_layouts import foreign_format
@@ -248,7 +248,7 @@ def _reswizzle(p: _Planner, f: Finding, layer: Layer) -> list[Repair]:
     target = block_scale_shape(packed[0], packed[1] * 2)
     if scales.shape[0] > target[0] or scales.shape[1] > target[1]:
         raise NotFixable(f"block scales {scales.shape} do not fit the swizzled shape {target}")
-    scales.transforms.append(lambda t, shape=packed: remedies.reswizzle_block_scales(t, shape))
+    scales.transforms.append(lambda t, shape=packed: reswizzle_block_scales(t, shape))
     change = f"weight_scale {list(scales.shape)} linear -> {list(target)} swizzled"
     scales.shape = target
     return [Repair(f.cause, layer.name, change)]

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 
 from reference_specs import formats
 from reference_specs.formats import nvfp4
-from reference_specs.formats.nvfp4 import block_scale_shape, pad_to, swizzle
 
 if TYPE_CHECKING:
     import torch
@@ -42,29 +41,6 @@ class Inverted:
     exact: bool
     note: str
     ulps: int = 0
-
-
-def logical_dims(packed_shape: tuple[int, ...]) -> tuple[int, int]:
-    """[rows, cols] of a packed NVFP4 weight -> the padded [out, in] it encodes (two codes per byte)."""
-    rows, cols = packed_shape
-    return rows, cols * 2
-
-
-def reswizzle_block_scales(linear: torch.Tensor, packed_shape: tuple[int, ...]) -> torch.Tensor:
-    """Row-major block scales -> the swizzled 128x4 tile layout ComfyUI decodes.
-
-    The linear matrix may be stored padded [ru128(out), ru4(in/16)] or unpadded [out, in/16]; it is zero-padded to
-    the swizzled shape first (comfy-kitchen pads with zeros before `to_blocked`, so padding is zero in a good file).
-    The dtype (F8_E4M3 or U8) is kept; the bytes are moved as uint8 because indexing float8 is not supported on CPU.
-    """
-    import torch
-
-    out_features, in_features = logical_dims(packed_shape)
-    rows, cols = block_scale_shape(out_features, in_features)
-    if linear.dim() != 2 or linear.shape[0] > rows or linear.shape[1] > cols:
-        raise ValueError(f"block scales {tuple(linear.shape)} do not fit a [{rows}, {cols}] scale matrix")
-    as_bytes = linear.contiguous().view(torch.uint8)
-    return swizzle(pad_to(as_bytes, rows, cols)).view(linear.dtype)
 
 
 def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from comfy_kitchen.float_utils import swap_nibbles as ck_swap_nibbles
 from comfy_kitchen.float_utils import to_blocked as ck_to_blocked
 
 from converter import remedies
-from reference_specs.formats.nvfp4 import NVFP4, unswizzle
+from reference_specs.formats.nvfp4 import NVFP4, reswizzle_block_scales, unswizzle
 
 
 def _good(out_f: int = 200, in_f: int = 96, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -24,7 +24,7 @@ def _bytes(t: torch.Tensor) -> bytes:
 def test_reswizzle_restores_padded_linear_scales_bit_for_bit():
     good = _good()
     linear = unswizzle(good["weight_scale"])  # what a writer that forgot to swizzle stores
-    fixed = remedies.reswizzle_block_scales(linear, tuple(good["weight"].shape))
+    fixed = reswizzle_block_scales(linear, tuple(good["weight"].shape))
     assert fixed.dtype == torch.float8_e4m3fn and fixed.shape == good["weight_scale"].shape
     assert _bytes(fixed) == _bytes(good["weight_scale"])
 
@@ -32,7 +32,7 @@ def test_reswizzle_restores_padded_linear_scales_bit_for_bit():
 def test_reswizzle_pads_an_unpadded_linear_matrix_like_comfy_kitchen():
     good = _good(out_f=200, in_f=96)
     linear = unswizzle(good["weight_scale"])[:200, : 96 // 16]  # [out, in/16], no padding at all
-    fixed = remedies.reswizzle_block_scales(linear, tuple(good["weight"].shape))
+    fixed = reswizzle_block_scales(linear, tuple(good["weight"].shape))
     assert _bytes(fixed) == _bytes(good["weight_scale"])
     oracle = ck_to_blocked(linear.to(torch.float32), flatten=False).to(torch.float8_e4m3fn)
     assert _bytes(fixed) == _bytes(oracle.reshape(fixed.shape))
@@ -41,7 +41,7 @@ def test_reswizzle_pads_an_unpadded_linear_matrix_like_comfy_kitchen():
 def test_reswizzle_keeps_u8_storage():
     good = _good()
     linear = unswizzle(good["weight_scale"]).view(torch.uint8)
-    fixed = remedies.reswizzle_block_scales(linear, tuple(good["weight"].shape))
+    fixed = reswizzle_block_scales(linear, tuple(good["weight"].shape))
     assert fixed.dtype == torch.uint8 and _bytes(fixed) == _bytes(good["weight_scale"])
 
 
@@ -49,7 +49,7 @@ def test_reswizzle_refuses_scales_larger_than_the_weight_allows():
     good = _good()
     too_big = torch.zeros(512, 64, dtype=torch.float8_e4m3fn)
     try:
-        remedies.reswizzle_block_scales(too_big, tuple(good["weight"].shape))
+        reswizzle_block_scales(too_big, tuple(good["weight"].shape))
     except ValueError as exc:
         assert "do not fit" in str(exc)
     else:

@@ -32,10 +32,9 @@ from reference_specs.formats.nvfp4 import (
     PackedCodes,
     block_scale_shape,
     decode_packed,
-    pad_to,
+    reswizzle_block_scales,
     same,
     swap_nibbles,
-    swizzle,
 )
 from reference_specs.layer import Layer
 
@@ -55,15 +54,6 @@ def from_modelopt(config: dict[str, Any] | None) -> bool:
     producer = quant.get("producer")
     name = producer.get("name") if isinstance(producer, dict) else None
     return QUANT_METHOD in (str(quant.get("quant_method", "")).lower(), str(name or "").lower())
-
-
-def swizzled(scales: torch.Tensor, packed_shape: tuple[int, ...]) -> torch.Tensor:
-    """Row-major block scales of a [rows, cols/2] packed weight -> ComfyUI's padded, swizzled ones (F8_E4M3)."""
-    import torch
-
-    rows, cols = block_scale_shape(packed_shape[0], packed_shape[1] * 2)
-    raw = scales.contiguous().view(torch.uint8)
-    return swizzle(pad_to(raw, rows, cols)).view(torch.float8_e4m3fn)
 
 
 class NVFP4ModelOpt(PackedCodes):
@@ -97,7 +87,7 @@ class NVFP4ModelOpt(PackedCodes):
         target = block_scale_shape(packed[0], packed[1] * 2)
         out: dict[str, NativeTensor] = {
             "weight": ("weight", swap_nibbles, None),
-            "weight_scale": ("weight_scale", lambda t, shape=packed: swizzled(t, shape), target),
+            "weight_scale": ("weight_scale", lambda t, shape=packed: reswizzle_block_scales(t, shape), target),
         }
         out.update({role: (role, same, None) for role in KEPT_ROLES if layer.has(role)})
         return out

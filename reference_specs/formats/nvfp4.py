@@ -339,6 +339,22 @@ def packed_problem(layer: Layer) -> tuple[str, str] | None:
     return None
 
 
+def reswizzle_block_scales(linear: torch.Tensor, packed_shape: tuple[int, ...]) -> torch.Tensor:
+    """Row-major block scales -> the swizzled 128x4 tile layout ComfyUI decodes.
+
+    The linear matrix may be stored padded [ru128(out), ru4(in/16)] or unpadded [out, in/16]; it is zero-padded to
+    the swizzled shape first (comfy-kitchen pads with zeros before `to_blocked`, so padding is zero in a good file).
+    The dtype (F8_E4M3 or U8) is kept; the bytes are moved as uint8 because indexing float8 is not supported on CPU.
+    """
+    import torch
+
+    rows, cols = block_scale_shape(packed_shape[0], packed_shape[1] * 2)  # two codes per byte
+    if linear.dim() != 2 or linear.shape[0] > rows or linear.shape[1] > cols:
+        raise ValueError(f"block scales {tuple(linear.shape)} do not fit a [{rows}, {cols}] scale matrix")
+    as_bytes = linear.contiguous().view(torch.uint8)
+    return swizzle(pad_to(as_bytes, rows, cols)).view(linear.dtype)
+
+
 def swap_nibbles(packed: torch.Tensor) -> torch.Tensor:
     """Low-nibble-first FP4 bytes <-> ComfyUI's order (even element in the high nibble); its own inverse. Codes stored
     as another 1-byte dtype (I8) are read as their bytes."""
