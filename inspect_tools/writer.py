@@ -32,6 +32,7 @@ from inspect_tools.interrupts import (
     writing_ended,
     writing_started,
 )
+from inspect_tools.output_paths import check_output_path  # noqa: F401 - re-exported: writers check OUT
 from inspect_tools.readers.safetensors_dtypes import DTYPE_NAMES, DTYPES, byte_length
 from inspect_tools.temporaries import (
     TEMP_SUFFIX,  # noqa: F401 - re-exported for callers and tests that look for temporaries
@@ -299,22 +300,6 @@ class SafetensorsWriter:
         writing_ended(self._handling_signals)
         self._handling_signals = False
 
-
-
-def check_output_path(out: str | Path, inputs: Iterable[str | Path]) -> Path:
-    """OUT as an absolute path, refusing an OUT that is (or links to, or is a hard link of) one of the inputs,
-    that is a folder, or whose folder does not exist."""
-    out = Path(out)
-    if not out.parent.is_dir():
-        raise OutputError("output folder does not exist", str(out.parent))
-    if out.is_dir():
-        raise OutputError("output path is a folder, a file name is needed", str(out))
-    resolved = out.resolve()
-    for item in inputs:
-        source = Path(item)
-        if resolved == source.resolve() or (out.exists() and source.exists() and os.path.samefile(out, source)):
-            raise OutputError(f"output would overwrite the input {source}", str(out))
-    return resolved
 
 
 def _gib(nbytes: int) -> str:

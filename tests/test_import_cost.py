@@ -45,3 +45,44 @@ def test_inspect_and_header_only_lint_never_import_torch(
     assert all(code in (0, 1) for code in result["codes"]), result  # 1 = findings; 2 would be unreadable input
     assert "torch" not in result["heavy"]
     assert "gguf" not in result["heavy"]
+
+
+# Runs one command in-process and reports, for each early read it starts, whether torch was imported by then.
+READ_BEFORE_TORCH_RUN = """
+import json, sys
+from inspect_tools.cli import main
+from inspect_tools.readers import prefetch
+
+started = []
+def recording(original):
+    def start(*args, **kwargs):
+        started.append("torch" in sys.modules)
+        return original(*args, **kwargs)
+    return start
+prefetch.start = recording(prefetch.start)
+prefetch.warm_checkpoint = recording(prefetch.warm_checkpoint)
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "torch_imported_when_reading_started": started}), file=sys.stderr)
+"""
+
+
+def first_read_started(*args: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", READ_BEFORE_TORCH_RUN, *args],
+                          capture_output=True, text=True, timeout=300)
+    return json.loads(proc.stderr.strip().splitlines()[-1])
+
+
+def test_roundtrip_starts_reading_its_inputs_before_it_imports_torch(wan_nvfp4_mixed: Path, wan_float: Path) -> None:
+    # importing torch takes seconds in a fresh process (more than reading a 4 GB source on a fast disk): the
+    # command's input must already be on its way into memory meanwhile
+    result = first_read_started("roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float), "--format", "json")
+    assert result["code"] in (0, 1)
+    assert result["torch_imported_when_reading_started"] == [False]
+
+
+def test_convert_on_the_gpu_starts_reading_its_source_before_it_imports_torch(wan_float: Path, tmp_path: Path) -> None:
+    # without CUDA the command then stops with a usage error; the read has started before torch either way
+    result = first_read_started("convert", str(wan_float), str(tmp_path / "out.safetensors"), "--preset",
+                                "wan2.2-ti2v-5b", "--device", "cuda", "--format", "json")
+    started = result["torch_imported_when_reading_started"]  # warm_checkpoint, then the start it calls
+    assert started and not any(started)

@@ -28,6 +28,7 @@ from inspect_tools.cli.output import FORMAT_HELP, TABLE_ROWS, console, github_no
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
+from inspect_tools.output_paths import check_output_path
 from reference_specs import models
 
 preset_app = typer.Typer(
@@ -246,8 +247,6 @@ def from_gguf_cmd(
 
     Example: nvdiag preset from-gguf wan2.2_ti2v_5B-Q4_0.gguf -o wan-q4.toml --higher fp8
     """
-    from inspect_tools.writer import check_output_path  # imports torch: only this subcommand needs it
-
     _check_format(fmt)
     check_output_path(output, [gguf])  # --force must never turn the GGUF into a TOML
     if output.exists() and not force:
@@ -310,8 +309,6 @@ def from_sensitivity_cmd(
     _check_format(fmt)
     fs.check_thresholds(risk, max_error, budget)  # a usage error before any file is touched
     if output is not None:
-        from inspect_tools.writer import check_output_path  # imports torch: only when writing
-
         check_output_path(output, [report])  # --force must never turn the report into a TOML
         if output.exists() and not force:
             raise OutputError("exists; pass --force to overwrite it", str(output))

@@ -27,6 +27,7 @@ from inspect_tools.cli.output import format_number as _num
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import CheckpointModel, open_model
+from inspect_tools.output_paths import check_output_path
 from inspect_tools.read_ahead import quantized_pairs, warm_ranges
 from inspect_tools.readers import prefetch
 from reference_specs.findings import Severity
@@ -172,8 +173,6 @@ def roundtrip_command(
     Exit 0 when every layer is within its format's expected error, 1 on findings (a layer with NaN/Inf on either
     side is one) or when no pair could be measured, 2 on unreadable input or when nothing pairs at all.
     """
-    from inspect_tools.writer import check_output_path
-
     check_glob(layers)
     try:
         threshold = Severity.parse(fail_on)

@@ -17,6 +17,7 @@ from inspect_tools.cli import app
 from inspect_tools.cli.output import FORMAT_HELP, OutputFormat, console, render
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
+from inspect_tools.output_paths import check_output_path
 
 if TYPE_CHECKING:
     from inspect_tools.comfyui.sensitivity import SensitivityResult
@@ -87,8 +88,6 @@ def _run(src: str, comfyui: str | None, device: str, steps: int, prompts: int, s
 
 def _check_outputs(paths: list[Path | None], src: str, force: bool) -> None:
     """Refuse an output that is an input, or exists without --force, before any measuring."""
-    from inspect_tools.writer import check_output_path
-
     wanted = [path for path in paths if path is not None]
     if not wanted:
         return
