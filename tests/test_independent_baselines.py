@@ -22,15 +22,15 @@ from reference_specs.formats.nvfp4 import NVFP4, pad_to, roundup, unswizzle
 REAL_ENCODER = fast_encode.encode_nvfp4
 
 
-def low_nibble_first(weight, scale_2=None, device="cpu", chunk_rows=None):
-    out = REAL_ENCODER(weight, scale_2, device, chunk_rows)
+def low_nibble_first(weight, scale_2=None, device="cpu", chunk_rows=None, **options):
+    out = REAL_ENCODER(weight, scale_2, device, chunk_rows, **options)
     packed = out["weight"]
     out["weight"] = (packed << 4) | (packed >> 4)
     return out
 
 
-def linear_block_scales(weight, scale_2=None, device="cpu", chunk_rows=None):
-    out = REAL_ENCODER(weight, scale_2, device, chunk_rows)
+def linear_block_scales(weight, scale_2=None, device="cpu", chunk_rows=None, **options):
+    out = REAL_ENCODER(weight, scale_2, device, chunk_rows, **options)
     out["weight_scale"] = unswizzle(out["weight_scale"])  # same shape, row-major bytes: what a torchao writer does
     return out
 

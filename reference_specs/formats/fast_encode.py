@@ -136,8 +136,11 @@ def encode_nvfp4(
     scale_2: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     chunk_rows: int | None = None,
+    stay_on_device: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Float weight [out, in] -> {"weight", "weight_scale", "weight_scale_2"} as ComfyUI stores NVFP4 (on the CPU).
+    """Float weight [out, in] -> {"weight", "weight_scale", "weight_scale_2"} as ComfyUI stores NVFP4: codes and
+    block scales on the CPU, where a writer wants them, or left on `device` (stay_on_device: for a comparison on
+    the GPU, which would otherwise copy them out and back in); the per-tensor scale is always on the CPU.
 
     Same bytes as NVFP4().quantize(weight, scale_2). scale_2 defaults to amax/2688 (1.0 for an all-zero weight);
     a given scale must be finite and positive.
@@ -162,7 +165,10 @@ def encode_nvfp4(
             x = work.x[: stop - start]
             x[:, :in_f].copy_(rows)  # the padding columns stay zero from the allocation
         _encode_chunk(x, scale_dev, work, packed[start:stop], scales[start:stop, : cols // BLOCK])
-    return {"weight": packed.cpu(), "weight_scale": swizzle_tiles(scales).cpu(), "weight_scale_2": scale}
+    swizzled = swizzle_tiles(scales)
+    if not stay_on_device:
+        packed, swizzled = packed.cpu(), swizzled.cpu()
+    return {"weight": packed, "weight_scale": swizzled, "weight_scale_2": scale}
 
 
 def fp8_scale(

@@ -447,7 +447,7 @@ class NVFP4(PackedCodes):
             return None
         from reference_specs.formats import fast_encode
 
-        encoded = fast_encode.encode_nvfp4(weight, device=weight.device)
+        encoded = fast_encode.encode_nvfp4(weight, device=weight.device, stay_on_device=True)
         return {role: t.to(weight.device) for role, t in encoded.items()}
 
     def code_refit(self, tensors: Tensors, reference: torch.Tensor) -> torch.Tensor | None:
