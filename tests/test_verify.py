@@ -58,9 +58,10 @@ def files(tmp_path_factory: pytest.TempPathFactory):
     return make
 
 
-def run(runtime: ComfyRuntime, path: Path, against: Path, compute=("w4a16",), steps: int = 2) -> VerifyResult:
+def run(runtime: ComfyRuntime, path: Path, against: Path, compute=("w4a16",), steps: int = 2,
+        **options: object) -> VerifyResult:
     with open_model(path) as mine, open_model(against) as ref:
-        return verify(runtime, mine, ref, compute=compute, steps=steps)
+        return verify(runtime, mine, ref, compute=compute, steps=steps, **options)
 
 
 def causes(result: VerifyResult) -> set[str]:
@@ -74,7 +75,8 @@ def problems(result: VerifyResult) -> list:
 
 @pytest.mark.parametrize("variant", WAN_VARIANTS)
 def test_a_correct_nvfp4_file_renders_what_comfy_kitchens_own_encoding_renders(comfyui, files, variant):
-    result = run(comfyui, files(variant, "nvfp4"), files(variant, "fp32"), compute=("w4a16", "w4a4"))
+    # reuse=False: the baseline runs on its own even where the file is its bytes (the tests below cover reuse)
+    result = run(comfyui, files(variant, "nvfp4"), files(variant, "fp32"), compute=("w4a16", "w4a4"), reuse=False)
     report = result.file_report
     assert report.loaded and report.config_class == CONFIG_CLASS[variant]
     assert report.config["in_dim"] == comfyui_dims(variant)["in_dim"]
@@ -311,8 +313,9 @@ def test_fix_verify_publishes_a_repair_that_comfyui_renders_right(comfyui, files
 def test_block_by_block_is_the_same_computation_as_the_whole_model(comfyui, files):
     variant = "wan2.2-i2v-a14b"
     with open_model(files(variant, "nvfp4")) as mine, open_model(files(variant, "fp32")) as ref:
-        whole = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2)
-        by_block = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2, blocks_at_once=1)
+        # reuse=False: the baseline is run from its state dict in both (not taken over from the file's run)
+        whole = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2, reuse=False)
+        by_block = verify(comfyui, mine, ref, compute=("w4a16", "w4a4"), steps=2, blocks_at_once=1, reuse=False)
     assert (whole.pieces, by_block.pieces) == (1, 2)
     assert by_block.block_names == whole.block_names == ["blocks.0", "blocks.1"]
     assert by_block.file_report.quantized == whole.file_report.quantized == {"nvfp4": 20}
@@ -325,6 +328,59 @@ def test_block_by_block_is_the_same_computation_as_the_whole_model(comfyui, file
         # differently on differently aligned memory (about 1e-6 of the output), nothing more
         assert other.file.error == pytest.approx(one.file.error, rel=1e-2)
         assert other.file.blocks == pytest.approx(one.file.blocks, rel=1e-2)
+
+
+@pytest.mark.parametrize("blocks_at_once", [None, 1], ids=["whole", "block-by-block"])
+def test_a_file_that_is_the_baseline_byte_for_byte_runs_once_for_both(comfyui, files, blocks_at_once):
+    variant = "wan2.2-ti2v-5b"
+    once, twice = (run(comfyui, files(variant, "nvfp4"), files(variant, "fp32"), compute=("w4a16", "w4a4"),
+                       blocks_at_once=blocks_at_once, reuse=reuse) for reuse in (True, False))
+    assert "served for both" in once.baseline_note and "served" not in twice.baseline_note
+    assert once.baseline_report.to_json() == twice.baseline_report.to_json()
+    for shared, own in zip(once.paths, twice.paths, strict=True):
+        assert shared.baseline.error == shared.file.error  # one run stands for both
+        # ComfyUI reads a whole file from a memory map and a state dict from copies; CPU kernels round a little
+        # differently on differently aligned memory (about 1e-5 of the error): the only difference there is
+        assert shared.baseline.error == pytest.approx(own.baseline.error, rel=1e-4)
+        assert shared.baseline.blocks == pytest.approx(own.baseline.blocks, rel=1e-4)
+    assert once.verdict() == twice.verdict() == ("ComfyUI renders this file as well as a correct file of the same "
+                                                 "layer selection")
+
+
+@pytest.mark.parametrize("change", ["a header key the loader may read", "one block-scale byte"])
+def test_a_file_that_differs_from_the_baseline_as_comfyui_loads_it_gets_its_own_baseline_run(
+        comfyui, files, tmp_path, change):
+    from safetensors import safe_open
+
+    source = files("wan2.2-ti2v-5b", "nvfp4")
+    tensors = load_file(str(source))
+    with safe_open(str(source), "pt") as f:
+        metadata = dict(f.metadata() or {})
+    if change == "one block-scale byte":
+        scales = tensors["blocks.0.ffn.0.weight_scale"].view(torch.uint8).clone()
+        scales.view(-1)[0] ^= 1
+        tensors["blocks.0.ffn.0.weight_scale"] = scales.view(torch.float8_e4m3fn)
+    else:
+        metadata["modelspec.title"] = "same tensors, one more header key"
+    changed = tmp_path / "changed.safetensors"
+    save_file(tensors, str(changed), metadata=metadata)
+    result = run(comfyui, changed, files("wan2.2-ti2v-5b", "fp32"))
+    assert "served" not in result.baseline_note and result.baseline_report is not None
+    assert result.paths[0].baseline.error > 0
+
+
+def test_the_header_markers_comfyui_makes_and_the_keys_it_may_read():
+    from inspect_tools.comfyui.reference import header_markers
+
+    layers = {"blocks.0.ffn.0": {"format": "nvfp4", "full_precision_matrix_mult": True}}
+    quant = json.dumps({"format_version": "1.0", "layers": layers})
+    # comfy/utils.py convert_old_quants: torch.tensor(list(json.dumps(v).encode('utf-8')), dtype=torch.uint8)
+    expected = {"blocks.0.ffn.0.comfy_quant": b'{"format": "nvfp4", "full_precision_matrix_mult": true}'}
+    assert header_markers({"_quantization_metadata": quant, "nvdiag": "{}", "format": "pt"}) == expected
+    assert header_markers(None) == header_markers({"format": "pt"}) == {}
+    assert header_markers({"config": "{}"}) is None  # comfy/model_detection.py reads it
+    assert header_markers({"modelspec.title": "x"}) is None  # not known to be unread
+    assert header_markers({"_quantization_metadata": "{not json"}) is None
 
 
 def test_block_by_block_finds_a_fault_in_the_last_block_only(comfyui, files):

@@ -20,6 +20,7 @@ import torch
 from inspect_tools.comfyui.pieces import Piece
 from inspect_tools.layers import CheckpointModel
 from reference_specs import models
+from reference_specs.layer import QUANT_METADATA_KEY
 
 FLOAT_FORMATS = {"f32", "f16", "bf16", "f64"}
 NVFP4_FORMATS = {"nvfp4"}
@@ -218,3 +219,57 @@ def baseline_state_dict(file_model: CheckpointModel, ref: dict[str, torch.Tensor
     baseline = Baseline(out, "", encoded=encoded, fmt_err2=fmt_err2, ref_err2=ref_err2)
     baseline.note = describe(encoded, baseline.reference_factor)
     return baseline
+
+
+# Header keys ComfyUI's diffusion-model loader does not read (nvdiag's provenance, safetensors' own "format"). It
+# reads `_quantization_metadata` (comfy/utils.py convert_old_quants: each layer's entry replaces its .comfy_quant
+# tensor) and `config` (comfy/model_detection.py); a newer ComfyUI may read more, so any key not listed here counts
+# as one that could make a file load differently from a state dict.
+UNREAD_HEADER_KEYS = frozenset({"nvdiag", "format"})
+
+
+def header_markers(metadata: dict[str, str] | None) -> dict[str, bytes] | None:
+    """The .comfy_quant marker bytes ComfyUI makes from a header's `_quantization_metadata` (key -> JSON bytes, as
+    convert_old_quants writes them), {} without one; None when the header holds a key the loader may read otherwise,
+    or `_quantization_metadata` that does not parse as ComfyUI expects."""
+    metadata = dict(metadata or {})
+    quant = metadata.pop(QUANT_METADATA_KEY, None)
+    if any(key not in UNREAD_HEADER_KEYS for key in metadata):
+        return None
+    if quant is None:
+        return {}
+    try:
+        layers = json.loads(quant)["layers"]
+        return {f"{name}.comfy_quant": json.dumps(conf).encode("utf-8") for name, conf in layers.items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8)))
+
+
+def loads_as(file_model: CheckpointModel, piece: Piece, metadata: dict[str, str] | None,
+             state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether ComfyUI, loading the file's `piece` with this header metadata (as verify hands it over), receives
+    exactly `state_dict`: the same keys, every tensor the same dtype, shape and bytes, markers as the header sets
+    them. Then it builds and runs the same model from both. Reads the file's tensors one at a time."""
+    markers = header_markers(metadata)
+    if markers is None:
+        return False
+    names = {}
+    for info in file_model.reader:
+        key = piece.rename(info.name)
+        if key is not None:
+            names[key] = info.name
+    if set(names) | set(markers) != set(state_dict):
+        return False
+    for key, tensor in state_dict.items():
+        if key in markers:
+            expected = torch.tensor(list(markers[key]), dtype=torch.uint8)
+        else:
+            expected = file_model.reader.load(names[key])
+        if not _same_bytes(expected, tensor):
+            return False
+    return True

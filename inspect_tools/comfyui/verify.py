@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ FAR = 2.0
 # relative L2 errors below this are float noise (FP32 against itself gives exactly 0 on the CPU)
 FLOOR = 1e-6
 QUANTIZED_FORMATS = reference.NVFP4_FORMATS | reference.FP8_FORMATS
+BASELINE_LABEL = "baseline (comfy-kitchen)"
 
 
 @dataclass
@@ -391,6 +392,14 @@ class _Run:
                 theirs = ref.outputs.get(c) or ref.outputs["w4a16"]
                 self.blocks.setdefault(c, []).extend(block_errors(out, theirs))
 
+    def adopt(self, other: _Run, blocks_before: dict[str, int]) -> None:
+        """Take `other`'s run of the piece just run as this model's own: the same state dict, handed to ComfyUI with
+        the same carry, renders the same (blocks_before: other's block errors per compute path before the piece)."""
+        for c, outputs in other.outputs.items():
+            self.outputs[c] = outputs
+            self.carry[c] = other.carry[c]
+            self.blocks.setdefault(c, []).extend(other.blocks.get(c, [])[blocks_before.get(c, 0):])
+
 
 def verify(
     runtime: ComfyRuntime,
@@ -402,13 +411,16 @@ def verify(
     progress: Callable[[str], None] | None = None,
     blocks_at_once: int | None = None,
     decode: bool = True,
+    reuse: bool = True,
 ) -> VerifyResult:
     """Load REF, FILE and BASELINE through ComfyUI in turn and compare what they render.
 
     A model too big for memory_budget() (or, with blocks_at_once, always) goes through ComfyUI piece by piece:
     the tensors outside the blocks plus a few blocks at a time, the last block's output carried to the next piece.
     decode: also decode every quantized layer against REF (nvdiag roundtrip) when REF holds real values: faults that
-    the output on synthetic inputs hides are found there."""
+    the output on synthetic inputs hides are found there.
+    reuse: where ComfyUI would receive BASELINE exactly as it received FILE (what a correct conversion of REF
+    writes: reference.loads_as), FILE's run stands for BASELINE's instead of a third identical run."""
     if steps < 1:
         raise UsageError("--steps must be at least 1")
     if file_model.kind != "safetensors":
@@ -424,6 +436,8 @@ def verify(
     filled: list[str] = []
     baseline_parts: list[reference.Baseline] = []
     baseline_note = "none: the reference is itself quantized (its values are not the truth)"
+    adopted = 0  # pieces whose baseline ComfyUI would receive exactly as it received the file's
+    base_follows_file = reuse  # every piece so far adopted: the baseline's carry is the file's
     for number, piece in enumerate(plan, 1):
         where = "" if piece.whole else f" (blocks {piece.start}-{piece.stop - 1}, piece {number} of {len(plan)})"
         say(f"loading the reference{where}")
@@ -451,14 +465,15 @@ def verify(
         finally:
             ref_loaded.release(runtime)
 
+        blocks_before = {c: len(v) for c, v in file_run.blocks.items()}
+        file_metadata = file_model.metadata if piece.whole else pieces.piece_metadata(file_model.metadata, piece)
         if file_run.alive:
             say(f"loading the file{where}")
             if piece.whole:
                 file_loaded = loading.load(runtime, file_model.path, label=str(file_model.path))
             else:
                 file_loaded = loading.load(runtime, reference.file_state_dict(file_model, piece),
-                                           label=str(file_model.path),
-                                           metadata=pieces.piece_metadata(file_model.metadata, piece))
+                                           label=str(file_model.path), metadata=file_metadata)
             file_run.reports.append((piece, file_loaded.report))
             file_run.alive = file_loaded.patcher is not None
             try:
@@ -477,8 +492,15 @@ def verify(
             baseline_parts.append(baseline)
             if baseline.state_dict is None:
                 base_run.alive, baseline_note = False, baseline.note
+            elif (base_follows_file and file_run.alive and
+                  reference.loads_as(file_model, piece, file_metadata, baseline.state_dict)):
+                say(f"the file is the baseline{where}: its run serves for both")
+                base_run.reports.append((piece, replace(file_run.reports[-1][1], source=BASELINE_LABEL)))
+                base_run.adopt(file_run, blocks_before)
+                adopted += 1
             else:
-                base_loaded = loading.load(runtime, baseline.state_dict, label="baseline (comfy-kitchen)")
+                base_follows_file = False
+                base_loaded = loading.load(runtime, baseline.state_dict, label=BASELINE_LABEL)
                 base_run.reports.append((piece, base_loaded.report))
                 try:
                     if base_loaded.patcher is None:
@@ -517,6 +539,9 @@ def verify(
                                     ref_err2=sum(b.ref_err2 for b in baseline_parts))
         factor = merged.reference_factor
         result.baseline_note = reference.describe(encoded, factor)
+        if adopted:
+            result.baseline_note += ("; the file is this baseline byte for byte as ComfyUI receives it, so the "
+                                     "file's run served for both")
     if filled:
         result.baseline_note += f"; taken from the file, which the reference lacks: {', '.join(dict.fromkeys(filled))}"
     for c in compute:
