@@ -18,7 +18,8 @@ and prints a table of seconds (whole process: interpreter start-up and imports i
 RSS, peak GPU memory (--device cuda) and the ratio of seconds to the baseline's, then the JSON (also to --json FILE,
 rewritten after every job so that a run cut short keeps what it measured). Beyond the baseline's work, verify runs N
 noise levels (not 1) through three models (reference, file, and the reference encoded to NVFP4 by comfy-kitchen on
-the spot); sensitivity runs N x P forwards with a hook on every Linear layer, then measures each layer four ways.
+the spot; the file nvdiag convert makes here is that encoding byte for byte, so its run serves for both and two
+models run); sensitivity runs N x P forwards with a hook on every Linear layer, then measures each layer four ways.
 
 Peak RSS comes from os.wait4 on each child (its own ru_maxrss). Linux carries a parent's high-water mark into a
 forked child, so the driver never imports torch: the files are written by a subprocess too, and the driver stays at a
