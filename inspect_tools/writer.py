@@ -301,7 +301,6 @@ class SafetensorsWriter:
         self._handling_signals = False
 
 
-
 def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**30:.2f} GiB"
 
