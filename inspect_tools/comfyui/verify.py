@@ -4,7 +4,8 @@ Three models run through ComfyUI's own code, one after the other (only one is in
 REF (the truth), FILE (the user's file) and BASELINE (REF encoded into FILE's per-layer formats by comfy-kitchen: what
 a correct file of the same layer selection renders). FILE's output error is judged against BASELINE's: a correct file
 gives the same error (x1.0 when it was made from REF itself), a broken one a multiple of it. Where FILE renders
-wrongly, nvdiag's per-layer decode (roundtrip) names the cause.
+wrongly, nvdiag's per-layer decode (roundtrip) names the cause. Where FILE is BASELINE byte for byte as ComfyUI
+receives them (what a correct conversion of REF writes), FILE's run stands for both.
 """
 
 from __future__ import annotations
