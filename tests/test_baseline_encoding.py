@@ -1,6 +1,7 @@
-"""verify's baseline is comfy-kitchen's own NVFP4 encoding of the reference (inspect_tools.comfyui.reference). Its
-16-bit weights go in as float32 with the scale ComfyUI gives them, which is faster: here that shortcut is held to the
-plain call, TensorCoreNVFP4Layout.quantize on the weight in its own dtype, byte for byte."""
+"""verify's baseline is comfy-kitchen's own NVFP4 encoding of the reference (inspect_tools.comfyui.reference). It
+calls comfy-kitchen on row slices of whole scale tiles, 16-bit weights as float32 with the scale ComfyUI gives them,
+which is much faster: here those shortcuts are held to the plain call, TensorCoreNVFP4Layout.quantize on the whole
+weight in its own dtype, byte for byte."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ STATISTICS = {
     "heavy-tailed": lambda g: torch.randn(256, 320, generator=g) / torch.randn(256, 320, generator=g).abs().clamp(0.05),
     "per-row gains": lambda g: torch.randn(256, 320, generator=g) * torch.logspace(-4, 1, 256)[:, None],
     "padded shape": lambda g: torch.randn(100, 72, generator=g),
+    "several row tiles, padded": lambda g: torch.randn(300, 72, generator=g),
+    "wide rows, one per call": lambda g: torch.randn(260, 8200, generator=g),
     "tiny (F16 scale underflows)": lambda g: torch.randn(64, 64, generator=g) * 1e-4,
     "all zero": lambda g: torch.zeros(32, 64),
 }
@@ -33,9 +36,15 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
+@pytest.mark.parametrize("calls", ["default slices", "one scale tile a call"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("stat", STATISTICS)
-def test_the_baseline_encoding_is_comfy_kitchens_plain_call_byte_for_byte(stat: str, dtype: torch.dtype) -> None:
+def test_the_baseline_encoding_is_comfy_kitchens_plain_call_byte_for_byte(stat: str, dtype: torch.dtype, calls: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import inspect_tools.comfyui.reference as reference
+
+    if calls == "one scale tile a call":
+        monkeypatch.setattr(reference, "CK_CHUNK_ELEMENTS", 1)  # 128 rows a call, the last one shorter
     weight = STATISTICS[stat](torch.Generator().manual_seed(3)).to(dtype)
     tensors, decoded = _nvfp4_encode(weight)
     expected, expected_decoded = plain(weight)
