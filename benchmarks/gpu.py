@@ -70,19 +70,11 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-# Where the children keep their bytecode (None: as the host is set up); see the module's docstring.
-BYTECODE: dict[str, Path | None] = {"prefix": None}
-
-
 def tree_env(tree: Path) -> dict[str, str]:
     """The environment of a child that runs `tree`'s code: the tree first on the path, the rest (site packages, a
-    ComfyUI copy) kept; bytecode written and read under BYTECODE's prefix where one is set."""
+    ComfyUI copy) kept."""
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
-    if BYTECODE["prefix"] is not None:
-        env.pop("PYTHONDONTWRITEBYTECODE", None)
-        env["PYTHONPYCACHEPREFIX"] = str(BYTECODE["prefix"])
-    return env
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *rest])}
 
 
 def run_child(tree: Path, *args: str) -> dict:
@@ -246,7 +238,9 @@ def main(argv: list[str] | None = None) -> None:
     trees = parse_trees(args.tree)
     work = args.dir or Path(tempfile.mkdtemp(prefix="nvdiag-gpu-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    BYTECODE["prefix"] = None if args.compile_every_start else work / "pycache"
+    if not args.compile_every_start:  # the children's bytecode is kept under the work folder (module docstring)
+        os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+        os.environ["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     report: dict = {"cpu_cores": os.cpu_count(), "torch": torch.__version__, "trees": {k: str(v) for k, v in
                                                                                        trees.items()},
                     "bytecode": "compiled in every process" if args.compile_every_start else "cached"}
