@@ -132,9 +132,7 @@ def _nvfp4_encode(weight: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.
     step = SCALE_TILE_ROWS * max(1, CK_CHUNK_ELEMENTS // (SCALE_TILE_ROWS * max(1, cols)))
     codes, block_scales = [], []
     for start in range(0, max(1, rows), step):
-        part = weight[start: start + step]
-        qdata, params = TensorCoreNVFP4Layout.quantize(part.float() if part.dtype != torch.float32 else part,
-                                                       scale=scale)
+        qdata, params = TensorCoreNVFP4Layout.quantize(weight[start: start + step].float(), scale=scale)
         codes.append(qdata)
         block_scales.append(params.block_scale)
     qdata, block_scale = torch.cat(codes), torch.cat(block_scales)
