@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from converter.plan import (
 )
 from converter.preset import Preset, canonical_format, load_preset
 from converter.stages import Stages
+from inspect_tools.cuda_warm_up import CudaWarmUp
 from inspect_tools.errors import OutputError, UsageError
 from inspect_tools.layers import open_model
 from reference_specs import models
@@ -232,52 +232,21 @@ def prepare(src: str | Path, preset: Preset | str | Path, dtype_16: str | None =
     return model, plan
 
 
-class CudaWarmUp:
-    """What a fresh process would otherwise pay for in the first layers, done in the background while the source is
-    opened and planned: the CUDA context and the pinned-memory allocator (a few hundred milliseconds), then the
-    encoder's kernels (CUDA loads each kernel on its first launch), run once on a tiny tensor."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.context = threading.Thread(target=self._context, name="nvdiag-cuda-init", daemon=True)
-        self.kernels = threading.Thread(target=self._kernels, name="nvdiag-cuda-kernels", daemon=True)
-        self.context.start()
-
-    def _context(self) -> None:
-        try:
-            torch.empty(1, device=self.device)
-            torch.empty(1, dtype=torch.uint8, pin_memory=True)
-        except RuntimeError:
-            return  # the same call in the stream raises it where it can be reported
-        if stages.GPU_WARM_KERNELS:  # read at run time: benchmarks switch it off for A/B runs
-            self.kernels.start()
-
-    def _kernels(self) -> None:
-        """The stream's CUDA work, once: a host-to-device copy, the source check, every encoder, the copy back."""
-        try:
-            weight = torch.linspace(-6.0, 6.0, 256 * 512).reshape(256, 512).to(self.device, non_blocking=True)
-            enc.finite_check(weight)
-            for action in enc.ENCODERS:
-                enc.encode(action, weight, self.device)
-        except RuntimeError:
-            pass
-
-    def context_ready(self) -> bool:
-        return not self.context.is_alive()
-
-    def wait_context(self) -> None:
-        self.context.join()
-
-    def join(self) -> None:
-        """Before the process may end: no daemon thread left inside a CUDA call."""
-        self.context.join()
-        if self.kernels.ident is not None:
-            self.kernels.join()
+def encoder_kernels(device: torch.device) -> None:
+    """The stream's CUDA work, once: a host-to-device copy, the source check, every encoder, the copy back."""
+    weight = torch.linspace(-6.0, 6.0, 256 * 512).reshape(256, 512).to(device, non_blocking=True)
+    enc.finite_check(weight)
+    for action in enc.ENCODERS:
+        enc.encode(action, weight, device)
 
 
 def warm_up(device: str) -> CudaWarmUp | None:
-    """Start the CUDA warm-up for a conversion on `device` (None on the CPU)."""
-    return CudaWarmUp(device) if device == "cuda" else None
+    """Start the CUDA warm-up for a conversion on `device` (None on the CPU): context, pinned memory, and the
+    encoder's kernels unless stages.GPU_WARM_KERNELS is off (read at run time: benchmarks switch it off for A/B
+    runs)."""
+    if device != "cuda":
+        return None
+    return CudaWarmUp(device, encoder_kernels if stages.GPU_WARM_KERNELS else None)
 
 
 def check_device(device: str) -> str:

@@ -37,6 +37,7 @@ from inspect_tools.attribution import (
     ratio_of_norms,
     relative_error,
 )
+from inspect_tools.cuda_warm_up import CudaWarmUp
 from inspect_tools.errors import InputError, UsageError
 from inspect_tools.layers import CheckpointModel, open_model
 from inspect_tools.read_ahead import read_ahead
@@ -101,12 +102,14 @@ def measure(decoded: torch.Tensor, reference: torch.Tensor) -> Metrics:
     squares are taken with torch.sum; no float64 copies (they once took a third of a CPU roundtrip)."""
     decoded, reference = decoded.to(torch.float32), reference.to(torch.float32)
     buf = torch.empty_like(reference)
-    ref_norm = math.sqrt(float(torch.mul(reference, reference, out=buf).sum()))
-    dec_norm = math.sqrt(float(torch.mul(decoded, decoded, out=buf).sum()))
-    dot = float(torch.mul(decoded, reference, out=buf).sum())
+    sums = [torch.mul(reference, reference, out=buf).sum(), torch.mul(decoded, decoded, out=buf).sum(),
+            torch.mul(decoded, reference, out=buf).sum()]
     diff = torch.sub(decoded, reference, out=buf).abs_()
-    max_abs = float(diff.max()) if diff.numel() else 0.0
-    err_norm = math.sqrt(float(diff.square_().sum()))
+    sums.append(diff.max() if diff.numel() else torch.zeros((), device=diff.device))
+    sums.append(diff.square_().sum())
+    # one transfer of the five results (on a GPU each float() is a wait for the device)
+    ref_sq, dec_sq, dot, max_abs, err_sq = torch.stack(sums).tolist()
+    ref_norm, dec_norm, err_norm = math.sqrt(ref_sq), math.sqrt(dec_sq), math.sqrt(err_sq)
     cosine = dot / (dec_norm * ref_norm) if dec_norm > 0 and ref_norm > 0 else (1.0 if dec_norm == ref_norm else 0.0)
     snr = math.inf if err_norm == 0 else (20 * math.log10(ref_norm / err_norm) if ref_norm > 0 else -math.inf)
     return Metrics(ratio_of_norms(err_norm, ref_norm), max_abs, cosine, snr)
@@ -388,13 +391,24 @@ def format_baseline(fmt: Format, reference: torch.Tensor, stored: dict[str, torc
 def _same_bytes(encoded: dict[str, torch.Tensor], stored: dict[str, torch.Tensor]) -> bool:
     """Whether the stored NVFP4 tensors are exactly these encoded ones (codes, block scales, per-tensor scale)."""
     try:
-        return all(stored[role].shape == encoded[role].shape and torch.equal(
-            stored[role].reshape(-1).view(torch.uint8), encoded[role].to(stored[role].device).reshape(-1)
-            .view(torch.uint8)) for role in ("weight", "weight_scale") ) and torch.equal(
-            stored["weight_scale_2"].to(torch.float32).reshape(()), encoded["weight_scale_2"].to(
-                stored["weight_scale_2"].device, torch.float32).reshape(()))
+        if any(stored[role].shape != encoded[role].shape for role in ("weight", "weight_scale")):
+            return False
+        device = stored["weight"].device
+        pairs = [(stored[role].reshape(-1).view(torch.uint8), encoded[role].to(device).reshape(-1).view(torch.uint8))
+                 for role in ("weight", "weight_scale")]
+        pairs.append((stored["weight_scale_2"].to(device, torch.float32).reshape(1),
+                      encoded["weight_scale_2"].to(device, torch.float32).reshape(1)))
+        return all_equal(pairs)
     except (KeyError, RuntimeError):
         return False
+
+
+def all_equal(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """torch.equal of every pair (same device per pair), with one wait for the device instead of one per pair."""
+    if any(a.shape != b.shape or a.dtype != b.dtype for a, b in pairs):
+        return False
+    flags = [torch.eq(a, b).all() for a, b in pairs if a.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def _agrees_with_reference_codec(fmt: Format, reference: torch.Tensor, encoded: dict[str, torch.Tensor]) -> bool:
@@ -404,8 +418,9 @@ def _agrees_with_reference_codec(fmt: Format, reference: torch.Tensor, encoded: 
     rows = min(TILE_ROWS, reference.shape[0])
     tile = fmt.quantize(reference[:rows], encoded["weight_scale_2"])
     packed, scales = tile["weight"], tile["weight_scale"].view(torch.uint8)
-    return (torch.equal(encoded["weight"][: packed.shape[0]].cpu(), packed.cpu())
-            and torch.equal(encoded["weight_scale"].view(torch.uint8)[: scales.shape[0]].cpu(), scales.cpu()))
+    device = packed.device
+    return all_equal([(encoded["weight"][: packed.shape[0]].to(device), packed),
+                      (encoded["weight_scale"].view(torch.uint8)[: scales.shape[0]].to(device), scales)])
 
 
 # --- per layer ----------------------------------------------------------------------------------------------
@@ -597,6 +612,29 @@ def roundtrip(
     progress: called as progress(done, total, layer_name) after each layer.
     """
     dev = resolve_device(device)
+    warming = CudaWarmUp(dev, check_kernels) if dev.type == "cuda" else None
+    try:
+        return _roundtrip(mine, ref, dev, layers, sample, heatmaps, progress)
+    finally:
+        if warming is not None:
+            warming.join()
+
+
+def check_kernels(device: torch.device) -> None:
+    """A layer check's CUDA work once, on a tiny NVFP4 layer (roundtrip's warm-up): the fast encoding, its check
+    against the reference codec, the byte comparison, the decode and the measurement."""
+    from reference_specs.formats.nvfp4 import NVFP4
+
+    weight = torch.linspace(-6.0, 6.0, 256 * 512, device=device).reshape(256, 512)
+    fmt = NVFP4()
+    encoded = fmt.fast_quantize(weight)
+    _agrees_with_reference_codec(fmt, weight, encoded)
+    _same_bytes(encoded, encoded)
+    measure(fmt.dequantize(encoded, (256, 512)), weight)
+
+
+def _roundtrip(mine: CheckpointModel, ref: CheckpointModel, dev: torch.device, layers: str | None,
+               sample: int | None, heatmaps: int, progress: ProgressFn | None) -> RoundtripResult:
     require_tensors(mine, "nothing to check")
     require_tensors(ref, "nothing to compare against")
     alignment = align_layers(mine, ref)

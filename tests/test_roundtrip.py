@@ -15,7 +15,7 @@ from test_roundtrip_files import (
     write_sharded,
 )
 
-from inspect_tools.roundtrip import measure, run_roundtrip, select_pairs
+from inspect_tools.roundtrip import all_equal, measure, run_roundtrip, select_pairs
 from reference_specs.formats.nvfp4 import NVFP4
 
 
@@ -151,3 +151,14 @@ def test_an_undecodable_pair_names_the_file_whose_tensors_do_not_load(tmp_path, 
     with pytest.raises(InputError) as caught:  # PATH's tensors load: the failing side is REF
         run_roundtrip(mine_path, ref_path)
     assert caught.value.path == str(ref_path) and "cannot be read: shape" in caught.value.message
+
+
+def test_all_equal_is_torch_equal_of_every_pair_at_once() -> None:
+    a = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    b = a.clone()
+    b[2, 3] ^= 1
+    assert all_equal([(a, a.clone()), (a.float(), a.float())])
+    assert not all_equal([(a, a.clone()), (a, b)])  # one bit of one pair
+    assert not all_equal([(a, a.reshape(4, 3))])  # same bytes, another shape
+    assert not all_equal([(a, a.to(torch.int8))])  # same values, another dtype
+    assert all_equal([]) and all_equal([(a[:0], a[:0])])

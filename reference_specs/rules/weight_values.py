@@ -35,7 +35,7 @@ def non_finite_counts(tensor: torch.Tensor) -> dict[str, int] | None:
         return None
     if tensor.element_size() == 1:  # float8 has no aminmax on the CPU; widening is exact
         tensor = tensor.to(torch.float16)
-    lo, hi = (float(v) for v in torch.aminmax(tensor))
+    lo, hi = torch.stack(torch.aminmax(tensor)).tolist()  # one transfer (on a GPU: one wait for the device)
     if math.isfinite(lo) and math.isfinite(hi):
         return None
     return {"nan": int(torch.isnan(tensor).sum()), "inf": int(torch.isposinf(tensor).sum()),
