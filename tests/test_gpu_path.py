@@ -102,31 +102,6 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
         assert chunks.direct_bytes > 0
 
 
-def test_chunks_a_warmer_is_still_to_read_are_not_read_a_second_time_past_the_cache(src, monkeypatch) -> None:
-    """Cold chunks that the command's warmer will read go through the page cache (where the two reads meet), not
-    O_DIRECT: the disk reads them once."""
-    from inspect_tools.readers import open_checkpoint, prefetch
-    from inspect_tools.readers.safetensors_dtypes import DTYPES
-
-    with open_checkpoint(src) as reader:
-        warmer = prefetch.Warmer(prefetch.tensor_ranges(reader.tensors.values()), limit=0)  # reads nothing itself
-        warmer.stop()
-        warmer._stop.clear()
-        warmer.limit = 1 << 40
-        monkeypatch.setattr(prefetch, "_active", warmer)
-        drop_cache(src.parent)
-        chunks = chunked.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=3)
-        try:
-            for info in reader:
-                tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
-                assert all(r.result() is None for r in reads)
-                assert torch.equal(tensor, reader.load(info.name)), info.name
-                chunks.pool.release(buf)
-        finally:
-            chunks.close()
-    assert chunks.direct_bytes == 0
-
-
 @pytest.mark.parametrize("threads", [True, False])
 def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
     """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""

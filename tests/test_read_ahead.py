@@ -55,36 +55,20 @@ def test_ranges_that_touch_are_read_as_one() -> None:
         (a, 0, 15), (a, 20, 1), (b, 21, 1)]
 
 
-def test_what_the_warmer_is_still_to_read_is_read_through_the_page_cache(tmp_path) -> None:
+def test_a_reader_that_catches_up_stops_the_warmer(tmp_path) -> None:
     f = tmp_path / "f.bin"
     f.write_bytes(bytes(4 * prefetch.READ_BYTES))
     piece = prefetch.READ_BYTES
     warmer = prefetch.Warmer([(f, 0, 4 * piece)], limit=0)  # takes nothing: the test moves its frontier by hand
     warmer.stop()
     warmer._stop.clear()
-    warmer.limit = 3 * piece  # it would read three pieces
-    warmer._next = 1  # the first piece is read
-    assert not warmer.will_read(f, piece - 1)  # behind the frontier (an evicted page): the reader reads the disk
-    assert warmer.will_read(f, piece)  # where the warmer reads next
-    assert warmer.will_read(f, 3 * piece - 1)
-    assert not warmer.will_read(f, 3 * piece)  # past its limit: the warmer will not read it
-    assert warmer.will_read(f, piece - 10, 20)  # a chunk across the frontier: its end is still to be read
-    assert not warmer.will_read(tmp_path / "other.bin", piece)  # not one of its files
-    warmer._stop.set()
-    assert not warmer.will_read(f, piece)  # a stopped warmer reads nothing more
-
-
-def test_the_warmer_hands_the_next_pieces_to_the_kernel_once_each_within_its_limit(tmp_path) -> None:
-    f = tmp_path / "f.bin"
-    f.write_bytes(bytes(0))
-    piece = prefetch.READ_BYTES
-    warmer = prefetch.Warmer([(f, 0, 12 * piece)], limit=0)
-    warmer.stop()
-    warmer.limit, warmer._ahead = 6 * piece, 3
-    assert warmer._to_advise(0) == [1, 2, 3]
-    assert warmer._to_advise(1) == [4]
-    assert warmer._to_advise(2) == [5]
-    assert warmer._to_advise(3) == []  # piece 6 starts at the limit
+    warmer._next = 2  # the first two pieces are read
+    warmer.caught_up(f, piece + 1)  # a miss behind the frontier (an evicted page): warming goes on
+    assert not warmer._stop.is_set()
+    warmer.caught_up(tmp_path / "other.bin", 0)  # not one of its files
+    assert not warmer._stop.is_set()
+    warmer.caught_up(f, 2 * piece + 7)  # the reader is where the warmer would read next: it stops
+    assert warmer._stop.is_set()
 
 
 def test_what_is_not_a_safetensors_checkpoint_is_not_warmed(tmp_path) -> None:

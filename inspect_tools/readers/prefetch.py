@@ -2,16 +2,13 @@
 context and planning take seconds in a fresh process, during which the disk would otherwise sit idle.
 
 A Warmer thread reads the byte ranges the command will read, in the order it will read them, into the page cache
-(plain preads into one scratch buffer; no torch, so it can start before torch is imported). Ahead of its own reads it
-asks the kernel to read the next ADVISE_AHEAD_BYTES (posix_fadvise WILLNEED), so the disk stays busy while the thread
-waits for the GIL: loading torch's libraries and starting CUDA hold it for a third of a second at a time. The warmer
-reads to the end of its ranges; the command's own reader (inspect_tools.readers.chunked) copies what is cached, and
-reads what the warmer is still to read through the page cache as well (`will_read`), where the two meet instead of
-reading the disk twice. Reading ahead only moves reads earlier: the bytes a command sees are the file's either way.
+(plain preads into one scratch buffer; no torch, so it can start before torch is imported). The command's own
+reader (inspect_tools.readers.chunked) then finds those pages cached and copies them from memory, and tells the
+warmer when it has caught up (`caught_up`): from there on the command reads the disk itself, so the two never
+compete for it. Reading ahead only moves reads earlier: the bytes a command sees are the file's either way.
 
 Bounded: at most half the memory the kernel reports available is read ahead (the page cache gives it back under
-pressure anyway); past that the command reads for itself. Any failure only ends the warming: the command's own reads
-report unreadable files.
+pressure anyway). Any failure only ends the warming: the command's own reads report unreadable files.
 """
 
 from __future__ import annotations
@@ -32,10 +29,6 @@ FALLBACK_LIMIT_BYTES = 8 << 30  # read-ahead cap where the available memory cann
 # virtio disk, `cat` 1.7 GB/s): 1 thread 1.98 GB/s (the kernel's sequential readahead does the queueing), 4 threads
 # 1.68, 8 threads 1.81.
 THREADS = 1
-# Read-ahead requested from the kernel beyond the piece being read. Traced cold 4.36 GB conversions on an H200 host
-# (cat 2.2-2.6 s): without it the warmer's reads stalled twice for 0.33-0.35 s, while torch loaded its libraries and
-# while CUDA started (both hold the GIL, which the thread needs between two reads): about 0.7 GB at 2 GB/s.
-ADVISE_AHEAD_BYTES = 512 << 20
 
 
 def available_bytes() -> int | None:
@@ -82,13 +75,6 @@ class Warmer:
         self._pieces = [(i, start, min(READ_BYTES, length - start)) for i, (_, _, length) in enumerate(self.ranges)
                         for start in range(0, length, READ_BYTES)]
         self._next = 0  # the first piece no thread has taken
-        self._advised = 0  # the first piece not yet handed to the kernel's read-ahead
-        self._ahead = max(0, ADVISE_AHEAD_BYTES // READ_BYTES)
-        starts, total = [], 0  # bytes before each piece, in order: pieces past the limit are not advised
-        for _, _, length in self._pieces:
-            starts.append(total)
-            total += length
-        self._starts = starts
         self._reading: set[int] = set()  # pieces taken, not read yet
         # per file: range offsets (sorted) -> (end, order index), to place a reader's position in the warmer's order
         self._index: dict[Path, list[tuple[int, int, int]]] = {}
@@ -116,23 +102,6 @@ class Warmer:
             self._reading.add(k)
             return k
 
-    def _to_advise(self, k: int) -> list[int]:
-        """The pieces after piece k to hand to the kernel's read-ahead now (each once), within the limit."""
-        with self._lock:
-            end = min(len(self._pieces), k + 1 + self._ahead)
-            first = max(self._advised, k + 1)
-            todo = [j for j in range(first, end) if self._starts[j] < self.limit]
-            self._advised = max(self._advised, end)
-            return todo
-
-    def _advise(self, k: int) -> None:
-        if not hasattr(os, "posix_fadvise"):
-            return
-        for j in self._to_advise(k):
-            index, start, length = self._pieces[j]
-            path, offset, _ = self.ranges[index]
-            os.posix_fadvise(self._fd(path), offset + start, length, os.POSIX_FADV_WILLNEED)
-
     def _fd(self, path: Path) -> int:
         with self._lock:
             if path not in self._fds:
@@ -145,7 +114,6 @@ class Warmer:
         k = self._take(None)
         try:
             while k is not None:
-                self._advise(k)
                 index, start, length = self._pieces[k]
                 path, offset, _ = self.ranges[index]
                 fill(self._fd(path), view[:length], offset + start)
@@ -168,24 +136,19 @@ class Warmer:
         index, start, _ = self._pieces[first]
         return index, start
 
-    def will_read(self, path: Path, offset: int, length: int = 1) -> bool:
-        """Whether this warmer is still to read part of [offset, offset + length) of `path`: the last byte of it in
-        one of its ranges lies within the limit, at or past the first piece not read yet, and the warmer has not
-        stopped. A reader that finds such bytes not cached reads them through the page cache (joining the warmer's
-        read) rather than past it, which would read them twice."""
+    def caught_up(self, path: Path, offset: int) -> None:
+        """A reader found (path, offset) not cached: if the warmer has not passed it yet, the reader has caught up
+        with it, and the warmer stops (a byte it already passed was evicted or skipped: warming goes on)."""
         spans = self._index.get(Path(path))
-        if not spans or self._stop.is_set() or length <= 0:
-            return False
-        k = bisect.bisect_right(spans, (offset + length - 1, float("inf"), 0)) - 1
-        if k < 0 or spans[k][1] <= offset:
-            return False
-        start, end, order = spans[k]
-        last = min(offset + length, end) - 1 - start  # in range `order`
+        if not spans or self._stop.is_set():
+            return
+        k = bisect.bisect_right(spans, (offset, float("inf"), 0)) - 1
+        if k < 0 or offset >= spans[k][1]:
+            return
+        start, _, order = spans[k]
         frontier = self._frontier()
-        if frontier is None or (order, last) < frontier:
-            return False  # already read by the warmer (and since evicted, or never cached)
-        piece = bisect.bisect_right(self._pieces, (order, last, float("inf"))) - 1
-        return self._starts[piece] < self.limit
+        if frontier is not None and (order, offset - start) >= frontier:
+            self.stop(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -213,10 +176,11 @@ def start(ranges: Iterable[tuple[Path, int, int]], limit: int | None = None) -> 
     return warmer
 
 
-def will_read(path: Path, offset: int, length: int = 1) -> bool:
-    """Whether this process's warmer, if any, is still to read part of those bytes (Warmer.will_read)."""
+def caught_up(path: Path, offset: int) -> None:
+    """Tell this process's warmer, if any, that a reader missed the page cache at (path, offset)."""
     warmer = _active
-    return warmer is not None and warmer.will_read(path, offset, length)
+    if warmer is not None:
+        warmer.caught_up(path, offset)
 
 
 def stop() -> None:
