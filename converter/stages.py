@@ -302,15 +302,12 @@ class Stages:
             self.pool.release(buf)
 
     def finish(self) -> None:
-        """Wait until everything handed to write() is in the file, and start writing its last dirty pages out, so
-        that the gate (which reads the file back from the page cache) runs while they go to the disk instead of
-        before the commit's fsync waits for them."""
-        if self.threaded:
-            self._put(self._write_q, _END)
-            self._threads[-1].join()
-            self._raise_write_error()
-        if self._unflushed:
-            self._start_writeback()
+        """Wait until everything handed to write() is in the file."""
+        if not self.threaded:
+            return
+        self._put(self._write_q, _END)
+        self._threads[-1].join()
+        self._raise_write_error()
 
     def _raise_write_error(self) -> None:
         if self._write_error is not None:
