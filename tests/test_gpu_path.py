@@ -12,6 +12,8 @@ import torch
 
 from converter import buffer_pool, gpu_io, pipeline, stages
 from converter.pipeline import convert
+from inspect_tools import roundtrip
+from inspect_tools.cuda_warm_up import CudaWarmUp
 from inspect_tools.readers import chunked
 from inspect_tools.roundtrip import run_roundtrip
 from inspect_tools.synthetic import write_float
@@ -155,3 +157,21 @@ def test_the_pinned_arena_hands_out_aligned_slices_and_merges_returned_ones() ->
     arena.give(b)
     whole = arena.take(8 * chunked.ALIGN)  # all three merged back into one
     assert whole is not None and whole.data_ptr() == a.data_ptr()
+
+
+@pytest.mark.parametrize("kernels", [pipeline.encoder_kernels, roundtrip.check_kernels])
+def test_the_warm_up_work_runs_on_any_device(kernels) -> None:
+    """The background warm-ups swallow errors (the command's own call reports them), so a warm-up that broke would
+    only be slower: each is run here in the open, on the CPU (and on the GPU where there is one)."""
+    kernels(torch.device("cpu"))
+    if torch.cuda.is_available():
+        kernels(torch.device("cuda"))
+
+
+def test_a_warm_up_joins_after_its_kernels_ran() -> None:
+    ran = []
+    warming = CudaWarmUp("cpu", ran.append)
+    warming.join()
+    assert warming.context_ready()
+    # pinned memory needs a CUDA driver: without one the warm-up ends after the context, kernels not run
+    assert ran == ([torch.device("cpu")] if torch.cuda.is_available() else [])
