@@ -42,8 +42,7 @@ def test_the_warmer_reads_every_tensor_of_a_checkpoint_in_file_order(src) -> Non
         infos = sorted(reader.tensors.values(), key=lambda t: (str(t.file), t.offset))
         total = sum(t.nbytes for t in infos)
     warmer = prefetch.Warmer(prefetch.tensor_ranges(infos))
-    for thread in warmer.threads:
-        thread.join()
+    warmer.join()
     assert warmer.done_bytes == total and not warmer.alive
     paths = [path for path, _, _ in warmer.ranges]
     assert paths == sorted(paths, key=str)  # one shard after the other, each from its start
@@ -59,16 +58,40 @@ def test_a_reader_that_catches_up_stops_the_warmer(tmp_path) -> None:
     f = tmp_path / "f.bin"
     f.write_bytes(bytes(4 * prefetch.READ_BYTES))
     piece = prefetch.READ_BYTES
-    warmer = prefetch.Warmer([(f, 0, 4 * piece)], limit=0)  # takes nothing: the test moves its frontier by hand
-    warmer.stop()
-    warmer._stop.clear()
-    warmer._next = 2  # the first two pieces are read
+    warmer = prefetch.Warmer([(f, 0, 4 * piece)], limit=0)  # reads nothing: the test moves its frontier by hand
+    assert warmer.proc is None
+    warmer._done = 2 * piece  # the first two pieces are read
     warmer.caught_up(f, piece + 1)  # a miss behind the frontier (an evicted page): warming goes on
     assert not warmer._stop.is_set()
     warmer.caught_up(tmp_path / "other.bin", 0)  # not one of its files
     assert not warmer._stop.is_set()
     warmer.caught_up(f, 2 * piece + 7)  # the reader is where the warmer would read next: it stops
     assert warmer._stop.is_set()
+
+
+def test_the_warming_process_reads_its_ranges_in_order_up_to_its_limit(tmp_path) -> None:
+    from inspect_tools.readers import warm_child
+
+    a, b = tmp_path / "a.bin", tmp_path / "b.bin"
+    a.write_bytes(bytes(100))
+    b.write_bytes(bytes(30))
+    reports: list[int] = []
+    assert warm_child.warm([(str(a), 10, 50), (str(b), 0, 30)], 16, 1 << 20, reports.append) == 80
+    assert reports == [16, 32, 48, 50, 66, 80]  # one report per piece, pieces never cross a range
+    reports.clear()
+    assert warm_child.warm([(str(a), 0, 100)], 16, 40, reports.append) == 48  # stops at the first piece past 40
+    assert warm_child.warm([(str(b), 0, 64)], 16, 1 << 20, reports.append) == 16  # b ends early: stops there
+
+
+def test_stopping_the_warmer_ends_its_process(tmp_path) -> None:
+    f = tmp_path / "big.bin"
+    with f.open("wb") as fh:
+        fh.truncate(64 * prefetch.READ_BYTES)  # sparse: 4 GiB that take no disk
+    warmer = prefetch.Warmer([(f, 0, 64 * prefetch.READ_BYTES)])
+    assert warmer.alive
+    warmer.stop()
+    assert not warmer.alive and warmer.proc.returncode is not None
+    assert warmer.done_bytes < 64 * prefetch.READ_BYTES
 
 
 def test_what_is_not_a_safetensors_checkpoint_is_not_warmed(tmp_path) -> None:

@@ -1,11 +1,13 @@
 """Reading a command's input while the command is still starting: importing torch with CUDA, starting the CUDA
 context and planning take seconds in a fresh process, during which the disk would otherwise sit idle.
 
-A Warmer thread reads the byte ranges the command will read, in the order it will read them, into the page cache
-(plain preads into one scratch buffer; no torch, so it can start before torch is imported). The command's own
-reader (inspect_tools.readers.chunked) then finds those pages cached and copies them from memory, and tells the
-warmer when it has caught up (`caught_up`): from there on the command reads the disk itself, so the two never
-compete for it. Reading ahead only moves reads earlier: the bytes a command sees are the file's either way.
+A Warmer reads the byte ranges the command will read, in the order it will read them, into the page cache. It does so
+in a child process (warm_child.py, its own interpreter, started in milliseconds before torch is imported), because a
+thread of the command shares the command's GIL: in traced cold conversions of a 4.36 GB source on an H200 host, a
+warming thread had read only 0.3 GB after 0.8-0.9 s while torch was imported beside it. The command's own reader
+(inspect_tools.readers.chunked) then finds those pages cached and copies them from memory, and tells the warmer when
+it has caught up (`caught_up`): the warmer then ends, and the command reads the disk itself, so the two never compete
+for it. Reading ahead only moves reads earlier: the bytes a command sees are the file's either way.
 
 Bounded: at most half the memory the kernel reports available is read ahead (the page cache gives it back under
 pressure anyway). Any failure only ends the warming: the command's own reads report unreadable files.
@@ -14,21 +16,20 @@ pressure anyway). Any failure only ends the warming: the command's own reads rep
 from __future__ import annotations
 
 import bisect
+import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterable
 from pathlib import Path
 
-from inspect_tools.readers.base import fill
-
-# One pread of the warmer: long, so that waiting for the GIL between two (torch's import holds it meanwhile) leaves
-# the disk idle for a small part of the time (reasoned, not measured apart: the THREADS figures are 16 MB reads).
+# One pread of the warmer, and how often it reports its progress. One reader at a time: measured alone, 16 MB reads,
+# on a cold 4.3 GB source (H200 host, virtio disk, `cat` 1.7 GB/s), 1 thread read 1.98 GB/s (the kernel's sequential
+# readahead does the queueing), 4 threads 1.68, 8 threads 1.81.
 READ_BYTES = 64 << 20
 FALLBACK_LIMIT_BYTES = 8 << 30  # read-ahead cap where the available memory cannot be read
-# Threads reading, each one request at a time. Measured alone, 16 MB reads, on a cold 4.3 GB source (H200 host,
-# virtio disk, `cat` 1.7 GB/s): 1 thread 1.98 GB/s (the kernel's sequential readahead does the queueing), 4 threads
-# 1.68, 8 threads 1.81.
-THREADS = 1
+CHILD = Path(__file__).with_name("warm_child.py")
 
 
 def available_bytes() -> int | None:
@@ -57,80 +58,66 @@ def merged(ranges: Iterable[tuple[Path, int, int]]) -> list[tuple[Path, int, int
 
 
 class Warmer:
-    """Reads `ranges` (path, offset, length), in order, into the page cache with `threads` daemon threads (each takes
-    the next READ_BYTES piece: several requests outstanding, as the GPU conversion's own reader keeps), up to
-    `limit` bytes or until stopped."""
+    """Reads `ranges` (path, offset, length), in order, into the page cache in a child process (warm_child.py), a
+    READ_BYTES piece at a time, up to `limit` bytes or until stopped. No child is started where there is nothing to
+    read, or where it cannot be (then the command simply reads for itself)."""
 
-    def __init__(self, ranges: Iterable[tuple[Path, int, int]], limit: int | None = None,
-                 threads: int = THREADS) -> None:
+    def __init__(self, ranges: Iterable[tuple[Path, int, int]], limit: int | None = None) -> None:
         self.ranges = merged(ranges)
         if limit is None:
             available = available_bytes()
             limit = available // 2 if available is not None else FALLBACK_LIMIT_BYTES
         self.limit = limit
-        self.done_bytes = 0
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        # the pieces, in order: (range index, offset in the range, length)
+        # the pieces, in order: (range index, offset in the range, length), and the bytes up to the end of each
         self._pieces = [(i, start, min(READ_BYTES, length - start)) for i, (_, _, length) in enumerate(self.ranges)
                         for start in range(0, length, READ_BYTES)]
-        self._next = 0  # the first piece no thread has taken
-        self._reading: set[int] = set()  # pieces taken, not read yet
+        self._ends: list[int] = []
+        for _, _, length in self._pieces:
+            self._ends.append((self._ends[-1] if self._ends else 0) + length)
+        self._done = 0  # bytes the child reported read
+        self._unparsed = b""
         # per file: range offsets (sorted) -> (end, order index), to place a reader's position in the warmer's order
         self._index: dict[Path, list[tuple[int, int, int]]] = {}
         for i, (path, offset, length) in enumerate(self.ranges):
             self._index.setdefault(path, []).append((offset, offset + length, i))
         for spans in self._index.values():
             spans.sort()
-        self._fds: dict[Path, int] = {}
-        self._running = max(1, threads)  # the last thread to end closes the descriptors
-        self.threads = [threading.Thread(target=self._run, name="nvdiag-warm", daemon=True)
-                        for _ in range(max(1, threads))]
-        for thread in self.threads:
-            thread.start()
+        self.proc: subprocess.Popen | None = None
+        if self._pieces and self.limit > 0 and sys.executable:
+            self._start_child()
 
-    def _take(self, done: int | None) -> int | None:
-        """Mark piece `done` read and take the next one (None: nothing left, the limit reached, or stopped)."""
-        with self._lock:
-            if done is not None:
-                self._reading.discard(done)
-                self.done_bytes += self._pieces[done][2]
-            if self._stop.is_set() or self._next >= len(self._pieces) or self.done_bytes >= self.limit:
-                return None
-            k = self._next
-            self._next += 1
-            self._reading.add(k)
-            return k
-
-    def _fd(self, path: Path) -> int:
-        with self._lock:
-            if path not in self._fds:
-                self._fds[path] = os.open(path, os.O_RDONLY)
-            return self._fds[path]
-
-    def _run(self) -> None:
-        scratch = bytearray(READ_BYTES)
-        view = memoryview(scratch)
-        k = self._take(None)
+    def _start_child(self) -> None:
+        job = {"ranges": [(str(p), o, n) for p, o, n in self.ranges], "piece": READ_BYTES, "limit": self.limit}
         try:
-            while k is not None:
-                index, start, length = self._pieces[k]
-                path, offset, _ = self.ranges[index]
-                fill(self._fd(path), view[:length], offset + start)
-                k = self._take(k)
-        except OSError:
-            self._stop.set()  # only a head start: the command's own reads report what is wrong with the file
-        finally:
-            with self._lock:
-                self._running -= 1
-                fds, self._fds = (self._fds, {}) if self._running == 0 else ({}, self._fds)
-            for fd in fds.values():
-                os.close(fd)
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", str(CHILD)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+            os.set_blocking(self.proc.stdout.fileno(), False)
+            with self.proc.stdin:
+                self.proc.stdin.write(json.dumps(job).encode())
+        except (OSError, ValueError):  # no child (or it died at once): only the head start is lost
+            self.stop()
+
+    @property
+    def done_bytes(self) -> int:
+        """Bytes the child has read so far (from the progress lines it has written)."""
+        with self._lock:
+            if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
+                try:
+                    while chunk := os.read(self.proc.stdout.fileno(), 1 << 16):
+                        self._unparsed += chunk
+                except (BlockingIOError, OSError):
+                    pass
+                lines = self._unparsed.split(b"\n")
+                self._unparsed = lines.pop()
+                if lines:
+                    self._done = int(lines[-1])
+            return self._done
 
     def _frontier(self) -> tuple[int, int] | None:
-        """(range index, offset in it) of the first piece not read yet, None once every piece is taken and read."""
-        with self._lock:
-            first = min(self._reading, default=self._next)
+        """(range index, offset in it) of the first piece not read yet, None once every piece is read."""
+        first = bisect.bisect_right(self._ends, self.done_bytes)
         if first >= len(self._pieces):
             return None
         index, start, _ = self._pieces[first]
@@ -152,14 +139,30 @@ class Warmer:
 
     @property
     def alive(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
+        return self.proc is not None and self.proc.poll() is None
+
+    def join(self) -> None:
+        """Wait until the child has read everything it will read."""
+        if self.proc is not None:
+            self.proc.wait()
 
     def stop(self, wait: bool = True) -> None:
+        """End the warming now (the child only reads: killing it loses nothing); wait: also reap it."""
         self._stop.set()
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass
         if wait:
-            for thread in self.threads:
-                if thread is not threading.current_thread():
-                    thread.join()
+            proc.wait()
+            self.done_bytes  # noqa: B018 - the last progress lines, before the pipe is closed
+            with self._lock:
+                if proc.stdout is not None:
+                    proc.stdout.close()
 
 
 _active: Warmer | None = None
