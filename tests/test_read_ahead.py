@@ -94,6 +94,16 @@ def test_stopping_the_warmer_ends_its_process(tmp_path) -> None:
     assert warmer.done_bytes < 64 * prefetch.READ_BYTES
 
 
+def test_a_warmer_whose_process_cannot_start_leaves_the_reading_to_the_command(tmp_path, monkeypatch) -> None:
+    f = tmp_path / "f.bin"
+    f.write_bytes(bytes(1000))
+    monkeypatch.setattr(prefetch.sys, "executable", str(tmp_path / "no-such-python"))
+    warmer = prefetch.Warmer([(f, 0, 1000)])
+    assert warmer.proc is None and not warmer.alive and warmer.done_bytes == 0
+    warmer.caught_up(f, 0)  # harmless
+    warmer.stop()
+
+
 def test_what_is_not_a_safetensors_checkpoint_is_not_warmed(tmp_path) -> None:
     (tmp_path / "x.txt").write_text("hello")
     assert prefetch.warm_checkpoint(tmp_path / "x.txt") is None
