@@ -102,6 +102,10 @@ class Warmer:
     @property
     def done_bytes(self) -> int:
         """Bytes the child has read so far (from the progress lines it has written)."""
+        return self._read_progress()
+
+    def _read_progress(self) -> int:
+        """Take the progress lines the child has written since the last call (without waiting for more)."""
         with self._lock:
             if self.proc is not None and self.proc.stdout is not None and not self.proc.stdout.closed:
                 try:
@@ -159,7 +163,7 @@ class Warmer:
                 pass
         if wait:
             proc.wait()
-            self.done_bytes  # noqa: B018 - the last progress lines, before the pipe is closed
+            self._read_progress()  # the last lines, before the pipe is closed
             with self._lock:
                 if proc.stdout is not None:
                     proc.stdout.close()
