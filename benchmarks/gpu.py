@@ -15,7 +15,8 @@ cached bytecode. A host that forbids writing it (PYTHONDONTWRITEBYTECODE, as the
 compiles torch's ~860 modules in every process instead: 2.2-2.9 s there, more than `cat` of a 4 GB source. So the
 children write and read their bytecode under the work folder (PYTHONPYCACHEPREFIX), one untimed warm-up run of
 each command per tree fills it, and --compile-every-start measures the host as it is set up.
-The timed runs then print medians: seconds of the process, seconds the command reports for itself, peak RSS (the child's
+The timed runs then print medians: seconds of the process, seconds the command reports for itself (and its phases:
+plan, stream, gate, commit), peak RSS (the child's
 ru_maxrss), cat / convert (target >= 0.85), roundtrip / convert (targets: cuda <= 1.1, cpu <= 1.2).
 A tree is a checkout of nvdiag: `--tree base=/path/to/old/checkout` runs the old code beside this one ("new", always
 run) on the same files in the same run.
@@ -98,7 +99,9 @@ def run_child(tree: Path, *args: str) -> dict:
 
 def convert_cmd(tree: Path, src: Path, out: Path, device: str) -> dict:
     r = run_child(tree, "convert", str(src), str(out), "--preset", VARIANT, "--device", device, "--force")
-    r["seconds"] = r.pop("doc")["convert"]["seconds"]
+    report = r.pop("doc")["convert"]
+    r["seconds"] = report["seconds"]
+    r["timings"] = report.get("timings", {})  # absent in trees older than the phases in the JSON
     return r
 
 
@@ -177,6 +180,11 @@ def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
                 f"{s['convert_in_command_s']:6.2f} s)  cat/process {s['cat_over_process']:.2f} (target >= 0.85)  "
                 f"cat/in-command {s['cat_over_in_command']:.2f}  peak RSS {s['convert_peak_rss_mb']:.0f} MB  "
                 f"byte-identical to cpu: {s['identical']}")
+        phases = [p for p in ("plan", "stream", "gate", "commit") if all(p in r["timings"] for r in rs)]
+        if phases:
+            s["phases_s"] = {p: statistics.median(r["timings"][p] for r in rs) for p in phases}
+            line += "\n  " + " " * 12 + " phases (medians): " + "  ".join(f"{p} {v:.2f} s"
+                                                                       for p, v in s["phases_s"].items())
         if all("roundtrip" in r for r in rs):
             s.update(roundtrip_process_s=statistics.median(r["roundtrip"]["process_s"] for r in rs),
                      roundtrip_over_convert=statistics.median(r["roundtrip"]["process_s"] / r["process_s"]

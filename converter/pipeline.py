@@ -331,6 +331,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     result.non_finite = dict(sorted(result.non_finite.items(), key=lambda kv: order.get(kv[0], 0)))
                     raise _Abort()
                 stages.finish()
+                writer.sync_early()  # the output's write-out to the disk overlaps with the gate's checks
                 mark("stream")
                 result.timings.update({f"{k}_busy": v for k, v in {**stages.busy, "encode": encode_busy}.items()})
                 if stages.chunks is not None:  # how much came from the disk rather than the page cache

@@ -108,6 +108,31 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
+class _BackgroundSync:
+    """fsync of a file on a thread of its own (fsync releases the GIL), on a duplicate of the writer's descriptor
+    that the thread closes itself: the writer may close or delete its file meanwhile without waiting for the disk."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="nvdiag-fsync", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            os.fsync(self._fd)
+        except OSError as exc:
+            self.error = exc
+        finally:
+            os.close(self._fd)
+
+    def wait(self) -> None:
+        """Until the fsync has ended; its error, if any, raised here."""
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
 def _fsync_folder(folder: Path) -> None:
     """Make the rename itself durable; not every platform lets a folder be opened, which is fine."""
     try:
@@ -173,6 +198,7 @@ class SafetensorsWriter:
         self.temp_path: Path | None = None
         self.committed = False
         self._handling_signals = False  # whether open() took the cleanup signals over (main thread)
+        self._sync: _BackgroundSync | None = None  # sync_early()'s fsync, which commit() waits for
 
     @property
     def order(self) -> list[str]:
@@ -210,8 +236,7 @@ class SafetensorsWriter:
             raise
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self._fd is None:
-            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        self._check_writable()
         if name not in self._specs:
             raise ValueError(f"tensor {name!r} is not in the write plan")
         with self._lock:
@@ -235,8 +260,7 @@ class SafetensorsWriter:
         """Write `data` (of the tensor's planned dtype, any shape) at byte `byte_offset` within tensor `name`, so a
         tensor too large to hold whole can be written piece by piece. It counts as written once its parts cover all
         of its bytes; commit() refuses the file while any byte range is unwritten. Parts may not overlap."""
-        if self._fd is None:
-            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        self._check_writable()
         if name not in self._specs:
             raise ValueError(f"tensor {name!r} is not in the write plan")
         dtype, shape = self._specs[name]
@@ -262,6 +286,21 @@ class SafetensorsWriter:
                 self._written.add(name)
                 del self._parts[name], self._part_bytes[name]
 
+    def _check_writable(self) -> None:
+        if self._fd is None:
+            raise RuntimeError("SafetensorsWriter is not open (use it as a context manager)")
+        if self._sync is not None:
+            raise RuntimeError("SafetensorsWriter: written after sync_early()")
+
+    def sync_early(self) -> None:
+        """Start commit()'s fsync now, in the background, once every tensor is written: checks of the finished
+        temporary file (convert's gate reads it) then overlap with the disk's write-out instead of preceding it.
+        Writing afterwards is refused; a failed fsync is reported by commit(), and abort() does not wait for it."""
+        if self._fd is None:
+            raise RuntimeError("SafetensorsWriter is not open")
+        if self._sync is None:
+            self._sync = _BackgroundSync(os.dup(self._fd))
+
     def commit(self) -> Path:
         """fsync, publish (rename, or link when not overwriting), fsync the folder. Every planned tensor must have
         been written."""
@@ -272,7 +311,11 @@ class SafetensorsWriter:
             raise OutputError(f"{len(missing)} planned tensors were never written (first: {missing[0]!r})",
                               str(self.path))
         try:
-            os.fsync(self._fd)  # a network or delayed-allocation file system may report a full disk only now
+            # a network or delayed-allocation file system may report a full disk only now
+            if self._sync is not None:
+                self._sync.wait()
+            else:
+                os.fsync(self._fd)
             os.close(self._fd)
             self._fd = None
             os.chmod(self.temp_path, FILE_MODE)

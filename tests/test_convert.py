@@ -184,6 +184,15 @@ def test_non_finite_source_is_refused_naming_the_layers(tmp_path, capsys) -> Non
     assert [p.name for p in tmp_path.iterdir()] == ["nan.safetensors"]
 
 
+def test_json_says_where_the_seconds_went(wan_src, tmp_path, capsys) -> None:
+    out = tmp_path / "out.safetensors"
+    assert main(["convert", str(wan_src), str(out), "--preset", "smart", "--format", "json"]) == 0
+    report = json.loads(capsys.readouterr().out)["convert"]
+    phases = [report["timings"][phase] for phase in ("plan", "stream", "gate", "commit")]
+    assert all(seconds >= 0 for seconds in phases)
+    assert sum(phases) <= report["seconds"] + 0.01  # phases follow each other inside the command's seconds
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(wan_src, tmp_path, capsys) -> None:
     out = tmp_path / "out.safetensors"
     assert main(["convert", str(wan_src), str(out), "--preset", "smart", "--dry-run", "--format", "json"]) == 0

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -390,7 +391,7 @@ def test_without_hard_links_an_exclusive_placeholder_claims_the_output(tmp_path:
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
 
 
-@pytest.mark.parametrize("failing", ["header", "tensor", "fsync"])
+@pytest.mark.parametrize("failing", ["header", "tensor", "fsync", "early fsync"])
 def test_a_full_disk_names_the_output_and_leaves_no_temporary(tmp_path: Path, monkeypatch, failing: str):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -406,6 +407,8 @@ def test_a_full_disk_names_the_output_and_leaves_no_temporary(tmp_path: Path, mo
                 monkeypatch.setattr(os, "pwrite", full)
             writer.write("a", torch.ones(4))
             monkeypatch.setattr(os, "fsync", full)
+            if failing == "early fsync":  # the background fsync's error is the commit's
+                writer.sync_early()
             writer.commit()
     assert str(caught.value) == f"{out}: No space left on device while writing it; nothing was published"
     assert list(tmp_path.iterdir()) == []
@@ -497,3 +500,37 @@ def test_a_signal_right_after_publishing_does_not_fail_a_complete_run(tmp_path: 
     assert capsys.readouterr().err.strip() == f"nvdiag: SIGTERM arrived after {out} was published: the output is " \
                                               "complete"
     assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)  # the shield ends with the command
+
+
+def test_sync_early_starts_the_commits_fsync_and_seals_the_file(tmp_path: Path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(threading.current_thread().name), real_fsync(fd)))
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, [("a", "F32", [4])]) as writer:
+        writer.write("a", torch.ones(4))
+        writer.sync_early()
+        assert load_file(str(writer.temp_path))["a"].tolist() == [1.0] * 4  # the finished file can be checked
+        with pytest.raises(RuntimeError, match="after sync_early"):
+            writer.write_part("a", 0, torch.zeros(1))
+        writer.commit()
+    assert synced[0] == "nvdiag-fsync"  # the file's fsync ran in the background; only the folder's in commit()
+    assert "nvdiag-fsync" not in synced[1:]
+    assert torch.equal(load_file(str(out))["a"], torch.ones(4))
+
+
+def test_aborting_after_sync_early_removes_the_temporary_without_waiting_for_the_disk(tmp_path: Path, monkeypatch):
+    release = threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        release.wait(5)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    out = tmp_path / "out.safetensors"
+    with SafetensorsWriter(out, [("a", "F32", [4])]) as writer:
+        writer.write("a", torch.ones(4))
+        writer.sync_early()
+    release.set()
+    assert list(tmp_path.iterdir()) == []

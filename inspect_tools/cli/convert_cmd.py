@@ -82,6 +82,8 @@ def _summary(result: ConvertResult) -> dict:
         "dry_run": result.dry_run,
         "out": str(result.out),
         "seconds": round(result.seconds, 3),
+        # where those seconds went: plan, stream, gate, commit, and each streaming stage's busy time
+        "timings": {phase: round(value, 3) for phase, value in result.timings.items()},
         "warnings": plan.warnings,
         "source_lossy": _source_lossy(plan),
     }
