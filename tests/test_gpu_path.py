@@ -104,27 +104,6 @@ def test_chunked_reads_give_the_stored_tensors(src, monkeypatch, cold) -> None:
         assert chunks.direct_bytes > 0
 
 
-def test_chunks_the_warmer_is_reading_are_waited_for_not_read_from_the_disk(src, monkeypatch) -> None:
-    from inspect_tools.readers import open_checkpoint, prefetch
-    from inspect_tools.readers.safetensors_dtypes import DTYPES
-
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 2 * chunked.ALIGN)
-    with open_checkpoint(src) as reader:
-        drop_cache(src.parent)
-        prefetch.start(prefetch.tensor_ranges(list(reader)))
-        chunks = chunked.ChunkedReader(reader, buffer_pool.BufferPool(1 << 26), threads=3)
-        try:
-            for info in reader:
-                tensor, buf, reads = chunks.submit(info, DTYPES[info.dtype].torch_dtype)
-                assert all(r.result() is None for r in reads)
-                assert torch.equal(tensor, reader.load(info.name)), info.name
-                chunks.pool.release(buf)
-        finally:
-            chunks.close()
-            prefetch.stop()
-    assert chunks.direct_bytes == 0  # every chunk came through the page cache, after the warmer
-
-
 @pytest.mark.parametrize("threads", [True, False])
 def test_the_gpu_read_path_writes_the_same_bytes(src, tmp_path, monkeypatch, threads) -> None:
     """The GPU path's stages (chunked, direct, queued ahead) without a GPU: unpinned buffers, CPU encoding."""

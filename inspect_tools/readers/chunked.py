@@ -7,9 +7,8 @@ A chunk whose pages are all in the page cache (mincore) is copied from there wit
 read with O_DIRECT, which moves the bytes from the disk into the buffer with no page-cache copy and no readahead
 guesswork. Where O_DIRECT or mincore is not available (another OS, a file system without direct I/O), chunks are
 plain preads: the same bytes, only slower. The source files are only read, so a direct read and the page cache never
-disagree (open(2): mixing is only a problem for pages that are being written). A chunk that misses the page cache
-while a command's warmer (inspect_tools.readers.prefetch) is still to read it waits for the warmer, which reads
-faster than these direct chunks, instead of competing with it for the disk.
+disagree (open(2): mixing is only a problem for pages that are being written). The first chunk that misses the page
+cache tells a command's warmer (inspect_tools.readers.prefetch) that this reader has caught up with it.
 """
 
 from __future__ import annotations
@@ -153,8 +152,8 @@ class ChunkedReader:
         end of the file)."""
         needed = min(needed, len(view))
         aligned = offset % ALIGN == 0 and len(view) % ALIGN == 0
-        if src.direct_fd is not None and aligned and not src.cached(offset, len(view)) and not (
-                prefetch.wait_for(src.path, offset, needed) and src.cached(offset, len(view))):
+        if src.direct_fd is not None and aligned and not src.cached(offset, len(view)):
+            prefetch.caught_up(src.path, offset)  # from here on the disk is ours alone
             try:
                 got = fill(src.direct_fd, view, offset)
                 with self._lock:

@@ -5,13 +5,9 @@ A Warmer reads the byte ranges the command will read, in the order it will read 
 in a child process (warm_child.py, its own interpreter, started in milliseconds before torch is imported), because a
 thread of the command shares the command's GIL: in traced cold conversions of a 4.36 GB source on an H200 host, a
 warming thread had read only 0.3 GB after 0.8-0.9 s while torch was imported beside it. The command's own reader
-(inspect_tools.readers.chunked) then finds those pages cached and copies them from memory. Where it reaches a chunk the
-warmer has not read yet, it waits for the warmer to read it (`wait_for`) rather than reading the disk itself, so the
-two never compete for the disk: in traced cold conversions of a 17.3 GB source on an H200 host the warmer read
-1.8-2.4 GB/s (one reader, 64 MB preads, the kernel's readahead), the command's own O_DIRECT chunks 1.3-1.8 GB/s once
-it had taken the disk over. The command reads for itself only what the warmer will not read: bytes past its limit,
-pages evicted since it read them, or everything once it ended, failed or stalled. Reading ahead only moves reads
-earlier: the bytes a command sees are the file's either way.
+(inspect_tools.readers.chunked) then finds those pages cached and copies them from memory, and tells the warmer when
+it has caught up (`caught_up`): the warmer then ends, and the command reads the disk itself, so the two never compete
+for it. Reading ahead only moves reads earlier: the bytes a command sees are the file's either way.
 
 Bounded: at most half the memory the kernel reports available is read ahead (the page cache gives it back under
 pressure anyway). Any failure only ends the warming: the command's own reads report unreadable files.
@@ -22,11 +18,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -36,11 +30,6 @@ from pathlib import Path
 READ_BYTES = 64 << 20
 FALLBACK_LIMIT_BYTES = 8 << 30  # read-ahead cap where the available memory cannot be read
 CHILD = Path(__file__).with_name("warm_child.py")
-PAGE = 4096  # readers.chunked.ALIGN: the granularity of its direct reads, and a page
-# A reader waiting for the warmer gives up (and reads for itself) when the warmer reported nothing for this long: one
-# 64 MB piece takes 0.03 s at 2 GB/s, 0.5 s even at 130 MB/s.
-STALL_S = 2.0
-POLL_S = 0.05  # longest sleep between two looks at the progress while waiting (a progress line wakes it sooner)
 
 
 def available_bytes() -> int | None:
@@ -56,15 +45,13 @@ def available_bytes() -> int | None:
 
 
 def merged(ranges: Iterable[tuple[Path, int, int]]) -> list[tuple[Path, int, int]]:
-    """(path, offset, length) ranges in the given order, each joined to the one before it where they touch or
-    overlap (then the part already covered is not read twice)."""
+    """(path, offset, length) ranges in the given order, each joined to the one before it where they touch."""
     out: list[tuple[Path, int, int]] = []
     for path, offset, length in ranges:
         if length <= 0:
             continue
-        if out and out[-1][0] == path and out[-1][1] <= offset <= out[-1][1] + out[-1][2]:
-            start = out[-1][1]
-            out[-1] = (path, start, max(out[-1][2], offset + length - start))
+        if out and out[-1][0] == path and out[-1][1] + out[-1][2] == offset:
+            out[-1] = (path, out[-1][1], out[-1][2] + length)
         else:
             out.append((path, offset, length))
     return out
@@ -76,8 +63,7 @@ class Warmer:
     read, or where it cannot be (then the command simply reads for itself)."""
 
     def __init__(self, ranges: Iterable[tuple[Path, int, int]], limit: int | None = None) -> None:
-        # each range from the start of its first page: a reader's aligned chunk starts there (readers.chunked)
-        self.ranges = merged((p, o - o % PAGE, n + o % PAGE) for p, o, n in ranges)
+        self.ranges = merged(ranges)
         if limit is None:
             available = available_bytes()
             limit = available // 2 if available is not None else FALLBACK_LIMIT_BYTES
@@ -90,15 +76,6 @@ class Warmer:
         self._ends: list[int] = []
         for _, _, length in self._pieces:
             self._ends.append((self._ends[-1] if self._ends else 0) + length)
-        # where each range starts in the warmer's order, and how far the child reads (it reads a piece whenever it
-        # has read less than the limit)
-        self._starts: list[int] = []
-        total = 0
-        for _, _, length in self.ranges:
-            self._starts.append(total)
-            total += length
-        past_limit = bisect.bisect_left(self._ends, self.limit)
-        self._reach = self._ends[min(past_limit, len(self._ends) - 1)] if self._ends and self.limit > 0 else 0
         self._done = 0  # bytes the child reported read
         self._unparsed = b""
         # per file: range offsets (sorted) -> (end, order index), to place a reader's position in the warmer's order
@@ -142,44 +119,27 @@ class Warmer:
                     self._done = int(lines[-1])
             return self._done
 
-    def _position(self, path: Path, offset: int, length: int) -> int | None:
-        """How many bytes the warmer must have read, in its order, to have read [offset, offset + length) of `path`
-        (the part inside its ranges); None where `offset` lies in none of them."""
-        spans = self._index.get(Path(path))
-        if not spans:
+    def _frontier(self) -> tuple[int, int] | None:
+        """(range index, offset in it) of the first piece not read yet, None once every piece is read."""
+        first = bisect.bisect_right(self._ends, self.done_bytes)
+        if first >= len(self._pieces):
             return None
+        index, start, _ = self._pieces[first]
+        return index, start
+
+    def caught_up(self, path: Path, offset: int) -> None:
+        """A reader found (path, offset) not cached: if the warmer has not passed it yet, the reader has caught up
+        with it, and the warmer stops (a byte it already passed was evicted or skipped: warming goes on)."""
+        spans = self._index.get(Path(path))
+        if not spans or self._stop.is_set():
+            return
         k = bisect.bisect_right(spans, (offset, float("inf"), 0)) - 1
         if k < 0 or offset >= spans[k][1]:
-            return None
-        start, end, order = spans[k]
-        return self._starts[order] + min(offset + length, end) - start
-
-    def wait_for(self, path: Path, offset: int, length: int) -> bool:
-        """Wait until the warmer has read [offset, offset + length) of `path`: True once it has (the pages are then
-        cached unless evicted since). False at once where it never will (outside its ranges, past its limit, no
-        child, stopped), or as soon as its child ends short of it or reports nothing for STALL_S (then it is
-        stopped): the caller reads for itself."""
-        target = self._position(path, offset, length)
-        if target is None or target > self._reach or self.proc is None:
-            return False
-        last, progressed_at = -1, time.monotonic()
-        while not self._stop.is_set():
-            done = self._read_progress()
-            if done >= target:
-                return True
-            if self.proc.poll() is not None:  # ended: its last lines may still be unread
-                return self._read_progress() >= target
-            now = time.monotonic()
-            if done != last:
-                last, progressed_at = done, now
-            elif now - progressed_at > STALL_S:
-                self.stop(wait=False)
-                return False
-            try:
-                select.select([self.proc.stdout], [], [], POLL_S)
-            except (ValueError, OSError):  # its pipe was closed by stop() meanwhile
-                return False
-        return False
+            return
+        start, _, order = spans[k]
+        frontier = self._frontier()
+        if frontier is not None and (order, offset - start) >= frontier:
+            self.stop(wait=False)
 
     @property
     def alive(self) -> bool:
@@ -223,10 +183,11 @@ def start(ranges: Iterable[tuple[Path, int, int]], limit: int | None = None) -> 
     return warmer
 
 
-def wait_for(path: Path, offset: int, length: int) -> bool:
-    """Whether this process's warmer (if any) has read, or has now read after a wait, these bytes (Warmer.wait_for)."""
+def caught_up(path: Path, offset: int) -> None:
+    """Tell this process's warmer, if any, that a reader missed the page cache at (path, offset)."""
     warmer = _active
-    return warmer is not None and warmer.wait_for(path, offset, length)
+    if warmer is not None:
+        warmer.caught_up(path, offset)
 
 
 def stop() -> None:
