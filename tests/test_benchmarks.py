@@ -4,6 +4,7 @@ short, not waited for."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -65,3 +66,20 @@ def test_the_sensitivity_summary_reads_an_infinite_risk_as_nvdiag_spells_it():
            "pieces": 1}
 
     assert bench.sensitivity_summary(doc).startswith("2 layers measured, 1 with risk > 2 (1 of them inf)")
+
+
+def test_a_trace_shows_a_conversions_steps_in_order(wan_float_sharded_diffusers, tmp_path, capsys):
+    from benchmarks import trace
+
+    out, raw = tmp_path / "out.safetensors", tmp_path / "trace.json"
+    assert trace.main(["--cold", "--json", str(raw), "--", "convert", str(wan_float_sharded_diffusers), str(out),
+                       "--preset", "wan2.2-ti2v-5b"]) == 0
+
+    assert out.exists() and "exit code 0" in capsys.readouterr().out
+    events = json.loads(raw.read_text())["events"]
+    names = [name.split(" (")[0] for _, name in events]
+    steps = ["torch imported", "phase plan ends", "first layer", "last layer", "phase stream ends",
+             "phase gate ends", "phase commit ends", "os._exit"]
+    assert [n for n in names if n in steps] == steps  # every hook still finds its target, in the command's order
+    times = [t for t, _ in events]
+    assert times == sorted(times) and 0 < times[0] < times[-1]  # on the process's clock, which starts before us
