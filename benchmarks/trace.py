@@ -210,16 +210,6 @@ def input_files(args: list[str]) -> list[Path]:
     return files
 
 
-def evict(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def read_rates(disk: list[tuple[float, int]]) -> list[float]:
     """GB read per second in each WINDOW_S window from the first sample on."""
     rates = []
@@ -256,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args:
         parser.error("give the nvdiag command after --")
     if opts.cold:
-        evict(input_files(args))
+        from benchmarks.gpu import drop_cache  # here, not at the top: the traced child must import nothing early
+
+        drop_cache(input_files(args))
     with tempfile.TemporaryDirectory() as tmp:
         out = opts.json or Path(tmp) / "trace.json"
         started = time.perf_counter()
