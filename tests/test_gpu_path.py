@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -175,3 +177,27 @@ def test_a_warm_up_joins_after_its_kernels_ran() -> None:
     assert warming.context_ready()
     # pinned memory needs a CUDA driver: without one the warm-up ends after the context, kernels not run
     assert ran == ([torch.device("cpu")] if torch.cuda.is_available() else [])
+
+
+# In a fresh process: the driver started first, torch imported meanwhile, then torch's current context is the one
+# the driver retained (the device's primary context), and kernels run on it.
+DRIVER_FIRST = """
+import ctypes
+from inspect_tools import cuda_driver
+cuda_driver.start()
+import torch
+assert float(torch.arange(4.0, device="cuda").sum()) == 6.0
+cuda_driver.join()
+lib = ctypes.CDLL(cuda_driver.LIBCUDA)
+device, current, primary = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+assert lib.cuDeviceGet(ctypes.byref(device), torch.cuda.current_device()) == 0
+assert lib.cuCtxGetCurrent(ctypes.byref(current)) == 0
+assert lib.cuDevicePrimaryCtxRetain(ctypes.byref(primary), device) == 0
+assert current.value == primary.value, (current.value, primary.value)
+"""
+
+
+@needs_cuda
+def test_torch_runs_on_the_context_the_driver_started_before_its_import() -> None:
+    subprocess.run([sys.executable, "-c", DRIVER_FIRST], check=True, timeout=120,
+                   cwd=Path(__file__).resolve().parents[1])

@@ -51,18 +51,21 @@ def test_inspect_and_header_only_lint_never_import_torch(
 READ_BEFORE_TORCH_RUN = """
 import json, sys
 from inspect_tools.cli import main
+from inspect_tools import cuda_driver
 from inspect_tools.readers import prefetch
 
-started = []
-def recording(original):
+started, driver = [], []
+def recording(original, into):
     def start(*args, **kwargs):
-        started.append("torch" in sys.modules)
+        into.append("torch" in sys.modules)
         return original(*args, **kwargs)
     return start
-prefetch.start = recording(prefetch.start)
-prefetch.warm_checkpoint = recording(prefetch.warm_checkpoint)
+prefetch.start = recording(prefetch.start, started)
+prefetch.warm_checkpoint = recording(prefetch.warm_checkpoint, started)
+cuda_driver.start = recording(cuda_driver.start, driver)
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "torch_imported_when_reading_started": started}), file=sys.stderr)
+print(json.dumps({"code": code, "torch_imported_when_reading_started": started,
+                  "torch_imported_when_the_cuda_driver_started": driver}), file=sys.stderr)
 """
 
 
@@ -86,3 +89,21 @@ def test_convert_on_the_gpu_starts_reading_its_source_before_it_imports_torch(wa
                                 "wan2.2-ti2v-5b", "--device", "cuda", "--format", "json")
     started = result["torch_imported_when_reading_started"]  # warm_checkpoint, then the start it calls
     assert started and not any(started)
+    assert result["torch_imported_when_the_cuda_driver_started"] == [False]
+
+
+def test_roundtrip_on_the_gpu_starts_cudas_driver_before_it_imports_torch(wan_nvfp4_mixed: Path,
+                                                                         wan_float: Path) -> None:
+    # the driver's start (cuInit, the primary context) overlaps with torch's import instead of following it; on this
+    # machine there is no driver, and the command still ends with its usage error, not a hang or a traceback
+    result = first_read_started("roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float), "--device", "cuda",
+                                "--format", "json")
+    assert result["code"] == (0 if torch_sees_cuda() else 2)
+    assert result["torch_imported_when_the_cuda_driver_started"] == [False]
+    assert result["torch_imported_when_reading_started"] == [False]
+
+
+def torch_sees_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -15,6 +15,7 @@ from rich.table import Table
 
 from converter.plan import quant_conf  # torch-free, like the preset vocabulary
 from converter.preset import QUANT_FORMATS, describe_decision
+from inspect_tools import cuda_driver
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import check_safetensors_out
 from inspect_tools.cli.output import (
@@ -185,8 +186,10 @@ def convert_cmd(
     """
     check_safetensors_out(out)
     if device == "cuda" and not dry_run:
-        # the source is read into the page cache while torch, CUDA and the plan start (seconds, in a fresh process)
+        # the source is read into the page cache while torch, CUDA and the plan start (seconds, in a fresh process),
+        # and CUDA's driver starts while torch is imported
         prefetch.warm_checkpoint(src)
+        cuda_driver.start()
     try:
         _convert_all(src, out, preset, dtype_16, input_scales, dry_run, force, device, fmt, sample, verify, comfyui)
     finally:

@@ -11,6 +11,7 @@ from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from inspect_tools import cuda_driver
 from inspect_tools.cli import app
 from inspect_tools.cli.hints import PLAIN_FLOAT, check_glob, command, no_match, roundtrip_next
 from inspect_tools.cli.output import (
@@ -188,6 +189,8 @@ def roundtrip_command(
             check_output_path(report, inputs)  # refuse a report over an input now, not after the long part
         if layers is None and sample is None:  # every pair is read: start reading while torch is imported
             prefetch.start(warm_ranges(quantized_pairs(mine, ref), mine, ref))
+        if device == "cuda":  # and CUDA's driver
+            cuda_driver.start()
         from inspect_tools.roundtrip import roundtrip
 
         bar, update = _progress_bar()
