@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from reference_specs.formats import fast_encode
+from reference_specs.formats import fast_encode, fp8, nvfp4
 
 TORCH_DTYPE = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -22,21 +22,26 @@ TORCH_DTYPE = {
     "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool,
 }
 
-Encoder = Callable[[torch.Tensor, str], dict[str, torch.Tensor]]
+# (weight, device, amax: its max |w| or None) -> the layer's tensors by role
+Encoder = Callable[[torch.Tensor, str, float | None], dict[str, torch.Tensor]]
 
 
-def encode_nvfp4(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
+def encode_nvfp4(weight: torch.Tensor, device: str = "cpu", amax: float | None = None) -> dict[str, torch.Tensor]:
     """Float weight [out, in] (any float dtype, never rounded to another first: its dtype decides how weight_scale_2
     rounds, as in ComfyUI) -> weight, weight_scale, weight_scale_2, on the CPU. `weight` may already live on `device`
-    (the GPU path stages it there)."""
-    out = fast_encode.encode_nvfp4(weight, device=device)
+    (the GPU path stages it there). amax: its max |w|, where the caller measured it already (finite_check): the same
+    scale as the encoder's own pass over the weight would give (nvfp4.encoding_scale_from_amax of that value)."""
+    scale = None if amax is None else nvfp4.encoding_scale_from_amax(amax, weight.dtype)
+    out = fast_encode.encode_nvfp4(weight, scale, device=device)
     out["weight_scale_2"] = out["weight_scale_2"].to(torch.float32).reshape(())
     return out
 
 
-def encode_fp8(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Float weight -> F8_E4M3 weight + F32 0-d weight_scale (ComfyUI comfy_quant float8_e4m3fn), on the CPU."""
-    out = fast_encode.encode_fp8(weight, device=device)
+def encode_fp8(weight: torch.Tensor, device: str = "cpu", amax: float | None = None) -> dict[str, torch.Tensor]:
+    """Float weight -> F8_E4M3 weight + F32 0-d weight_scale (ComfyUI comfy_quant float8_e4m3fn), on the CPU; amax
+    as for encode_nvfp4."""
+    scale = None if amax is None else fp8.fp8_encoding_scale(amax, weight.dtype, torch.float8_e4m3fn)
+    out = fast_encode.encode_fp8(weight, scale, device=device)
     out["weight_scale"] = out["weight_scale"].to(torch.float32).reshape(())
     return out
 
@@ -44,8 +49,9 @@ def encode_fp8(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Ten
 ENCODERS: dict[str, Encoder] = {"nvfp4": encode_nvfp4, "fp8": encode_fp8}
 
 
-def encode(action: str, weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-    return ENCODERS[action](weight, device)
+def encode(action: str, weight: torch.Tensor, device: str = "cpu",
+           amax: float | None = None) -> dict[str, torch.Tensor]:
+    return ENCODERS[action](weight, device, amax)
 
 
 # Elements narrowed per step by narrow_in_place: a 4 MB temporary instead of a second full-size tensor.
@@ -87,9 +93,9 @@ def finite_check(tensor: torch.Tensor) -> tuple[int, float]:
         return 0, 0.0
     if tensor.element_size() == 1:  # float8 has neither aminmax nor isfinite on the CPU; widening is exact
         tensor = tensor.to(torch.float16)
-    lo, hi = (float(v) for v in torch.aminmax(tensor))
+    lo, hi = torch.stack(torch.aminmax(tensor)).tolist()  # one wait for the device, not one per value
     if math.isfinite(lo) and math.isfinite(hi):
-        return 0, max(-lo, hi)
+        return 0, max(abs(lo), abs(hi))  # not max(-lo, hi): for an all-zero tensor that is -0.0
     return int((~torch.isfinite(tensor)).sum()), math.nan
 
 

@@ -118,13 +118,14 @@ def stage_sources(lp: LayerPlan, src: dict[str, torch.Tensor], device: str) -> d
 
 
 def produce_layer(lp: LayerPlan, src: dict[str, torch.Tensor], device: str,
-                  streamed: Collection[str] = ()) -> dict[str, torch.Tensor]:
+                  streamed: Collection[str] = (), amax: float | None = None) -> dict[str, torch.Tensor]:
     """The output tensors of one planned layer (on the CPU), by output name, from its loaded source tensors; outputs
-    made from a `streamed` source (written in chunks by Stages.stream_kept) are left out."""
+    made from a `streamed` source (written in chunks by Stages.stream_kept) are left out. amax: the quantized
+    weight's max |w| where check_sources measured it (the encoder then skips its own pass)."""
     out: dict[str, torch.Tensor] = {}
     encoded: dict[str, torch.Tensor] = {}
     if lp.quantized:
-        encoded = enc.encode(lp.codec, src[lp.source.tensors["weight"].name], device)
+        encoded = enc.encode(lp.codec, src[lp.source.tensors["weight"].name], device, amax)
     for t in lp.tensors:
         if t.source is not None and t.source in streamed:
             continue
@@ -317,7 +318,7 @@ def convert(src: str | Path, out: str | Path, preset: Preset | str | Path, *, dt
                     if result.non_finite:  # refusing: keep reading only to name every bad layer
                         stages.release(job.buffers)
                         continue
-                    outputs = produce_layer(lp, src, device, job.streamed)
+                    outputs = produce_layer(lp, src, device, job.streamed, amax)
                     encode_busy += time.perf_counter() - encode_started
                     held, done = split_buffers(outputs, job.buffers)
                     stages.release(done)

@@ -141,8 +141,8 @@ def wan_src(tmp_path_factory) -> Path:
 # Two conversions giving the same bytes: tests/test_determinism.py (two processes, other hash seeds, relative paths).
 
 
-def _swapped_nibbles(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-    out = encode.encode_nvfp4(weight, device)
+def _swapped_nibbles(weight: torch.Tensor, device: str = "cpu", amax: float | None = None) -> dict[str, torch.Tensor]:
+    out = encode.encode_nvfp4(weight, device, amax)
     w = out["weight"]
     out["weight"] = (w << 4) | (w >> 4)
     return out

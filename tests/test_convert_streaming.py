@@ -152,6 +152,29 @@ def test_non_finite_check_counts_nan_and_inf_and_gives_the_amax() -> None:
     assert encode.finite_check(torch.tensor([0.5, -1.0]).to(torch.float8_e4m3fn)) == (0, 1.0)
 
 
+WEIGHTS = {
+    "heavy-tailed": lambda: torch.distributions.StudentT(2.0).sample((48, 96)),
+    "all-zero": lambda: torch.zeros(32, 64),
+    "tiny": lambda: torch.randn(32, 64) * 1e-6,  # an F16 copy's amax/2688 underflows F16: the float32 quotient
+}
+
+
+@pytest.mark.parametrize("action", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", WEIGHTS)
+def test_an_encoder_given_the_checked_amax_writes_what_it_would_have_measured(action, dtype, weight) -> None:
+    # the conversion hands the encoder the max |w| its NaN/Inf check measured, sparing it a second pass (and on the
+    # GPU a second wait); the bytes must be those of the encoder's own measurement, per-tensor scale included
+    torch.manual_seed(0)
+    w = WEIGHTS[weight]().to(dtype)
+    bad, amax = encode.finite_check(w)
+    assert bad == 0
+    measured, given = encode.encode(action, w), encode.encode(action, w, "cpu", amax)
+    assert given.keys() == measured.keys()
+    for role, tensor in measured.items():
+        assert torch.equal(given[role].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8)), role
+
+
 def test_gate_tiles_cover_start_middle_and_end_within_the_budget() -> None:
     assert gate.row_tiles(100, 64) == [(0, 100)]
     assert gate.row_tiles(1000, 64) == [(0, 128), (512, 640), (896, 1000)]
@@ -169,7 +192,7 @@ def test_gate_refuses_a_per_tensor_scale_that_is_not_the_sources(sources, tmp_pa
     """A self-consistent encoding with 4x the scale decodes fine, but it is not what the plan promised."""
     from reference_specs.formats import fast_encode
 
-    def scaled_encoder(weight, device="cpu"):
+    def scaled_encoder(weight, device="cpu", amax=None):
         scale = fast_encode.nvfp4_scale(weight) * 4
         return fast_encode.encode_nvfp4(weight, scale, device=device)
 

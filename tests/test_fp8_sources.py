@@ -170,8 +170,9 @@ def test_a_float_source_says_nothing_of_lossy(tmp_path, capsys) -> None:
 
 
 def test_gate_refuses_a_broken_encoder_on_an_fp8_source(tmp_path, monkeypatch) -> None:
-    def swapped_nibbles(weight: torch.Tensor, device: str = "cpu") -> dict[str, torch.Tensor]:
-        out = encode.encode_nvfp4(weight, device)
+    def swapped_nibbles(weight: torch.Tensor, device: str = "cpu",
+                        amax: float | None = None) -> dict[str, torch.Tensor]:
+        out = encode.encode_nvfp4(weight, device, amax)
         out["weight"] = (out["weight"] << 4) | (out["weight"] >> 4)
         return out
 
