@@ -6,8 +6,10 @@ start and teardown included). On a machine with CUDA, in one run:
   cpu       `nvdiag convert --device cpu` (warm cache): the reference output
   cold      --reps repetitions, interleaved (the order rotates each repetition), each from a cold cache (the files'
             pages dropped with posix_fadvise DONTNEED after an fsync): a plain read (`cat > /dev/null`) of the
-            source, and for every code tree `nvdiag convert --device cuda` (its output's sha256 checked against the
-            cpu one) then `nvdiag roundtrip --device cuda` of that output against the source (both cold)
+            source, the same read beside a durable write (dd ... conv=fsync) of as many bytes as the output has
+            ("read+write": the disk work of a conversion, without the conversion), and for every code tree
+            `nvdiag convert --device cuda` (its output's sha256 checked against the cpu one) then `nvdiag roundtrip
+            --device cuda` of that output against the source (both cold)
   cpu ratio (--cpu-gb > 0) on a source of that size, warm cache: `nvdiag convert --device cpu` and `nvdiag roundtrip
             --device cpu` of its output, --cpu-reps times per tree
 Bytecode: a package manager writes every module's bytecode when it installs it, so a user's `import torch` reads
@@ -17,7 +19,8 @@ children write and read their bytecode under the work folder (PYTHONPYCACHEPREFI
 each command per tree fills it, and --compile-every-start measures the host as it is set up.
 The timed runs then print medians: seconds of the process, seconds the command reports for itself (and its phases:
 plan, stream, gate, commit), peak RSS (the child's
-ru_maxrss), cat / convert (target >= 0.85), roundtrip / convert (targets: cuda <= 1.1, cpu <= 1.2).
+ru_maxrss), cat / convert (target >= 0.85), read+write / convert (1.0 would be a conversion that costs nothing but
+its disk work), roundtrip / convert (targets: cuda <= 1.1, cpu <= 1.2).
 A tree is a checkout of nvdiag: `--tree base=/path/to/old/checkout` runs the old code beside this one ("new", always
 run) on the same files in the same run.
 """
@@ -40,6 +43,7 @@ from benchmarks.convert import VARIANT, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = "from inspect_tools.cli import run; run()"
+FLOOR = "read+write"  # the baseline of read_and_write
 
 
 def source_files(index: Path) -> list[Path]:
@@ -61,6 +65,21 @@ def plain_read(paths: list[Path]) -> float:
     started = time.perf_counter()
     subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
     return time.perf_counter() - started
+
+
+def read_and_write(paths: list[Path], target: Path, nbytes: int) -> float:
+    """`cat` of the source beside a durable write (fsync, as convert publishes) of `nbytes` to `target`: the disk
+    work of a conversion without the conversion. Seconds until both are done. On a disk whose reads and writes share
+    its bandwidth this, not `cat`, is the floor of a conversion that writes its output."""
+    started = time.perf_counter()
+    writer = subprocess.Popen(["dd", "if=/dev/zero", f"of={target}", "bs=64M", f"count={nbytes}",
+                               "iflag=count_bytes", "conv=fsync", "status=none"])
+    subprocess.run(["cat", *map(str, paths)], stdout=subprocess.DEVNULL, check=True)
+    if writer.wait() != 0:
+        raise SystemExit("dd failed: cannot measure the read+write floor")
+    elapsed = time.perf_counter() - started
+    target.unlink()
+    return elapsed
 
 
 def sha256(path: Path) -> str:
@@ -123,9 +142,10 @@ def parse_trees(specs: list[str]) -> dict[str, Path]:
 
 
 def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path], reps: int, reference: str,
-                roundtrip: bool) -> dict[str, list[dict]]:
-    """reps interleaved cold runs of cat and of every tree's convert (+ roundtrip); the order rotates."""
-    names = ["cat", *trees]
+                roundtrip: bool, out_bytes: int) -> dict[str, list[dict]]:
+    """reps interleaved cold runs of cat, of cat beside a write of the output's size (read_and_write), and of every
+    tree's convert (+ roundtrip); the order rotates."""
+    names = ["cat", FLOOR, *trees]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for name, tree in trees.items():  # untimed: fills the bytecode cache (and the page cache's share of the code)
         out = work / f"cuda-{name}.safetensors"
@@ -141,6 +161,11 @@ def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path]
             if name == "cat":
                 runs["cat"].append({"seconds": plain_read(files)})
                 print(f"rep {rep} cat          {runs['cat'][-1]['seconds']:6.2f} s", flush=True)
+                continue
+            if name == FLOOR:
+                runs[FLOOR].append({"seconds": read_and_write(files, work / "floor.bin", out_bytes)})
+                print(f"rep {rep} {FLOOR:12s} {runs[FLOOR][-1]['seconds']:6.2f} s (cat beside a durable write of "
+                      f"{out_bytes / 1e9:.2f} GB)", flush=True)
                 continue
             out = work / f"cuda-{name}.safetensors"
             r = convert_cmd(trees[name], src, out, "cuda")
@@ -161,24 +186,28 @@ def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path]
 def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
     """Medians per tree; each ratio is taken per repetition (against the cat of its own round), then the median."""
     cats = [r["seconds"] for r in runs["cat"]]
-    summary: dict[str, dict] = {"cat": {"median_s": statistics.median(cats), "runs_s": cats}}
+    floors = [r["seconds"] for r in runs[FLOOR]]
+    summary: dict[str, dict] = {"cat": {"median_s": statistics.median(cats), "runs_s": cats},
+                                FLOOR: {"median_s": statistics.median(floors), "runs_s": floors}}
     print(f"medians over {len(cats)} cold repetitions, source {gb:.2f} GB: cat {summary['cat']['median_s']:.2f} s "
-          f"({gb / summary['cat']['median_s']:.2f} GB/s)")
+          f"({gb / summary['cat']['median_s']:.2f} GB/s), {FLOOR} {summary[FLOOR]['median_s']:.2f} s")
     for name, rs in runs.items():
-        if name == "cat":
+        if name in ("cat", FLOOR):
             continue
         s = summary[name] = {
             "convert_process_s": statistics.median(r["process_s"] for r in rs),
             "convert_in_command_s": statistics.median(r["seconds"] for r in rs),
             "cat_over_process": statistics.median(c / r["process_s"] for c, r in zip(cats, rs, strict=True)),
             "cat_over_in_command": statistics.median(c / r["seconds"] for c, r in zip(cats, rs, strict=True)),
+            "floor_over_process": statistics.median(f / r["process_s"] for f, r in zip(floors, rs, strict=True)),
             "convert_peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
             "identical": all(r["identical"] for r in rs),
             "convert_runs_s": [r["process_s"] for r in rs],
         }
         line = (f"  {name:12s} convert process {s['convert_process_s']:6.2f} s (in command "
                 f"{s['convert_in_command_s']:6.2f} s)  cat/process {s['cat_over_process']:.2f} (target >= 0.85)  "
-                f"cat/in-command {s['cat_over_in_command']:.2f}  peak RSS {s['convert_peak_rss_mb']:.0f} MB  "
+                f"cat/in-command {s['cat_over_in_command']:.2f}  {FLOOR}/process {s['floor_over_process']:.2f}  "
+                f"peak RSS {s['convert_peak_rss_mb']:.0f} MB  "
                 f"byte-identical to cpu: {s['identical']}")
         phases = [p for p in ("plan", "stream", "gate", "commit") if all(p in r["timings"] for r in rs)]
         if phases:
@@ -267,9 +296,10 @@ def main(argv: list[str] | None = None) -> None:
             out_cpu = work / "cpu.safetensors"
             report["cpu"] = convert_cmd(ROOT, src, out_cpu, "cpu")
             reference = sha256(out_cpu)
+            out_bytes = out_cpu.stat().st_size
             out_cpu.unlink()
             print(f"convert --device cpu (warm) process {report['cpu']['process_s']:.2f} s", flush=True)
-            runs = cold_series(src, work, files, trees, args.reps, reference, not args.no_roundtrip)
+            runs = cold_series(src, work, files, trees, args.reps, reference, not args.no_roundtrip, out_bytes)
             report["runs"] = runs
             report["summary"] = summarize(runs, size / 1e9)
             shutil.rmtree(work / "src", ignore_errors=True)

@@ -83,3 +83,25 @@ def test_a_trace_shows_a_conversions_steps_in_order(wan_float_sharded_diffusers,
     assert [n for n in names if n in steps] == steps  # every hook still finds its target, in the command's order
     times = [t for t, _ in events]
     assert times == sorted(times) and 0 < times[0] < times[-1]  # on the process's clock, which starts before us
+
+
+def test_the_read_and_write_floor_writes_exactly_the_outputs_size_and_removes_it(tmp_path):
+    from benchmarks import gpu
+
+    sources = [tmp_path / "a.bin", tmp_path / "b.bin"]
+    for i, path in enumerate(sources):
+        path.write_bytes(bytes([i]) * (3 << 20))
+    target = tmp_path / "floor.bin"
+    seen = []
+
+    def keep(path: object) -> None:  # inspect the written file before the floor removes it
+        seen.append(target.stat().st_size)
+        original_unlink(path)
+
+    original_unlink = type(target).unlink
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(target), "unlink", keep)
+        seconds = gpu.read_and_write(sources, target, (5 << 20) + 7)
+    assert seconds > 0
+    assert seen == [(5 << 20) + 7]  # exactly the output's size, not rounded up to dd's block
+    assert not target.exists()
