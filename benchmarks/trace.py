@@ -3,15 +3,15 @@
 Runs `nvdiag ARGS` in a fresh interpreter and prints when, in seconds since that process started, the things that
 decide a GPU command's wall time happened: torch's import, the warmer's start and stop (and how much it had read),
 the CUDA warm-up's context and kernels, convert's first and last layer and phase marks (with its streaming stages'
-busy seconds), and the process's exit; then the machine's disk reads (/proc/vmstat pgpgin, sampled every 10 ms) per
-half second, which shows where the disk sat idle. --cold first evicts the page cache of every input file the
-arguments name (a file, or the shards beside an index.json).
+busy seconds), roundtrip's first and last checked pair, and the process's exit; then the machine's disk reads
+(/proc/vmstat pgpgin, sampled every 10 ms) per half second, which shows where the disk sat idle. --cold first evicts
+the page cache of every input file the arguments name (a file, or the shards beside an index.json).
 
 It hooks nvdiag's internals by name (converter.pipeline.PhaseClock, inspect_tools.readers.prefetch.Warmer,
-inspect_tools.cuda_warm_up.CudaWarmUp, converter.stages.Stages) as their modules are imported, so that nothing is
-imported earlier than the command itself would; tests/test_benchmarks.py keeps those names honest. A hook whose
-target is gone is skipped. Everything is timed from the process's own start (/proc/self/stat), so interpreter
-start-up counts.
+inspect_tools.cuda_warm_up.CudaWarmUp, converter.stages.Stages, inspect_tools.roundtrip._roundtrip and _check_one)
+as their modules are imported, so that nothing is imported earlier than the command itself would;
+tests/test_benchmarks.py keeps those names honest. A hook whose target is gone is skipped. Everything is timed from
+the process's own start (/proc/self/stat), so interpreter start-up counts.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Tracer:
         Path(path).write_text(json.dumps({"events": self.events, "disk": self.disk}))
 
 
-def _wrap(cls: type, name: str, around: Callable) -> None:
+def _wrap(cls: object, name: str, around: Callable) -> None:
     original = getattr(cls, name, None)
     if original is not None:
         setattr(cls, name, around(original))
@@ -140,6 +140,28 @@ def hooks(tracer: Tracer) -> dict[str, Callable]:
             return traced
         _wrap(m.Stages, "jobs", jobs)
 
+    def roundtrip(m):
+        checked = [0]
+
+        def pairs(original):
+            def traced(*args, **kwargs):
+                ev("pairs start")
+                result = original(*args, **kwargs)
+                ev(f"last pair checked ({checked[0]})")
+                return result
+            return traced
+
+        def one(original):
+            def traced(*args, **kwargs):
+                result = original(*args, **kwargs)
+                checked[0] += 1
+                if checked[0] == 1:
+                    ev("first pair checked")
+                return result
+            return traced
+        _wrap(m, "_roundtrip", pairs)
+        _wrap(m, "_check_one", one)
+
     def cli(m):
         exit_now = os._exit
 
@@ -150,7 +172,8 @@ def hooks(tracer: Tracer) -> dict[str, Callable]:
         os._exit = traced_exit
 
     return {"converter.pipeline": pipeline, "inspect_tools.readers.prefetch": prefetch,
-            "inspect_tools.cuda_warm_up": cuda_warm_up, "converter.stages": stages, "inspect_tools.cli": cli}
+            "inspect_tools.cuda_warm_up": cuda_warm_up, "converter.stages": stages,
+            "inspect_tools.roundtrip": roundtrip, "inspect_tools.cli": cli}
 
 
 class _Hook(importlib.abc.MetaPathFinder):

@@ -85,6 +85,20 @@ def test_a_trace_shows_a_conversions_steps_in_order(wan_float_sharded_diffusers,
     assert times == sorted(times) and 0 < times[0] < times[-1]  # on the process's clock, which starts before us
 
 
+def test_a_trace_shows_a_roundtrips_checked_pairs(wan_nvfp4_mixed, wan_float, tmp_path):
+    from benchmarks import trace
+
+    raw = tmp_path / "trace.json"
+    assert trace.main(["--json", str(raw), "--", "roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float),
+                       "--format", "json"]) in (0, 1)
+    events = json.loads(raw.read_text())["events"]
+    names = [name.split(" (")[0] for _, name in events]
+    steps = ["torch imported", "pairs start", "first pair checked", "last pair checked", "os._exit"]
+    assert [n for n in names if n in steps] == steps
+    last = next(name for _, name in events if name.startswith("last pair checked"))
+    assert int(last.split("(")[1].rstrip(")")) > 1
+
+
 def test_the_read_and_write_floor_writes_exactly_the_outputs_size_and_removes_it(tmp_path):
     from benchmarks import gpu
 
