@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 UNUSED_ROLES = ("bias", "comfy_quant")
 READ_AHEAD_BYTES = 768 << 20
 READ_THREADS = 4  # requests outstanding: as the GPU conversion (converter.stages.GPU_READ_THREADS)
-# The warmer's order (warm_ranges): the next pairs' reads, this many bytes of them at a time, sorted by file.
-WARM_WINDOW_BYTES = 256 << 20
 PIN_ON_CUDA = True  # pinned read-ahead buffers when the measurement runs on the GPU (_FreshBuffers)
 
 
@@ -56,25 +54,11 @@ def quantized_pairs(mine: CheckpointModel, ref: CheckpointModel) -> list[LayerPa
     return [p for p in align_layers(mine, ref).pairs if p.mine.is_quantized and p.mine.has("weight")]
 
 
-def warm_ranges(pairs: Iterable[LayerPair], mine: CheckpointModel, ref: CheckpointModel,
-                window: int = WARM_WINDOW_BYTES) -> list[tuple[Path, int, int]]:
-    """(file, offset, nbytes) of what checking `pairs` reads (for inspect_tools.readers.prefetch), in the order the
-    checks read them a window of `window` bytes at a time, and within a window file by file in file order. Pair by
-    pair, the warmer would alternate between the two files every tensor (a 44 MB source weight, a 6 MB NVFP4 one):
-    traced cold roundtrips of a 4.36 GB source on an H200 host read 1.0-1.1 GB/s in their first second that way, a
-    conversion of the same source 1.2-1.8 GB/s. Within a window, reads are long runs of one file."""
-    out: list[tuple[Path, int, int]] = []
-    pending: list[tuple[Path, int, int]] = []
-    size = 0
-    for pair in pairs:
-        for model, info in pair_reads(pair, mine, ref):
-            if model.kind != "gguf":
-                pending.append((Path(info.file), info.offset, info.nbytes))
-                size += info.nbytes
-        if size >= window:
-            out += sorted(pending, key=lambda r: (str(r[0]), r[1]))
-            pending, size = [], 0
-    return out + sorted(pending, key=lambda r: (str(r[0]), r[1]))
+def warm_ranges(pairs: Iterable[LayerPair], mine: CheckpointModel,
+                ref: CheckpointModel) -> list[tuple[Path, int, int]]:
+    """(file, offset, nbytes) of what checking `pairs` reads, in that order (for inspect_tools.readers.prefetch)."""
+    return [(Path(info.file), info.offset, info.nbytes)
+            for pair in pairs for model, info in pair_reads(pair, mine, ref) if model.kind != "gguf"]
 
 
 class _FreshBuffers:

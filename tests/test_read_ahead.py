@@ -184,26 +184,3 @@ def test_read_ahead_falls_back_to_pageable_buffers_where_memory_cannot_be_pinned
     monkeypatch.setattr(torch, "empty", refuse_pinning)
     buffers = read_ahead._FreshBuffers(pinned=True)
     assert buffers.acquire(4096).numel() == 4096 and not buffers.pinned
-
-
-def test_the_roundtrip_warmer_reads_each_window_of_pairs_file_by_file(src, converted) -> None:
-    with open_model(converted) as mine, open_model(src) as ref:
-        pairs = read_ahead.quantized_pairs(mine, ref)
-        per_pair = [[(Path(i.file), i.offset, i.nbytes) for _, i in read_ahead.pair_reads(pair, mine, ref)]
-                    for pair in pairs]
-        two_pairs = sum(n for reads in per_pair[:2] for _, _, n in reads)
-        windows = read_ahead.warm_ranges(pairs, mine, ref, window=two_pairs)
-        whole = read_ahead.warm_ranges(pairs, mine, ref, window=1 << 62)
-
-    in_pair_order = [r for reads in per_pair for r in reads]
-    assert sorted(windows) == sorted(in_pair_order)  # the same reads, none added or lost
-    files = [p for p, _, _ in whole]
-    assert files == sorted(files, key=str) and len(set(files)) > 1  # one window: each file once, as one run
-    for path in set(files):  # ...in file order
-        offsets = [o for p, o, _ in whole if p == path]
-        assert offsets == sorted(offsets)
-    # windows keep the checks' order: the first two pairs' reads (a reference weight and an NVFP4 layer's tensors
-    # each) come first, file by file, before any later pair's
-    first = len(per_pair[0]) + len(per_pair[1])
-    assert sorted(windows[:first]) == sorted(per_pair[0] + per_pair[1])
-    assert [p for p, _, _ in windows[:first]] == sorted((p for p, _, _ in windows[:first]), key=str)
