@@ -162,3 +162,24 @@ def test_all_equal_is_torch_equal_of_every_pair_at_once() -> None:
     assert not all_equal([(a, a.reshape(4, 3))])  # same bytes, another shape
     assert not all_equal([(a, a.to(torch.int8))])  # same values, another dtype
     assert all_equal([]) and all_equal([(a[:0], a[:0])])
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 1000])
+def test_metrics_measured_in_row_chunks_are_the_float64_metrics(chunk_rows, monkeypatch):
+    # expected values from float64 arithmetic on the same numbers, not from measure itself
+    import math
+
+    import inspect_tools.roundtrip as rt
+
+    torch.manual_seed(3)
+    reference = torch.distributions.StudentT(3.0).sample((1000, 96))
+    decoded = reference + 0.05 * torch.randn(1000, 96)
+    r, d = reference.double(), decoded.double()
+    monkeypatch.setattr(rt, "MEASURE_CHUNK_ELEMENTS", chunk_rows * 96)
+    got = measure(decoded, reference)
+    assert got.rel_error == pytest.approx(float((d - r).norm() / r.norm()), rel=1e-6)
+    assert got.cosine == pytest.approx(float((d * r).sum() / (d.norm() * r.norm())), rel=1e-7)
+    assert got.snr_db == pytest.approx(float(20 * torch.log10(r.norm() / (d - r).norm())), rel=1e-6)
+    assert got.max_abs == float((decoded - reference).abs().max())  # a max is exact, chunked or not
+    decoded[500, 3] = math.nan  # a NaN anywhere is a NaN in the metrics, whichever chunk holds it
+    assert math.isnan(measure(decoded, reference).max_abs)
