@@ -83,6 +83,43 @@ def test_the_warming_process_reads_its_ranges_in_order_up_to_its_limit(tmp_path)
     assert warm_child.warm([(str(b), 0, 64)], 16, 1 << 20, reports.append) == 16  # b ends early: stops there
 
 
+def test_the_warming_process_tells_cached_bytes_from_bytes_it_must_read(tmp_path) -> None:
+    from inspect_tools.readers import warm_child
+
+    f = tmp_path / "sparse.bin"
+    with f.open("wb") as fh:
+        fh.truncate(8 << 20)  # a hole: no page of it has been in the page cache
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert not warm_child.cached(fd, 12_345, 1 << 20)
+        os.pread(fd, 2 << 20, 0)  # now the first 2 MiB are
+        assert warm_child.cached(fd, 12_345, 1 << 20)
+        assert not warm_child.cached(fd, 12_345, 4 << 20)  # partly cached is not cached
+        assert not warm_child.cached(fd, (8 << 20) - 10, 20)  # past the end of the file: left to the read
+    finally:
+        os.close(fd)
+
+
+def test_the_warming_process_does_not_copy_what_is_cached_again(tmp_path, monkeypatch) -> None:
+    from inspect_tools.readers import warm_child
+
+    f = tmp_path / "a.bin"
+    f.write_bytes(bytes(100))
+    reads: list[int] = []
+    real = os.preadv
+
+    def counting(fd, buffers, offset):
+        reads.append(offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "preadv", counting)
+    reports: list[int] = []
+    monkeypatch.setattr(warm_child, "cached", lambda fd, offset, size: offset < 48)
+    assert warm_child.warm([(str(f), 0, 100)], 16, 1 << 20, reports.append) == 100
+    assert reports == [16, 32, 48, 64, 80, 96, 100]  # progress for every piece, cached or read
+    assert reads == [48, 64, 80, 96]  # only the pieces that were not cached were read
+
+
 def test_stopping_the_warmer_ends_its_process(tmp_path) -> None:
     f = tmp_path / "big.bin"
     with f.open("wb") as fh:

@@ -5,6 +5,10 @@ It runs as a separate interpreter (`python -I -S warm_child.py`) because a readi
 the command's GIL: traced cold conversions of a 4.36 GB source on an H200 host found such a thread, and torch's
 import beside it, both slowed (see prefetch.py). Standard library only, so it starts in milliseconds.
 
+Pieces already in the page cache (mincore) are not read again: on a warm cache, reading them would only copy
+memory, a core's work beside the command's (on the 2-core development machine a roundtrip's warmer copied its 2.4 GB
+while the checks ran).
+
 Protocol: one JSON document on stdin, {"ranges": [[path, offset, length], ...], "piece": bytes, "limit": bytes};
 after each piece one line on stdout with the bytes read so far. It ends at the end of the ranges, at the limit, at
 the first read error or short file (the command's own reads report those), or when nobody reads its progress any
@@ -13,10 +17,50 @@ more (its parent is gone).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import sys
 from collections.abc import Callable
+
+PAGE = mmap.PAGESIZE
+_LOW_BIT = bytes(i & 1 for i in range(256))  # mincore: bit 0 of each byte says the page is resident
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int64]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        return libc
+    except (OSError, AttributeError):  # no C library to ask, or no mincore in it: every piece is read
+        return None
+
+
+_LIBC = _libc()
+
+
+def cached(fd: int, offset: int, size: int) -> bool:
+    """Whether every page of the file's bytes [offset, offset + size) is in the page cache already (mincore on a
+    mapping of them, which reads nothing): then reading them would only copy memory. False where it cannot tell."""
+    if _LIBC is None or size <= 0 or offset + size > os.fstat(fd).st_size:  # past the end: the read reports it
+        return False
+    start = offset - offset % PAGE
+    length = offset + size - start
+    address = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        return False
+    try:
+        pages = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
+        if _LIBC.mincore(address, length, pages) != 0:
+            return False
+        return b"\x00" not in bytes(pages).translate(_LOW_BIT)
+    finally:
+        _LIBC.munmap(address, length)
 
 
 def warm(ranges: list[tuple[str, int, int]], piece: int, limit: int, report: Callable[[int], None]) -> int:
@@ -33,7 +77,7 @@ def warm(ranges: list[tuple[str, int, int]], piece: int, limit: int, report: Cal
                 if done >= limit:
                     return done
                 size = min(piece, length - start)
-                got = 0
+                got = size if cached(fds[path], offset + start, size) else 0  # a warm cache is not copied again
                 while got < size:
                     n = os.preadv(fds[path], [view[got:size]], offset + start + got)
                     if n == 0:
