@@ -119,3 +119,13 @@ def test_the_read_and_write_floor_writes_exactly_the_outputs_size_and_removes_it
     assert seconds > 0
     assert seen == [(5 << 20) + 7]  # exactly the output's size, not rounded up to dd's block
     assert not target.exists()
+
+
+def test_warm_conversions_report_each_conversions_phases(tmp_path, capsys):
+    from benchmarks import warm
+
+    warm.main(["--size-gb", "0.01", "--reps", "1", "--rounds", "1", "--device", "cpu", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    run = next(line for line in out.splitlines() if line.startswith("round 0 new"))
+    assert all(f"{phase} " in run for phase in ("seconds", "stream", "gate", "commit", "encode_busy"))
+    assert "medians over 1 x 1 conversions" in out
