@@ -13,41 +13,21 @@ cache tells a command's warmer (inspect_tools.readers.prefetch) that this reader
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from inspect_tools.errors import InputError
 from inspect_tools.readers import prefetch
 from inspect_tools.readers.base import fill, truncated
+from inspect_tools.readers.warm_child import PAGE, map_file, resident, unmap
 
 ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length aligned to the logical block size (<= 4096)
 CHUNK_BYTES = 8 << 20  # one request; a multiple of ALIGN
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-
-def _libc() -> Any | None:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.mmap.restype = ctypes.c_void_p
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_long]
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _libc()
-_MAP_FAILED = ctypes.c_void_p(-1).value
-_PROT_READ, _MAP_SHARED = 1, 1
 
 
 class _SourceFile:
@@ -68,10 +48,8 @@ class _SourceFile:
             except OSError:
                 pass  # e.g. a file system without direct I/O: plain reads
         self.map_addr: int | None = None
-        if self.direct_fd is not None and _LIBC is not None and self.size:
-            addr = _LIBC.mmap(None, self.size, _PROT_READ, _MAP_SHARED, self.fd, 0)
-            if addr not in (None, _MAP_FAILED):
-                self.map_addr = addr
+        if self.direct_fd is not None:
+            self.map_addr = map_file(self.fd, 0, self.size)
         if self.map_addr is None and self.direct_fd is not None:
             os.close(self.direct_fd)  # without residency we cannot tell cached chunks apart: stay buffered
             self.direct_fd = None
@@ -80,19 +58,15 @@ class _SourceFile:
         """Whether every page of [offset, offset + length) is in the page cache (True where we cannot tell)."""
         if self.map_addr is None:
             return True
-        start = offset - offset % _PAGE
+        start = offset - offset % PAGE
         end = min(offset + length, self.size)
         if end <= start:
             return True
-        pages = -(-(end - start) // _PAGE)
-        vec = (ctypes.c_ubyte * pages)()
-        if _LIBC.mincore(self.map_addr + start, end - start, vec) != 0:
-            return True
-        return bool((np.frombuffer(vec, dtype=np.uint8) & 1).all())
+        return resident(self.map_addr + start, end - start) is not False
 
     def close(self) -> None:
         if self.map_addr is not None:
-            _LIBC.munmap(self.map_addr, self.size)
+            unmap(self.map_addr, self.size)
             self.map_addr = None
         for fd in (self.fd, self.direct_fd):
             if fd is not None:

@@ -37,30 +37,51 @@ def _libc() -> ctypes.CDLL | None:
         libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
         libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
         return libc
-    except (OSError, AttributeError):  # no C library to ask, or no mincore in it: every piece is read
+    except (OSError, AttributeError):  # no C library to ask, or no mincore in it
         return None
 
 
 _LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+# The page-cache questions below are shared with the command's own reader (readers/chunked.py); they live here
+# because this module may import nothing but the standard library.
+def map_file(fd: int, start: int, length: int) -> int | None:
+    """The address of a read-only mapping of the file's bytes [start, start + length) (start a multiple of PAGE),
+    made only to ask mincore about them: mapping reads nothing. None where no mapping can be made."""
+    if _LIBC is None or length <= 0:
+        return None
+    address = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
+    return None if address in (None, _MAP_FAILED) else address
+
+
+def unmap(address: int, length: int) -> None:
+    _LIBC.munmap(address, length)
+
+
+def resident(address: int, length: int) -> bool | None:
+    """Whether every page of `length` mapped bytes at `address` is in the page cache; None where mincore fails."""
+    pages = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
+    if _LIBC.mincore(address, length, pages) != 0:
+        return None
+    return b"\x00" not in bytes(pages).translate(_LOW_BIT)
 
 
 def cached(fd: int, offset: int, size: int) -> bool:
-    """Whether every page of the file's bytes [offset, offset + size) is in the page cache already (mincore on a
-    mapping of them, which reads nothing): then reading them would only copy memory. False where it cannot tell."""
-    if _LIBC is None or size <= 0 or offset + size > os.fstat(fd).st_size:  # past the end: the read reports it
+    """Whether every page of the file's bytes [offset, offset + size) is in the page cache already: then reading them
+    would only copy memory. False where it cannot tell."""
+    if size <= 0 or offset + size > os.fstat(fd).st_size:  # past the end: the read reports it
         return False
     start = offset - offset % PAGE
     length = offset + size - start
-    address = _LIBC.mmap(None, length, mmap.PROT_READ, mmap.MAP_SHARED, fd, start)
-    if address is None or address == ctypes.c_void_p(-1).value:
+    address = map_file(fd, start, length)
+    if address is None:
         return False
     try:
-        pages = (ctypes.c_ubyte * ((length + PAGE - 1) // PAGE))()
-        if _LIBC.mincore(address, length, pages) != 0:
-            return False
-        return b"\x00" not in bytes(pages).translate(_LOW_BIT)
+        return bool(resident(address, length))
     finally:
-        _LIBC.munmap(address, length)
+        unmap(address, length)
 
 
 def warm(ranges: list[tuple[str, int, int]], piece: int, limit: int, report: Callable[[int], None]) -> int:
