@@ -180,7 +180,11 @@ def to_host(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     (`.cpu()` of each would wait once per tensor, through a pageable staging copy)."""
     if not tensors or tensors[0].device.type != "cuda":
         return tuple(t.cpu() for t in tensors)
-    host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors)
+    try:
+        host = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                     for t in tensors)
+    except RuntimeError:  # memory that cannot be pinned: the same bytes through plain copies
+        return tuple(t.cpu() for t in tensors)
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return host
 
