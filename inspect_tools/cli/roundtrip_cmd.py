@@ -27,7 +27,6 @@ from inspect_tools.cli.output import (
 from inspect_tools.cli.output import format_number as _num
 from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
-from inspect_tools.freed_memory import keep_freed_memory
 from inspect_tools.layers import CheckpointModel, open_model
 from inspect_tools.output_paths import check_output_path
 from inspect_tools.read_ahead import quantized_pairs, warm_ranges
@@ -176,7 +175,6 @@ def roundtrip_command(
     side is one) or when no pair could be measured, 2 on unreadable input or when nothing pairs at all.
     """
     check_glob(layers)
-    keep_freed_memory()  # each tensor is read into, and each layer decoded into, a new buffer
     try:
         threshold = Severity.parse(fail_on)
     except ValueError as exc:
