@@ -67,6 +67,14 @@ def plain_read(paths: list[Path]) -> float:
     return time.perf_counter() - started
 
 
+def read_into_cache(paths: list[Path]) -> None:
+    """Read the files once, so the runs that follow find them in the page cache (the warm-cache measurements)."""
+    for path in paths:
+        with path.open("rb") as f:
+            while f.read(64 << 20):
+                pass
+
+
 def read_and_write(paths: list[Path], target: Path, nbytes: int) -> float:
     """`cat` of the source beside a durable write (fsync, as convert publishes) of `nbytes` to `target`: the disk
     work of a conversion without the conversion. Seconds until both are done. On a disk whose reads and writes share
@@ -229,10 +237,7 @@ def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
 def cpu_ratio(work: Path, size_gb: float, trees: dict[str, Path], reps: int) -> dict[str, dict]:
     """CPU convert and CPU roundtrip of its output, processes on a warm cache, per tree: roundtrip / convert."""
     src = generate(work / "cpu-src", size_gb)
-    for p in source_files(src):
-        with p.open("rb") as f:
-            while f.read(64 << 20):
-                pass
+    read_into_cache(source_files(src))
     gb = sum(p.stat().st_size for p in source_files(src)) / 1e9
     report: dict[str, dict] = {}
     for rep in range(reps):

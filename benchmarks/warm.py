@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.convert import VARIANT, generate
-from benchmarks.gpu import parse_trees, source_files, tree_env
+from benchmarks.gpu import parse_trees, read_into_cache, source_files, tree_env
 
 CHILD = """
 import json, sys, time
@@ -42,13 +42,6 @@ def run_tree(tree: Path, src: Path, out: Path, device: str, reps: int) -> list[d
     if done.returncode != 0:
         raise SystemExit(f"{tree}: the conversions failed:\n{done.stderr[-2000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def warm(paths: list[Path]) -> None:
-    for path in paths:
-        with path.open("rb") as f:
-            while f.read(64 << 20):
-                pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -72,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         for rnd in range(args.rounds):
             for name in (list(trees) if rnd % 2 == 0 else list(trees)[::-1]):
-                warm(files)
+                read_into_cache(files)
                 for r in run_tree(trees[name], src, work / "out.safetensors", args.device, args.reps):
                     runs[name].append(r)
                     print(f"round {rnd} {name:10s} " + "  ".join(f"{k} {r[k]:.3f}" for k in SHOWN if k in r),
