@@ -107,17 +107,16 @@ def measure(decoded: torch.Tensor, reference: torch.Tensor) -> Metrics:
     float32 tensor accumulates in float64 on the CPU (vector_norm does not: 0.1% off on 25M elements), so sums of
     squares are taken with torch.sum; no float64 copies (they once took a third of a CPU roundtrip). On the CPU the
     rows are measured a cache-sized chunk at a time and the chunks' sums added in float64; on a GPU in one piece."""
-    decoded, reference = decoded.to(torch.float32), reference.to(torch.float32)
-    rows = reference.shape[0] if reference.dim() >= 2 else 1
-    step = rows
-    if reference.device.type == "cpu" and reference.dim() >= 2:
-        step = max(1, MEASURE_CHUNK_ELEMENTS // max(1, reference[0].numel()))
-    whole = reference.dim() < 2
-    buf = torch.empty_like(reference if whole else reference[:step])
+    # as rows: a weight's own rows, a vector or a scalar one row
+    decoded, reference = (t.to(torch.float32).flatten(1) if t.dim() >= 2 else t.to(torch.float32).reshape(1, -1)
+                          for t in (decoded, reference))
+    rows, cols = reference.shape
+    step = max(1, MEASURE_CHUNK_ELEMENTS // max(1, cols)) if reference.device.type == "cpu" else max(1, rows)
+    buf = torch.empty_like(reference[:step])
     parts = []
     for start in range(0, rows, step):
-        ref, dec = (reference, decoded) if whole else (reference[start: start + step], decoded[start: start + step])
-        scratch = buf if whole else buf[: ref.shape[0]]
+        ref, dec = reference[start: start + step], decoded[start: start + step]
+        scratch = buf[: ref.shape[0]]
         sums = [torch.mul(ref, ref, out=scratch).sum(), torch.mul(dec, dec, out=scratch).sum(),
                 torch.mul(dec, ref, out=scratch).sum()]
         diff = torch.sub(dec, ref, out=scratch).abs_()
