@@ -46,6 +46,14 @@ def start(ordinal: int = 0) -> None:
         _started.start()
 
 
+def start_for(device: str) -> None:
+    """start() for a command's --device: "cuda" is device 0, "cuda:N" device N; anything else (the CPU, or a
+    spelling the command itself will refuse) starts nothing."""
+    kind, _, index = device.partition(":")
+    if kind == "cuda" and (index == "" or index.isdigit()):
+        start(int(index or 0))
+
+
 def join() -> None:
     if _started is not None:
         _started.join()

@@ -57,3 +57,11 @@ def test_it_starts_once_per_process(monkeypatch, fresh) -> None:
     cuda_driver.start()
     cuda_driver.join()
     assert driver.calls.count("cuInit") == 1
+
+
+@pytest.mark.parametrize(("device", "ordinal"), [("cuda", 0), ("cuda:1", 1), ("cpu", None), ("cuda:x", None)])
+def test_a_commands_device_names_the_driver_device_it_starts(device, ordinal, monkeypatch, fresh) -> None:
+    started: list[int] = []
+    monkeypatch.setattr(cuda_driver, "start", started.append)
+    cuda_driver.start_for(device)
+    assert started == ([] if ordinal is None else [ordinal])

@@ -189,8 +189,7 @@ def roundtrip_command(
             check_output_path(report, inputs)  # refuse a report over an input now, not after the long part
         if layers is None and sample is None:  # every pair is read: start reading while torch is imported
             prefetch.start(warm_ranges(quantized_pairs(mine, ref), mine, ref))
-        if device == "cuda":  # and CUDA's driver
-            cuda_driver.start()
+        cuda_driver.start_for(device)  # and CUDA's driver, on the GPU path
         from inspect_tools.roundtrip import roundtrip
 
         bar, update = _progress_bar()
