@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from inspect_tools.errors import InputError
@@ -190,6 +190,7 @@ def tensor_tables(draw) -> tuple[list, int]:
 
 @FUZZ
 @given(table=tensor_tables(), declared=st.sampled_from([None, 0, 1, 7]))
+@example(table=([("blocks.0.weight", 0, (0,), 0)], 0), declared=None)  # an empty F32 tensor (found by the fuzzer)
 def test_gguf_tensor_info_table(tmp_path: Path, table, declared):
     from inspect_tools.synthetic.bad_inputs import gguf_bytes
 

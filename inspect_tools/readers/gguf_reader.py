@@ -160,11 +160,17 @@ class GGUFFileReader(CheckpointReader):
         info = self.tensors[name]
         return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.offset).copy()
 
-    def load(self, name: str) -> torch.Tensor:
+    def _raw_tensor(self, name: str) -> torch.Tensor:
+        """The stored bytes as a uint8 tensor that can be viewed as a wider dtype."""
         import torch
 
-        info = self.tensors.get(name)
         raw = torch.from_numpy(self._raw(name))
+        # an empty numpy buffer arrives with stride 0, which view() as a wider dtype refuses
+        return raw if raw.numel() else torch.empty(0, dtype=torch.uint8)
+
+    def load(self, name: str) -> torch.Tensor:
+        info = self.tensors.get(name)
+        raw = self._raw_tensor(name)
         plain = plain_torch_dtype(info.dtype)
         if plain is not None:
             return raw.view(plain).reshape(info.shape)
@@ -180,12 +186,11 @@ class GGUFFileReader(CheckpointReader):
         from gguf.quants import dequantize
 
         info = self.tensors.get(name)
-        raw = self._raw(name)
         plain = plain_torch_dtype(info.dtype)
         if plain is not None:
-            return torch.from_numpy(raw).view(plain).reshape(info.shape).to(torch.float32)
+            return self._raw_tensor(name).view(plain).reshape(info.shape).to(torch.float32)
         try:
-            values = dequantize(raw, GGMLQuantizationType[info.dtype])
+            values = dequantize(self._raw(name), GGMLQuantizationType[info.dtype])
         except NotImplementedError:
             raise InputError(f"tensor {name!r}: gguf-py cannot dequantize {info.dtype}", str(self.path)) from None
         return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(info.shape)
