@@ -57,6 +57,11 @@ class Tracer:
         self._offset = process_age() - time.perf_counter()
         self.events: list[tuple[float, str]] = []
         self.disk: list[tuple[float, int]] = []
+        # progress counters the hooks keep (layers handed out, pairs checked, the warmer's bytes), sampled with the
+        # disk: they show whether the command waited for the disk or the disk for the command
+        self.counters: dict[str, float] = {}
+        self.progress: list[tuple[float, dict[str, float]]] = []
+        self.warmer: object | None = None
         threading.Thread(target=self._sample, name="trace-disk", daemon=True).start()
 
     def now(self) -> float:
@@ -67,11 +72,16 @@ class Tracer:
 
     def _sample(self) -> None:
         while True:
-            self.disk.append((self.now(), disk_read_bytes()))
+            now = self.now()
+            self.disk.append((now, disk_read_bytes()))
+            if self.warmer is not None:
+                self.counters["warmer GB"] = getattr(self.warmer, "done_bytes", 0) / 1e9
+            self.progress.append((now, dict(self.counters)))
             time.sleep(SAMPLE_S)
 
     def dump(self, path: str) -> None:
-        Path(path).write_text(json.dumps({"events": self.events, "disk": self.disk}))
+        Path(path).write_text(json.dumps({"events": self.events, "disk": self.disk,
+                                               "progress": self.progress}))
 
 
 def _wrap(cls: object, name: str, around: Callable) -> None:
@@ -99,6 +109,7 @@ def hooks(tracer: Tracer) -> dict[str, Callable]:
         def start(original):
             def traced(self):
                 ev("warmer starts")
+                tracer.warmer = self
                 original(self)
             return traced
 
@@ -135,6 +146,7 @@ def hooks(tracer: Tracer) -> dict[str, Callable]:
                     if count == 0:
                         ev("first layer")
                     count += 1
+                    tracer.counters["layers"] = count
                     yield job
                 ev(f"last layer ({count})")
             return traced
@@ -155,6 +167,7 @@ def hooks(tracer: Tracer) -> dict[str, Callable]:
             def traced(*args, **kwargs):
                 result = original(*args, **kwargs)
                 checked[0] += 1
+                tracer.counters["pairs"] = checked[0]
                 if checked[0] == 1:
                     ev("first pair checked")
                 return result
@@ -245,6 +258,25 @@ def read_rates(disk: list[tuple[float, int]]) -> list[float]:
     return rates
 
 
+def counter_windows(progress: list[tuple[float, dict[str, float]]]) -> dict[str, list[float]]:
+    """Each counter's value at the end of each WINDOW_S window, from the first sample on."""
+    if not progress:
+        return {}
+    names = sorted({name for _, values in progress for name in values})
+    windows: dict[str, list[float]] = {name: [] for name in names}
+    edge = progress[0][0] + WINDOW_S
+    last: dict[str, float] = {}
+    for t, values in progress:
+        while t >= edge:
+            for name in names:
+                windows[name].append(last.get(name, 0.0))
+            edge += WINDOW_S
+        last = values
+    for name in names:
+        windows[name].append(last.get(name, 0.0))
+    return windows
+
+
 def report(trace: dict, wall: float, returncode: int) -> str:
     lines = [f"exit code {returncode}, {wall:.2f} s as seen from outside"]
     lines += [f"{t:7.2f} s  {name}" for t, name in trace["events"]]
@@ -252,6 +284,8 @@ def report(trace: dict, wall: float, returncode: int) -> str:
         read = (trace["disk"][-1][1] - trace["disk"][0][1]) / 1e9
         rates = " ".join(f"{r:.1f}" for r in read_rates(trace["disk"]))
         lines.append(f"disk: {read:.2f} GB read; GB/s per {WINDOW_S} s from {trace['disk'][0][0]:.2f} s: {rates}")
+    for name, values in counter_windows(trace.get("progress", [])).items():
+        lines.append(f"{name} at the end of each window: " + " ".join(f"{v:.3g}" for v in values))
     return "\n".join(lines)
 
 

@@ -83,6 +83,9 @@ def test_a_trace_shows_a_conversions_steps_in_order(wan_float_sharded_diffusers,
     assert [n for n in names if n in steps] == steps  # every hook still finds its target, in the command's order
     times = [t for t, _ in events]
     assert times == sorted(times) and 0 < times[0] < times[-1]  # on the process's clock, which starts before us
+    handed = [values["layers"] for _, values in json.loads(raw.read_text())["progress"] if "layers" in values]
+    last = int(next(name for _, name in events if name.startswith("last layer")).split("(")[1].rstrip(")"))
+    assert handed == sorted(handed) and handed[-1] <= last  # sampled every 10 ms: the count as the disk read
 
 
 def test_a_trace_shows_a_roundtrips_checked_pairs(wan_nvfp4_mixed, wan_float, tmp_path):
@@ -97,6 +100,15 @@ def test_a_trace_shows_a_roundtrips_checked_pairs(wan_nvfp4_mixed, wan_float, tm
     assert [n for n in names if n in steps] == steps
     last = next(name for _, name in events if name.startswith("last pair checked"))
     assert int(last.split("(")[1].rstrip(")")) > 1
+
+
+def test_counters_are_read_at_the_end_of_each_half_second():
+    from benchmarks import trace
+
+    samples = [(1.0, {}), (1.2, {"pairs": 1}), (1.45, {"pairs": 3}), (1.6, {"pairs": 4}), (2.7, {"pairs": 9})]
+    # windows [1.0, 1.5), [1.5, 2.0), [2.0, 2.5), [2.5, 3.0): the last value seen before each window's end
+    assert trace.counter_windows(samples) == {"pairs": [3, 4, 4, 9]}
+    assert trace.counter_windows([]) == {}
 
 
 def test_the_read_and_write_floor_writes_exactly_the_outputs_size_and_removes_it(tmp_path):
