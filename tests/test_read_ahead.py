@@ -219,5 +219,105 @@ def test_read_ahead_falls_back_to_pageable_buffers_where_memory_cannot_be_pinned
         return empty(*args, **kwargs)
 
     monkeypatch.setattr(torch, "empty", refuse_pinning)
-    buffers = read_ahead._FreshBuffers(pinned=True)
+    buffers = read_ahead._ReadBuffers(pinned=True, keep=read_ahead.READ_AHEAD_BYTES)
     assert buffers.acquire(4096).numel() == 4096 and not buffers.pinned
+
+
+MB = 1 << 20
+
+
+def test_a_buffer_given_back_is_handed_out_again_for_a_tensor_it_fits() -> None:
+    pool = read_ahead._ReadBuffers(pinned=False, keep=64 * MB)
+    buf = pool.acquire(4 * MB)
+    first = buf.data_ptr()
+    pool.release(buf)
+    del buf  # the reader's reference: once it is gone, only the pool holds the buffer
+    again = pool.acquire(3 * MB)  # fits: 4 MB wastes less than the 3 MB it holds
+    assert again.data_ptr() == first and again.numel() == 4 * MB and pool.reused == 1
+    pool.release(again)
+    del again
+    assert pool.acquire(MB + 1).data_ptr() != first  # 4 MB for 1 MB would waste more than it holds: a new one
+
+
+def test_a_buffer_still_viewed_is_not_handed_out_again_until_the_view_is_gone() -> None:
+    pool = read_ahead._ReadBuffers(pinned=False, keep=64 * MB)
+    buf = pool.acquire(2 * MB)
+    first = buf.data_ptr()
+    weight = buf[4096: 4096 + MB].view(torch.float32)  # what a measurement holds: a view of the buffer
+    weight.fill_(1.5)
+    pool.release(buf)
+    del buf
+    other = pool.acquire(2 * MB)
+    assert other.data_ptr() != first
+    other.fill_(0)
+    assert bool((weight == 1.5).all())  # the view's bytes were not handed to the next tensor
+    del weight
+    assert pool.acquire(2 * MB).data_ptr() == first  # now nothing views it
+
+
+def test_the_free_buffers_stay_within_the_bound_and_the_oldest_go_first() -> None:
+    pool = read_ahead._ReadBuffers(pinned=False, keep=5 * MB)
+    bufs = [pool.acquire(2 * MB) for _ in range(3)]
+    ptrs = [b.data_ptr() for b in bufs]
+    for b in bufs:
+        pool.release(b)
+    del bufs, b
+    assert pool.in_use == 0 and pool.free_bytes == 4 * MB  # the third 2 MB would pass 5 MB: the oldest was dropped
+    assert {pool.acquire(2 * MB).data_ptr() for _ in range(2)} == set(ptrs[1:])
+
+
+def test_small_and_pinned_buffers_are_not_kept() -> None:
+    pool = read_ahead._ReadBuffers(pinned=False, keep=64 * MB)
+    pool.release(pool.acquire(read_ahead.POOL_MIN_BYTES - 1))  # malloc's heap reuses these already
+    assert pool.free_bytes == 0
+    pinned = read_ahead._ReadBuffers(pinned=True, keep=64 * MB)  # torch's pinned allocator reuses its own blocks
+    pinned.release(pinned.acquire(2 * MB))
+    assert pinned.free_bytes == 0 and pinned.in_use == 0
+
+
+def test_without_torchs_storage_use_count_every_buffer_is_fresh(monkeypatch) -> None:
+    monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    pool = read_ahead._ReadBuffers(pinned=False, keep=64 * MB)
+    assert not pool.reusing
+    pool.release(pool.acquire(2 * MB))
+    assert pool.free_bytes == 0 and pool.reused == 0
+
+
+def test_read_ahead_reuses_buffers_and_a_tensor_held_past_its_pair_keeps_its_bytes(src, converted,
+                                                                                  monkeypatch) -> None:
+    monkeypatch.setattr(read_ahead, "POOL_MIN_BYTES", 1)  # the tiny model's tensors are kilobytes
+    with open_model(converted) as mine, open_model(src) as ref:
+        pairs = read_ahead.quantized_pairs(mine, ref)
+        held = []
+        with read_ahead.ReadAhead(pairs, mine, ref, budget=128 << 10) as ahead:  # a few pairs at a time
+            for i, pair in enumerate(pairs):
+                ahead.before(i)
+                weight = ref.reader.load(pair.ref.tensors["weight"].name)
+                if i % 3 == 0:
+                    held.append((weight, weight.clone()))  # kept past after(i), as a caller's local may be
+                del weight  # the others are let go: their buffers may be handed out again
+                ahead.after(i)
+            reused = ahead.buffers.reused
+        # closed: every read has landed, so any tensor read into a held buffer would show here
+        assert reused > 0 and len(held) > 2
+        assert all(torch.equal(t, copy) for t, copy in held)
+
+
+def test_roundtrip_measures_the_same_when_read_ahead_reuses_its_buffers(src, converted, monkeypatch) -> None:
+    def measured() -> list[roundtrip.LayerResult]:
+        with open_model(converted) as mine, open_model(src) as ref:
+            return sorted(roundtrip.roundtrip(mine, ref).layers, key=lambda r: r.name)
+
+    plain = measured()
+    monkeypatch.setattr(read_ahead, "POOL_MIN_BYTES", 1)
+    monkeypatch.setattr(read_ahead, "READ_AHEAD_BYTES", 128 << 10)  # a few pairs in flight: buffers come back
+    pools: list[read_ahead._ReadBuffers] = []
+    made = read_ahead._ReadBuffers.__init__
+
+    def recorded(self, *args, **kwargs) -> None:
+        made(self, *args, **kwargs)
+        pools.append(self)
+
+    monkeypatch.setattr(read_ahead._ReadBuffers, "__init__", recorded)
+    assert measured() == plain and len(plain) > 0
+    assert pools and pools[0].reused > 0
