@@ -214,8 +214,8 @@ class ReadAhead:
             reader.forget(info.name)
         buffers = [buf for _, _, _, buf, _ in entries]
         del entries  # its tensors are views of the buffers: the pool reuses a buffer only once nothing views it
-        for buf in buffers:
-            self.buffers.release(buf)
+        while buffers:  # popped: no reference left here for _queue's allocations to find (pinned ones included)
+            self.buffers.release(buffers.pop())
         self._in_flight -= self._size(i)
         self._queue(i + 1)
 
