@@ -3,8 +3,10 @@
 Runs `nvdiag ARGS` in a fresh interpreter and prints when, in seconds since that process started, the things that
 decide a GPU command's wall time happened: torch's import, the warmer's start and stop (and how much it had read),
 the CUDA warm-up's context and kernels, convert's first and last layer and phase marks (with its streaming stages'
-busy seconds), roundtrip's first and last checked pair, and the process's exit; then the machine's disk reads
-(/proc/vmstat pgpgin, sampled every 10 ms) per half second, which shows where the disk sat idle. --cold first evicts
+busy seconds), roundtrip's first and last checked pair, and the process's exit; then, per half second, the
+machine's disk reads (/proc/vmstat pgpgin, sampled every 10 ms), which shows where the disk sat idle, and the
+command's progress at the end of each half second (layers handed out or pairs checked, the warmer's bytes), which
+shows whether the command waited for the disk or the disk for the command. --cold first evicts
 the page cache of every input file the arguments name (a file, or the shards beside an index.json).
 
 It hooks nvdiag's internals by name (converter.pipeline.PhaseClock, inspect_tools.readers.prefetch.Warmer,
