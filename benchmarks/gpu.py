@@ -149,10 +149,19 @@ def parse_trees(specs: list[str]) -> dict[str, Path]:
     return trees
 
 
+def run_order(names: list[str], rep: int) -> list[str]:
+    """The order of repetition `rep`: each odd repetition the reverse of the even one before it, so that every name
+    runs before and after every other in each two repetitions (a rotation alone keeps neighbours in one order: the
+    second of two trees would always run right after the first); each even one rotated by one more place."""
+    k = (rep // 2) % len(names) if names else 0
+    rotated = names[k:] + names[:k]
+    return rotated[::-1] if rep % 2 else rotated
+
+
 def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path], reps: int, reference: str,
                 roundtrip: bool, out_bytes: int) -> dict[str, list[dict]]:
     """reps interleaved cold runs of cat, of cat beside a write of the output's size (read_and_write), and of every
-    tree's convert (+ roundtrip); the order rotates."""
+    tree's convert (+ roundtrip), in run_order."""
     names = ["cat", FLOOR, *trees]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for name, tree in trees.items():  # untimed: fills the bytecode cache (and the page cache's share of the code)
@@ -164,7 +173,7 @@ def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path]
         out.unlink()
         print(f"warm-up {name:12s} {time.perf_counter() - started:6.2f} s (untimed)", flush=True)
     for rep in range(reps):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:
+        for name in run_order(names, rep):
             drop_cache(files)
             if name == "cat":
                 runs["cat"].append({"seconds": plain_read(files)})
@@ -241,7 +250,8 @@ def cpu_ratio(work: Path, size_gb: float, trees: dict[str, Path], reps: int) -> 
     gb = sum(p.stat().st_size for p in source_files(src)) / 1e9
     report: dict[str, dict] = {}
     for rep in range(reps):
-        for name, tree in trees.items():
+        for name in run_order(list(trees), rep):
+            tree = trees[name]
             out = work / f"cpu-{name}.safetensors"
             c = convert_cmd(tree, src, out, "cpu")
             r = roundtrip_cmd(tree, out, src, "cpu")

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.convert import VARIANT, generate
-from benchmarks.gpu import parse_trees, read_into_cache, source_files, tree_env
+from benchmarks.gpu import parse_trees, read_into_cache, run_order, source_files, tree_env
 
 CHILD = """
 import json, sys, time
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"source {gb:.2f} GB FP32, {args.device}, warm page cache", flush=True)
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in trees}
         for rnd in range(args.rounds):
-            for name in (list(trees) if rnd % 2 == 0 else list(trees)[::-1]):
+            for name in run_order(list(trees), rnd):
                 read_into_cache(files)
                 for r in run_tree(trees[name], src, work / "out.safetensors", args.device, args.reps):
                     runs[name].append(r)

@@ -102,6 +102,21 @@ def test_a_trace_shows_a_roundtrips_checked_pairs(wan_nvfp4_mixed, wan_float, tm
     assert int(last.split("(")[1].rstrip(")")) > 1
 
 
+def test_every_tree_runs_both_before_and_after_every_other():
+    from benchmarks.gpu import run_order
+
+    names = ["cat", "read+write", "new", "start"]
+    for first in (0, 2, 4):
+        orders = [run_order(names, rep) for rep in (first, first + 1)]
+        assert all(sorted(order) == sorted(names) for order in orders)
+        for a in names:
+            for b in names:
+                if a != b:  # a before b in one repetition of the two and after it in the other
+                    assert {order.index(a) < order.index(b) for order in orders} == {True, False}
+    assert len({run_order(names, rep)[0] for rep in range(0, 8, 2)}) == 4  # each name leads a repetition
+    assert run_order([], 3) == [] and run_order(["new"], 1) == ["new"]
+
+
 def test_counters_are_read_at_the_end_of_each_half_second():
     from benchmarks import trace
 
