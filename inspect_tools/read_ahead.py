@@ -65,8 +65,10 @@ def warm_ranges(pairs: Iterable[LayerPair], mine: CheckpointModel,
 
 
 def _storage_holders(t: torch.Tensor) -> int | None:
-    """How many references t's storage has: one per tensor that shares it (t itself, every view), plus one for the
-    Python storage object this asks through. None where this torch does not say (a private API)."""
+    """How many references t's storage has: one per tensor that shares it (t itself, every view, a numpy array of
+    it), plus one for the Python storage object this asks through. None where this torch does not say (a private
+    API). That Python object is one per storage, so a bare storage object kept elsewhere with no tensor over it is
+    not told apart: nothing a roundtrip runs keeps one (it works with tensors and their views)."""
     import torch
 
     try:
