@@ -189,6 +189,8 @@ class GGUFFileReader(CheckpointReader):
         plain = plain_torch_dtype(info.dtype)
         if plain is not None:
             return self._raw_tensor(name).view(plain).reshape(info.shape).to(torch.float32)
+        if info.numel == 0:  # gguf-py's dequantize cannot reshape an empty array: there is nothing to decode
+            return torch.zeros(info.shape, dtype=torch.float32)
         try:
             values = dequantize(self._raw(name), GGMLQuantizationType[info.dtype])
         except NotImplementedError:
