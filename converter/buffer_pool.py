@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from converter.gpu_io import PinnedArena
+from inspect_tools.readers.chunked import pop_best_fit
 
 # Tensors below this size are allocated fresh: pooling them saves nothing measurable.
 POOL_MIN_BYTES = 1 << 20
@@ -72,14 +73,6 @@ class BufferPool:
             self._pageable.add(buf.data_ptr())
         return buf
 
-    def _reuse(self, nbytes: int) -> torch.Tensor | None:
-        """The smallest free buffer that holds nbytes without wasting more than its own size."""
-        fitting = [i for i, b in enumerate(self._free) if nbytes <= b.numel() <= 2 * nbytes]
-        if not fitting:
-            return None
-        # popped by index: list.remove would compare tensors elementwise
-        return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
-
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A 1-D uint8 buffer of at least nbytes; waits while the budget is spent (a single tensor larger than the
         whole budget still gets one when nothing else is in use)."""
@@ -87,7 +80,7 @@ class BufferPool:
             while True:
                 if self._stopped:
                     raise Stopped()
-                buf = self._reuse(nbytes) if nbytes >= POOL_MIN_BYTES else None
+                buf = pop_best_fit(self._free, nbytes) if nbytes >= POOL_MIN_BYTES else None
                 if buf is None and (self.in_use + nbytes <= self.budget or self.in_use == 0):
                     while self._free and self.in_use + nbytes + sum(b.numel() for b in self._free) > self.budget:
                         self._free.pop(0)

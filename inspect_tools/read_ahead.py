@@ -142,16 +142,12 @@ class _ReadBuffers:
         return torch.empty(nbytes, dtype=torch.uint8)
 
     def _reuse(self, nbytes: int) -> torch.Tensor | None:
-        """The smallest free buffer nothing else references that holds nbytes without wasting more than its own
-        size (as converter.buffer_pool.BufferPool)."""
+        """The best-fitting free buffer that nothing else references (chunked.pop_best_fit)."""
+        from inspect_tools.readers.chunked import pop_best_fit
+
         if nbytes < POOL_MIN_BYTES:
             return None
-        fitting = [i for i, b in enumerate(self._free)
-                   if nbytes <= b.numel() <= 2 * nbytes and _storage_holders(b) == self._alone]
-        if not fitting:
-            return None
-        # popped by index: list.remove would compare tensors elementwise
-        return self._free.pop(min(fitting, key=lambda i: self._free[i].numel()))
+        return pop_best_fit(self._free, nbytes, lambda b: _storage_holders(b) == self._alone)
 
     def _trim(self) -> None:
         while self._free and self.free_bytes > self.keep:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,18 @@ class _SourceFile:
             if fd is not None:
                 os.close(fd)
         self.direct_fd = None
+
+
+def pop_best_fit(free: list[torch.Tensor], nbytes: int,
+                 usable: Callable[[torch.Tensor], bool] | None = None) -> torch.Tensor | None:
+    """The buffer pools' choice (converter.buffer_pool, inspect_tools.read_ahead): the smallest buffer in `free` that
+    holds nbytes without wasting more than its own size (and that `usable` accepts), taken out of `free`; None when
+    none does."""
+    fitting = [i for i, b in enumerate(free) if nbytes <= b.numel() <= 2 * nbytes and (usable is None or usable(b))]
+    if not fitting:
+        return None
+    # popped by index: list.remove would compare tensors elementwise
+    return free.pop(min(fitting, key=lambda i: free[i].numel()))
 
 
 class ChunkedReader:
