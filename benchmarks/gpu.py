@@ -7,7 +7,9 @@ start and teardown included). On a machine with CUDA, in one run:
   cold      --reps repetitions, interleaved (the order rotates each repetition), each from a cold cache (the files'
             pages dropped with posix_fadvise DONTNEED after an fsync): a plain read (`cat > /dev/null`) of the
             source, the same read beside a durable write (dd ... conv=fsync) of as many bytes as the output has
-            ("read+write": the disk work of a conversion, without the conversion), and for every code tree
+            ("read+write": the disk work of a conversion, without the conversion), the "torch floor"
+            (benchmarks/floor.py: that disk work plus torch's import, CUDA's start and the quantized weights
+            moved to the GPU, in one process: no conversion on torch can be faster), and for every code tree
             `nvdiag convert --device cuda` (its output's sha256 checked against the cpu one) then `nvdiag roundtrip
             --device cuda` of that output against the source (both cold)
   cpu ratio (--cpu-gb > 0) on a source of that size, warm cache: `nvdiag convert --device cpu` and `nvdiag roundtrip
@@ -39,11 +41,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import NVDIAG
 from benchmarks.convert import VARIANT, generate
 
 ROOT = Path(__file__).resolve().parents[1]
-CLI = "from inspect_tools.cli import run; run()"
 FLOOR = "read+write"  # the baseline of read_and_write
+TORCH_FLOOR = "torch floor"  # benchmarks/floor.py: a conversion's unavoidable work in a torch process
+BASELINES = ("cat", FLOOR, TORCH_FLOOR)
 
 
 def source_files(index: Path) -> list[Path]:
@@ -90,6 +94,21 @@ def read_and_write(paths: list[Path], target: Path, nbytes: int) -> float:
     return elapsed
 
 
+def torch_floor(src: Path, target: Path, nbytes: int) -> dict:
+    """One process of benchmarks/floor.py (this tree's code): the source's quantized weights through the GPU and a
+    durable write of `nbytes`, with torch's import and CUDA's start, and no conversion work. Its seconds and its
+    own timeline (when torch was imported, the device ready, the weights moved, the output durable)."""
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "benchmarks.floor", str(src), str(target), "--out-bytes",
+                           str(nbytes), "--preset", VARIANT], cwd=ROOT, env=tree_env(ROOT), capture_output=True,
+                          text=True)
+    elapsed = time.perf_counter() - started
+    target.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise SystemExit(f"benchmarks.floor failed with {done.returncode}:\n{done.stderr[-2000:]}")
+    return {"seconds": elapsed, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -110,7 +129,7 @@ def run_child(tree: Path, *args: str) -> dict:
     on the child) and its JSON document."""
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a full stderr pipe would block the child
         started = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, "-c", CLI, *args, "--format", "json"], cwd=tree,
+        proc = subprocess.Popen([sys.executable, "-c", NVDIAG, *args, "--format", "json"], cwd=tree,
                                 env=tree_env(tree), stdout=subprocess.PIPE, stderr=err)
         out = proc.stdout.read()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -162,7 +181,7 @@ def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path]
                 roundtrip: bool, out_bytes: int) -> dict[str, list[dict]]:
     """reps interleaved cold runs of cat, of cat beside a write of the output's size (read_and_write), and of every
     tree's convert (+ roundtrip), in run_order."""
-    names = ["cat", FLOOR, *trees]
+    names = [*BASELINES, *trees]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for name, tree in trees.items():  # untimed: fills the bytecode cache (and the page cache's share of the code)
         out = work / f"cuda-{name}.safetensors"
@@ -183,6 +202,12 @@ def cold_series(src: Path, work: Path, files: list[Path], trees: dict[str, Path]
                 runs[FLOOR].append({"seconds": read_and_write(files, work / "floor.bin", out_bytes)})
                 print(f"rep {rep} {FLOOR:12s} {runs[FLOOR][-1]['seconds']:6.2f} s (cat beside a durable write of "
                       f"{out_bytes / 1e9:.2f} GB)", flush=True)
+                continue
+            if name == TORCH_FLOOR:
+                runs[TORCH_FLOOR].append(torch_floor(src, work / "torch-floor.bin", out_bytes))
+                t = runs[TORCH_FLOOR][-1]["times"]
+                print(f"rep {rep} {TORCH_FLOOR:12s} {runs[TORCH_FLOOR][-1]['seconds']:6.2f} s ("
+                      + ", ".join(f"{k} {v:.2f}" for k, v in t.items()) + " s into it)", flush=True)
                 continue
             out = work / f"cuda-{name}.safetensors"
             r = convert_cmd(trees[name], src, out, "cuda")
@@ -208,8 +233,18 @@ def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
                                 FLOOR: {"median_s": statistics.median(floors), "runs_s": floors}}
     print(f"medians over {len(cats)} cold repetitions, source {gb:.2f} GB: cat {summary['cat']['median_s']:.2f} s "
           f"({gb / summary['cat']['median_s']:.2f} GB/s), {FLOOR} {summary[FLOOR]['median_s']:.2f} s")
+    if runs.get(TORCH_FLOOR):
+        rs = runs[TORCH_FLOOR]
+        s = summary[TORCH_FLOOR] = {
+            "median_s": statistics.median(r["seconds"] for r in rs),
+            "cat_over_process": statistics.median(c / r["seconds"] for c, r in zip(cats, rs, strict=True)),
+            "times": {k: statistics.median(r["times"][k] for r in rs) for k in rs[0]["times"]},
+            "runs_s": [r["seconds"] for r in rs]}
+        print(f"  {TORCH_FLOOR:12s} process {s['median_s']:6.2f} s  cat/process {s['cat_over_process']:.2f} (no "
+              "conversion on torch gets above this)  medians, seconds into it: "
+              + ", ".join(f"{k} {v:.2f}" for k, v in s["times"].items()))
     for name, rs in runs.items():
-        if name in ("cat", FLOOR):
+        if name in BASELINES:
             continue
         s = summary[name] = {
             "convert_process_s": statistics.median(r["process_s"] for r in rs),

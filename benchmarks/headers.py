@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks import NVDIAG
+
 VARIANT = "wan2.2-t2v-a14b"
 KINDS = ("f32", "nvfp4-mixed")
 
@@ -49,7 +51,7 @@ def lint_in_process(path: Path) -> None:
 
 def cli(command: str, path: Path, *options: str) -> None:
     # exit 1 (findings) is a normal lint outcome here; 2 would mean the file could not be read
-    proc = subprocess.run([sys.executable, "-c", "from inspect_tools.cli import run; run()", command, str(path),
+    proc = subprocess.run([sys.executable, "-c", NVDIAG, command, str(path),
                            *options, "--format", "json"], capture_output=True, text=True, check=False)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"nvdiag {command} {path} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")

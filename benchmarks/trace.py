@@ -230,7 +230,10 @@ def child(out: str, args: list[str]) -> None:
     tracer.event("tracer ready")
     sys.argv = ["nvdiag", *args]
     try:
-        from inspect_tools.cli import run
+        try:
+            from inspect_tools.launch import run
+        except ImportError:  # a checkout older than the launcher
+            from inspect_tools.cli import run
         run()
     finally:
         tracer.event("exit")

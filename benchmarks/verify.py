@@ -50,11 +50,12 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks import NVDIAG
+
 MODELS = {"a14b": "wan2.2-t2v-a14b", "5b": "wan2.2-ti2v-5b"}
 DEFAULT_BLOCKS = {"a14b": 2, "5b": None}  # None: the real depth
 JOBS = ("baseline", "verify", "both", "sensitivity")
 DEFAULT_COMFYUI = "/work/shared/comfyui"
-CLI = "from inspect_tools.cli import run; run()"
 GPU_SAMPLE_S = 0.02
 
 # The baseline job. Same runtime set-up and loader as nvdiag verify; one noise level, one forward, no hooks beyond
@@ -315,16 +316,16 @@ def commands(ref: Path, nvfp4: Path, args: argparse.Namespace) -> dict[str, list
     verify = ["verify", str(nvfp4), "--against", str(ref), "--steps", str(args.steps), *common]
     return {
         "baseline": ["-c", BASELINE_SCRIPT, args.comfyui, args.device, str(ref)],
-        "verify": ["-c", CLI, *verify],
-        "both": ["-c", CLI, *verify, "--compute", "both"],
-        "sensitivity": ["-c", CLI, "sensitivity", str(ref), "--steps", str(args.steps), "--prompts",
+        "verify": ["-c", NVDIAG, *verify],
+        "both": ["-c", NVDIAG, *verify, "--compute", "both"],
+        "sensitivity": ["-c", NVDIAG, "sensitivity", str(ref), "--steps", str(args.steps), "--prompts",
                         str(args.prompts), *common],
     }
 
 
 def shown(argv: list[str]) -> str:
     """How a user types the job: `nvdiag ...` (the baseline stays a script)."""
-    if argv[:2] == ["-c", CLI]:
+    if argv[:2] == ["-c", NVDIAG]:
         return " ".join(["nvdiag", *argv[2:]])
     return "python -c BASELINE_SCRIPT " + " ".join(argv[2:])
 
@@ -340,7 +341,7 @@ def make_files(work: Path, variant: str, blocks: int, args: argparse.Namespace, 
             raise SystemExit(f"writing {ref.name} failed ({why})")
         made["reference"] = {"seconds": r["seconds"], "workers": args.workers}
     if need_file and not nvfp4.exists():
-        r = run_child([sys.executable, "-c", CLI, "convert", str(ref), str(nvfp4), "--preset", variant,
+        r = run_child([sys.executable, "-c", NVDIAG, "convert", str(ref), str(nvfp4), "--preset", variant,
                        "--device", args.device, "--format", "json"], gpu=args.device == "cuda")
         if (why := failure(r, (0,), True)) is not None:
             raise SystemExit(f"nvdiag convert to {nvfp4.name} failed ({why})")

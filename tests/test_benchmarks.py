@@ -5,6 +5,7 @@ short, not waited for."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 
@@ -156,3 +157,30 @@ def test_warm_conversions_report_each_conversions_phases(tmp_path, capsys):
     run = next(line for line in out.splitlines() if line.startswith("round 0 new"))
     assert all(f"{phase} " in run for phase in ("seconds", "stream", "gate", "commit", "encode_busy"))
     assert "medians over 1 x 1 conversions" in out
+
+
+def test_the_torch_floor_moves_every_quantized_weight_and_writes_the_outputs_size(wan_float, tmp_path):
+    import subprocess
+
+    from safetensors import safe_open
+
+    from converter.pipeline import convert
+
+    out = tmp_path / "converted.safetensors"
+    convert(wan_float, out, "wan2.2-ti2v-5b")
+    with safe_open(str(out), "pt") as converted, safe_open(str(wan_float), "pt") as source:
+        quantized = [k.removesuffix("_scale_2") for k in converted.keys() if k.endswith(".weight_scale_2")]
+        assert {source.get_slice(k).get_dtype() for k in quantized} == {"F32"}
+        expected = sum(4 * math.prod(source.get_slice(k).get_shape()) for k in quantized)
+    assert quantized  # the preset quantizes this checkpoint's linears
+
+    target = tmp_path / "floor.bin"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.floor", str(wan_float), str(target), "--out-bytes",
+                           "12345", "--device", "cpu"], capture_output=True, text=True, check=True)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["moved_bytes"] == expected  # the FP32 bytes of exactly the weights convert quantized
+    assert target.stat().st_size == 12345
+    times = report["times"]
+    assert list(times) == sorted(times, key=times.get)  # each part ended after the one before
+    assert {"torch imported", "weights on the device", "output durable", "end"} <= set(times)
+

@@ -115,7 +115,7 @@ CONSOLE_SCRIPT = Path(sys.executable).with_name("nvdiag")
 
 def _terminal(argv: list[str]) -> subprocess.CompletedProcess[str]:
     command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-c",
-                                                                     "from inspect_tools.cli import run; run()"]
+                                                                     "from inspect_tools.launch import run; run()"]
     env = {**os.environ, "COLUMNS": "120"}
     env.pop("NVDIAG_DEBUG", None)
     return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=120, env=env)

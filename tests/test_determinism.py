@@ -38,7 +38,7 @@ def run_twice(argv_for, tmp_path: Path, exit_code: int = 0) -> tuple[Path, Path]
     absolute paths, the second paths relative to its folder; each must end with `exit_code`. Returns the two
     outputs."""
     command = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else [sys.executable, "-c",
-                                                                     "from inspect_tools.cli import run; run()"]
+                                                                     "from inspect_tools.launch import run; run()"]
     procs, outs = [], []
     for i, seed in enumerate(("1", "2")):
         cwd = tmp_path / f"run{i}"

@@ -427,7 +427,7 @@ def test_verify_on_cuda_gives_the_cpu_verdicts(comfyui, files):
     verdicts = {}
     for name, path in (("good", files(variant, "nvfp4")), ("linear", files(variant, "nvfp4",
                                                                               faults=("scale-layout-linear",)))):
-        argv = [sys.executable, "-c", "from inspect_tools.cli import run; run()", "verify", str(path), "--against",
+        argv = [sys.executable, "-c", "from inspect_tools.launch import run; run()", "verify", str(path), "--against",
                 str(source), "--comfyui", str(comfyui.root), "--device", "cuda", "--compute", "both", "--format",
                 "json"]
         done = subprocess.run(argv, capture_output=True, text=True, env=dict(os.environ), timeout=600)

@@ -85,6 +85,7 @@ class Warmer:
         for spans in self._index.values():
             spans.sort()
         self.proc: subprocess.Popen | None = None
+        self.source: str | None = None  # the checkpoint warm_checkpoint started this for (its real path)
         if self._pieces and self.limit > 0 and sys.executable:
             self._start_child()
 
@@ -207,14 +208,22 @@ def tensor_ranges(infos: Iterable[object]) -> list[tuple[Path, int, int]]:
 def warm_checkpoint(path: str | Path) -> Warmer | None:
     """Start warming every tensor of the checkpoint at `path` in file order (a conversion reads all of them, in that
     order: converter.source_stream.read_order); None where it cannot be opened (the command reports why) or is no
-    safetensors checkpoint."""
+    safetensors checkpoint. Once per checkpoint: the warmer already started for it (inspect_tools.launch starts it
+    before the command-line interface is imported, then the command asks again) is the one returned, whatever it
+    has read since, so the command's reads never meet a second warmer on the disk."""
     from inspect_tools.errors import NvdiagError
     from inspect_tools.readers import open_checkpoint
 
+    source = os.path.realpath(path)
+    with _active_lock:
+        if _active is not None and _active.source == source:
+            return _active
     try:
         with open_checkpoint(path) as reader:
             if reader.kind not in ("safetensors", "sharded"):
                 return None
-            return start(tensor_ranges(reader.tensors.values()))
+            warmer = start(tensor_ranges(reader.tensors.values()))
     except (NvdiagError, OSError):
         return None
+    warmer.source = source
+    return warmer
