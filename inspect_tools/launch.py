@@ -1,68 +1,102 @@
-"""The `nvdiag` console script: a GPU conversion's source starts streaming into the page cache, and CUDA's driver
-starts, before the command-line interface is even imported; then the interface runs the command as usual.
+"""The `nvdiag` console script: a command's input starts streaming into the page cache, and CUDA's driver starts,
+before the command-line interface is even imported; then the interface runs the command as usual.
 
 Importing the interface (typer, rich, every command module and what those import) takes 0.2-0.3 s of a fresh
-process, and on a cold cache the disk is what a GPU conversion waits for: each of those tenths is a tenth later
-that the last source byte arrives. So this module imports nothing but the standard library, the warmer and the CUDA
-driver starter, and reads just enough of the arguments to know that this is `nvdiag convert SRC OUT ... --device
-cuda`. The command itself then finds the warmer already reading (prefetch.warm_checkpoint starts it once per
-source) and the driver already started (cuda_driver.start runs once per process). Anything else, or arguments it
-cannot read with certainty, starts nothing here: the command does it itself, a few tenths later.
+process, and on a cold cache the disk is what a GPU conversion or a whole roundtrip waits for: each of those tenths
+is a tenth later that the last byte arrives. So this module imports nothing but the standard library until it knows,
+from the raw arguments, that this is `nvdiag convert SRC OUT ... --device cuda` or a whole `nvdiag roundtrip PATH
+--against REF` (no --layers, no --sample); then it starts what the command would start a few tenths later: the
+warmer (inspect_tools.readers.prefetch) and, on the GPU, CUDA's driver (inspect_tools.cuda_driver). The command
+then finds that warmer (prefetch.started_for) and that driver (started once per process) instead of starting its
+own. Anything else, or arguments it cannot read with certainty, starts nothing here.
 """
 
 from __future__ import annotations
 
 import sys
 
-# convert's options that take a value, as the next argument (or after "="): which arguments are SRC and OUT depends
-# on them. tests/test_launch.py checks this set against the convert command's own options.
-CONVERT_VALUE_OPTIONS = frozenset({"--preset", "-p", "--dtype-16", "--input-scales", "--device", "--format",
-                                   "--gate-sample", "--comfyui"})
-# Arguments after which the command converts nothing: nothing to read ahead for.
-NO_CONVERSION = frozenset({"--dry-run", "--help", "-h"})
+# Each command's options that take a value (the next argument, or after "="): which arguments are the positional
+# ones depends on them. tests/test_launch.py checks these sets against the commands' own options.
+VALUE_OPTIONS = {
+    "convert": frozenset({"--preset", "-p", "--dtype-16", "--input-scales", "--device", "--format", "--gate-sample",
+                          "--comfyui"}),
+    "roundtrip": frozenset({"--against", "--layers", "--sample", "--device", "--format", "--report", "--fail-on"}),
+}
+HELP = frozenset({"--help", "-h"})
 
 
-def gpu_conversion_source(args: list[str]) -> str | None:
-    """SRC of `convert SRC OUT ... --device cuda` (the arguments after the program's name), or None when the
-    arguments are anything else: another command, a dry run, help, the CPU, or no SRC."""
-    if not args or args[0] != "convert":
+def parse(args: list[str]) -> tuple[str, list[str], dict[str, str], set[str]] | None:
+    """(command, positional arguments, option -> its last value, flags) of `args` (the arguments after the
+    program's name), for the commands in VALUE_OPTIONS; None for any other command or a request for help."""
+    if not args or args[0] not in VALUE_OPTIONS:
         return None
+    takes_value = VALUE_OPTIONS[args[0]]
     positional: list[str] = []
-    device = "cpu"  # convert's default
+    values: dict[str, str] = {}
+    flags: set[str] = set()
     rest = iter(args[1:])
     for arg in rest:
         if arg == "--":
             positional += rest
             break
-        if arg in NO_CONVERSION:
+        if arg in HELP:
             return None
         name, equals, value = arg.partition("=")
         if arg.startswith("--") and equals:
-            if name == "--device":
-                device = value
-        elif arg in CONVERT_VALUE_OPTIONS:
-            value = next(rest, "")
-            if arg == "--device":
-                device = value
-        elif arg.startswith("-p") and len(arg) > 2 and not arg.startswith("--"):
-            pass  # -pNAME: the short preset option with its value attached
+            values[name] = value
+        elif arg in takes_value:
+            values[arg] = next(rest, "")
+        elif arg.startswith("-") and not arg.startswith("--") and arg[:2] in takes_value:
+            values[arg[:2]] = arg[2:]  # a short option with its value attached: -pNAME
         elif arg.startswith("-") and arg != "-":
-            pass  # a flag (--force, --verify, --debug)
+            flags.add(arg)
         else:
             positional.append(arg)
-    return positional[0] if device == "cuda" and positional else None
+    return args[0], positional, values, flags
+
+
+def gpu_conversion_source(args: list[str]) -> str | None:
+    """SRC of `convert SRC OUT ... --device cuda`; None for anything else (a dry run, the CPU, no SRC)."""
+    parsed = parse(args)
+    if parsed is None or parsed[0] != "convert":
+        return None
+    _, positional, values, flags = parsed
+    if "--dry-run" in flags or values.get("--device", "cpu") != "cuda" or not positional:
+        return None
+    return positional[0]
+
+
+def whole_roundtrip(args: list[str]) -> tuple[str, str, str] | None:
+    """(PATH, REF, device) of `roundtrip PATH --against REF` that checks every layer (the command warms its reads
+    only then); None for anything else."""
+    parsed = parse(args)
+    if parsed is None or parsed[0] != "roundtrip":
+        return None
+    _, positional, values, _ = parsed
+    if "--layers" in values or "--sample" in values or not positional or not values.get("--against"):
+        return None
+    return positional[0], values["--against"], values.get("--device", "cpu")
 
 
 def start_early(args: list[str]) -> None:
-    """Start the warmer and CUDA's driver for a GPU conversion's arguments; nothing for any other command."""
-    src = gpu_conversion_source(args)
-    if src is None:
-        return
-    from inspect_tools import cuda_driver
-    from inspect_tools.readers import prefetch
+    """Start the warmer (and on the GPU CUDA's driver) for a GPU conversion's or a whole roundtrip's arguments;
+    nothing for any other command. Never fails: whatever goes wrong here, the command does the same itself."""
+    try:
+        if (src := gpu_conversion_source(args)) is not None:
+            from inspect_tools import cuda_driver
+            from inspect_tools.readers import prefetch
 
-    prefetch.warm_checkpoint(src)
-    cuda_driver.start()
+            prefetch.warm_checkpoint(src)
+            cuda_driver.start()
+        elif (roundtrip := whole_roundtrip(args)) is not None:
+            from inspect_tools import cuda_driver
+            from inspect_tools.read_ahead import warm_roundtrip_paths
+
+            path, against, device = roundtrip
+            warm_roundtrip_paths(path, against)
+            cuda_driver.start_for(device)
+    except Exception:  # noqa: BLE001 - only a head start: the command reports any real problem itself
+        pass
 
 
 def run() -> None:

@@ -12,11 +12,13 @@ already mapped; at most READ_AHEAD_BYTES of free buffers are kept beside those i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inspect_tools.layers import CheckpointModel
+from inspect_tools.readers import prefetch
 from reference_specs.layer import Layer
 
 if TYPE_CHECKING:
@@ -62,6 +64,30 @@ def warm_ranges(pairs: Iterable[LayerPair], mine: CheckpointModel,
     """(file, offset, nbytes) of what checking `pairs` reads, in that order (for inspect_tools.readers.prefetch)."""
     return [(Path(info.file), info.offset, info.nbytes)
             for pair in pairs for model, info in pair_reads(pair, mine, ref) if model.kind != "gguf"]
+
+
+def roundtrip_key(path: str | Path, against: str | Path) -> tuple[str, str, str]:
+    """What a whole roundtrip of `path` against `against` warms, as prefetch keys it."""
+    return "roundtrip", os.path.realpath(path), os.path.realpath(against)
+
+
+def warm_roundtrip(mine: CheckpointModel, ref: CheckpointModel, key: tuple[str, str, str]) -> None:
+    """Start warming what a whole roundtrip of mine against ref reads, unless a warmer was started for it already
+    (inspect_tools.launch, before the command-line interface was imported)."""
+    if prefetch.started_for(key) is None:
+        prefetch.start(warm_ranges(quantized_pairs(mine, ref), mine, ref), key=key)
+
+
+def warm_roundtrip_paths(path: str, against: str) -> None:
+    """warm_roundtrip from the two paths alone; nothing where either cannot be opened (the command reports why)."""
+    from inspect_tools.errors import NvdiagError
+    from inspect_tools.layers import open_model
+
+    try:
+        with open_model(path) as mine, open_model(against) as ref:
+            warm_roundtrip(mine, ref, roundtrip_key(path, against))
+    except (NvdiagError, OSError):
+        pass
 
 
 def _storage_holders(t: torch.Tensor) -> int | None:

@@ -42,16 +42,29 @@ def test_anything_else_starts_nothing(args: list[str]):
     assert launch.gpu_conversion_source(args) is None
 
 
-def test_the_options_that_take_a_value_are_converts_own():
+@pytest.mark.parametrize("command", sorted(launch.VALUE_OPTIONS))
+def test_the_options_that_take_a_value_are_the_commands_own(command: str):
     from inspect_tools.cli import app
 
-    convert = typer.main.get_command(app).commands["convert"]
-    takes_value = {name for p in convert.params if p.param_type_name == "option" and not p.is_flag
+    options = typer.main.get_command(app).commands[command].params
+    takes_value = {name for p in options if p.param_type_name == "option" and not p.is_flag
                    for name in (*p.opts, *p.secondary_opts)}
-    assert takes_value == launch.CONVERT_VALUE_OPTIONS
+    assert takes_value == launch.VALUE_OPTIONS[command]
 
 
-def test_the_command_finds_the_warmer_the_launcher_started(wan_float_sharded_diffusers):
+@pytest.mark.parametrize(("args", "expected"), [
+    (["roundtrip", "q.safetensors", "--against", "src/", "--device", "cuda"], ("q.safetensors", "src/", "cuda")),
+    (["roundtrip", "--against=src/", "--format", "json", "q.safetensors"], ("q.safetensors", "src/", "cpu")),
+    (["roundtrip", "q.safetensors", "--against", "src/", "--sample", "4"], None),  # the command warms nothing
+    (["roundtrip", "q.safetensors", "--against", "src/", "--layers", "blocks.0.*"], None),
+    (["roundtrip", "q.safetensors"], None),  # no reference: the command reports that
+    (["convert", "src/", "out", "--preset", "p", "--device", "cuda"], None),
+])
+def test_a_whole_roundtrip_names_its_inputs(args: list[str], expected):
+    assert launch.whole_roundtrip(args) == expected
+
+
+def test_the_conversion_finds_the_warmer_the_launcher_started(wan_float_sharded_diffusers):
     first = prefetch.warm_checkpoint(wan_float_sharded_diffusers)
     try:
         assert first is not None
@@ -61,6 +74,22 @@ def test_the_command_finds_the_warmer_the_launcher_started(wan_float_sharded_dif
     again = prefetch.warm_checkpoint(wan_float_sharded_diffusers)  # a later command starts its own
     try:
         assert again is not None and again is not first
+    finally:
+        prefetch.stop()
+
+
+def test_the_roundtrip_finds_the_warmer_the_launcher_started(wan_nvfp4_mixed, wan_float):
+    from inspect_tools.layers import open_model
+    from inspect_tools.read_ahead import roundtrip_key, warm_roundtrip, warm_roundtrip_paths
+
+    key = roundtrip_key(str(wan_nvfp4_mixed), str(wan_float))
+    warm_roundtrip_paths(str(wan_nvfp4_mixed), str(wan_float))
+    try:
+        first = prefetch.started_for(key)
+        assert first is not None and first.ranges  # the quantized pairs' bytes
+        with open_model(wan_nvfp4_mixed) as mine, open_model(wan_float) as ref:
+            warm_roundtrip(mine, ref, key)  # what the command does
+        assert prefetch.started_for(key) is first
     finally:
         prefetch.stop()
 
@@ -76,28 +105,30 @@ def test_a_gpu_conversion_without_a_gpu_is_still_one_line_and_exit_2(wan_float, 
     assert not out.exists()
 
 
-# The console script's own path, in a process: when the source starts streaming, what had been imported.
+# The console script's own path, in a process: when a warmer starts, what had been imported by then.
 EARLY_RUN = """
 import json, sys
 from inspect_tools.readers import prefetch
 seen = []
-original = prefetch.warm_checkpoint
-def recording(path):
+original = prefetch.start
+def recording(*args, **kwargs):
     seen.append({"interface imported": "inspect_tools.cli" in sys.modules, "torch imported": "torch" in sys.modules})
-    print(json.dumps(seen), file=sys.stderr, flush=True)  # the command ends with os._exit: no finally runs
-    return original(path)
-prefetch.warm_checkpoint = recording
+    print(json.dumps(seen), file=sys.stderr, flush=True)  # the command may end with os._exit: no finally runs
+    return original(*args, **kwargs)
+prefetch.start = recording
 from inspect_tools import launch
 sys.argv = ["nvdiag", *sys.argv[1:]]
 launch.run()
 """
 
 
-def test_the_console_script_starts_reading_before_the_interface_is_imported(wan_float, tmp_path):
-    done = subprocess.run([sys.executable, "-c", EARLY_RUN, "convert", str(wan_float),
-                           str(tmp_path / "out.safetensors"), "--preset", "wan2.2-ti2v-5b", "--device", "cuda"],
-                          capture_output=True, text=True, timeout=120)
+@pytest.mark.parametrize("command", ["convert", "roundtrip"])
+def test_the_console_script_starts_reading_before_the_interface_is_imported(command, wan_float, wan_nvfp4_mixed,
+                                                                            tmp_path):
+    args = {"convert": ["convert", str(wan_float), str(tmp_path / "out.safetensors"), "--preset", "wan2.2-ti2v-5b",
+                        "--device", "cuda"],
+            "roundtrip": ["roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float)]}[command]
+    done = subprocess.run([sys.executable, "-c", EARLY_RUN, *args], capture_output=True, text=True, timeout=120)
     seen = json.loads(next(line for line in reversed(done.stderr.splitlines()) if line.startswith("[")))
-    # first by the launcher, before typer and the commands; then by the command, which gets the same warmer back
-    assert seen[0] == {"interface imported": False, "torch imported": False}
-    assert len(seen) == 2 and seen[1]["interface imported"]
+    # one warmer, started by the launcher before typer, the commands and torch; the command found it
+    assert seen == [{"interface imported": False, "torch imported": False}]

@@ -29,7 +29,7 @@ from inspect_tools.cli.terminal_text import shown
 from inspect_tools.errors import UsageError
 from inspect_tools.layers import CheckpointModel, open_model
 from inspect_tools.output_paths import check_output_path
-from inspect_tools.read_ahead import quantized_pairs, warm_ranges
+from inspect_tools.read_ahead import roundtrip_key, warm_roundtrip
 from inspect_tools.readers import prefetch
 from reference_specs.findings import Severity
 
@@ -188,7 +188,7 @@ def roundtrip_command(
         if report is not None:
             check_output_path(report, inputs)  # refuse a report over an input now, not after the long part
         if layers is None and sample is None:  # every pair is read: start reading while torch is imported
-            prefetch.start(warm_ranges(quantized_pairs(mine, ref), mine, ref))
+            warm_roundtrip(mine, ref, roundtrip_key(path, against))
         cuda_driver.start_for(device)  # and CUDA's driver, on the GPU path
         from inspect_tools.roundtrip import roundtrip
 

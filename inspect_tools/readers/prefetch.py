@@ -85,7 +85,7 @@ class Warmer:
         for spans in self._index.values():
             spans.sort()
         self.proc: subprocess.Popen | None = None
-        self.source: str | None = None  # the checkpoint warm_checkpoint started this for (its real path)
+        self.key: object = None  # what these ranges are the reads of (prefetch.start, started_for)
         if self._pieces and self.limit > 0 and sys.executable:
             self._start_child()
 
@@ -174,14 +174,24 @@ _active: Warmer | None = None
 _active_lock = threading.Lock()
 
 
-def start(ranges: Iterable[tuple[Path, int, int]], limit: int | None = None) -> Warmer:
-    """Start warming `ranges` for this process's command (replacing any warmer started before)."""
+def start(ranges: Iterable[tuple[Path, int, int]], limit: int | None = None, *, key: object = None) -> Warmer:
+    """Start warming `ranges` for this process's command (replacing any warmer started before). key: what the
+    ranges are the reads of (started_for finds the warmer by it)."""
     global _active
     stop()
     warmer = Warmer(ranges, limit)
+    warmer.key = key
     with _active_lock:
         _active = warmer
     return warmer
+
+
+def started_for(key: object) -> Warmer | None:
+    """The warmer started for `key`, whatever it has read since; None if this process's warmer is another one or
+    none. inspect_tools.launch starts a command's warmer before the command-line interface is imported, then the
+    command asks here before it starts one itself, so its reads never meet a second warmer on the disk."""
+    with _active_lock:
+        return _active if _active is not None and key is not None and _active.key == key else None
 
 
 def caught_up(path: Path, offset: int) -> None:
@@ -208,22 +218,17 @@ def tensor_ranges(infos: Iterable[object]) -> list[tuple[Path, int, int]]:
 def warm_checkpoint(path: str | Path) -> Warmer | None:
     """Start warming every tensor of the checkpoint at `path` in file order (a conversion reads all of them, in that
     order: converter.source_stream.read_order); None where it cannot be opened (the command reports why) or is no
-    safetensors checkpoint. Once per checkpoint: the warmer already started for it (inspect_tools.launch starts it
-    before the command-line interface is imported, then the command asks again) is the one returned, whatever it
-    has read since, so the command's reads never meet a second warmer on the disk."""
+    safetensors checkpoint. Once per checkpoint (started_for): the warmer already started for it is returned."""
     from inspect_tools.errors import NvdiagError
     from inspect_tools.readers import open_checkpoint
 
-    source = os.path.realpath(path)
-    with _active_lock:
-        if _active is not None and _active.source == source:
-            return _active
+    key = ("checkpoint", os.path.realpath(path))
+    if (warmer := started_for(key)) is not None:
+        return warmer
     try:
         with open_checkpoint(path) as reader:
             if reader.kind not in ("safetensors", "sharded"):
                 return None
-            warmer = start(tensor_ranges(reader.tensors.values()))
+            return start(tensor_ranges(reader.tensors.values()), key=key)
     except (NvdiagError, OSError):
         return None
-    warmer.source = source
-    return warmer
