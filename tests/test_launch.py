@@ -54,14 +54,16 @@ def test_the_options_that_take_a_value_are_the_commands_own(command: str):
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["roundtrip", "q.safetensors", "--against", "src/", "--device", "cuda"], ("q.safetensors", "src/", "cuda")),
-    (["roundtrip", "--against=src/", "--format", "json", "q.safetensors"], ("q.safetensors", "src/", "cpu")),
-    (["roundtrip", "q.safetensors", "--against", "src/", "--sample", "4"], None),  # the command warms nothing
-    (["roundtrip", "q.safetensors", "--against", "src/", "--layers", "blocks.0.*"], None),
-    (["roundtrip", "q.safetensors"], None),  # no reference: the command reports that
+    (["roundtrip", "--against=src/", "--format", "json", "q.safetensors", "--device=cuda:1"],
+     ("q.safetensors", "src/", "cuda:1")),
+    (["roundtrip", "q.safetensors", "--against", "src/"], None),  # the CPU: bound by its arithmetic
+    (["roundtrip", "q.safetensors", "--against", "src/", "--sample", "4", "--device", "cuda"], None),
+    (["roundtrip", "q.safetensors", "--against", "src/", "--layers", "blocks.0.*", "--device", "cuda"], None),
+    (["roundtrip", "q.safetensors", "--device", "cuda"], None),  # no reference: the command reports that
     (["convert", "src/", "out", "--preset", "p", "--device", "cuda"], None),
 ])
-def test_a_whole_roundtrip_names_its_inputs(args: list[str], expected):
-    assert launch.whole_roundtrip(args) == expected
+def test_a_whole_gpu_roundtrip_names_its_inputs(args: list[str], expected):
+    assert launch.whole_gpu_roundtrip(args) == expected
 
 
 def test_the_conversion_finds_the_warmer_the_launcher_started(wan_float_sharded_diffusers):
@@ -127,7 +129,7 @@ def test_the_console_script_starts_reading_before_the_interface_is_imported(comm
                                                                             tmp_path):
     args = {"convert": ["convert", str(wan_float), str(tmp_path / "out.safetensors"), "--preset", "wan2.2-ti2v-5b",
                         "--device", "cuda"],
-            "roundtrip": ["roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float)]}[command]
+            "roundtrip": ["roundtrip", str(wan_nvfp4_mixed), "--against", str(wan_float), "--device", "cuda"]}[command]
     done = subprocess.run([sys.executable, "-c", EARLY_RUN, *args], capture_output=True, text=True, timeout=120)
     seen = json.loads(next(line for line in reversed(done.stderr.splitlines()) if line.startswith("[")))
     # one warmer, started by the launcher before typer, the commands and torch; the command found it
