@@ -1,4 +1,4 @@
-"""The torch floor: what any conversion that encodes with torch on the GPU must spend, and nothing else.
+"""The torch floor: what a conversion that moves its weights to the GPU through torch must spend, and nothing else.
 
 `python -m benchmarks.floor SRC OUT --out-bytes N [--preset P] [--device cuda]` runs, in one fresh process, only the
 work a conversion cannot avoid, each part as early and as parallel as it could possibly be:
@@ -11,9 +11,9 @@ work a conversion cannot avoid, each part as early and as parallel as it could p
     several threads, copied to the GPU, no kernel run on it;
   - exit without the interpreter's teardown (as nvdiag's commands end).
 No encoding, no NaN/Inf check, no gate, no header: a conversion can only be slower. benchmarks.gpu times this
-process beside `cat` ("torch floor"): where the floor itself is below a target's share of `cat`, no conversion
-built on torch meets that target on that host. It prints one JSON line: when each part ended, in seconds since the
-process started (/proc/self/stat's start time, so the interpreter's own start counts).
+process beside `cat` ("torch floor"): where the floor itself is below a target's share of `cat`, no conversion that
+moves its weights to the GPU through torch meets that target on that host. It prints one JSON line: when each part
+ended, in seconds since the process started (/proc/self/stat's start time, so the interpreter's own start counts).
 """
 
 from __future__ import annotations

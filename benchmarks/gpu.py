@@ -241,7 +241,7 @@ def summarize(runs: dict[str, list[dict]], gb: float) -> dict[str, dict]:
             "times": {k: statistics.median(r["times"][k] for r in rs) for k in rs[0]["times"]},
             "runs_s": [r["seconds"] for r in rs]}
         print(f"  {TORCH_FLOOR:12s} process {s['median_s']:6.2f} s  cat/process {s['cat_over_process']:.2f} (no "
-              "conversion on torch gets above this)  medians, seconds into it: "
+              "conversion that moves its weights through torch gets above this)  medians, seconds into it: "
               + ", ".join(f"{k} {v:.2f}" for k, v in s["times"].items()))
     for name, rs in runs.items():
         if name in BASELINES:
